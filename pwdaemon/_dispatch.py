@@ -1,0 +1,148 @@
+"""The per-graph-piece dispatcher: the only pwdaemon code on the serving path.
+
+A call does one read of the published table, one lookup, one integer bump in the size
+histogram, then runs the runnable. No lock, no logging, no labelled metric. Writers
+(the engine, tests) publish a new table with one reference assignment; they serialise
+among themselves with a lock that readers never touch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ._range_table import Entry, Range, RangeTable, Runnable, Tier
+
+# Past this many distinct sizes a piece counts further sizes as "other": the histogram
+# stays bounded however wild the traffic.
+DEFAULT_SIZE_CAP = 1024
+# Validation replays a real input of each size; keep at most this many bytes of them.
+DEFAULT_SAMPLE_BYTES = 64 * 1024 * 1024
+
+OutputMarker = Callable[[Any], None]
+
+
+class Dispatcher:
+    """Serves one graph piece: picks the best ready runnable for the call's size."""
+
+    def __init__(
+        self,
+        graph_index: int,
+        eager: Runnable,
+        size_index: int | None,
+        *,
+        size_cap: int = DEFAULT_SIZE_CAP,
+        sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+    ) -> None:
+        self.graph_index = graph_index
+        self.size_index = size_index
+        # The published table; replaced whole, never mutated.
+        self.table: RangeTable = RangeTable.initial(eager)
+        # size -> calls. Written by serving threads without a lock: a lost update
+        # under a race costs one count in a histogram, never a wrong answer.
+        self.counts: dict[int, int] = {}
+        self.overflow_calls = 0
+        self.size_cap = size_cap
+        # One recorded real input per size, for validating a candidate before a swap.
+        self.samples: dict[int, tuple[Any, ...]] = {}
+        self.sample_bytes_left = sample_bytes
+        self.record_samples = True
+        # Set while outputs must carry dynamo's size mark into a resumed frame
+        # (a graph break after this piece); None on the plain path.
+        self.mark_outputs: OutputMarker | None = None
+        self._publish_lock = threading.Lock()
+
+    # ---- serving path -------------------------------------------------------------
+
+    def __call__(self, *args: Any) -> Any:
+        table = self.table
+        size = args[self.size_index] if self.size_index is not None else 0
+        count = self.counts.get(size)
+        if count is None:
+            self._first_seen(size, args)
+        else:
+            self.counts[size] = count + 1
+        out = table.lookup(size).runnable(*args)
+        if self.mark_outputs is not None:
+            self.mark_outputs(out)
+        return out
+
+    def _first_seen(self, size: int, args: Sequence[Any]) -> None:
+        # Slow path, once per distinct size (or every call of a size past the cap).
+        if len(self.counts) >= self.size_cap:
+            self.overflow_calls += 1
+            return
+        self.counts[size] = 1
+        if self.record_samples:
+            self._record_sample(size, args)
+
+    def _record_sample(self, size: int, args: Sequence[Any]) -> None:
+        # Parameters are live weights: keep a reference. Everything else may be reused
+        # or mutated by the caller after the call, so it is copied, within a budget.
+        nbytes = sum(
+            a.numel() * a.element_size()
+            for a in args
+            if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
+        )
+        if nbytes > self.sample_bytes_left:
+            return
+        self.sample_bytes_left -= nbytes
+        self.samples[size] = tuple(
+            a.detach().clone()
+            if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
+            else a
+            for a in args
+        )
+
+    # ---- writer side --------------------------------------------------------------
+
+    def install(
+        self,
+        range_: Range | None,
+        tier: Tier,
+        runnable: Runnable,
+        info: Mapping[str, Any] | None = None,
+    ) -> RangeTable:
+        """Publish `runnable` for `range_` (None: the general entry); returns the new table.
+
+        Thread-safe for writers; readers see the old or the new table, never a mix.
+        """
+        with self._publish_lock:
+            table = self.table.with_entry(range_, tier, runnable, info)
+            self.table = table  # the one assignment that publishes
+            return table
+
+    def sample_for(self, range_: Range | None) -> tuple[int, tuple[Any, ...]] | None:
+        """A recorded real input whose size falls in `range_` (any size for None)."""
+        for size, args in list(self.samples.items()):
+            if range_ is None or size in range_:
+                return size, args
+        return None
+
+    def histogram(self) -> dict[int, int]:
+        # dict.copy runs in C under the GIL: a consistent snapshot even while serving
+        # threads insert new sizes.
+        return self.counts.copy()
+
+    def entry_for(self, size: int) -> Entry:
+        return self.table.lookup(size)
+
+
+def match_output_structure(fn: Runnable, returns_tuple: bool) -> Runnable:
+    """Make a compiled callable return what the captured graph returns.
+
+    Inductor's compiled artifacts return a list where dynamo's graph returns a tuple
+    (vLLM's wrapper unwraps the same way); dynamo indexes the result either way, but a
+    caller-visible difference is not ours to introduce.
+    """
+    if not returns_tuple:
+        return fn
+
+    def as_tuple(*args: Any) -> Any:
+        out = fn(*args)
+        return out if isinstance(out, tuple) else tuple(out)
+
+    return as_tuple

@@ -1,0 +1,148 @@
+"""Ranges, tiers and the immutable, versioned range table a dispatcher reads per call.
+
+A table is never mutated: `with_entry` builds a new one with `version + 1`, and the
+dispatcher publishes it with one reference assignment, so a reader holds one consistent
+table for a whole call without a lock.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+Runnable = Callable[..., Any]
+
+
+class Tier(enum.Enum):
+    """How a call is answered; `level` orders them (higher is faster, usually)."""
+
+    EAGER = "eager"
+    GENERAL = "general"
+    RANGE = "range"
+    SIZE = "size"
+    GRAPH = "graph"
+
+    @property
+    def level(self) -> int:
+        return _LEVELS[self]
+
+
+_LEVELS = {Tier.EAGER: 0, Tier.GENERAL: 1, Tier.RANGE: 2, Tier.SIZE: 2, Tier.GRAPH: 3}
+
+
+@dataclass(frozen=True, order=True)
+class Range:
+    """Sizes `start..end`, both inclusive; a single size is a range of one."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        for name, value in (("start", self.start), ("end", self.end)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Range {name} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"Range {name} must be a size >= 1, got {value}")
+        if self.start > self.end:
+            raise ValueError(f"Range start {self.start} is greater than its end {self.end}")
+
+    @classmethod
+    def of(cls, size: int) -> Range:
+        return cls(size, size)
+
+    @property
+    def width(self) -> int:
+        return self.end - self.start + 1
+
+    @property
+    def is_size(self) -> bool:
+        return self.start == self.end
+
+    def __contains__(self, size: object) -> bool:
+        return isinstance(size, int) and self.start <= size <= self.end
+
+    def overlaps(self, other: Range) -> bool:
+        return self.start <= other.end and other.start <= self.end
+
+    def __str__(self) -> str:
+        return str(self.start) if self.is_size else f"{self.start}-{self.end}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One runnable in a table: what it serves (`range`, None for eager/general) and how."""
+
+    tier: Tier
+    runnable: Runnable
+    range: Range | None = None
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def run(self) -> Runnable:
+        return self.runnable
+
+
+@dataclass(frozen=True)
+class RangeTable:
+    """Immutable lookup from a size to the best ready entry.
+
+    Lookup order: exact size, then the narrowest range holding the size, then the
+    general entry, then eager. A size outside every range is served by general (or
+    eager), never an error.
+    """
+
+    eager: Entry
+    general: Entry | None = None
+    exact: Mapping[int, Entry] = field(default_factory=lambda: MappingProxyType({}))
+    ranges: tuple[Entry, ...] = ()  # narrowest first, then by start
+    version: int = 0
+
+    @classmethod
+    def initial(cls, eager: Runnable) -> RangeTable:
+        return cls(eager=Entry(Tier.EAGER, eager))
+
+    def lookup(self, size: int) -> Entry:
+        entry = self.exact.get(size)
+        if entry is not None:
+            return entry
+        for entry in self.ranges:
+            r = entry.range
+            if r is not None and r.start <= size <= r.end:
+                return entry
+        return self.general or self.eager
+
+    def with_entry(
+        self,
+        range_: Range | None,
+        tier: Tier,
+        runnable: Runnable,
+        info: Mapping[str, Any] | None = None,
+    ) -> RangeTable:
+        """A new table with `runnable` serving `range_` (None: general or eager)."""
+        entry = Entry(tier, runnable, range_, MappingProxyType(dict(info or {})))
+        version = self.version + 1
+        if range_ is None:
+            if tier is Tier.EAGER:
+                return RangeTable(entry, self.general, self.exact, self.ranges, version)
+            return RangeTable(self.eager, entry, self.exact, self.ranges, version)
+        if range_.is_size:
+            exact = dict(self.exact)
+            exact[range_.start] = entry
+            return RangeTable(
+                self.eager, self.general, MappingProxyType(exact), self.ranges, version
+            )
+        kept = [e for e in self.ranges if e.range != range_]
+        kept.append(entry)
+        kept.sort(key=lambda e: (e.range.width, e.range.start) if e.range else (0, 0))
+        return RangeTable(self.eager, self.general, self.exact, tuple(kept), version)
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry, eager and general first, then sizes and ranges in order."""
+        yield self.eager
+        if self.general is not None:
+            yield self.general
+        yield from (self.exact[s] for s in sorted(self.exact))
+        yield from sorted(self.ranges, key=lambda e: e.range or Range(1, 1))

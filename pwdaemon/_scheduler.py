@@ -1,0 +1,594 @@
+"""The engine: one anyio loop on a daemon thread owns policy, job queue, workers, loads.
+
+The serving thread never waits on anything here. It bumps the dispatchers' counters
+and, when dynamo captures a new graph piece, appends it to a deque. A periodic tick
+(`PolicyConfig.tick_s`, 50 ms by default) folds counters into the policy and queues
+jobs; runner tasks, one per worker, take the best ready job, compile it in a worker
+process, load and validate the result in a thread, and publish it with one assignment.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import anyio.from_thread
+
+from ._capture import GraphPiece, wrap_compiled
+from ._compiler import JobSpec, Target, load_artifact
+from ._config import CompileConfig, PolicyConfig
+from ._events import EntryStatus, HandleStatus, PieceStatus, PlanCompleteEvent, SwapEvent
+from ._policy import PiecePolicy
+from ._range_table import Range, Tier
+from ._stats import HistogramCounts, ModelMetrics, PieceMetrics
+from ._validation import reject_category, validate
+from ._worker import CompileError, WorkerPool
+
+log = logging.getLogger("pwdaemon")
+
+
+class Executor(Protocol):
+    """Runs one compile job to a result dict: {"path"} or {"runnable"}, and "seconds"."""
+
+    restarts: int
+
+    def start(self) -> None: ...
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]: ...
+    def pids(self) -> list[int]: ...
+    def close(self, timeout: float) -> None: ...
+
+
+class ProcessExecutor:
+    """The real executor: a pool of spawned worker processes."""
+
+    def __init__(self, config: CompileConfig, env: dict[str, str] | None = None) -> None:
+        self._pool = WorkerPool(
+            config.workers,
+            niceness=config.niceness,
+            env=env or {},
+            start_method=config.start_method,
+        )
+
+    @property
+    def restarts(self) -> int:
+        return self._pool.restarts
+
+    def start(self) -> None:
+        self._pool.warm_up()
+
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        worker = self._pool.checkout()
+        try:
+            return worker.run(spec, timeout)
+        finally:
+            self._pool.checkin(worker)
+
+    def pids(self) -> list[int]:
+        return self._pool.pids()
+
+    def close(self, timeout: float) -> None:
+        self._pool.close(timeout)
+
+
+def _tier_for(target: Target) -> Tier:
+    return {"general": Tier.GENERAL, "range": Tier.RANGE, "size": Tier.SIZE}[target.kind]
+
+
+def _range_for(target: Target) -> Range | None:
+    return None if target.kind == "general" else Range(target.start, target.end)
+
+
+@dataclass
+class Job:
+    """One (graph piece, target) and its life: queued -> compiling -> live | failed."""
+
+    piece: GraphPiece
+    target: Target
+    why: str  # general | configured | hot | profile
+    priority: tuple[int, int]
+    state: str = "queued"
+    attempts: int = 0
+    not_before: float = 0.0
+    reason: str | None = None
+    compile_seconds: float | None = None
+    source: str | None = None
+    hot_since: float | None = None
+    hits: int = 0
+    fault: str | None = None
+    fault_times: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in ("live", "failed", "dropped", "cancelled")
+
+
+@dataclass
+class PieceState:
+    piece: GraphPiece
+    policy: PiecePolicy
+    jobs: dict[str, Job] = field(default_factory=dict)  # by target label
+    last_hist: dict[int, int] = field(default_factory=dict)
+    calls_by_tier: collections.Counter[str] = field(default_factory=collections.Counter)
+    graph_bytes: bytes | None = None
+
+
+class Engine:
+    """Background compilation for the graph pieces of one attached model."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        policy: PolicyConfig,
+        compile_config: CompileConfig,
+        sizes: tuple[int, ...],
+        ranges: tuple[Range, ...],
+        executor: Executor | None = None,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self.config = compile_config
+        self.sizes = sizes
+        self.ranges = ranges
+        self.executor: Executor = executor or ProcessExecutor(compile_config)
+        self.attached_at = time.monotonic()
+        self._new_pieces: collections.deque[GraphPiece] = collections.deque()
+        self._pieces: list[PieceState] = []
+        self._heap: list[tuple[tuple[int, int], int, Job]] = []
+        self._seq = itertools.count()
+        self._in_flight = 0
+        self._swap_callbacks: list[Callable[[SwapEvent], None]] = []
+        self._plan_callbacks: list[Callable[[PlanCompleteEvent], None]] = []
+        self._plan_done = False
+        self._cond = threading.Condition()
+        self._workdir = Path(tempfile.mkdtemp(prefix="pwdaemon-"))
+        self._faults: dict[str, tuple[str, int]] = {}
+        # Metrics: plain counters, read at scrape time.
+        self.jobs_by_outcome: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.failures_by_reason: collections.Counter[str] = collections.Counter()
+        self.rejects_by_reason: collections.Counter[str] = collections.Counter()
+        self.loads_by_source: collections.Counter[str] = collections.Counter()
+        self.compile_hist = HistogramCounts()
+        self.hot_to_swap_hist = HistogramCounts()
+        self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._main_future: Any = None
+        self._closing: anyio.Event | None = None
+        self._wake: anyio.Event | None = None
+        self._executor_ready: anyio.Event | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.closed = False
+
+    # ---- life cycle (caller's thread) ------------------------------------------------
+
+    def start(self) -> None:
+        self._portal_cm = anyio.from_thread.start_blocking_portal(
+            name=f"pwdaemon-{self.name}"
+        )
+        self._portal = self._portal_cm.__enter__()
+        self._main_future = self._portal.start_task_soon(self._main)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        # Kill workers first: that unblocks any thread waiting on a job's pipe.
+        self.executor.close(min(timeout, 5.0))
+        if self._portal is not None:
+            try:
+                self._portal.call(self._request_stop)
+                self._main_future.result(timeout)
+            except Exception as exc:  # noqa: BLE001 - closing must not raise
+                log.warning("pwdaemon engine did not stop cleanly: %s", exc)
+            assert self._portal_cm is not None
+            self._portal_cm.__exit__(None, None, None)
+        with self._cond:
+            for st in self._pieces:
+                for job in st.jobs.values():
+                    if not job.terminal:
+                        job.state, job.reason = "cancelled", "detached"
+            self._cond.notify_all()
+
+    def add_piece(self, piece: GraphPiece) -> None:
+        """Called on the serving thread from the dynamo backend: an append, no more."""
+        self._new_pieces.append(piece)
+
+    def inject_fault(self, target: str, fault: str, times: int = 1 << 30) -> None:
+        """Testing hook: make jobs for `target` fail with `fault` (raise|crash|hang)."""
+        self._faults[target] = (fault, times)
+
+    # ---- the loop -------------------------------------------------------------------
+
+    async def _request_stop(self) -> None:
+        if self._closing is not None:
+            self._closing.set()
+
+    async def _main(self) -> None:
+        self._closing = anyio.Event()
+        self._wake = anyio.Event()
+        self._executor_ready = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._start_executor)
+            tg.start_soon(self._tick_loop)
+            for _ in range(self.config.workers):
+                tg.start_soon(self._runner)
+            await self._closing.wait()
+            tg.cancel_scope.cancel()
+
+    async def _start_executor(self) -> None:
+        assert self._executor_ready is not None
+        try:
+            await anyio.to_thread.run_sync(self.executor.start, abandon_on_cancel=True)
+        except CompileError as exc:
+            log.warning("pwdaemon: compile workers did not start: %s", exc)
+        finally:
+            self._executor_ready.set()
+
+    async def _prewarm_loader(self) -> None:
+        # The first artifact load in a process pays ~1.7 s of imports and set-up: pay
+        # it now, off the serving thread, while the workers start.
+        def imports() -> None:
+            import torch._inductor.codecache  # noqa: F401
+            import torch._inductor.compile_fx  # noqa: F401
+            import torch._inductor.standalone_compile  # noqa: F401
+
+        try:
+            await anyio.to_thread.run_sync(imports, abandon_on_cancel=True)
+        except Exception:  # noqa: BLE001 - only a head start; the real load reports
+            log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            try:
+                self._tick(time.monotonic())
+            except Exception:  # noqa: BLE001 - the daemon must outlive its own bugs
+                log.exception("pwdaemon tick failed")
+            await anyio.sleep(self.policy.tick_s)
+
+    def _tick(self, now: float) -> None:
+        while self._new_pieces:
+            self._plan_piece(self._new_pieces.popleft())
+        queue_len = len(self._heap)
+        for st in self._pieces:
+            self._account(st, now)
+            if not st.piece.specializable:
+                continue
+            for size in st.policy.hot_candidates(queue_len, now):
+                target = Target.size(size)
+                job = Job(st.piece, target, "hot", (2, -st.policy.calls(size)))
+                job.hot_since = st.policy.hot_since(size)
+                st.policy.reserve([size])
+                self._push(st, job)
+        self._drop_cold(now)
+        self._check_plan_complete()
+
+    def _account(self, st: PieceState, now: float) -> None:
+        hist = st.piece.dispatcher.histogram()
+        st.policy.observe(hist, now)
+        table = st.piece.dispatcher.table
+        for size, calls in hist.items():
+            delta = calls - st.last_hist.get(size, 0)
+            if delta <= 0:
+                continue
+            entry = table.lookup(size)
+            st.calls_by_tier[entry.tier.value] += delta
+            label = entry.info.get("target")
+            if label is not None and label in st.jobs:
+                st.jobs[label].hits += delta
+        st.last_hist = hist
+
+    def _plan_piece(self, piece: GraphPiece) -> None:
+        if not self._pieces and self._tg is not None:
+            # Capture is done by now, so the pre-warm no longer competes with it.
+            self._tg.start_soon(self._prewarm_loader)
+        st = PieceState(piece, PiecePolicy(self.policy))
+        self._pieces.append(st)
+        order = itertools.count()
+        if self.config.general:
+            self._push(st, Job(piece, Target("general"), "general", (0, next(order))))
+        if not piece.specializable:
+            return
+        for size in self.sizes[: self.policy.budget]:
+            st.policy.reserve([size])
+            self._push(st, Job(piece, Target.size(size), "configured", (1, next(order))))
+        for r in self.ranges:
+            self._push(st, Job(piece, Target("range", r.start, r.end), "configured",
+                               (1, next(order))))
+
+    def _push(self, st: PieceState, job: Job) -> None:
+        st.jobs[job.target.label] = job
+        fault = self._faults.get(job.target.label)
+        if fault is not None:
+            job.fault, job.fault_times = fault
+        heapq.heappush(self._heap, (job.priority, next(self._seq), job))
+        if self._wake is not None:
+            self._wake.set()
+
+    def _drop_cold(self, now: float) -> None:
+        kept = []
+        for item in self._heap:
+            job = item[2]
+            st = self._state_of(job.piece)
+            if job.why == "hot" and st.policy.is_cold(job.target.start, now):
+                job.state = "dropped"
+                job.reason = f"size went cold (no call for {self.policy.cold_after_s:g} s)"
+                st.policy.release(job.target.start)
+                self.jobs_by_outcome[(job.target.kind, "dropped")] += 1
+            else:
+                kept.append(item)
+        if len(kept) != len(self._heap):
+            heapq.heapify(kept)
+            self._heap = kept
+
+    def _state_of(self, piece: GraphPiece) -> PieceState:
+        return self._pieces[piece.index] if self._pieces[piece.index].piece is piece else next(
+            st for st in self._pieces if st.piece is piece
+        )
+
+    async def _next_job(self) -> Job:
+        while True:
+            now = time.monotonic()
+            waiting = [item for item in self._heap if item[2].not_before > now]
+            ready = [item for item in self._heap if item[2].not_before <= now]
+            if ready:
+                best = min(ready)
+                self._heap = waiting + [i for i in ready if i is not best]
+                heapq.heapify(self._heap)
+                return best[2]
+            assert self._wake is not None
+            if self._wake.is_set():
+                self._wake = anyio.Event()
+            delay = min((i[2].not_before - now for i in waiting), default=1.0)
+            with anyio.move_on_after(max(delay, 0.01)):
+                await self._wake.wait()
+
+    async def _runner(self) -> None:
+        assert self._executor_ready is not None
+        await self._executor_ready.wait()
+        while True:
+            job = await self._next_job()
+            try:
+                await self._run_job(job)
+            except Exception:  # noqa: BLE001
+                log.exception("pwdaemon: job %s crashed the runner", job.target.label)
+                self._fail(job, "failed", "internal error (see log)")
+
+    async def _graph_bytes(self, st: PieceState) -> bytes:
+        if st.graph_bytes is None:
+            from torch.fx._graph_pickler import GraphPickler
+
+            st.graph_bytes = await anyio.to_thread.run_sync(GraphPickler.dumps, st.piece.gm)
+        return st.graph_bytes
+
+    async def _run_job(self, job: Job) -> None:
+        st = self._state_of(job.piece)
+        job.state, job.reason = "compiling", None
+        job.attempts += 1
+        fault = None
+        if job.fault is not None and job.fault_times > 0:
+            fault, job.fault_times = job.fault, job.fault_times - 1
+        out = self._workdir / f"g{job.piece.index}-{job.target.label.replace(':', '_')}-{job.attempts}.bin"
+        spec = JobSpec(await self._graph_bytes(st), job.target, str(out),
+                       dict(self.config.options), fault)
+        self._in_flight += 1
+        try:
+            result = await anyio.to_thread.run_sync(
+                self.executor.run, spec, self.config.timeout_s, abandon_on_cancel=True
+            )
+        except CompileError as exc:
+            self._fail(job, exc.outcome, exc.reason)
+            return
+        finally:
+            self._in_flight -= 1
+        seconds = float(result.get("seconds", 0.0))
+        try:
+            runnable = await anyio.to_thread.run_sync(self._load, result)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(job, "failed", f"artifact did not load: {type(exc).__name__}: {exc}")
+            return
+        runnable = wrap_compiled(runnable, job.piece)
+        await self._validate_and_publish(st, job, runnable, seconds, "compiled")
+
+    @staticmethod
+    def _load(result: dict[str, Any]) -> Any:
+        if "runnable" in result:
+            return result["runnable"]
+        return load_artifact(result["path"])
+
+    async def _validate_and_publish(
+        self, st: PieceState, job: Job, runnable: Any, seconds: float, source: str
+    ) -> None:
+        dispatcher = job.piece.dispatcher
+        range_ = _range_for(job.target)
+        validated = False
+        if self.config.validate:
+            sample = dispatcher.sample_for(range_)
+            if sample is not None:
+                size, args = sample
+                current = dispatcher.table.lookup(size).runnable
+                why = await anyio.to_thread.run_sync(validate, runnable, current, args)
+                if why is not None:
+                    self.rejects_by_reason[reject_category(why)] += 1
+                    self._fail(job, "rejected", f"validation on size {size}: {why}",
+                               retry=False)
+                    return
+                validated = True
+        tier = _tier_for(job.target)
+        info = {"target": job.target.label, "compile_seconds": seconds, "source": source}
+        table = dispatcher.install(range_, tier, runnable, info)
+        with self._cond:
+            job.state, job.compile_seconds, job.source = "live", seconds, source
+            self._cond.notify_all()
+        self.jobs_by_outcome[(job.target.kind, "ok")] += 1
+        self.loads_by_source[source] += 1
+        self.compile_hist.observe(seconds)
+        if job.hot_since is not None:
+            self.hot_to_swap_hist.observe(time.monotonic() - job.hot_since)
+        event = SwapEvent(job.piece.index, range_, tier, table.version, seconds, source,
+                          validated)
+        self._fire(self._swap_callbacks, event)
+        self._check_plan_complete()
+
+    def _fail(self, job: Job, outcome: str, reason: str, *, retry: bool = True) -> None:
+        self.jobs_by_outcome[(job.target.kind, outcome)] += 1
+        self.failures_by_reason[outcome] += 1
+        if self.closed:
+            outcome, reason, retry = "cancelled", "detached", False
+        if retry and job.attempts <= self.config.retries:
+            delay = self.config.backoff_s * (2 ** (job.attempts - 1))
+            job.state = "queued"
+            job.reason = f"retry {job.attempts}/{self.config.retries} in {delay:g} s after {outcome}: {reason}"
+            job.not_before = time.monotonic() + delay
+            heapq.heappush(self._heap, (job.priority, next(self._seq), job))
+            if self._wake is not None:
+                self._wake.set()
+            return
+        with self._cond:
+            job.state = "failed" if outcome != "cancelled" else "cancelled"
+            tries = f" after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+            job.reason = f"{outcome}{tries}: {reason}"
+            self._cond.notify_all()
+        log.warning("pwdaemon: gave up on %s of graph %d: %s", job.target.label,
+                    job.piece.index, job.reason)
+        self._check_plan_complete()
+
+    def _fire(self, callbacks: Iterable[Callable[[Any], None]], event: Any) -> None:
+        for cb in list(callbacks):
+            try:
+                cb(event)
+            except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
+                log.exception("pwdaemon: callback %r raised", cb)
+
+    def _check_plan_complete(self) -> None:
+        if self._plan_done or not self._pieces or self._new_pieces:
+            return
+        planned = [j for st in self._pieces for j in st.jobs.values() if j.why != "hot"]
+        if not all(j.terminal for j in planned):
+            return
+        with self._cond:
+            self._plan_done = True
+            self._cond.notify_all()
+        event = PlanCompleteEvent(
+            self.name,
+            live=sum(j.state == "live" for j in planned),
+            failed=sum(j.state == "failed" for j in planned),
+            seconds_since_attach=time.monotonic() - self.attached_at,
+        )
+        self._fire(self._plan_callbacks, event)
+
+    # ---- API used by the handle (any thread) -----------------------------------------
+
+    def on_swap(self, cb: Callable[[SwapEvent], None]) -> None:
+        self._swap_callbacks.append(cb)
+
+    def on_plan_complete(self, cb: Callable[[PlanCompleteEvent], None]) -> None:
+        self._plan_callbacks.append(cb)
+        if self._plan_done:
+            self._call_soon(cb, PlanCompleteEvent(self.name, 0, 0, 0.0))
+
+    def _call_soon(self, cb: Callable[[Any], None], event: Any) -> None:
+        if self._portal is not None and not self.closed:
+            self._portal.start_task_soon(self._fire_async, [cb], event)
+
+    async def _fire_async(self, cbs: list[Callable[[Any], None]], event: Any) -> None:
+        self._fire(cbs, event)
+
+    def wait(self, sizes: Iterable[int] | None, timeout: float | None) -> bool:
+        wanted = None if sizes is None else list(sizes)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def done() -> bool | None:
+            if wanted is None:
+                return True if self._plan_done else None
+            states = [self._size_state(s) for s in wanted]
+            if all(s == "live" for s in states):
+                return True
+            if any(s in ("failed", "dropped", "cancelled") for s in states):
+                return False
+            return None
+
+        with self._cond:
+            while True:
+                result = done()
+                if result is not None:
+                    return result
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left if left is not None else 1.0)
+
+    def _size_state(self, size: int) -> str:
+        states = []
+        for st in self._pieces:
+            if not st.piece.specializable:
+                continue
+            job = st.jobs.get(Target.size(size).label)
+            states.append(job.state if job is not None else "none")
+        if not states:
+            return "none"
+        for s in ("failed", "dropped", "cancelled"):
+            if s in states:
+                return s
+        return "live" if all(s == "live" for s in states) else "pending"
+
+    def status(self) -> HandleStatus:
+        pieces = []
+        for st in list(self._pieces):
+            d = st.piece.dispatcher
+            entries = [
+                EntryStatus(
+                    target="eager", range=None, tier=Tier.EAGER, state="live", why="capture",
+                    hits=st.calls_by_tier.get("eager", 0), compile_seconds=None, attempts=0,
+                    reason=None, source=None,
+                )
+            ]
+            for job in sorted(st.jobs.values(), key=lambda j: j.priority):
+                entries.append(EntryStatus(
+                    target=job.target.label, range=_range_for(job.target),
+                    tier=_tier_for(job.target), state=job.state, why=job.why, hits=job.hits,
+                    compile_seconds=job.compile_seconds, attempts=job.attempts,
+                    reason=job.reason, source=job.source,
+                ))
+            note = None
+            if st.piece.size_index is None:
+                note = "no dynamic size: general tier only"
+            elif st.piece.extra_symbols:
+                note = f"more than one dynamic size ({', '.join(st.piece.extra_symbols)}): " \
+                       "general tier only"
+            pieces.append(PieceStatus(st.piece.index, d.table.version, st.piece.specializable,
+                                      note, len(d.counts), tuple(entries)))
+        return HandleStatus(self.name, tuple(pieces), len(self._heap), self._in_flight,
+                            self._plan_done, tuple(self.executor.pids()))
+
+    def metrics_snapshot(self) -> ModelMetrics:
+        pieces = []
+        for st in list(self._pieces):
+            d = st.piece.dispatcher
+            live: collections.Counter[str] = collections.Counter(
+                e.tier.value for e in d.table.entries()
+            )
+            pieces.append(PieceMetrics(st.piece.index, d.table.version,
+                                       dict(st.calls_by_tier), len(d.counts),
+                                       d.overflow_calls, dict(live)))
+        return ModelMetrics(
+            model=self.name, pieces=pieces, jobs_by_outcome=dict(self.jobs_by_outcome),
+            compile_seconds=self.compile_hist, hot_to_swap_seconds=self.hot_to_swap_hist,
+            queue_depth=len(self._heap), in_flight=self._in_flight,
+            validation_rejects_by_reason=dict(self.rejects_by_reason),
+            failures_by_reason=dict(self.failures_by_reason),
+            worker_restarts=self.executor.restarts, loads_by_source=dict(self.loads_by_source),
+            store_bytes=0, store_artifacts=0, store_write_errors=0,
+        )
