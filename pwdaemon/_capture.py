@@ -25,6 +25,16 @@ from ._dispatch import Dispatcher, match_output_structure
 _MARK_PARAMS = inspect.signature(dynamo_decorators.mark_unbacked).parameters
 # shape_id (torch >= 2.11) makes every marked input share one symbol.
 _HAS_SHAPE_ID = "shape_id" in _MARK_PARAMS
+# Dynamo keeps its cache on the code object of `forward`, shared by every instance of a
+# module class, and each capture guards on its own shape id: without isolation every
+# attach of a class (another instance, or attach after detach) adds an entry to one
+# shared bucket, and the 9th hits `recompile_limit` and silently runs un-captured.
+# isolate_recompiles (torch >= 2.13) gives each capture its own bucket.
+_COMPILE_KWARGS: dict[str, Any] = (
+    {"isolate_recompiles": True}
+    if "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    else {}
+)
 
 
 def mark_size(t: torch.Tensor, dim: int, shape_id: str) -> None:
@@ -135,7 +145,9 @@ class Capture:
             self._positions = {name: params.index(name) for name in self._dynamic}
         # True until a whole model call completes without capturing a new piece.
         self._settling = True
-        self._compiled = torch.compile(model._call_impl, backend=self._backend)
+        self._compiled = torch.compile(
+            model._call_impl, backend=self._backend, **_COMPILE_KWARGS
+        )
 
     # ---- the call path (installed as model._compiled_call_impl) ---------------------
 
@@ -171,8 +183,13 @@ class Capture:
             if t is None:
                 pos = self._positions[name]
                 t = args[pos] if pos < len(args) else None
-            if isinstance(t, torch.Tensor) and t.dim() > dim:
-                mark_size(t, dim, shape_id)
+            if isinstance(t, torch.Tensor):
+                # A negative dim counts from the end, as everywhere in torch; dynamo's
+                # mark ignores one, which would trace static and retrace every size.
+                ndim = t.dim()
+                d = dim + ndim if dim < 0 else dim
+                if 0 <= d < ndim:
+                    mark_size(t, d, shape_id)
 
     def _settle(self, before: int) -> None:
         # Outputs of a piece that is followed by another (a graph break) must carry the

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from pwdaemon import _artifacts
 from pwdaemon._artifacts import (
     ORPHAN_GRACE_S,
     SERVICE_CACHE_DIR,
@@ -818,4 +817,3 @@ def test_watch_callback_errors_do_not_stop_the_watcher(
         store.publish(second, fake_artifact(tmp_path), compile_seconds=1)
         assert recorder.wait_for(second.digest)
     assert "callback bug" in caplog.text
-

@@ -1,0 +1,82 @@
+"""Fakes for fast tests of code that uses pwdaemon (and of pwdaemon's own scheduler).
+
+`FakeExecutor` stands in for the worker-process pool: it "compiles" in-process by
+running the shipped graph eagerly, in microseconds, and can be told to fail, hang on a
+gate, or tag its runnables so a test can see which one served a call. It is in addition
+to the real path (real Inductor in real workers), which pwdaemon's own tests also run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._compiler import JobSpec, Target
+from ._worker import CompileError
+
+__all__ = ("FakeExecutor",)
+
+
+class FakeExecutor:
+    """An in-process executor: jobs return the graph's eager forward as the "artifact".
+
+    - `fail`: target label ("general", "size:8", "range:1-16") -> outcome to raise
+      (failed | crashed | timeout), every time.
+    - `gate`: when given, every job waits for it (up to the job timeout) before
+      finishing, so a test can hold compiles "in flight".
+    - `transform(target, runnable) -> runnable`: wrap what a job returns (e.g. add a
+      constant so the test sees which runnable served).
+    """
+
+    def __init__(
+        self,
+        *,
+        fail: Mapping[str, str] | None = None,
+        gate: threading.Event | None = None,
+        transform: Callable[[Target, Callable[..., Any]], Callable[..., Any]] | None = None,
+        seconds: float = 0.0,
+    ) -> None:
+        self.fail = dict(fail or {})
+        self.gate = gate
+        self.transform = transform
+        self.seconds = seconds
+        self.restarts = 0
+        self.jobs: list[Target] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        pass
+
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        with self._lock:
+            self.jobs.append(spec.target)
+        if spec.fault == "raise":
+            raise CompileError("failed", "RuntimeError: injected compile failure")
+        if spec.fault == "crash":
+            self.restarts += 1
+            raise CompileError("crashed", "worker died mid-job (killed by signal 9)")
+        if spec.fault == "hang":
+            raise CompileError("timeout", f"compile did not finish within {timeout:g} s")
+        if self.gate is not None and not self.gate.wait(timeout):
+            raise CompileError("timeout", f"compile did not finish within {timeout:g} s")
+        outcome = self.fail.get(spec.target.label)
+        if outcome is not None:
+            raise CompileError(outcome, f"injected {outcome} for {spec.target.label}")
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx._graph_pickler import GraphPickler
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        gm = GraphPickler.loads(spec.graph, FakeTensorMode(shape_env=ShapeEnv()))
+        gm.recompile()
+        runnable: Callable[..., Any] = gm.forward
+        if self.transform is not None:
+            runnable = self.transform(spec.target, runnable)
+        return {"runnable": runnable, "seconds": self.seconds}
+
+    def pids(self) -> list[int]:
+        return []
+
+    def close(self, timeout: float) -> None:
+        if self.gate is not None:
+            self.gate.set()

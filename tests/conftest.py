@@ -1,0 +1,41 @@
+"""Shared fixtures: small models and an eager reference copy."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+
+class SmallMLP(nn.Module):
+    """Linear + LayerNorm + ReLU: fast to compile, exercises a reduction."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.lin(x)))
+
+
+@pytest.fixture
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallMLP().eval()
+
+
+@pytest.fixture
+def reference(mlp: nn.Module) -> nn.Module:
+    return copy.deepcopy(mlp)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        yield
+    torch._dynamo.reset()
