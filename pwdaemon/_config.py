@@ -14,6 +14,20 @@ from typing import Any
 from ._range_table import Range
 
 
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_seconds(name: str, value: object, *, zero_ok: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not zero_ok) or value != value:  # NaN too
+        raise ValueError(f"{name} must be {'>=' if zero_ok else '>'} 0, got {value}")
+
+
 def default_workers() -> int:
     # One compile saturates a core or two; leave the rest to serving. On 2 cores: 1.
     return max(1, (os.cpu_count() or 2) // 4)
@@ -34,17 +48,15 @@ class PolicyConfig:
     tick_s: float = 0.05
     """How often the engine folds the dispatchers' counters into the policy."""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        if self.hot_calls < 1:
-            raise ValueError(f"hot_calls must be >= 1, got {self.hot_calls}")
-        if self.budget < 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
-        if self.queue_pressure < 1:
-            raise ValueError(f"queue_pressure must be >= 1, got {self.queue_pressure}")
-        if self.cold_after_s <= 0:
-            raise ValueError(f"cold_after_s must be > 0, got {self.cold_after_s}")
-        if self.tick_s <= 0:
-            raise ValueError(f"tick_s must be > 0, got {self.tick_s}")
+        _check_int("hot_calls", self.hot_calls, 1)
+        _check_int("budget", self.budget, 0)
+        _check_int("queue_pressure", self.queue_pressure, 1)
+        _check_seconds("cold_after_s", self.cold_after_s)
+        _check_seconds("tick_s", self.tick_s)
 
 
 @dataclass(frozen=True)
@@ -69,15 +81,17 @@ class CompileConfig:
     """Compile the general (dynamic-shape) runnable first."""
     start_method: str = "spawn"
 
+    def __post_init__(self) -> None:
+        self.validate_config()
+
     def validate_config(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
-        if self.retries < 0:
-            raise ValueError(f"retries must be >= 0, got {self.retries}")
-        if self.backoff_s < 0:
-            raise ValueError(f"backoff_s must be >= 0, got {self.backoff_s}")
+        _check_int("workers", self.workers, 1)
+        _check_seconds("timeout_s", self.timeout_s)
+        _check_int("retries", self.retries, 0)
+        _check_seconds("backoff_s", self.backoff_s, zero_ok=True)
+        _check_int("niceness", self.niceness, 0)
+        if not isinstance(self.options, Mapping):
+            raise TypeError(f"options must be a mapping of Inductor options, got {self.options!r}")
         if self.start_method not in ("spawn", "forkserver"):
             raise ValueError(
                 f"start_method must be 'spawn' or 'forkserver', got {self.start_method!r}"
@@ -86,6 +100,8 @@ class CompileConfig:
 
 
 def parse_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(sizes, int | str | bytes):
+        raise TypeError(f"sizes is a sequence of ints, got {sizes!r}")
     out: list[int] = []
     for s in sizes:
         if isinstance(s, bool) or not isinstance(s, int):
@@ -116,6 +132,8 @@ def parse_ranges(ranges: Sequence[Range | tuple[int, int]]) -> tuple[Range, ...]
 def parse_dynamic(dynamic: Mapping[str, int] | None) -> dict[str, int] | None:
     if dynamic is None:
         return None
+    if not isinstance(dynamic, Mapping):
+        raise TypeError(f"dynamic maps argument names to dims, got {dynamic!r}")
     out: dict[str, int] = {}
     for name, dim in dynamic.items():
         if not isinstance(name, str):

@@ -10,6 +10,7 @@ process, load and validate the result in a thread, and publish it with one assig
 from __future__ import annotations
 
 import collections
+import copy
 import heapq
 import itertools
 import logging
@@ -200,6 +201,14 @@ class Engine:
                     if not job.terminal:
                         job.state, job.reason = "cancelled", "detached"
             self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Run one tick on the loop now: counters folded into metrics and policy."""
+        if self._portal is not None and not self.closed:
+            self._portal.call(self._tick_now)
+
+    async def _tick_now(self) -> None:
+        self._tick(time.monotonic())
 
     def add_piece(self, piece: GraphPiece) -> None:
         """Called on the serving thread from the dynamo backend: an append, no more."""
@@ -585,7 +594,8 @@ class Engine:
                                        d.overflow_calls, dict(live)))
         return ModelMetrics(
             model=self.name, pieces=pieces, jobs_by_outcome=dict(self.jobs_by_outcome),
-            compile_seconds=self.compile_hist, hot_to_swap_seconds=self.hot_to_swap_hist,
+            compile_seconds=copy.deepcopy(self.compile_hist),
+            hot_to_swap_seconds=copy.deepcopy(self.hot_to_swap_hist),
             queue_depth=len(self._heap), in_flight=self._in_flight,
             validation_rejects_by_reason=dict(self.rejects_by_reason),
             failures_by_reason=dict(self.failures_by_reason),

@@ -1,0 +1,57 @@
+"""The `pwdaemon` command line: `pwdaemon demo`, `pwdaemon cache ...`, `pwdaemon --version`.
+
+Each subcommand registers itself on the parser and sets `func`, which takes the parsed
+namespace and returns the exit code. `cache` comes from `_cli_cache` when that module is
+present; the CLI works without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from ._demo import add_demo_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `pwdaemon` parser, with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="pwdaemon",
+        description="pwdaemon: background compilation for PyTorch models in production. "
+        "Start with `pwdaemon demo`.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"pwdaemon {__version__}",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_demo_parser(subparsers)
+    try:
+        from ._cli_cache import add_cache_parser
+    except ImportError:  # the CLI works without the cache commands
+        pass
+    else:
+        add_cache_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default: sys.argv[1:]), run the subcommand, return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        code: int = func(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
