@@ -58,7 +58,9 @@ def _load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    return GraphPickler.loads(data, fake_mode), fake_mode
+    gm = GraphPickler.loads(data, fake_mode)
+    assert isinstance(gm, torch.fx.GraphModule)
+    return gm, fake_mode
 
 
 def _inference_fakes(gm: torch.fx.GraphModule, fake_mode: Any) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -172,10 +173,8 @@ class Handle:
                 return
             self.detached = True
             self.model._compiled_call_impl = self._previous_impl  # type: ignore[assignment]
-            try:
+            with contextlib.suppress(AttributeError):
                 del self.model._pwdaemon_handle
-            except AttributeError:
-                pass
         if self._metrics_server is not None:
             from . import _metrics
 

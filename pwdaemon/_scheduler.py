@@ -43,7 +43,8 @@ log = logging.getLogger("pwdaemon")
 class Executor(Protocol):
     """Runs one compile job to a result dict: {"path"} or {"runnable"}, and "seconds"."""
 
-    restarts: int
+    @property
+    def restarts(self) -> int: ...
 
     def start(self) -> None: ...
     def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]: ...
@@ -143,7 +144,9 @@ class Engine:
         self.config = compile_config
         self.sizes = sizes
         self.ranges = ranges
-        self.executor: Executor = executor or ProcessExecutor(compile_config)
+        self.executor: Executor = (
+            executor if executor is not None else ProcessExecutor(compile_config)
+        )
         self.attached_at = time.monotonic()
         self._new_pieces: collections.deque[GraphPiece] = collections.deque()
         self._pieces: list[PieceState] = []
@@ -191,7 +194,7 @@ class Engine:
             try:
                 self._portal.call(self._request_stop)
                 self._main_future.result(timeout)
-            except Exception as exc:  # noqa: BLE001 - closing must not raise
+            except Exception as exc:
                 log.warning("pwdaemon engine did not stop cleanly: %s", exc)
             assert self._portal_cm is not None
             self._portal_cm.__exit__(None, None, None)
@@ -250,20 +253,20 @@ class Engine:
         # The first artifact load in a process pays ~1.7 s of imports and set-up: pay
         # it now, off the serving thread, while the workers start.
         def imports() -> None:
-            import torch._inductor.codecache  # noqa: F401
-            import torch._inductor.compile_fx  # noqa: F401
+            import torch._inductor.codecache
+            import torch._inductor.compile_fx
             import torch._inductor.standalone_compile  # noqa: F401
 
         try:
             await anyio.to_thread.run_sync(imports, abandon_on_cancel=True)
-        except Exception:  # noqa: BLE001 - only a head start; the real load reports
+        except Exception:
             log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
 
     async def _tick_loop(self) -> None:
         while True:
             try:
                 self._tick(time.monotonic())
-            except Exception:  # noqa: BLE001 - the daemon must outlive its own bugs
+            except Exception:
                 log.exception("pwdaemon tick failed")
             await anyio.sleep(self.policy.tick_s)
 
@@ -371,7 +374,7 @@ class Engine:
             job = await self._next_job()
             try:
                 await self._run_job(job)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("pwdaemon: job %s crashed the runner", job.target.label)
                 self._fail(job, "failed", "internal error (see log)")
 
@@ -389,7 +392,8 @@ class Engine:
         fault = None
         if job.fault is not None and job.fault_times > 0:
             fault, job.fault_times = job.fault, job.fault_times - 1
-        out = self._workdir / f"g{job.piece.index}-{job.target.label.replace(':', '_')}-{job.attempts}.bin"
+        name = f"g{job.piece.index}-{job.target.label.replace(':', '_')}-{job.attempts}.bin"
+        out = self._workdir / name
         spec = JobSpec(await self._graph_bytes(st), job.target, str(out),
                        dict(self.config.options), fault)
         self._in_flight += 1
@@ -405,7 +409,7 @@ class Engine:
         seconds = float(result.get("seconds", 0.0))
         try:
             runnable = await anyio.to_thread.run_sync(self._load, result)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._fail(job, "failed", f"artifact did not load: {type(exc).__name__}: {exc}")
             return
         runnable = wrap_compiled(runnable, job.piece)
@@ -459,7 +463,10 @@ class Engine:
         if retry and job.attempts <= self.config.retries:
             delay = self.config.backoff_s * (2 ** (job.attempts - 1))
             job.state = "queued"
-            job.reason = f"retry {job.attempts}/{self.config.retries} in {delay:g} s after {outcome}: {reason}"
+            job.reason = (
+                f"retry {job.attempts}/{self.config.retries} in {delay:g} s "
+                f"after {outcome}: {reason}"
+            )
             job.not_before = time.monotonic() + delay
             heapq.heappush(self._heap, (job.priority, next(self._seq), job))
             if self._wake is not None:
@@ -478,7 +485,7 @@ class Engine:
         for cb in list(callbacks):
             try:
                 cb(event)
-            except Exception:  # noqa: BLE001 - one bad callback must not stop the rest
+            except Exception:
                 log.exception("pwdaemon: callback %r raised", cb)
 
     def _check_plan_complete(self) -> None:

@@ -9,6 +9,7 @@ job fails with a reason a person can read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -36,16 +37,14 @@ class CompileError(Exception):
 def _worker_main(conn: Connection, niceness: int, env: Mapping[str, str]) -> None:
     os.environ.update(env)
     if niceness:
-        try:
+        with contextlib.suppress(OSError):
             os.nice(niceness)
-        except OSError:
-            pass
     # A Ctrl-C in the terminal belongs to the serving process; it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Imports paid once per worker, before it says ready, not inside the first job.
-    import torch  # noqa: F401
-    import torch._inductor.compile_fx  # noqa: F401
-    import torch._inductor.standalone_compile  # noqa: F401
+    import torch
+    import torch._inductor.compile_fx
+    import torch._inductor.standalone_compile
     import torch.fx._graph_pickler  # noqa: F401
 
     from ._compiler import compile_job
@@ -60,7 +59,7 @@ def _worker_main(conn: Connection, niceness: int, env: Mapping[str, str]) -> Non
             return
         try:
             conn.send(("ok", compile_job(spec)))
-        except BaseException as exc:  # noqa: BLE001 - everything goes back as a reason
+        except BaseException as exc:
             tb = traceback.format_exc(limit=8)
             conn.send(("error", f"{type(exc).__name__}: {exc}", tb))
 
@@ -132,10 +131,8 @@ class Worker:
     def stop(self, timeout: float = 5.0) -> None:
         conn, proc = self._conn, self.process
         if conn is not None:
-            try:
+            with contextlib.suppress(OSError, BrokenPipeError):
                 conn.send(None)
-            except (OSError, BrokenPipeError):
-                pass
         if proc is not None:
             proc.join(timeout)
         self.kill()
@@ -149,10 +146,8 @@ class Worker:
                 proc.kill()
                 proc.join(10)
             if conn is not None:
-                try:
+                with contextlib.suppress(OSError):
                     conn.close()
-                except OSError:
-                    pass
 
 
 class WorkerPool:

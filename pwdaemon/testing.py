@@ -12,6 +12,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+import torch.fx
+
 from ._compiler import JobSpec, Target
 from ._worker import CompileError
 
@@ -68,6 +71,7 @@ class FakeExecutor:
         from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
         gm = GraphPickler.loads(spec.graph, FakeTensorMode(shape_env=ShapeEnv()))
+        assert isinstance(gm, torch.fx.GraphModule)
         gm.recompile()
         runnable: Callable[..., Any] = gm.forward
         if self.transform is not None:
