@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     import torch
     from watchdog.events import FileSystemEvent
+    from watchdog.observers.api import BaseObserver
 
 __all__ = [
     "CACHE_DIR_ENV",
@@ -470,6 +471,22 @@ class StoreWatcher:
         debounce_s: float = 0.2,
         poll_interval_s: float = 1.0,
     ) -> None:
+        self.store = store
+        self._callback = callback
+        self._debounce_s = debounce_s
+        self._poll_interval_s = poll_interval_s
+        self._cond = threading.Condition()
+        self._pending: dict[str, float] = {}  # digest -> monotonic deadline
+        self._reported: dict[str, str] = {}  # digest -> sha256 last reported
+        self._stopping = False
+        store._ensure_layout()  # the observer needs the directory to exist
+        self._observer = self._make_observer(polling)
+        self.polling = polling
+        self._thread = threading.Thread(
+            target=self._run, name="pwdaemon-store-watcher", daemon=True
+        )
+
+    def _make_observer(self, polling: bool) -> BaseObserver:
         from watchdog.events import (
             DirCreatedEvent,
             DirMovedEvent,
@@ -482,25 +499,16 @@ class StoreWatcher:
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
-        self.store = store
-        self._callback = callback
-        self._debounce_s = debounce_s
-        self._cond = threading.Condition()
-        self._pending: dict[str, float] = {}  # digest -> monotonic deadline
-        self._reported: dict[str, str] = {}  # digest -> sha256 last reported
-        self._stopping = False
-
         watcher = self
 
         class _Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
                 watcher._on_event(event)
 
-        self._observer = PollingObserver(timeout=poll_interval_s) if polling else Observer()
-        store._ensure_dir(store.artifacts_dir)
-        self._observer.schedule(
+        observer = PollingObserver(timeout=self._poll_interval_s) if polling else Observer()
+        observer.schedule(
             _Handler(),
-            str(store.artifacts_dir),
+            str(self.store.artifacts_dir),
             recursive=True,
             # Opens and no-write closes (every lookup reads manifests) are not wanted.
             event_filter=[
@@ -512,12 +520,24 @@ class StoreWatcher:
                 DirMovedEvent,
             ],
         )
-        self._thread = threading.Thread(
-            target=self._run, name="pwdaemon-store-watcher", daemon=True
-        )
+        return observer
 
     def start(self) -> StoreWatcher:
-        self._observer.start()
+        try:
+            self._observer.start()
+        except OSError as exc:
+            if self.polling:
+                raise
+            # Typically the inotify watch or instance limit: polling still works.
+            _log.warning(
+                "cannot watch %s with inotify (%s); polling every %.1f s instead",
+                self.store.artifacts_dir,
+                exc,
+                self._poll_interval_s,
+            )
+            self.polling = True
+            self._observer = self._make_observer(polling=True)
+            self._observer.start()
         self._thread.start()
         return self
 
@@ -529,7 +549,8 @@ class StoreWatcher:
             self._cond.notify_all()
         if self._observer.is_alive():
             self._observer.join(timeout)
-        if self._thread.is_alive():
+        # A callback may stop its own watcher; a thread cannot join itself.
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     def __enter__(self) -> StoreWatcher:
@@ -598,9 +619,17 @@ class ArtifactStore:
 
     `root`: explicit, else `default_store_dir()`. `dir_mode`: mode of directories the
     store creates (0o700; the host service passes 0o755 so clients can read); files get
-    the same bits minus execute. `trusted_uids`: owners besides us and root whose
-    directories and files we load from (a client of the host service passes the
-    service's uid). `check`: verify permissions now (loading always checks).
+    the same bits minus execute. `create`: make the layout now (False for read-only
+    tools such as `pwdaemon cache ls`). `check`: verify permissions now (loading always
+    checks). `trusted_uids`: owners besides us and root whose directories and files we
+    load from (a client of the host service passes the service's uid, known from the
+    socket's peer credentials). `stale_claim_s`: age after which a claim is broken even
+    if its pid looks alive. `touch_interval_s`: how stale last-used may get before a
+    lookup rewrites the manifest. `clock`: wall-clock source for manifest and claim
+    times (tests inject one).
+
+    Counters for metrics: `quarantined` (corrupt entries found), `write_errors`
+    (writes that failed: read-only store, full disk).
     """
 
     def __init__(
@@ -629,9 +658,12 @@ class ArtifactStore:
         self.write_errors = 0
         self._write_warned = False
         if create:
-            self.root.parent.mkdir(parents=True, exist_ok=True)
-            for d in self._dirs():
-                self._ensure_dir(d)
+            try:
+                self._ensure_layout()
+            except OSError as exc:
+                # A cache that cannot be created must not stop serving: lookups miss,
+                # publishes fail and are counted.
+                self._note_write_error(exc, "create the store directories")
         if check:
             self.check_permissions()
 
@@ -683,6 +715,12 @@ class ArtifactStore:
     def manifest_path(self, key: ArtifactKey | str) -> Path:
         digest = _digest_of(key)
         return self._shard_dir(digest) / f"{digest}{_MANIFEST_SUFFIX}"
+
+    def _ensure_layout(self) -> None:
+        # Parents of the root get default modes, like any cache dir (~/.cache).
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        for d in self._dirs():
+            self._ensure_dir(d)
 
     def _ensure_dir(self, path: Path) -> None:
         try:

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import math
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -91,6 +95,10 @@ class DemoOptions:
     check_every: int = 10
     workers: int | None = None
     hot_calls: int | None = None
+    store: str | None = None
+    """Artifact store directory (None: pwdaemon's default store)."""
+    fresh: bool = False
+    """Use a new, empty store (and Inductor cache) for this run, removed at the end."""
 
     def traffic_config(self) -> TrafficConfig:
         expected_calls = max(1, int(self.rate * self.duration))
@@ -231,6 +239,7 @@ class DemoRun:
         self.handle: Handle | None = None
         self.phase = 0
         self._next_plain = 0.0
+        self._fresh_dir: str | None = None
 
     # ---- callbacks (engine thread) ---------------------------------------------------
 
@@ -251,9 +260,42 @@ class DemoRun:
                     self.result.hot_to_swap[size] = max(0.0, s.at - hot_at)
         return new
 
+    # ---- artifact store ----------------------------------------------------------------
+
+    def _store_kwargs(self) -> dict[str, Any]:
+        opts = self.options
+        if "store" not in inspect.signature(attach).parameters:
+            return {}  # a pwdaemon without an artifact store
+        if opts.fresh:
+            self._fresh_dir = tempfile.mkdtemp(prefix="pwdaemon-demo-store-")
+            return {"store": self._fresh_dir}
+        if opts.store is not None:
+            return {"store": opts.store}
+        return {}
+
+    def _remove_fresh_store(self) -> None:
+        if self._fresh_dir is not None:
+            shutil.rmtree(self._fresh_dir, ignore_errors=True)
+            self._fresh_dir = None
+
     # ---- main loop -------------------------------------------------------------------
 
     def run(self) -> DemoResult:
+        """Run the traffic, show it, print the summary; the result says what happened."""
+        saved_env = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR",)}
+        try:
+            return self._run()
+        finally:
+            self._remove_fresh_store()
+            # attach() may point this process's Inductor cache into the store: undo that
+            # for whoever runs next in this process (the tests run the demo in-process).
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _run(self) -> DemoResult:
         opts = self.options
         model = demo_model(opts.seed)
         reference = copy.deepcopy(model)
@@ -261,7 +303,9 @@ class DemoRun:
         traffic = Traffic(opts.traffic_config())
         use_live = not opts.plain and self.console.is_terminal
         self.start = time.monotonic()
-        handle = attach(model, policy=self.policy, compiler=self.compile_config)
+        handle = attach(
+            model, policy=self.policy, compiler=self.compile_config, **self._store_kwargs()
+        )
         self.handle = handle
         handle.on_swap(self._on_swap)
         if not use_live:
@@ -282,7 +326,7 @@ class DemoRun:
             self._loop(model, reference, gen, traffic, live)
         except KeyboardInterrupt:
             self.result.error = "interrupted"
-        except Exception as exc:  # noqa: BLE001 - reported in the summary, exit code 1
+        except Exception as exc:  # reported in the summary, exit code 1
             self.result.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.result.duration = time.monotonic() - self.start
@@ -393,7 +437,7 @@ class DemoRun:
             return None
         try:
             return self.handle.status()
-        except Exception:  # noqa: BLE001 - a view must not stop the traffic
+        except Exception:  # a view must not stop the traffic
             return None
 
     # ---- shared view data ------------------------------------------------------------
@@ -679,7 +723,7 @@ class DemoRun:
         last_swap = max((s.at for s in r.swaps), default=r.duration)
         r.warmup_end_s = last_swap
         warm = [c for c in calls if c[0] <= last_swap] or calls
-        at, dt, size, tier = max(warm, key=lambda c: c[1])
+        _, dt, size, tier = max(warm, key=lambda c: c[1])
         r.warmup_max_ms, r.warmup_max_size, r.warmup_max_tier = dt * 1e3, size, tier
         own = {
             s: statistics.median(rec.latencies[1:] if s == calls[0][2] else rec.latencies)
@@ -829,7 +873,10 @@ class DemoRun:
                 f"{len(vs_eager)} sizes"
             )
             if vs_general:
-                line += f"; vs general (dynamic shapes): median {statistics.median(vs_general):.2f}x"
+                line += (
+                    f"; vs general (dynamic shapes): median "
+                    f"{statistics.median(vs_general):.2f}x"
+                )
             con.print(line + ".", highlight=False)
         con.print(
             f"Result: {'OK' if r.exit_code == 0 else 'FAILED'} "
@@ -928,6 +975,18 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         metavar="N",
         help="compile worker processes (default: pwdaemon's, a quarter of the CPUs)",
     )
+    store = parser.add_mutually_exclusive_group()
+    store.add_argument(
+        "--store",
+        default=None,
+        metavar="DIR",
+        help="artifact store directory (default: pwdaemon's; a second run loads from it)",
+    )
+    store.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start from an empty store and Inductor cache (every compile for real)",
+    )
     parser.set_defaults(func=cmd_demo)
 
 
@@ -946,6 +1005,8 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
         phases=3 if duration <= QUICK_DURATION_S else 4,
         check_every=args.check_every,
         workers=args.workers,
+        store=args.store,
+        fresh=args.fresh,
     )
 
 

@@ -9,6 +9,7 @@ among themselves with a lock that readers never touch.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -58,16 +59,25 @@ class Dispatcher:
     # ---- serving path -------------------------------------------------------------
 
     def __call__(self, *args: Any) -> Any:
+        # Locals, not repeated attribute reads: each read is also a chance to see a
+        # different value under a concurrent writer. `table` is read exactly once.
         table = self.table
-        size = args[self.size_index] if self.size_index is not None else 0
-        count = self.counts.get(size)
+        index = self.size_index
+        size = args[index] if index is not None else 0
+        counts = self.counts
+        count = counts.get(size)
         if count is None:
             self._first_seen(size, args)
         else:
-            self.counts[size] = count + 1
-        out = table.lookup(size).runnable(*args)
-        if self.mark_outputs is not None:
-            self.mark_outputs(out)
+            counts[size] = count + 1
+        # RangeTable.lookup, inlined (a Python call costs as much as the lookup itself).
+        entry = table._exact_get(size)
+        if entry is None:
+            entry = table._segments[bisect_right(table._bounds, size) - 1]
+        out = entry.runnable(*args)
+        mark = self.mark_outputs
+        if mark is not None:
+            mark(out)
         return out
 
     def _first_seen(self, size: int, args: Sequence[Any]) -> None:

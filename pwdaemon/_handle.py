@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import anyio.to_thread
 import torch
 
+from ._artifacts import ArtifactStore
 from ._capture import Capture, GraphPiece
 from ._config import (
     CompileConfig,
@@ -23,6 +25,7 @@ from ._dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from ._events import HandleStatus, PlanCompleteEvent, SwapEvent
 from ._range_table import Range, RangeTable, Runnable, Tier
 from ._scheduler import Engine, Executor
+from ._store_link import StoreLink
 
 _names = itertools.count()
 _attach_lock = threading.Lock()
@@ -49,9 +52,12 @@ class Handle:
         executor: Executor | None,
         size_cap: int,
         sample_bytes: int,
+        store: StoreLink | None,
+        watch_store: bool,
     ) -> None:
         self.model = model
         self.name = name
+        self.store = store.store if store is not None else None
         self.engine = Engine(
             name,
             policy=policy,
@@ -59,6 +65,8 @@ class Handle:
             sizes=sizes,
             ranges=ranges,
             executor=executor,
+            store=store,
+            watch_store=watch_store,
         )
         self._background = background
         self._capture = Capture(
@@ -208,6 +216,8 @@ def attach(
     executor: Executor | None = None,
     size_cap: int = DEFAULT_SIZE_CAP,
     sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+    store: ArtifactStore | str | os.PathLike[str] | bool | None = None,
+    watch_store: bool = True,
 ) -> Handle:
     """Serve `model` through pwdaemon; callers keep calling `model(...)`.
 
@@ -219,6 +229,10 @@ def attach(
     - `background=False` captures and dispatches (tier 0, plus what you `install`)
       without starting the engine.
     - `executor`: replaces the worker-process pool (`pwdaemon.testing` has fakes).
+    - `store`: the artifact store (default: `PWDAEMON_CACHE_DIR`, else
+      `~/.cache/pwdaemon`); a path or an `ArtifactStore`; False for none. With a store,
+      compiled artifacts persist (a restart is warm), the size profile of a run primes the
+      next, and `watch_store` picks up artifacts other processes compile.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach() takes an nn.Module, got {type(model).__name__}")
@@ -235,6 +249,7 @@ def attach(
             f"{len(parsed_sizes)} sizes configured but the specialization budget is "
             f"{policy.budget}; raise PolicyConfig(budget=...) or list fewer sizes"
         )
+    link = _store_link(store, compiler)
     handle = Handle(
         model,
         name=name or f"{type(model).__name__.lower()}-{next(_names)}",
@@ -247,8 +262,25 @@ def attach(
         executor=executor,
         size_cap=size_cap,
         sample_bytes=sample_bytes,
+        store=link,
+        watch_store=watch_store,
     )
     handle._attach()
     if metrics_port is not None:
         handle.serve_metrics(metrics_port)
     return handle
+
+
+def _store_link(
+    store: ArtifactStore | str | os.PathLike[str] | bool | None, compiler: CompileConfig
+) -> StoreLink | None:
+    if store is False:
+        return None
+    if store is None or store is True:
+        store = ArtifactStore()
+    elif not isinstance(store, ArtifactStore):
+        store = ArtifactStore(store)
+    # A CPU artifact does not bundle its C++ kernels: this process and the workers must
+    # share one Inductor cache, kept inside the store so a restart rebuilds nothing.
+    os.environ.update(store.inductor_env())
+    return StoreLink(store, compiler.options)

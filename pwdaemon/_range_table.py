@@ -8,6 +8,7 @@ table for a whole call without a lock.
 from __future__ import annotations
 
 import enum
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -29,6 +30,9 @@ class Tier(enum.Enum):
     def level(self) -> int:
         return _LEVELS[self]
 
+
+# The first segment bound: below any size, so a bisect always lands on a segment.
+_BELOW_EVERY_SIZE = -(2**63)
 
 _LEVELS = {Tier.EAGER: 0, Tier.GENERAL: 1, Tier.RANGE: 2, Tier.SIZE: 2, Tier.GRAPH: 3}
 
@@ -71,7 +75,7 @@ class Range:
         return str(self.start) if self.is_size else f"{self.start}-{self.end}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One runnable in a table: what it serves (`range`, None for eager/general) and how."""
 
@@ -99,20 +103,56 @@ class RangeTable:
     exact: Mapping[int, Entry] = field(default_factory=lambda: MappingProxyType({}))
     ranges: tuple[Entry, ...] = ()  # narrowest first, then by start
     version: int = 0
+    # Derived at construction (writer side), so that a lookup is one dict probe and, on
+    # a miss, one bisect: no per-call scan of the ranges. `_segments[i]` serves sizes
+    # from `_bounds[i]` up to the next bound; the first bound is below every size and
+    # segments no range covers hold the fallback (general, else eager).
+    _exact_get: Callable[[int], Entry | None] = field(init=False, repr=False, compare=False)
+    _bounds: list[int] = field(init=False, repr=False, compare=False)
+    _segments: tuple[Entry, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for e in self.ranges:
+            if e.range is None:
+                raise ValueError(f"a range entry needs a range, got {e!r}")
+        # A private copy: a caller's dict mutated later cannot change this table.
+        exact = dict(self.exact)
+        set_ = object.__setattr__
+        set_(self, "exact", MappingProxyType(exact))
+        set_(self, "_exact_get", exact.get)
+        fallback = self.general or self.eager
+        # Coverage only changes at a range's start or one past its end: between two
+        # such points one entry (the narrowest holding them) serves every size.
+        points = {_BELOW_EVERY_SIZE}
+        for e in self.ranges:
+            assert e.range is not None
+            points.add(e.range.start)
+            points.add(e.range.end + 1)
+        bounds = sorted(points)
+        segments: list[Entry] = []
+        for p in bounds:
+            best, best_key = fallback, (0, 0)
+            for e in self.ranges:
+                r = e.range
+                assert r is not None
+                if r.start <= p <= r.end:
+                    key = (r.width, r.start)
+                    if best is fallback or key < best_key:
+                        best, best_key = e, key
+            segments.append(best)
+        set_(self, "_bounds", bounds)
+        set_(self, "_segments", tuple(segments))
 
     @classmethod
     def initial(cls, eager: Runnable) -> RangeTable:
         return cls(eager=Entry(Tier.EAGER, eager))
 
     def lookup(self, size: int) -> Entry:
-        entry = self.exact.get(size)
-        if entry is not None:
-            return entry
-        for entry in self.ranges:
-            r = entry.range
-            if r is not None and r.start <= size <= r.end:
-                return entry
-        return self.general or self.eager
+        # Dispatcher.__call__ inlines these lines: change both together.
+        entry = self._exact_get(size)
+        if entry is None:
+            entry = self._segments[bisect_right(self._bounds, size) - 1]
+        return entry
 
     def with_entry(
         self,

@@ -10,6 +10,7 @@ process, load and validate the result in a thread, and publish it with one assig
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import heapq
 import itertools
@@ -34,6 +35,7 @@ from ._events import EntryStatus, HandleStatus, PieceStatus, PlanCompleteEvent, 
 from ._policy import PiecePolicy
 from ._range_table import Range, Tier
 from ._stats import HistogramCounts, ModelMetrics, PieceMetrics
+from ._store_link import StoreLink, parse_target
 from ._validation import reject_category, validate
 from ._worker import CompileError, WorkerPool
 
@@ -110,6 +112,7 @@ class Job:
     hits: int = 0
     fault: str | None = None
     fault_times: int = 0
+    skip_store: bool = False  # its stored artifact failed to load: compile instead
 
     @property
     def terminal(self) -> bool:
@@ -138,14 +141,24 @@ class Engine:
         sizes: tuple[int, ...],
         ranges: tuple[Range, ...],
         executor: Executor | None = None,
+        store: StoreLink | None = None,
+        watch_store: bool = True,
+        polling: bool = False,
     ) -> None:
         self.name = name
+        self.store = store
+        self._watch_store = watch_store and store is not None
+        self._polling = polling
+        self._watcher: Any = None
+        self._store_stats = (0, 0)
+        self._store_stats_at = 0.0
         self.policy = policy
         self.config = compile_config
         self.sizes = sizes
         self.ranges = ranges
+        env = store.store.inductor_env() if store is not None else {}
         self.executor: Executor = (
-            executor if executor is not None else ProcessExecutor(compile_config)
+            executor if executor is not None else ProcessExecutor(compile_config, env)
         )
         self.attached_at = time.monotonic()
         self._new_pieces: collections.deque[GraphPiece] = collections.deque()
@@ -172,6 +185,7 @@ class Engine:
         self._closing: anyio.Event | None = None
         self._wake: anyio.Event | None = None
         self._executor_ready: anyio.Event | None = None
+        self._executor_starting = False
         self._tg: anyio.abc.TaskGroup | None = None
         self.closed = False
 
@@ -183,11 +197,20 @@ class Engine:
         )
         self._portal = self._portal_cm.__enter__()
         self._main_future = self._portal.start_task_soon(self._main)
+        if self._watch_store and self.store is not None:
+            try:
+                self._watcher = self.store.store.watch(self._on_store_event,
+                                                       polling=self._polling)
+            except OSError as exc:
+                log.warning("pwdaemon: not watching the artifact store: %s", exc)
 
     def close(self, timeout: float = 10.0) -> None:
         if self.closed:
             return
         self.closed = True
+        if self._watcher is not None:
+            self._watcher.stop(timeout)
+        self._save_profiles()
         # Kill workers first: that unblocks any thread waiting on a job's pipe.
         self.executor.close(min(timeout, 5.0))
         if self._portal is not None:
@@ -204,6 +227,51 @@ class Engine:
                     if not job.terminal:
                         job.state, job.reason = "cancelled", "detached"
             self._cond.notify_all()
+
+    def _save_profiles(self) -> None:
+        if self.store is None:
+            return
+        for st in list(self._pieces):
+            try:
+                self.store.save_profile(st.piece, st.piece.dispatcher.histogram())
+            except OSError as exc:
+                log.warning("pwdaemon: could not save the size profile: %s", exc)
+
+    def _on_store_event(self, digest: str, path: Path) -> None:
+        # On the watcher's thread: hand over to the loop, never load here.
+        if self._portal is not None and not self.closed:
+            # A RuntimeError here means the loop is shutting down.
+            with contextlib.suppress(RuntimeError):
+                self._portal.start_task_soon(self._peer_artifact, digest)
+
+    async def _peer_artifact(self, digest: str) -> None:
+        assert self.store is not None
+        manifest = await anyio.to_thread.run_sync(self.store.store.manifest, digest)
+        if manifest is None:
+            return
+        target = parse_target(manifest.key.target)
+        if target is None:
+            return
+        for st in self._pieces:
+            probe = self.store.key(st.piece, target)
+            if probe.digest != digest:
+                continue
+            job = st.jobs.get(target.label)
+            if job is not None and job.state in ("live", "compiling"):
+                return  # ours is live, or ours will be (the claim kept the peer out)
+            if job is None:
+                job = Job(st.piece, target, "peer", (-1, 0))
+                st.jobs[target.label] = job
+            elif job.state == "queued":
+                self._remove_queued(job)
+            await self._load_stored(st, job, probe, "peer")
+            return
+
+    def _remove_queued(self, job: Job) -> None:
+        kept = [item for item in self._heap if item[2] is not job]
+        if len(kept) != len(self._heap):
+            heapq.heapify(kept)
+            self._heap = kept
 
     def flush(self) -> None:
         """Run one tick on the loop now: counters folded into metrics and policy."""
@@ -233,7 +301,10 @@ class Engine:
         self._executor_ready = anyio.Event()
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._start_executor)
+            if self.store is None:
+                # With a store, workers start on the first compile actually needed, so a
+                # warm restart spends no CPU on starting processes it will not use.
+                tg.start_soon(self._start_executor)
             tg.start_soon(self._tick_loop)
             for _ in range(self.config.workers):
                 tg.start_soon(self._runner)
@@ -242,6 +313,7 @@ class Engine:
 
     async def _start_executor(self) -> None:
         assert self._executor_ready is not None
+        self._executor_starting = True
         try:
             await anyio.to_thread.run_sync(self.executor.start, abandon_on_cancel=True)
         except CompileError as exc:
@@ -286,6 +358,10 @@ class Engine:
                 self._push(st, job)
         self._drop_cold(now)
         self._check_plan_complete()
+        if self.store is not None and now - self._store_stats_at > 5.0:
+            self._store_stats_at = now
+            with contextlib.suppress(OSError):
+                self._store_stats = self.store.store.stats()
 
     def _account(self, st: PieceState, now: float) -> None:
         hist = st.piece.dispatcher.histogram()
@@ -309,6 +385,8 @@ class Engine:
         st = PieceState(piece, PiecePolicy(self.policy))
         self._pieces.append(st)
         order = itertools.count()
+        if self.store is not None and self._tg is not None:
+            self._tg.start_soon(self._plan_from_store, st)
         if self.config.general:
             self._push(st, Job(piece, Target("general"), "general", (0, next(order))))
         if not piece.specializable:
@@ -319,6 +397,35 @@ class Engine:
         for r in self.ranges:
             self._push(st, Job(piece, Target("range", r.start, r.end), "configured",
                                (1, next(order))))
+
+    async def _plan_from_store(self, st: PieceState) -> None:
+        """Warm restart: what the store holds for this piece first, then the sizes the
+        last run found hot (compiled, or loaded if the store has them)."""
+        assert self.store is not None
+        stored = await anyio.to_thread.run_sync(self.store.stored_targets, st.piece)
+        for i, target in enumerate(stored):
+            job = st.jobs.get(target.label)
+            if job is not None and job.state != "queued":
+                continue
+            if job is not None:
+                self._remove_queued(job)
+                job.priority = (-1, i)
+            else:
+                if target.kind == "size" and not st.piece.specializable:
+                    continue
+                job = Job(st.piece, target, "store", (-1, i))
+                if target.kind == "size":
+                    st.policy.reserve([target.start])
+            self._push(st, job)
+        if not st.piece.specializable:
+            return
+        profile = await anyio.to_thread.run_sync(self.store.load_profile, st.piece)
+        hot = sorted((s for s, c in profile.items() if c >= self.policy.hot_calls),
+                     key=lambda s: -profile[s])
+        room = self.policy.budget - len(st.policy.specialized)
+        for size in [s for s in hot if s not in st.policy.specialized][: max(room, 0)]:
+            st.policy.reserve([size])
+            self._push(st, Job(st.piece, Target.size(size), "profile", (1, 10_000 + len(st.jobs))))
 
     def _push(self, st: PieceState, job: Job) -> None:
         st.jobs[job.target.label] = job
@@ -368,8 +475,6 @@ class Engine:
                 await self._wake.wait()
 
     async def _runner(self) -> None:
-        assert self._executor_ready is not None
-        await self._executor_ready.wait()
         while True:
             job = await self._next_job()
             try:
@@ -386,7 +491,55 @@ class Engine:
         return st.graph_bytes
 
     async def _run_job(self, job: Job) -> None:
+        if job.state != "queued":
+            return  # a stale heap entry: this job was re-queued or finished elsewhere
         st = self._state_of(job.piece)
+        key = self.store.key(job.piece, job.target) if self.store is not None else None
+        if key is not None and self.store is not None and not job.skip_store:
+            path = await anyio.to_thread.run_sync(self.store.lookup, key)
+            if path is not None:
+                await self._load_stored(st, job, key, "store")
+                return
+        assert self._executor_ready is not None
+        if not self._executor_starting and self._tg is not None:
+            self._executor_starting = True
+            self._tg.start_soon(self._start_executor)
+        await self._executor_ready.wait()
+        claim = None
+        if key is not None and self.store is not None and self.store.enabled:
+            claim = await anyio.to_thread.run_sync(self.store.store.claim, key)
+            if claim is None:
+                # Another process compiles this key; its artifact arrives through the
+                # watcher (or the store, on this job's next turn).
+                job.state, job.reason = "queued", "another process is compiling it"
+                job.not_before = time.monotonic() + 2.0
+                self._push(st, job)
+                return
+        try:
+            await self._compile_and_publish(st, job, key)
+        finally:
+            if claim is not None:
+                await anyio.to_thread.run_sync(claim.release)
+
+    async def _load_stored(self, st: PieceState, job: Job, key: Any, source: str) -> None:
+        assert self.store is not None
+        job.state, job.reason = "compiling", None
+        path = await anyio.to_thread.run_sync(self.store.lookup, key)
+        if path is None:
+            job.state, job.reason = "queued", "stored artifact failed verification"
+            self._push(st, job)
+            return
+        manifest = await anyio.to_thread.run_sync(self.store.store.manifest, key)
+        seconds = manifest.compile_seconds if manifest is not None else 0.0
+        try:
+            runnable = await anyio.to_thread.run_sync(load_artifact, str(path))
+        except Exception as exc:
+            self._fail(job, "failed", f"stored artifact did not load: {type(exc).__name__}: {exc}")
+            return
+        await self._validate_and_publish(st, job, wrap_compiled(runnable, job.piece), seconds,
+                                         source)
+
+    async def _compile_and_publish(self, st: PieceState, job: Job, key: Any) -> None:
         job.state, job.reason = "compiling", None
         job.attempts += 1
         fault = None
@@ -407,6 +560,13 @@ class Engine:
         finally:
             self._in_flight -= 1
         seconds = float(result.get("seconds", 0.0))
+        if key is not None and self.store is not None and "path" in result:
+            stored = await anyio.to_thread.run_sync(
+                self.store.publish, key, result["path"], seconds,
+                self.store.extra(job.piece, self.name),
+            )
+            if stored is not None:
+                result = {**result, "path": str(stored)}
         try:
             runnable = await anyio.to_thread.run_sync(self._load, result)
         except Exception as exc:
@@ -607,5 +767,6 @@ class Engine:
             validation_rejects_by_reason=dict(self.rejects_by_reason),
             failures_by_reason=dict(self.failures_by_reason),
             worker_restarts=self.executor.restarts, loads_by_source=dict(self.loads_by_source),
-            store_bytes=0, store_artifacts=0, store_write_errors=0,
+            store_bytes=self._store_stats[0], store_artifacts=self._store_stats[1],
+            store_write_errors=self.store.store.write_errors if self.store is not None else 0,
         )

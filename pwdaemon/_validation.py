@@ -77,7 +77,7 @@ def validate(
         want = reference(*fresh_args(args))
         try:
             got = candidate(*fresh_args(args))
-        except Exception as exc:  # noqa: BLE001 - a crashing candidate is a reject reason
+        except Exception as exc:
             return f"candidate raised {type(exc).__name__}: {exc}"
     return compare_outputs(got, want)
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
 
+# The default artifact store of every attach() in the tests: a fresh directory per
+# session, never the user's ~/.cache/pwdaemon (spawned workers inherit it too).
+os.environ["PWDAEMON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pwdaemon-test-store-")
 
 class SmallMLP(nn.Module):
     """Linear + LayerNorm + ReLU: fast to compile, exercises a reduction."""

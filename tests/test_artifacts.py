@@ -628,64 +628,46 @@ def test_old_claim_of_live_process_is_broken(tmp_path: Path) -> None:
     new.release()
 
 
-def _race_for_claim(
+def _race_for_claims(
     root: str,
-    digest: str,
+    digests: list[str],
     start: threading.Barrier,
     done: threading.Barrier,
-    results: multiprocessing.Queue[tuple[int, bool]],
+    results: multiprocessing.Queue[tuple[int, int, bool]],
 ) -> None:
+    """Claim each digest at the same moment as the other racer; report who won."""
     store = ArtifactStore(root)
-    start.wait(WAIT_S)
-    claim = store.claim(digest)
-    results.put((os.getpid(), claim is not None))
-    done.wait(WAIT_S)  # hold the claim until every racer has tried
-    if claim is not None:
-        claim.release()
+    for i, digest in enumerate(digests):
+        start.wait(WAIT_S)
+        claim = store.claim(digest)
+        results.put((i, os.getpid(), claim is not None))
+        done.wait(WAIT_S)  # hold the claim until the other racer has tried too
+        if claim is not None:
+            claim.release()
 
 
 def test_two_processes_race_for_a_claim(tmp_path: Path) -> None:
+    # This process and a spawned one run the same code, in lockstep, for many keys.
     ctx = spawn()
     store = ArtifactStore(tmp_path / "s")
-    digest = key_for().digest
-    racers = 2
-    start, done = ctx.Barrier(racers), ctx.Barrier(racers)
-    results: multiprocessing.Queue[tuple[int, bool]] = ctx.Queue()
-    procs = [
-        ctx.Process(target=_race_for_claim, args=(str(store.root), digest, start, done, results))
-        for _ in range(racers)
-    ]
-    for p in procs:
-        p.start()
-    outcomes = [results.get(timeout=WAIT_S) for _ in procs]
-    for p in procs:
-        p.join(WAIT_S)
-        assert p.exitcode == 0
-    assert sorted(won for _pid, won in outcomes) == [False] * (racers - 1) + [True]
-    assert not store._claim_path(digest).exists()  # the winner released it
-    assert store.claim(digest) is not None
-
-
-def _claim_and_die(root: str, digest: str) -> None:
-    store = ArtifactStore(root)
-    assert store.claim(digest) is not None
-    os._exit(0)  # exit without releasing, like a crashed worker
-
-
-def test_claim_of_dead_process_is_broken(tmp_path: Path) -> None:
-    ctx = spawn()
-    store = ArtifactStore(tmp_path / "s")
-    digest = key_for().digest
-    proc = ctx.Process(target=_claim_and_die, args=(str(store.root), digest))
+    digests = [key_for(target=f"size:{n}").digest for n in range(25)]
+    start, done = ctx.Barrier(2), ctx.Barrier(2)
+    results: multiprocessing.Queue[tuple[int, int, bool]] = ctx.Queue()
+    args = (str(store.root), digests, start, done, results)
+    proc = ctx.Process(target=_race_for_claims, args=args)
     proc.start()
+    _race_for_claims(*args)
     proc.join(WAIT_S)
     assert proc.exitcode == 0
-    record = json.loads(store._claim_path(digest).read_text())
-    assert record["pid"] == proc.pid
-    claim = store.claim(digest)
-    assert claim is not None
-    assert json.loads(claim.path.read_text())["pid"] == os.getpid()
-    claim.release()
+    outcomes = [results.get(timeout=WAIT_S) for _ in range(2 * len(digests))]
+    winners: dict[int, list[int]] = {i: [] for i in range(len(digests))}
+    for i, pid, won in outcomes:
+        assert pid in (os.getpid(), proc.pid)
+        if won:
+            winners[i].append(pid)
+    assert all(len(w) == 1 for w in winners.values()), winners
+    assert not any(store._claim_path(d).exists() for d in digests)  # winners released
+    assert store.claim(digests[0]) is not None
 
 
 # --------------------------------------------------------------------------- watching
@@ -709,10 +691,6 @@ class Recorder:
                 lambda: sum(d == digest for d, _ in self.calls) >= times, WAIT_S
             )
 
-    def count(self, digest: str) -> int:
-        with self._cond:
-            return sum(d == digest for d, _ in self.calls)
-
 
 @pytest.fixture
 def watched(store: ArtifactStore) -> Iterator[tuple[ArtifactStore, Recorder]]:
@@ -723,25 +701,39 @@ def watched(store: ArtifactStore) -> Iterator[tuple[ArtifactStore, Recorder]]:
     assert not watcher._thread.is_alive() and not watcher._observer.is_alive()
 
 
-def _publish_in_child(root: str, fields: dict[str, str], src: str) -> None:
+def _claim_publish_and_crash(root: str, fields: dict[str, str], src: str) -> None:
     store = ArtifactStore(root)
-    assert store.publish(ArtifactKey.from_fields(fields), src, compile_seconds=2.0) is not None
+    key = ArtifactKey.from_fields(fields)
+    assert store.claim(key) is not None
+    assert store.publish(key, src, compile_seconds=2.0) is not None
+    os._exit(0)  # exit without releasing the claim, like a worker that crashed
 
 
-def test_watch_sees_publish_from_another_process(
+def test_another_process_publishes_then_dies_holding_its_claim(
     watched: tuple[ArtifactStore, Recorder], tmp_path: Path
 ) -> None:
+    # One child process (each costs a torch import) covers two things: the real observer
+    # sees another process's publish, and the claim it left behind is broken as dead.
     store, recorder = watched
     key = key_for()
     src = fake_artifact(tmp_path)
-    proc = spawn().Process(target=_publish_in_child, args=(str(store.root), key.fields(), str(src)))
+    proc = spawn().Process(
+        target=_claim_publish_and_crash, args=(str(store.root), key.fields(), str(src))
+    )
     proc.start()
     proc.join(WAIT_S)
     assert proc.exitcode == 0
+
     assert recorder.wait_for(key.digest)
     digest, path = recorder.calls[0]
     assert digest == key.digest and path == store.artifact_path(key)
     assert store.lookup(digest) == path and path.read_bytes() == src.read_bytes()
+
+    assert json.loads(store._claim_path(key.digest).read_text())["pid"] == proc.pid
+    claim = store.claim(key)
+    assert claim is not None
+    assert json.loads(claim.path.read_text())["pid"] == os.getpid()
+    claim.release()
 
 
 def test_watch_with_polling_observer(store: ArtifactStore, tmp_path: Path) -> None:
@@ -817,3 +809,43 @@ def test_watch_callback_errors_do_not_stop_the_watcher(
         store.publish(second, fake_artifact(tmp_path), compile_seconds=1)
         assert recorder.wait_for(second.digest)
     assert "callback bug" in caplog.text
+
+
+def test_watch_falls_back_to_polling_without_inotify(
+    store: ArtifactStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from watchdog.observers import Observer
+
+    def no_inotify(self: object) -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    # The limit cannot be exhausted safely on a shared machine: fail inotify's start.
+    monkeypatch.setattr(Observer, "start", no_inotify)
+    recorder = Recorder()
+    key = key_for()
+    with caplog.at_level(logging.WARNING, logger="pwdaemon._artifacts"):
+        watcher = store.watch(recorder, poll_interval_s=0.05, debounce_s=0.01)
+    with watcher:
+        assert watcher.polling
+        store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+        assert recorder.wait_for(key.digest)
+    assert "polling" in caplog.text
+
+
+def test_store_that_cannot_be_created_degrades_to_misses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def read_only_mkdir(path: object, *args: object, **kw: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    with caplog.at_level(logging.WARNING, logger="pwdaemon._artifacts"):
+        store = ArtifactStore(tmp_path / "ro")
+        assert store.lookup(key_for()) is None
+        assert store.publish(key_for(), fake_artifact(tmp_path), compile_seconds=1) is None
+    assert store.write_errors == 2
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert not (tmp_path / "ro").exists()

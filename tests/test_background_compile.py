@@ -105,7 +105,7 @@ def test_failed_crashed_and_hung_compiles_leave_serving_working(
     mlp: nn.Module, reference: nn.Module
 ) -> None:
     compiler = pwd.CompileConfig(workers=1, retries=1, backoff_s=0.05, timeout_s=4)
-    h = pwd.attach(mlp, sizes=[2, 3, 5], policy=FAST, compiler=compiler)
+    h = pwd.attach(mlp, sizes=[2, 3, 5], policy=FAST, compiler=compiler, store=False)
     h.engine.inject_fault("size:2", "raise")  # every attempt raises
     h.engine.inject_fault("size:3", "hang")  # every attempt hangs past the timeout
     h.engine.inject_fault("size:5", "hang", times=1)  # hangs once: we SIGKILL the worker
@@ -154,7 +154,7 @@ def test_serving_is_not_blocked_while_a_compile_runs(mlp: nn.Module) -> None:
     # while compiles run is compared with its latency once they are all done.
     compiler = pwd.CompileConfig(workers=1, general=False)
     policy = pwd.PolicyConfig(hot_calls=10**9)
-    h = pwd.attach(mlp, sizes=[2, 3, 4, 5, 6, 8], policy=policy, compiler=compiler)
+    h = pwd.attach(mlp, sizes=[2, 3, 4, 5, 6, 8], policy=policy, compiler=compiler, store=False)
     x = torch.randn(7, 16)
 
     def timed(n: int) -> list[float]:

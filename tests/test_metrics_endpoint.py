@@ -35,8 +35,14 @@ def _get(values: dict, name: str, **labels: str) -> float:
 
 
 def test_metrics_move_with_traffic_and_compiles(mlp: nn.Module) -> None:
-    h = pwd.attach(mlp, name="e2e", policy=pwd.PolicyConfig(hot_calls=2, tick_s=0.02),
-                   compiler=pwd.CompileConfig(workers=1), metrics_port=0)
+    h = pwd.attach(
+        mlp,
+        name="e2e",
+        policy=pwd.PolicyConfig(hot_calls=2, tick_s=0.02),
+        compiler=pwd.CompileConfig(workers=1),
+        metrics_port=0,
+        store=False,
+    )
     try:
         url = h._metrics_server.url
         for n in (3, 3, 3):
@@ -62,8 +68,13 @@ def test_metrics_move_with_traffic_and_compiles(mlp: nn.Module) -> None:
         assert _get(v2, "pwdaemon_calls_total", model="e2e") == before + 5
         promtool = shutil.which("promtool")
         if promtool is not None:
-            r = subprocess.run([promtool, "check", "metrics"], input=text, text=True,
-                               capture_output=True, check=False)
+            r = subprocess.run(
+                [promtool, "check", "metrics"],
+                input=text,
+                text=True,
+                capture_output=True,
+                check=False,
+            )
             assert r.returncode == 0, r.stdout + r.stderr
     finally:
         h.detach()

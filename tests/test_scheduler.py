@@ -38,7 +38,13 @@ def test_general_first_then_configured_then_hot(mlp: nn.Module) -> None:
     gate = threading.Event()
     ex = FakeExecutor(gate=gate)
     h = pwd.attach(
-        mlp, sizes=[4], ranges=[(16, 32)], policy=FAST, compiler=_compiler(), executor=ex
+        mlp,
+        sizes=[4],
+        ranges=[(16, 32)],
+        policy=FAST,
+        compiler=_compiler(),
+        executor=ex,
+        store=False,
     )
     try:
         _call_sizes(mlp, [2, 7, 7, 7])
@@ -60,7 +66,7 @@ def test_general_first_then_configured_then_hot(mlp: nn.Module) -> None:
 def test_budget_caps_specializations(mlp: nn.Module) -> None:
     ex = FakeExecutor()
     policy = pwd.PolicyConfig(hot_calls=1, budget=2, tick_s=0.01)
-    h = pwd.attach(mlp, policy=policy, compiler=_compiler(), executor=ex)
+    h = pwd.attach(mlp, policy=policy, compiler=_compiler(), executor=ex, store=False)
     try:
         _call_sizes(mlp, [3, 3, 5, 5, 9, 9])
         assert h.wait(timeout=20)  # plan (general) complete
@@ -75,7 +81,9 @@ def test_budget_caps_specializations(mlp: nn.Module) -> None:
 
 def test_failures_retry_with_backoff_then_give_up(mlp: nn.Module, reference: nn.Module) -> None:
     ex = FakeExecutor(fail={"size:4": "failed"})
-    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(retries=2), executor=ex)
+    h = pwd.attach(
+        mlp, sizes=[4], policy=FAST, compiler=_compiler(retries=2), executor=ex, store=False
+    )
     try:
         _call_sizes(mlp, [4])
         assert h.wait(sizes=[4], timeout=20) is False
@@ -100,7 +108,7 @@ def test_validation_rejects_wrong_runnable_and_keeps_old_tier(mlp: nn.Module) ->
         return lambda *a: tuple(o + 1 for o in fn(*a))
 
     ex = FakeExecutor(transform=off_by_one)
-    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(retries=0), executor=ex)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False)
     try:
         _call_sizes(mlp, [6, 6, 6])
         assert h.wait(sizes=[6], timeout=20) is False
@@ -119,7 +127,7 @@ def test_validation_can_be_turned_off(mlp: nn.Module) -> None:
         return (lambda *a: tuple(o + 1 for o in fn(*a))) if target.kind == "size" else fn
 
     ex = FakeExecutor(transform=off_by_one)
-    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(validate=False), executor=ex)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(validate=False), executor=ex, store=False)
     try:
         _call_sizes(mlp, [6, 6, 6])
         assert h.wait(sizes=[6], timeout=20)
@@ -132,7 +140,7 @@ def test_callbacks_fire_off_the_serving_thread_and_survive_a_raising_one(
     mlp: nn.Module,
 ) -> None:
     ex = FakeExecutor()
-    h = pwd.attach(mlp, sizes=[2, 3], policy=FAST, compiler=_compiler(), executor=ex)
+    h = pwd.attach(mlp, sizes=[2, 3], policy=FAST, compiler=_compiler(), executor=ex, store=False)
     events: list[pwd.SwapEvent] = []
     threads: set[int] = set()
     plans: list[pwd.PlanCompleteEvent] = []
@@ -171,7 +179,7 @@ def test_cold_queued_sizes_are_dropped(mlp: nn.Module) -> None:
     gate = threading.Event()
     ex = FakeExecutor(gate=gate)
     policy = pwd.PolicyConfig(hot_calls=1, tick_s=0.01, cold_after_s=0.05)
-    h = pwd.attach(mlp, policy=policy, compiler=_compiler(), executor=ex)
+    h = pwd.attach(mlp, policy=policy, compiler=_compiler(), executor=ex, store=False)
     try:
         _call_sizes(mlp, [5])  # general compile now holds the only worker at the gate
         dropped = threading.Event()
@@ -200,7 +208,9 @@ def test_cold_queued_sizes_are_dropped(mlp: nn.Module) -> None:
 @pytest.mark.parametrize("fault", ["raise", "crash", "hang"])
 def test_injected_faults_are_reported(mlp: nn.Module, fault: str) -> None:
     ex = FakeExecutor()
-    h = pwd.attach(mlp, sizes=[3], policy=FAST, compiler=_compiler(retries=0), executor=ex)
+    h = pwd.attach(
+        mlp, sizes=[3], policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False
+    )
     h.engine.inject_fault("size:3", fault)
     try:
         _call_sizes(mlp, [3])
