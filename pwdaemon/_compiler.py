@@ -52,6 +52,37 @@ class JobSpec:
     fault: str | None = None  # "raise" | "crash" | "hang"
 
 
+def dump_graph(gm: torch.fx.GraphModule) -> bytes:
+    """GraphPickler bytes of `gm`, fake metadata and symbols kept.
+
+    GraphPickler cannot pickle a fake tensor that is a view (its base drags in
+    unpicklable state), and dynamo records views (a 3-D `linear` is a view of a 2-D
+    matmul). A compile needs only shape, stride, dtype and device of such values, so
+    views are swapped for fresh fake tensors of the same layout while pickling.
+    """
+    from torch.fx._graph_pickler import GraphPickler
+
+    swapped: list[tuple[torch.fx.Node, Any]] = []
+    try:
+        for node in gm.graph.nodes:
+            v = node.meta.get("example_value")
+            if isinstance(v, torch.Tensor) and v._base is not None:
+                fake_mode = getattr(v, "fake_mode", None)
+                if fake_mode is None:
+                    continue
+                with fake_mode:
+                    fresh = torch.empty_strided(
+                        v.shape, v.stride(), dtype=v.dtype, device=v.device,
+                        requires_grad=v.requires_grad,
+                    )
+                swapped.append((node, v))
+                node.meta["example_value"] = fresh
+        return bytes(GraphPickler.dumps(gm))
+    finally:
+        for node, v in swapped:
+            node.meta["example_value"] = v
+
+
 def _load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler

@@ -15,6 +15,7 @@ import copy
 import heapq
 import itertools
 import logging
+import sys
 import tempfile
 import threading
 import time
@@ -29,7 +30,7 @@ import anyio.abc
 import anyio.from_thread
 
 from ._capture import GraphPiece, wrap_compiled
-from ._compiler import JobSpec, Target, load_artifact
+from ._compiler import JobSpec, Target, dump_graph, load_artifact
 from ._config import CompileConfig, PolicyConfig
 from ._events import EntryStatus, HandleStatus, PieceStatus, PlanCompleteEvent, SwapEvent
 from ._policy import PiecePolicy
@@ -301,6 +302,9 @@ class Engine:
         self._executor_ready = anyio.Event()
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            # Started at attach: it overlaps dynamo's capture of the first call (the
+            # one-time work is mostly a compiler subprocess and file hashing).
+            tg.start_soon(self._prewarm_loader)
             if self.store is None:
                 # With a store, workers start on the first compile actually needed, so a
                 # warm restart spends no CPU on starting processes it will not use.
@@ -322,15 +326,20 @@ class Engine:
             self._executor_ready.set()
 
     async def _prewarm_loader(self) -> None:
-        # The first artifact load in a process pays ~1.7 s of imports and set-up: pay
-        # it now, off the serving thread, while the workers start.
-        def imports() -> None:
-            import torch._inductor.codecache
+        # The first artifact load in a process pays ~2 s of one-time set-up (imports,
+        # probing the CPU's vector ISA with a compiler subprocess, hashing torch's
+        # source for cache keys): pay it now, off the serving thread.
+        def prewarm() -> None:
+            import torch._inductor.codecache as codecache
             import torch._inductor.compile_fx
             import torch._inductor.standalone_compile  # noqa: F401
+            from torch._inductor import cpu_vec_isa
+
+            cpu_vec_isa.pick_vec_isa()
+            codecache.torch_key()
 
         try:
-            await anyio.to_thread.run_sync(imports, abandon_on_cancel=True)
+            await anyio.to_thread.run_sync(prewarm, abandon_on_cancel=True)
         except Exception:
             log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
 
@@ -379,9 +388,6 @@ class Engine:
         st.last_hist = hist
 
     def _plan_piece(self, piece: GraphPiece) -> None:
-        if not self._pieces and self._tg is not None:
-            # Capture is done by now, so the pre-warm no longer competes with it.
-            self._tg.start_soon(self._prewarm_loader)
         st = PieceState(piece, PiecePolicy(self.policy))
         self._pieces.append(st)
         order = itertools.count()
@@ -481,13 +487,12 @@ class Engine:
                 await self._run_job(job)
             except Exception:
                 log.exception("pwdaemon: job %s crashed the runner", job.target.label)
-                self._fail(job, "failed", "internal error (see log)")
+                exc = sys.exc_info()[1]
+                self._fail(job, "failed", f"internal error: {type(exc).__name__}: {exc}")
 
     async def _graph_bytes(self, st: PieceState) -> bytes:
         if st.graph_bytes is None:
-            from torch.fx._graph_pickler import GraphPickler
-
-            st.graph_bytes = await anyio.to_thread.run_sync(GraphPickler.dumps, st.piece.gm)
+            st.graph_bytes = await anyio.to_thread.run_sync(dump_graph, st.piece.gm)
         return st.graph_bytes
 
     async def _run_job(self, job: Job) -> None:

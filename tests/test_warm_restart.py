@@ -68,9 +68,9 @@ def test_two_replicas_compile_each_key_once(tmp_path: Path) -> None:
 
 def test_profile_of_last_run_is_prepared_before_traffic(tmp_path: Path) -> None:
     import torch
+    from conftest import SmallMLP
 
     import pwdaemon as pwd
-    from conftest import SmallMLP
 
     store = tmp_path / "store"
     torch.manual_seed(0)
