@@ -6,18 +6,23 @@ Rows (one process, one run):
 
 - `exact`: a table holding an entry for the call's size (the common case once a size
   is compiled): `dispatcher(*args)` against `runnable(*args)`.
-- `range (8 ranges + 64 sizes)`: the size is in no exact entry and in the widest of 8
-  ranges, so lookup scans every range before it finds its entry (worst case).
-- `general (miss)`: the size is in no range or exact entry: every range is scanned,
-  then the general entry serves.
-- `model(x)`: the whole serving path of an attached model (dynamo guards, pwdaemon's
-  input marking, the dispatcher, eager graph) against the same model under
-  `torch.compile(backend="eager")`, which pays the same dynamo guards.
+- `range (8 ranges + 64 sizes)`: a table with 8 disjoint ranges, 64 exact sizes and a
+  general entry; the size is in no exact entry but in the widest range, so the lookup
+  misses the exact map and goes through the ranges (the slowest path).
+- `general (miss, 8 ranges)`: the same table, a size no size or range holds: the
+  lookup goes through the ranges and lands on the general entry.
+- `model(x) vs torch.compile(eager)`: the whole serving path of an attached model
+  (dynamo guards, pwdaemon's input marking, the dispatcher, the eager graph) against
+  the same model under `torch.compile(backend="eager")`, which pays the same dynamo
+  guards. Context only: the target is about the dispatcher rows.
 
-Each row times the two callables in interleaved batches of `--calls` calls (so drift
-in CPU frequency or cache state hits both alike), takes the per-call time of each
-batch, and reports the medians over batches, the added time (median of the per-batch
-differences) and the ratio. The garbage collector is off while timing.
+Timing: each row pairs a subject with a baseline and times them in interleaved
+batches of `--calls` calls (alternating which goes first), so drift in CPU frequency
+or cache state hits both alike; rows are themselves timed round-robin, a few batches
+each in turn, so a burst of load from other processes spreads over all rows instead
+of spoiling one. Reported per row: the median per-call time of subject and baseline
+over all batches, the added time (median of the per-batch differences) and the
+ratio of the medians. The garbage collector is off while timing.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +42,7 @@ import pwdaemon
 from pwdaemon import Dispatcher, Range, Tier
 
 TARGET_NS = 500.0
+ROUND = 5  # batches per row per turn of the round-robin
 
 
 def _batch_ns(fn: Callable[..., Any], args: tuple[Any, ...], calls: int) -> float:
@@ -46,46 +53,63 @@ def _batch_ns(fn: Callable[..., Any], args: tuple[Any, ...], calls: int) -> floa
     return (time.perf_counter_ns() - t0) / calls
 
 
-def compare(
-    subject: Callable[..., Any],
-    baseline: Callable[..., Any],
-    args: tuple[Any, ...],
-    *,
-    batches: int,
-    calls: int,
-) -> dict[str, float]:
-    """Median per-call ns of `subject` and `baseline`, timed in interleaved batches."""
-    for _ in range(3):  # warm up: caches, first-call paths, dynamo
-        _batch_ns(subject, args, calls)
-        _batch_ns(baseline, args, calls)
-    subj: list[float] = []
-    base: list[float] = []
-    diff: list[float] = []
+@dataclass
+class Row:
+    name: str
+    subject: Callable[..., Any]
+    baseline: Callable[..., Any]
+    args: tuple[Any, ...]
+    calls: int
+    batches: int
+    subj: list[float] = field(default_factory=list)
+    base: list[float] = field(default_factory=list)
+    diff: list[float] = field(default_factory=list)
+
+    def warm_up(self) -> None:
+        for _ in range(3):  # caches, first-call paths, dynamo
+            _batch_ns(self.subject, self.args, self.calls)
+            _batch_ns(self.baseline, self.args, self.calls)
+
+    def run(self, n: int) -> None:
+        for _ in range(min(n, self.batches - len(self.subj))):
+            # Alternate which goes first so neither always runs on a warmer cache.
+            if len(self.subj) % 2:
+                b = _batch_ns(self.baseline, self.args, self.calls)
+                s = _batch_ns(self.subject, self.args, self.calls)
+            else:
+                s = _batch_ns(self.subject, self.args, self.calls)
+                b = _batch_ns(self.baseline, self.args, self.calls)
+            self.subj.append(s)
+            self.base.append(b)
+            self.diff.append(s - b)
+
+    @property
+    def done(self) -> bool:
+        return len(self.subj) >= self.batches
+
+    def result(self) -> dict[str, float]:
+        s_med = statistics.median(self.subj)
+        b_med = statistics.median(self.base)
+        return {
+            "subject_ns": s_med,
+            "baseline_ns": b_med,
+            "added_ns": statistics.median(self.diff),
+            "ratio": s_med / b_med,
+        }
+
+
+def run_all(rows: list[Row]) -> None:
+    for row in rows:
+        row.warm_up()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for i in range(batches):
-            # Alternate which goes first so neither always runs on a warmer cache.
-            if i % 2:
-                b = _batch_ns(baseline, args, calls)
-                s = _batch_ns(subject, args, calls)
-            else:
-                s = _batch_ns(subject, args, calls)
-                b = _batch_ns(baseline, args, calls)
-            subj.append(s)
-            base.append(b)
-            diff.append(s - b)
+        while not all(row.done for row in rows):
+            for row in rows:
+                row.run(ROUND)
     finally:
         if gc_was_enabled:
             gc.enable()
-    s_med = statistics.median(subj)
-    b_med = statistics.median(base)
-    return {
-        "subject_ns": s_med,
-        "baseline_ns": b_med,
-        "added_ns": statistics.median(diff),
-        "ratio": s_med / b_med,
-    }
 
 
 def _runnable(n: int, x: torch.Tensor) -> tuple[torch.Tensor]:
@@ -97,47 +121,39 @@ def _eager(n: int, x: torch.Tensor) -> tuple[torch.Tensor]:
     return (x,)
 
 
-def dispatcher_rows(batches: int, calls: int) -> list[tuple[str, dict[str, float]]]:
-    rows = []
+def dispatcher_rows(batches: int, calls: int) -> list[Row]:
     x = torch.randn(1, 8)
 
     # One exact entry for the call's size.
-    d = Dispatcher(0, _eager, size_index=0)
-    d.install(Range.of(1), Tier.SIZE, _runnable)
-    assert d.table.lookup(1).runnable is _runnable
-    rows.append(("exact", compare(d, _runnable, (1, x), batches=batches, calls=calls)))
+    exact = Dispatcher(0, _eager, size_index=0)
+    exact.install(Range.of(1), Tier.SIZE, _runnable)
+    assert exact.table.lookup(1).runnable is _runnable
 
-    # 8 ranges (widths 2, 4, ..., 256, disjoint) + 64 exact sizes elsewhere.
-    d = Dispatcher(0, _eager, size_index=0)
+    # 8 disjoint ranges (widths 2, 4, ..., 256) + 64 exact sizes + a general entry.
+    ranged = Dispatcher(0, _eager, size_index=0)
     start = 1000
     widest: Range | None = None
     for k in range(1, 9):
         widest = Range(start, start + 2**k - 1)
-        d.install(widest, Tier.RANGE, _eager)
+        ranged.install(widest, Tier.RANGE, _eager)
         start = widest.end + 1
     assert widest is not None
     for s in range(1, 65):
-        d.install(Range.of(s), Tier.SIZE, _eager)
-    d.install(None, Tier.GENERAL, _eager)
-    size = widest.start + 1  # only the widest range holds it: scanned last
-    d.install(widest, Tier.RANGE, _runnable)
-    assert len(d.table.ranges) == 8 and len(d.table.exact) == 64
-    assert d.table.lookup(size).runnable is _runnable
-    rows.append(
-        (
-            "range (8 ranges + 64 sizes)",
-            compare(d, _runnable, (size, x), batches=batches, calls=calls),
-        )
-    )
+        ranged.install(Range.of(s), Tier.SIZE, _eager)
+    ranged.install(widest, Tier.RANGE, _runnable)
+    ranged.install(None, Tier.GENERAL, _runnable)
+    size = widest.start + 1  # only the widest range holds it
+    miss = 10**6  # nothing specialised holds it: general serves
+    table = ranged.table
+    assert len(table.ranges) == 8 and len(table.exact) == 64
+    assert table.lookup(size).tier is Tier.RANGE and table.lookup(size).runnable is _runnable
+    assert table.lookup(miss).tier is Tier.GENERAL and table.lookup(miss).runnable is _runnable
 
-    # Same shape of table, a size nothing specialised holds: general serves.
-    d.install(None, Tier.GENERAL, _runnable)
-    miss = 10**6
-    assert d.table.lookup(miss).runnable is _runnable
-    rows.append(
-        ("general (miss, 8 ranges scanned)", compare(d, _runnable, (miss, x), batches=batches, calls=calls))
-    )
-    return rows
+    return [
+        Row("exact", exact, _runnable, (1, x), calls, batches),
+        Row("range (8 ranges + 64 sizes)", ranged, _runnable, (size, x), calls, batches),
+        Row("general (miss, 8 ranges)", ranged, _runnable, (miss, x), calls, batches),
+    ]
 
 
 class _Tiny(torch.nn.Module):
@@ -145,7 +161,15 @@ class _Tiny(torch.nn.Module):
         return x + 1
 
 
-def model_row(batches: int, calls: int) -> tuple[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--batches", type=int, default=201)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--model-batches", type=int, default=51)
+    parser.add_argument("--model-calls", type=int, default=200)
+    args = parser.parse_args(argv)
+
+    rows = dispatcher_rows(args.batches, args.calls)
     x = torch.randn(1, 8)
     ours = _Tiny()
     handle = pwdaemon.attach(ours, background=False)
@@ -154,22 +178,19 @@ def model_row(batches: int, calls: int) -> tuple[str, dict[str, float]]:
         with torch.no_grad():
             torch.testing.assert_close(ours(x), theirs(x))
             assert len(handle.pieces) == 1
-            result = compare(ours, theirs, (x,), batches=batches, calls=calls)
+            rows.append(
+                Row(
+                    "model(x) vs torch.compile(eager)",
+                    ours,
+                    theirs,
+                    (x,),
+                    args.model_calls,
+                    args.model_batches,
+                )
+            )
+            run_all(rows)
     finally:
         handle.detach()
-    return ("model(x) vs torch.compile(eager)", result)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batches", type=int, default=201)
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--model-calls", type=int, default=200)
-    parser.add_argument("--model-batches", type=int, default=51)
-    args = parser.parse_args(argv)
-
-    rows = dispatcher_rows(args.batches, args.calls)
-    rows.append(model_row(args.model_batches, args.model_calls))
 
     print(
         f"python {sys.version.split()[0]}, torch {torch.__version__}, "
@@ -179,14 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'row':<34} {'pwdaemon':>10} {'baseline':>10} {'added':>9} {'ratio':>7}"
     print(header)
     print("-" * len(header))
-    for name, r in rows:
+    results = [(row.name, row.result()) for row in rows]
+    for name, r in results:
         print(
             f"{name:<34} {r['subject_ns']:>10.0f} {r['baseline_ns']:>10.0f} "
             f"{r['added_ns']:>9.0f} {r['ratio']:>6.2f}x"
         )
-    worst = max(r["added_ns"] for name, r in rows[:-1])
+    worst = max(r["added_ns"] for _, r in results[:-1])
     verdict = "met" if worst <= TARGET_NS else "MISSED"
-    print(f"target: dispatcher adds <= {TARGET_NS:.0f} ns per call: {verdict} (worst {worst:.0f} ns)")
+    print(
+        f"target: dispatcher adds <= {TARGET_NS:.0f} ns per call: {verdict} (worst {worst:.0f} ns)"
+    )
     return 0
 
 

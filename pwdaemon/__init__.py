@@ -9,6 +9,7 @@ compile specialized versions for the sizes traffic brings and hot-swap them in.
 
 from ._compiler import Target
 from ._config import CompileConfig, PolicyConfig
+from ._cudagraph import GraphConfig
 from ._dispatch import Dispatcher
 from ._events import (
     EntryStatus,
@@ -28,6 +29,7 @@ __all__ = (
     "Dispatcher",
     "Entry",
     "EntryStatus",
+    "GraphConfig",
     "Handle",
     "HandleStatus",
     "PieceStatus",

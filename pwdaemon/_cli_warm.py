@@ -78,7 +78,7 @@ def _inputs_fn(
     if args.inputs:
         fn = load_object(args.inputs)
     elif hasattr(model, "example_inputs"):
-        fn = model.example_inputs
+        fn = model.example_inputs  # type: ignore[assignment]
     else:
         raise ValueError(
             f"{type(model).__name__} has no example_inputs(size) method: pass --inputs MODULE:FN"

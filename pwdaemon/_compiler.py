@@ -19,20 +19,20 @@ import torch
 class Target:
     """What to compile: `general` (symbolic size), a `range` or one `size`."""
 
-    kind: str  # "general" | "range" | "size"
+    kind: str  # "general" | "range" | "size" | "graph" (a CUDA graph of a size)
     start: int = 0
     end: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("general", "range", "size"):
+        if self.kind not in ("general", "range", "size", "graph"):
             raise ValueError(f"unknown target kind {self.kind!r}")
 
     @property
     def label(self) -> str:
         if self.kind == "general":
             return "general"
-        if self.kind == "size":
-            return f"size:{self.start}"
+        if self.kind in ("size", "graph"):
+            return f"{self.kind}:{self.start}"
         return f"range:{self.start}-{self.end}"
 
     @classmethod

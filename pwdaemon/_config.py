@@ -6,6 +6,7 @@ attach time so a bad value fails loudly before any traffic, naming the value.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,7 +124,7 @@ def parse_ranges(ranges: Sequence[Range | tuple[int, int]]) -> tuple[Range, ...]
             raise ValueError(f"a range is (start, end), got {r!r}")
         parsed.append(Range(*r))
     ordered = sorted(parsed)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         if a.overlaps(b):
             raise ValueError(f"ranges {a.start}..{a.end} and {b.start}..{b.end} overlap")
     return tuple(ordered)

@@ -42,9 +42,11 @@ from rich.table import Table
 from rich.text import Text
 
 from ._config import CompileConfig, PolicyConfig
-from ._events import EntryStatus, HandleStatus, SwapEvent
+from ._dispatch import Dispatcher
+from ._events import EntryStatus, HandleStatus, PieceStatus, SwapEvent
 from ._handle import Handle, attach
 from ._range_table import Tier
+from ._scheduler import Executor
 from ._traffic import Call, Traffic, TrafficConfig
 from .models import DEMO_CONFIG, demo_model, example_tokens
 
@@ -57,6 +59,9 @@ QUICK_DURATION_S = 20.0
 LATENCY_WINDOW_S = 3.0
 PLAIN_EVERY_S = 2.0
 LIVE_EVERY_S = 0.25
+STOP_GRACE_S = 3.0
+SPEED_SIZES = 8  # the summary times this many of the hottest specialized sizes
+SUMMARY_ROWS = 15  # hot sizes listed in the summary
 
 TIER_STYLE = {
     "eager": "red",
@@ -73,7 +78,7 @@ STATE_STYLE = {
     "rejected": "bold red",
     "dropped": "dim",
     "cancelled": "dim",
-    "hot": "magenta",
+    "warm": "magenta",
     "seen": "dim",
 }
 
@@ -85,7 +90,7 @@ class DemoOptions:
     duration: float = DEFAULT_DURATION_S
     seed: int = 0
     plain: bool = False
-    rate: float = 150.0
+    rate: float = 100.0
     """Mean calls per second the traffic asks for (the loop serves as fast as it can)."""
     decode_max: int = 128
     prefill_max: int = 512
@@ -99,6 +104,12 @@ class DemoOptions:
     """Artifact store directory (None: pwdaemon's default store)."""
     fresh: bool = False
     """Use a new, empty store (and Inductor cache) for this run, removed at the end."""
+    general: bool = True
+    """Compile the general (dynamic-shape) runnable first, as `attach()` does by default."""
+    stop_after_swaps: int = 0
+    """End early, a few seconds after this many specialized swaps (0: run the duration)."""
+    threads: int | None = None
+    """Serving's intra-op threads (None: half the CPUs; the rest is the compilers')."""
 
     def traffic_config(self) -> TrafficConfig:
         expected_calls = max(1, int(self.rate * self.duration))
@@ -138,10 +149,12 @@ class Mismatch:
 
 @dataclass(frozen=True)
 class SpeedRow:
+    """Median seconds of one recorded input through each tier's runnable."""
+
     size: int
-    eager_ms: float
-    general_ms: float | None
-    size_ms: float
+    eager_s: float
+    general_s: float | None
+    size_s: float
 
 
 @dataclass
@@ -175,7 +188,12 @@ class DemoResult:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.mismatches or self.error else 0
+        """0: every checked call matched; 1: mismatches or an error; 130: interrupted."""
+        if self.mismatches:
+            return 1
+        if self.error == "interrupted":
+            return 130
+        return 1 if self.error else 0
 
 
 # ---- measurement helpers ---------------------------------------------------------------
@@ -190,7 +208,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank]
 
 
-def _time_call(fn: Callable[..., Any], args: Sequence[Any], budget_s: float = 0.15) -> float:
+def _time_call(fn: Callable[..., Any], args: Sequence[Any], budget_s: float = 0.1) -> float:
     """Median seconds of `fn(*args)` over repeats within about `budget_s` (>= 5 runs)."""
     with torch.no_grad():
         fn(*args)  # warm caches
@@ -203,6 +221,16 @@ def _time_call(fn: Callable[..., Any], args: Sequence[Any], budget_s: float = 0.
             times.append(dt)
             spent += dt
     return statistics.median(times)
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def default_threads() -> int:
+    """Half the CPUs for serving, at least one."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _fmt_s(seconds: float | None, digits: int = 1) -> str:
@@ -220,15 +248,19 @@ def _fmt_ms(seconds: float) -> str:
 class DemoRun:
     """One demo run: the traffic loop, its records, the views, the summary."""
 
-    def __init__(self, options: DemoOptions, console: Console) -> None:
+    def __init__(
+        self, options: DemoOptions, console: Console, executor: Executor | None = None
+    ) -> None:
         self.options = options
         self.console = console
+        self.executor = executor
         self.policy = PolicyConfig() if options.hot_calls is None else PolicyConfig(
             hot_calls=options.hot_calls
         )
-        self.compile_config = (
-            CompileConfig() if options.workers is None else CompileConfig(workers=options.workers)
-        )
+        compile_kwargs: dict[str, Any] = {"general": options.general}
+        if options.workers is not None:
+            compile_kwargs["workers"] = options.workers
+        self.compile_config = CompileConfig(**compile_kwargs)
         self.result = DemoResult()
         self.sizes: dict[int, SizeRecord] = self.result.sizes
         self.window: deque[tuple[float, float]] = deque()
@@ -240,6 +272,10 @@ class DemoRun:
         self.phase = 0
         self._next_plain = 0.0
         self._fresh_dir: str | None = None
+        self._compiling_since: dict[tuple[int, str], float] = {}
+        self._next_view = 0.0
+        self._schedule_offset = 0.0
+        self._stop_at: float | None = None  # set by stop_after_swaps
 
     # ---- callbacks (engine thread) ---------------------------------------------------
 
@@ -252,6 +288,10 @@ class DemoRun:
         with self._swap_lock:
             new, self._new_swaps = self._new_swaps, []
         self.result.swaps.extend(new)
+        wanted = self.options.stop_after_swaps
+        if wanted and self._stop_at is None and len(self.result.specialized_swaps) >= wanted:
+            # Serve a little longer, so calls run (and are checked) on what just landed.
+            self._stop_at = time.monotonic() - self.start + STOP_GRACE_S
         for s in new:
             size = s.event.size
             if size is not None and size in self.sizes:
@@ -283,9 +323,14 @@ class DemoRun:
     def run(self) -> DemoResult:
         """Run the traffic, show it, print the summary; the result says what happened."""
         saved_env = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR",)}
+        saved_threads = torch.get_num_threads()
+        # On a small machine the compile workers need cores too: two intra-op threads on
+        # two busy cores wait on each other at every op (tens of ms per call).
+        torch.set_num_threads(self.options.threads or default_threads())
         try:
             return self._run()
         finally:
+            torch.set_num_threads(saved_threads)
             self._remove_fresh_store()
             # attach() may point this process's Inductor cache into the store: undo that
             # for whoever runs next in this process (the tests run the demo in-process).
@@ -304,7 +349,11 @@ class DemoRun:
         use_live = not opts.plain and self.console.is_terminal
         self.start = time.monotonic()
         handle = attach(
-            model, policy=self.policy, compiler=self.compile_config, **self._store_kwargs()
+            model,
+            policy=self.policy,
+            compiler=self.compile_config,
+            executor=self.executor,
+            **self._store_kwargs(),
         )
         self.handle = handle
         handle.on_swap(self._on_swap)
@@ -349,15 +398,14 @@ class DemoRun:
         opts = self.options
         hot_calls = self.policy.hot_calls
         dispatcher = None
-        next_view = 0.0
         with torch.no_grad():
             for call in traffic:
                 now = time.monotonic() - self.start
-                if now >= opts.duration:
+                if now >= opts.duration or (self._stop_at is not None and now >= self._stop_at):
                     break
-                if call.at > now:
-                    self._idle_until(call.at, live, next_view)
-                    now = time.monotonic() - self.start
+                due = call.at + self._schedule_offset
+                if due > now:
+                    self._idle_until(due, live)
                 self.phase = call.phase
                 tokens = example_tokens(call.size, generator=gen)
                 tier = "eager" if dispatcher is None else dispatcher.table.lookup(
@@ -367,38 +415,42 @@ class DemoRun:
                 out = model(tokens)
                 dt = time.perf_counter() - t0
                 at = time.monotonic() - self.start
-                if dispatcher is None:
-                    assert self.handle is not None
+                if self.result.calls == 0:
+                    # The first call pays dynamo's capture: the traffic's clock starts
+                    # after it, instead of firing the calls due meanwhile as one burst.
                     self.result.first_call_s = dt
-                    dispatcher = self.handle.dispatchers[0] if self.handle.dispatchers else None
+                    self._schedule_offset = at - call.at
+                dispatcher = self._main_dispatcher()
                 self._record(call, dt, at, tier, hot_calls)
                 rec = self.sizes[call.size]
                 if call.index % opts.check_every == 0 or tier not in rec.checked_tiers:
                     rec.checked_tiers.add(tier)
                     self._check(call, tier, tokens, out, reference)
-                if at >= next_view:
-                    next_view = self._refresh_view(at, live)
+                if at >= self._next_view:
+                    self._refresh_view(at, live)
 
-    def _idle_until(self, at: float, live: Live | None, next_view: float) -> None:
+    def _idle_until(self, at: float, live: Live | None) -> None:
         while True:
             now = time.monotonic() - self.start
             if now >= at:
                 return
-            if now >= next_view:
-                next_view = self._refresh_view(now, live)
-            time.sleep(min(at - now, max(0.0, next_view - now), 0.05))
+            if now >= self._next_view:
+                self._refresh_view(now, live)
+            time.sleep(min(at - now, max(0.0, self._next_view - now), 0.05))
 
-    def _refresh_view(self, now: float, live: Live | None) -> float:
+    def _refresh_view(self, now: float, live: Live | None) -> None:
+        self._next_view = now + LIVE_EVERY_S
         new = self._drain_swaps()
         if live is not None:
             live.update(self._render(self._safe_status()), refresh=True)
-            return now + LIVE_EVERY_S
+            return
         for s in new:
-            self.console.print(self._plain_swap_line(s), highlight=False)
+            self.console.print(self._plain_swap_line(s), highlight=False, soft_wrap=True)
         if now >= self._next_plain:
             self._next_plain = now + PLAIN_EVERY_S
-            self.console.print(self._plain_line(now, self._safe_status()), highlight=False)
-        return now + LIVE_EVERY_S
+            self.console.print(
+                self._plain_line(now, self._safe_status()), highlight=False, soft_wrap=True
+            )
 
     def _record(self, call: Call, dt: float, at: float, tier: str, hot_calls: int) -> None:
         rec = self.sizes.get(call.size)
@@ -436,17 +488,46 @@ class DemoRun:
         if self.handle is None:
             return None
         try:
-            return self.handle.status()
+            status = self.handle.status()
         except Exception:  # a view must not stop the traffic
             return None
+        now = time.monotonic() - self.start
+        compiling = set()
+        for piece in status.pieces:
+            for e in piece.entries:
+                if e.state == "compiling":
+                    key = (piece.graph, e.target)
+                    compiling.add(key)
+                    self._compiling_since.setdefault(key, now)
+        for key in list(self._compiling_since):
+            if key not in compiling:
+                del self._compiling_since[key]
+        return status
 
     # ---- shared view data ------------------------------------------------------------
+
+    def _main_index(self) -> int | None:
+        """The graph piece that carries the size: the first specializable one."""
+        pieces = self.handle.pieces if self.handle is not None else ()
+        if not pieces:
+            return None
+        return next((p.index for p in pieces if p.specializable), pieces[0].index)
+
+    def _main_dispatcher(self) -> Dispatcher | None:
+        index = self._main_index()
+        if index is None or self.handle is None:
+            return None
+        return self.handle.pieces[index].dispatcher
+
+    def _piece_status(self, status: HandleStatus) -> PieceStatus:
+        index = self._main_index()
+        return next((p for p in status.pieces if p.graph == index), status.pieces[0])
 
     def _size_entries(self, status: HandleStatus | None) -> dict[int, EntryStatus]:
         out: dict[int, EntryStatus] = {}
         if status is None or not status.pieces:
             return out
-        for e in status.pieces[0].entries:
+        for e in self._piece_status(status).entries:
             if e.range is not None and e.range.is_size:
                 out[e.range.start] = e
         return out
@@ -454,18 +535,34 @@ class DemoRun:
     def _general_entry(self, status: HandleStatus | None) -> EntryStatus | None:
         if status is None or not status.pieces:
             return None
-        return next((e for e in status.pieces[0].entries if e.target == "general"), None)
+        return next(
+            (e for e in self._piece_status(status).entries if e.target == "general"), None
+        )
 
     def _tier_now(self, size: int) -> str:
-        if self.handle is None or not self.handle.dispatchers:
-            return "eager"
-        return self.handle.dispatchers[0].table.lookup(size).tier.value
+        dispatcher = self._main_dispatcher()
+        return "eager" if dispatcher is None else dispatcher.table.lookup(size).tier.value
+
+    def _state_text(self, entry: EntryStatus) -> Text:
+        """An entry's state; a running compile shows for how long it has been running."""
+        label = entry.state
+        if entry.state == "compiling":
+            since = self._compiling_since.get((self._main_index() or 0, entry.target))
+            if since is not None:
+                label = f"compiling {time.monotonic() - self.start - since:.0f}s"
+        elif entry.state == "queued" and entry.attempts:
+            label = f"queued (retry {entry.attempts})"
+        if entry.source not in (None, "compiled") and entry.state == "live":
+            label += f" ({entry.source})"
+        return Text(label, style=STATE_STYLE.get(entry.state, ""))
 
     def _size_state(self, size: int, entry: EntryStatus | None) -> str:
         if entry is not None:
             return entry.state
         rec = self.sizes.get(size)
-        return "hot" if rec is not None and rec.calls >= self.policy.hot_calls else "seen"
+        # Called often enough to be hot at an empty queue, but a long queue raises the
+        # bar (PolicyConfig.queue_pressure) or the budget is spent: "warm".
+        return "warm" if rec is not None and rec.calls >= self.policy.hot_calls else "seen"
 
     def _window_stats(self) -> tuple[float, float, float]:
         lat = [dt for _, dt in self.window]
@@ -500,7 +597,7 @@ class DemoRun:
             str(opts.seed),
         )
         rate = self.result.calls / now if now > 0 else 0.0
-        version = status.pieces[0].table_version if status and status.pieces else 0
+        version = self._piece_status(status).table_version if status and status.pieces else 0
         queue = status.queue_depth if status else 0
         in_flight = status.in_flight if status else 0
         pids = list(status.worker_pids) if status else []
@@ -512,13 +609,17 @@ class DemoRun:
             ("   queue ", "dim"), (str(queue), "bold cyan" if queue else ""),
             ("   in flight ", "dim"), (str(in_flight), "bold yellow" if in_flight else ""),
             ("   workers ", "dim"),
-            f"{len(pids)}" + (f" (pid {', '.join(map(str, pids))})" if pids else " (starting)"),
+            f"{len(pids)}" + (
+                f" (pid {', '.join(map(str, pids))})"
+                if pids
+                else " (starting)" if self.executor is None else " (in-process)"
+            ),
             ("   plan ", "dim"), plan,
         )
         p50, p99, worst = self._window_stats()
         mism = len(self.result.mismatches)
         latency = Text.assemble(
-            (f"latency, last {LATENCY_WINDOW_S:g} s ", "dim"),
+            (f"latency (last {LATENCY_WINDOW_S:g} s): ", "dim"),
             ("p50 ", "dim"), (_fmt_ms(p50), "bold"),
             ("  p99 ", "dim"), (_fmt_ms(p99), "bold"),
             ("  max ", "dim"), _fmt_ms(worst),
@@ -537,9 +638,9 @@ class DemoRun:
         rows_room = max(5, height - 15)
         sizes_table = self._sizes_table(status, rows_room)
         swaps = self._swaps_panel(rows_room)
-        body = Table.grid(expand=True, padding=(0, 1))
-        body.add_column(ratio=3)
-        body.add_column(ratio=2)
+        body = Table.grid(padding=(0, 4))
+        body.add_column()
+        body.add_column()
         body.add_row(sizes_table, swaps)
         return Group(header, body)
 
@@ -562,7 +663,6 @@ class DemoRun:
         hidden = ordered[len(shown):]
         table = Table(
             box=box.SIMPLE_HEAD,
-            expand=True,
             title=f"sizes, by calls (top {len(shown)} of {len(ordered)})",
             title_justify="left",
             title_style="bold",
@@ -570,7 +670,7 @@ class DemoRun:
         )
         table.add_column("size", justify="right")
         table.add_column("calls", justify="right")
-        table.add_column("tier now")
+        table.add_column("served by")
         table.add_column("compile s", justify="right")
         table.add_column("state")
         table.add_column("hot→swap s", justify="right")
@@ -581,7 +681,7 @@ class DemoRun:
                 "",
                 Text("(dynamic)", style="dim"),
                 _fmt_s(general.compile_seconds),
-                Text(general.state, style=STATE_STYLE.get(general.state, "")),
+                self._state_text(general),
                 "",
             )
         for size, rec in shown:
@@ -594,7 +694,9 @@ class DemoRun:
                 f"{rec.calls:,}",
                 Text(tier, style=TIER_STYLE.get(tier, "")),
                 _fmt_s(entry.compile_seconds if entry else None),
-                Text(state, style=STATE_STYLE.get(state, "")),
+                self._state_text(entry)
+                if entry is not None
+                else Text(state, style=STATE_STYLE.get(state, "")),
                 _fmt_s(h2s),
             )
         if hidden:
@@ -603,13 +705,13 @@ class DemoRun:
             note = f"+ {len(hidden)} more sizes, {calls:,} calls"
             if jobs:
                 note += f", {jobs} with a compile job"
-            table.add_row(Text(note, style="dim"), "", "", "", "", "")
+            table.caption = note
+            table.caption_justify = "left"
         return table
 
     def _swaps_panel(self, rows: int) -> RenderableType:
         table = Table(
             box=box.SIMPLE_HEAD,
-            expand=True,
             title=f"recent swaps ({len(self.result.swaps)} in all)",
             title_justify="left",
             title_style="bold",
@@ -650,11 +752,12 @@ class DemoRun:
             f"calls/s, sizes 1..{o.prefill_max}, seed {o.seed}; checking every "
             f"{o.check_every}th call against eager (atol {ATOL:g}, rtol {RTOL:g})",
             highlight=False,
+            soft_wrap=True,
         )
 
     def _plain_line(self, now: float, status: HandleStatus | None) -> str:
         p50, p99, _ = self._window_stats()
-        version = status.pieces[0].table_version if status and status.pieces else 0
+        version = self._piece_status(status).table_version if status and status.pieces else 0
         queue = status.queue_depth if status else 0
         in_flight = status.in_flight if status else 0
         total = sum(self.result.calls_by_tier.values()) or 1
@@ -690,20 +793,20 @@ class DemoRun:
         r = self.result
         handle = self.handle
         entries = self._size_entries(status)
-        r.entries = list(status.pieces[0].entries) if status and status.pieces else []
+        r.entries = list(self._piece_status(status).entries) if status and status.pieces else []
         r.graph_pieces = len(handle.pieces) if handle is not None else 0
-        table = handle.table(0) if handle is not None and handle.pieces else None
-        samples = dict(handle.dispatchers[0].samples) if table is not None and handle else {}
+        dispatcher = self._main_dispatcher()
+        table = dispatcher.table if dispatcher is not None else None
+        samples = dict(dispatcher.samples) if dispatcher is not None else {}
         if handle is not None:
             # Stop the workers first: the speed measurements want a quiet machine.
             handle.detach()
         self._latency_figures()
         if table is not None:
-            for size in sorted(entries):
-                entry = table.exact.get(size)
-                sample = samples.get(size)
-                if entry is None or sample is None:
-                    continue
+            live = [s for s in entries if table.exact.get(s) is not None and s in samples]
+            live.sort(key=lambda s: -self.sizes[s].calls if s in self.sizes else 0)
+            for size in sorted(live[:SPEED_SIZES]):
+                entry, sample = table.exact[size], samples[size]
                 eager = _time_call(table.eager.runnable, sample)
                 general = (
                     _time_call(table.general.runnable, sample)
@@ -780,14 +883,17 @@ class DemoRun:
         live_sizes = sum(1 for e in jobs if e.state == "live" and e.tier is not Tier.GENERAL)
         general = next((e for e in jobs if e.target == "general"), None)
         parts = [f"{n} {state}" for state, n in sorted(states.items())]
+        if general is None:
+            general_text = "no general compile (--no-general)"
+        elif general.state == "live" and general.compile_seconds is not None:
+            general_text = f"general live (compiled in {general.compile_seconds:.1f} s)"
+        else:
+            general_text = f"general {general.state}"
+        unfinished = states.get("queued", 0) + states.get("compiling", 0)
         con.print(
-            f"Compiles: {len(jobs)} jobs ({', '.join(parts) or 'none'}); "
-            f"general {general.state if general else 'absent'}"
-            + (f" after {general.compile_seconds:.1f} s" if general and general.compile_seconds
-               is not None else "")
-            + f", {live_sizes} specialized sizes live."
-            + (" Jobs still queued or compiling at the end were cancelled by detach."
-               if states.get("queued") or states.get("compiling") else ""),
+            f"Compiles: {len(jobs)} jobs ({', '.join(parts) or 'none'}); {general_text}, "
+            f"{live_sizes} specialized size{'s' if live_sizes != 1 else ''} live."
+            + (f" The {unfinished} unfinished were cancelled by detach." if unfinished else ""),
             highlight=False,
         )
         compiled = [e.compile_seconds for e in jobs if e.compile_seconds is not None]
@@ -801,7 +907,8 @@ class DemoRun:
         if r.hot_to_swap:
             h = list(r.hot_to_swap.values())
             con.print(
-                f"Hot to swap (a size's {self.policy.hot_calls}rd call to its specialized "
+                f"Hot to swap (a size's {_ordinal(self.policy.hot_calls)} call to its "
+                "specialized "
                 f"runnable going live): median {statistics.median(h):.1f} s, "
                 f"min {min(h):.1f} s, max {max(h):.1f} s over {len(h)} sizes.",
                 highlight=False,
@@ -820,53 +927,16 @@ class DemoRun:
                 highlight=False,
             )
 
-        # Per hot size.
-        speed = {row.size: row for row in r.speed}
+        # Per hot size: what happened to it, then how fast each tier runs it.
         entries = self._size_entries(status)
-        table = Table(
-            box=box.SIMPLE_HEAD,
-            title="hot sizes (every size with a compile job)",
-            title_justify="left",
-            title_style="bold",
-            caption="eager / general / specialized: median time of the same recorded input "
-            "through each tier's runnable, measured after detach",
-            caption_justify="left",
-        )
-        for name, justify in (
-            ("size", "right"), ("calls", "right"), ("by tier (e/g/s)", "right"),
-            ("tier at end", "left"), ("state", "left"), ("compile s", "right"),
-            ("hot→swap s", "right"), ("eager", "right"), ("general", "right"),
-            ("specialized", "right"), ("vs eager", "right"), ("vs general", "right"),
-        ):
-            table.add_column(name, justify=justify)  # type: ignore[arg-type]
-        for size in sorted(entries, key=lambda s: -r.sizes[s].calls if s in r.sizes else 0):
-            e = entries[size]
-            rec = r.sizes.get(size, SizeRecord())
-            row = speed.get(size)
-            tier = "size" if e.state == "live" else self._tier_end(size)
-            by_tier = "/".join(str(rec.tiers.get(t, 0)) for t in ("eager", "general", "size"))
-            table.add_row(
-                str(size),
-                f"{rec.calls:,}",
-                by_tier,
-                Text(tier, style=TIER_STYLE.get(tier, "")),
-                Text(e.state, style=STATE_STYLE.get(e.state, "")),
-                _fmt_s(e.compile_seconds, 2),
-                _fmt_s(r.hot_to_swap.get(size)),
-                _fmt_ms(row.eager_ms) if row else "-",
-                _fmt_ms(row.general_ms) if row and row.general_ms is not None else "-",
-                _fmt_ms(row.size_ms) if row else "-",
-                f"{row.eager_ms / row.size_ms:.2f}x" if row else "-",
-                f"{row.general_ms / row.size_ms:.2f}x"
-                if row and row.general_ms is not None
-                else "-",
-            )
-        if entries:
-            con.print(table)
+        order = sorted(entries, key=lambda s: (-r.sizes[s].calls if s in r.sizes else 0, s))
+        if order:
+            con.print(self._jobs_table(order[:SUMMARY_ROWS], entries, len(order)))
         if r.speed:
-            vs_eager = [row.eager_ms / row.size_ms for row in r.speed]
+            con.print(self._speed_table())
+            vs_eager = [row.eager_s / row.size_s for row in r.speed]
             vs_general = [
-                row.general_ms / row.size_ms for row in r.speed if row.general_ms is not None
+                row.general_s / row.size_s for row in r.speed if row.general_s is not None
             ]
             line = (
                 f"Specialized vs eager: median {statistics.median(vs_eager):.2f}x over "
@@ -885,15 +955,83 @@ class DemoRun:
             highlight=False,
         )
 
-    def _tier_end(self, size: int) -> str:
+    def _jobs_table(
+        self, order: list[int], entries: dict[int, EntryStatus], total: int
+    ) -> Table:
+        r = self.result
+        table = Table(
+            box=box.SIMPLE_HEAD,
+            title="Hot sizes: every size that got a compile job",
+            title_justify="left",
+            title_style="bold",
+        )
+        table.add_column("size", justify="right")
+        table.add_column("calls", justify="right")
+        table.add_column("e/g/s calls", justify="right")
+        table.add_column("served by")
+        table.add_column("job")
+        table.add_column("compile s", justify="right")
+        table.add_column("hot→swap s", justify="right")
+        for size in order:
+            e = entries[size]
+            rec = r.sizes.get(size, SizeRecord())
+            by_tier = "/".join(str(rec.tiers.get(t, 0)) for t in ("eager", "general", "size"))
+            tier = "size" if e.state == "live" else self._tier_end()
+            table.add_row(
+                str(size),
+                f"{rec.calls:,}",
+                by_tier,
+                Text(tier, style=TIER_STYLE.get(tier, "")),
+                Text(e.state, style=STATE_STYLE.get(e.state, "")),
+                _fmt_s(e.compile_seconds, 2),
+                _fmt_s(r.hot_to_swap.get(size)),
+            )
+        table.caption = "e/g/s: calls served on eager / general / the size's own runnable"
+        if total > len(order):
+            rest = [entries[s].state for s in entries if s not in set(order)]
+            counts = ", ".join(f"{n} {state}" for state, n in sorted(Counter(rest).items()))
+            table.caption += f"\n+ {total - len(order)} less called sizes with a job ({counts})"
+        table.caption_justify = "left"
+        return table
+
+    def _speed_table(self) -> Table:
+        table = Table(
+            box=box.SIMPLE_HEAD,
+            title="Speed per specialized size (same recorded input through each tier)",
+            title_justify="left",
+            title_style="bold",
+        )
+        table.add_column("size", justify="right")
+        table.add_column("eager", justify="right")
+        table.add_column("general", justify="right")
+        table.add_column("specialized", justify="right")
+        table.add_column("vs eager", justify="right")
+        table.add_column("vs general", justify="right")
+        for row in self.result.speed:
+            table.add_row(
+                str(row.size),
+                _fmt_ms(row.eager_s),
+                _fmt_ms(row.general_s) if row.general_s is not None else "-",
+                _fmt_ms(row.size_s),
+                f"{row.eager_s / row.size_s:.2f}x",
+                f"{row.general_s / row.size_s:.2f}x" if row.general_s is not None else "-",
+            )
+        return table
+
+    def _tier_end(self) -> str:
         # After detach the table is gone from the model; the status says what served.
         general = next((e for e in self.result.entries if e.target == "general"), None)
         return "general" if general is not None and general.state == "live" else "eager"
 
 
-def run_demo(options: DemoOptions, console: Console | None = None) -> DemoResult:
-    """Run the demo; prints the live view (or plain lines) and the summary to `console`."""
-    return DemoRun(options, console or Console()).run()
+def run_demo(
+    options: DemoOptions, console: Console | None = None, executor: Executor | None = None
+) -> DemoResult:
+    """Run the demo; prints the live view (or plain lines) and the summary to `console`.
+
+    `executor` replaces the worker processes (`pwdaemon.testing.FakeExecutor` in tests).
+    """
+    return DemoRun(options, console or Console(), executor).run()
 
 
 # ---- command line ----------------------------------------------------------------------
@@ -975,6 +1113,28 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         metavar="N",
         help="compile worker processes (default: pwdaemon's, a quarter of the CPUs)",
     )
+    parser.add_argument(
+        "--no-general",
+        dest="general",
+        action="store_false",
+        help="skip the general (dynamic-shape) compile: the first hot size compiles sooner",
+    )
+    parser.add_argument(
+        "--stop-after-swaps",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help=f"end early, {STOP_GRACE_S:g} s after N specialized sizes went live "
+        "(for CI: --duration becomes a limit)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"serving's intra-op threads (default {default_threads()}: half the CPUs, "
+        "the rest is left to the compile workers)",
+    )
     store = parser.add_mutually_exclusive_group()
     store.add_argument(
         "--store",
@@ -1007,6 +1167,9 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
         workers=args.workers,
         store=args.store,
         fresh=args.fresh,
+        general=args.general,
+        stop_after_swaps=args.stop_after_swaps,
+        threads=args.threads,
     )
 
 

@@ -51,9 +51,16 @@ class Dispatcher:
         self.samples: dict[int, tuple[Any, ...]] = {}
         self.sample_bytes_left = sample_bytes
         self.record_samples = True
+        # ids of the module's parameters and buffers (set by the handle): live state a
+        # sample references instead of copying, and a CUDA graph reads in place.
+        self.state_ids: frozenset[int] = frozenset()
         # Set while outputs must carry dynamo's size mark into a resumed frame
         # (a graph break after this piece); None on the plain path.
         self.mark_outputs: OutputMarker | None = None
+        # Work the engine hands to a serving thread (a CUDA-graph capture): run at the
+        # start of the next call, by whichever thread makes it. None on the plain path.
+        self.pending: Callable[[], None] | None = None
+        self._pending_lock = threading.Lock()
         self._publish_lock = threading.Lock()
 
     # ---- serving path -------------------------------------------------------------
@@ -61,6 +68,8 @@ class Dispatcher:
     def __call__(self, *args: Any) -> Any:
         # Locals, not repeated attribute reads: each read is also a chance to see a
         # different value under a concurrent writer. `table` is read exactly once.
+        if self.pending is not None:
+            self._run_pending()
         table = self.table
         index = self.size_index
         size = args[index] if index is not None else 0
@@ -80,6 +89,17 @@ class Dispatcher:
             mark(out)
         return out
 
+    def _run_pending(self) -> None:
+        # One thread takes the task; the others go straight on serving.
+        if not self._pending_lock.acquire(blocking=False):
+            return
+        try:
+            task, self.pending = self.pending, None
+        finally:
+            self._pending_lock.release()
+        if task is not None:
+            task()  # records its own outcome; never raises into the caller
+
     def _first_seen(self, size: int, args: Sequence[Any]) -> None:
         # Slow path, once per distinct size (or every call of a size past the cap).
         if len(self.counts) >= self.size_cap:
@@ -90,19 +110,27 @@ class Dispatcher:
             self._record_sample(size, args)
 
     def _record_sample(self, size: int, args: Sequence[Any]) -> None:
-        # Parameters are live weights: keep a reference. Everything else may be reused
-        # or mutated by the caller after the call, so it is copied, within a budget.
+        # Parameters and buffers are live module state: keep a reference. Everything
+        # else may be reused or mutated by the caller after the call, so it is copied,
+        # within a budget.
+        if size in self.samples:
+            return  # two threads brought a new size at once: keep one, charge it once
+        state = self.state_ids
         nbytes = sum(
             a.numel() * a.element_size()
             for a in args
-            if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
+            if isinstance(a, torch.Tensor)
+            and not isinstance(a, torch.nn.Parameter)
+            and id(a) not in state
         )
         if nbytes > self.sample_bytes_left:
             return
         self.sample_bytes_left -= nbytes
         self.samples[size] = tuple(
             a.detach().clone()
-            if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter)
+            if isinstance(a, torch.Tensor)
+            and not isinstance(a, torch.nn.Parameter)
+            and id(a) not in state
             else a
             for a in args
         )

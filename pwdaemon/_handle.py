@@ -21,6 +21,7 @@ from ._config import (
     parse_ranges,
     parse_sizes,
 )
+from ._cudagraph import GraphConfig
 from ._dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from ._events import HandleStatus, PlanCompleteEvent, SwapEvent
 from ._range_table import Range, RangeTable, Runnable, Tier
@@ -54,6 +55,7 @@ class Handle:
         sample_bytes: int,
         store: StoreLink | None,
         watch_store: bool,
+        graphs: GraphConfig | None,
     ) -> None:
         self.model = model
         self.name = name
@@ -67,6 +69,7 @@ class Handle:
             executor=executor,
             store=store,
             watch_store=watch_store,
+            graphs=graphs,
         )
         self._background = background
         self._capture = Capture(
@@ -82,6 +85,9 @@ class Handle:
 
     def _on_piece(self, piece: GraphPiece) -> None:
         piece.dispatcher.record_samples = self.engine.config.validate
+        piece.dispatcher.state_ids = frozenset(
+            id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())
+        )
         if self._background:
             self.engine.add_piece(piece)
 
@@ -218,6 +224,7 @@ def attach(
     sample_bytes: int = DEFAULT_SAMPLE_BYTES,
     store: ArtifactStore | str | os.PathLike[str] | bool | None = None,
     watch_store: bool = True,
+    graphs: GraphConfig | None = None,
 ) -> Handle:
     """Serve `model` through pwdaemon; callers keep calling `model(...)`.
 
@@ -233,6 +240,7 @@ def attach(
       `~/.cache/pwdaemon`); a path or an `ArtifactStore`; False for none. With a store,
       compiled artifacts persist (a restart is warm), the size profile of a run primes the
       next, and `watch_store` picks up artifacts other processes compile.
+    - `graphs`: the CUDA-graph tier (GPU models only): see `GraphConfig`.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach() takes an nn.Module, got {type(model).__name__}")
@@ -240,6 +248,8 @@ def attach(
     compiler = compiler or CompileConfig()
     policy.validate()
     compiler.validate_config()
+    if graphs is not None:
+        graphs.validate()
     if size_cap < 1:
         raise ValueError(f"size_cap must be >= 1, got {size_cap}")
     parsed_sizes = parse_sizes(sizes)
@@ -264,6 +274,7 @@ def attach(
         sample_bytes=sample_bytes,
         store=link,
         watch_store=watch_store,
+        graphs=graphs,
     )
     handle._attach()
     if metrics_port is not None:

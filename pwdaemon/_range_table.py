@@ -131,15 +131,16 @@ class RangeTable:
         bounds = sorted(points)
         segments: list[Entry] = []
         for p in bounds:
-            best, best_key = fallback, (0, 0)
+            best: Entry | None = None
+            best_key = (0, 0)
             for e in self.ranges:
                 r = e.range
                 assert r is not None
                 if r.start <= p <= r.end:
                     key = (r.width, r.start)
-                    if best is fallback or key < best_key:
+                    if best is None or key < best_key:
                         best, best_key = e, key
-            segments.append(best)
+            segments.append(best if best is not None else fallback)
         set_(self, "_bounds", bounds)
         set_(self, "_segments", tuple(segments))
 

@@ -28,15 +28,18 @@ from typing import Any, Protocol
 import anyio
 import anyio.abc
 import anyio.from_thread
+import torch
 
 from ._capture import GraphPiece, wrap_compiled
 from ._compiler import JobSpec, Target, dump_graph, load_artifact
 from ._config import CompileConfig, PolicyConfig
+from ._cudagraph import GraphConfig, GraphPool
+from ._cudagraph import capture as capture_graph
 from ._events import EntryStatus, HandleStatus, PieceStatus, PlanCompleteEvent, SwapEvent
 from ._policy import PiecePolicy
 from ._range_table import Range, Tier
 from ._stats import HistogramCounts, ModelMetrics, PieceMetrics
-from ._store_link import StoreLink, parse_target
+from ._store_link import StoreLink, parse_target, piece_device
 from ._validation import reject_category, validate
 from ._worker import CompileError, WorkerPool
 
@@ -88,7 +91,8 @@ class ProcessExecutor:
 
 
 def _tier_for(target: Target) -> Tier:
-    return {"general": Tier.GENERAL, "range": Tier.RANGE, "size": Tier.SIZE}[target.kind]
+    return {"general": Tier.GENERAL, "range": Tier.RANGE, "size": Tier.SIZE,
+            "graph": Tier.GRAPH}[target.kind]
 
 
 def _range_for(target: Target) -> Range | None:
@@ -145,8 +149,12 @@ class Engine:
         store: StoreLink | None = None,
         watch_store: bool = True,
         polling: bool = False,
+        graphs: GraphConfig | None = None,
     ) -> None:
         self.name = name
+        self.graphs = graphs or GraphConfig()
+        self._graph_pool: Any = None
+        self.capture_pauses: list[float] = []  # seconds a serving thread spent capturing
         self.store = store
         self._watch_store = watch_store and store is not None
         self._polling = polling
@@ -499,6 +507,9 @@ class Engine:
         if job.state != "queued":
             return  # a stale heap entry: this job was re-queued or finished elsewhere
         st = self._state_of(job.piece)
+        if job.target.kind == "graph":
+            await self._capture_graph(st, job)
+            return
         key = self.store.key(job.piece, job.target) if self.store is not None else None
         if key is not None and self.store is not None and not job.skip_store:
             path = await anyio.to_thread.run_sync(self.store.lookup, key)
@@ -580,6 +591,95 @@ class Engine:
         runnable = wrap_compiled(runnable, job.piece)
         await self._validate_and_publish(st, job, runnable, seconds, "compiled")
 
+    def _wants_graph(self, piece: GraphPiece) -> bool:
+        return (
+            self.graphs.enabled
+            and torch.cuda.is_available()
+            and piece_device(piece).startswith("cuda")
+        )
+
+    async def _capture_graph(self, st: PieceState, job: Job) -> None:
+        """Tier 3: capture the size's live tier-2 runnable into a CUDA graph, here."""
+        n = job.target.start
+        dispatcher = job.piece.dispatcher
+        sample = dispatcher.sample_for(Range.of(n))
+        if sample is None:
+            # Capture replays a real input of this size: wait until traffic brings one.
+            job.reason = "waiting for a call of this size to capture with"
+            job.not_before = time.monotonic() + 1.0
+            self._push(st, job)
+            return
+        if self._graph_pool is None:
+            device = next(a.device for a in sample[1] if isinstance(a, torch.Tensor))
+            self._graph_pool = GraphPool(device)
+        pool = self._graph_pool
+        if pool.bytes >= self.graphs.memory_budget_bytes:
+            self._fail(job, "skipped", f"graph memory budget reached ({pool.bytes} bytes in "
+                       f"{pool.graphs} graphs)", retry=False)
+            return
+        tier2 = dispatcher.table.lookup(n).runnable
+        args = sample[1]
+        size_index = job.piece.size_index
+        assert size_index is not None  # only specializable pieces get size jobs
+        state = dispatcher.state_ids
+        copy_indices = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+                        and not isinstance(a, torch.nn.Parameter) and id(a) not in state]
+        job.state, job.reason = "compiling", None
+        job.attempts += 1
+        # Capture runs on a serving thread, at the start of its next call: while a graph
+        # is being captured, any other use of the CUDA RNG in the process fails ("offset
+        # increment outside graph capture"), so it must not overlap that thread's work.
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def task() -> None:
+            t0 = time.monotonic()
+            try:
+                box["runnable"] = capture_graph(tier2, args, n, size_index, copy_indices, pool,
+                                                self.graphs.warmup_iters)
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                box["pause"] = time.monotonic() - t0
+                done.set()
+
+        dispatcher.pending = task
+        job.reason = "waiting for a serving call to capture on"
+        started = time.monotonic()
+        taken = await anyio.to_thread.run_sync(done.wait, 5.0, abandon_on_cancel=True)
+        if not taken:
+            with dispatcher._pending_lock:  # withdraw it, unless a thread took it
+                withdrawn = dispatcher.pending is task
+                if withdrawn:
+                    dispatcher.pending = None
+            if withdrawn:
+                job.state, job.attempts = "queued", job.attempts - 1
+                job.reason = "waiting for a serving call to capture on"
+                job.not_before = time.monotonic() + 1.0
+                self._push(st, job)
+                return
+            await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
+        if "error" in box:
+            exc = box["error"]
+            self._fail(job, "failed", f"CUDA graph capture: {type(exc).__name__}: {exc}",
+                       retry=False)
+            return
+        runnable = box["runnable"]
+        self.capture_pauses.append(box["pause"])
+        seconds = time.monotonic() - started
+        await self._validate_and_publish(st, job, runnable, seconds, "captured")
+        if self.graphs.pad and job.state == "live":
+            below = [s for s in self._captured_sizes(st) if s < n]
+            lo = max(below) + 1 if below else 1
+            if lo <= n - 1:
+                dispatcher.install(Range(lo, n - 1), Tier.GRAPH, runnable,
+                                   {"target": f"graph:{n}", "padded": True})
+
+    @staticmethod
+    def _captured_sizes(st: PieceState) -> list[int]:
+        return [j.target.start for j in st.jobs.values()
+                if j.target.kind == "graph" and j.state == "live"]
+
     @staticmethod
     def _load(result: dict[str, Any]) -> Any:
         if "runnable" in result:
@@ -597,7 +697,8 @@ class Engine:
             if sample is not None:
                 size, args = sample
                 current = dispatcher.table.lookup(size).runnable
-                why = await anyio.to_thread.run_sync(validate, runnable, current, args)
+                candidate = getattr(runnable, "replay_exclusive", runnable)
+                why = await anyio.to_thread.run_sync(validate, candidate, current, args)
                 if why is not None:
                     self.rejects_by_reason[reject_category(why)] += 1
                     self._fail(job, "rejected", f"validation on size {size}: {why}",
@@ -618,6 +719,9 @@ class Engine:
         event = SwapEvent(job.piece.index, range_, tier, table.version, seconds, source,
                           validated)
         self._fire(self._swap_callbacks, event)
+        if job.target.kind == "size" and self._wants_graph(job.piece):
+            n = job.target.start
+            self._push(st, Job(job.piece, Target("graph", n, n), "graph", (3, n)))
         self._check_plan_complete()
 
     def _fail(self, job: Job, outcome: str, reason: str, *, retry: bool = True) -> None:
@@ -656,7 +760,8 @@ class Engine:
     def _check_plan_complete(self) -> None:
         if self._plan_done or not self._pieces or self._new_pieces:
             return
-        planned = [j for st in self._pieces for j in st.jobs.values() if j.why != "hot"]
+        planned = [j for st in self._pieces for j in st.jobs.values()
+                   if j.why in ("general", "configured")]
         if not all(j.terminal for j in planned):
             return
         with self._cond:

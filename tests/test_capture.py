@@ -177,9 +177,7 @@ def test_no_retrace_with_two_inputs_sharing_the_size() -> None:
     fresh_counters()
     model, reference = make(TwoInputs)
     with pwd.attach(model, background=False) as handle:
-        run_sizes(
-            model, reference, ALL_SIZES, lambda n: (torch.randn(n, WIDTH), torch.randn(n, 3))
-        )
+        run_sizes(model, reference, ALL_SIZES, lambda n: (torch.randn(n, WIDTH), torch.randn(n, 3)))
         assert_no_retrace(handle, 1)
         piece = handle.pieces[0]
         # one symbol for both inputs: the piece stays specializable

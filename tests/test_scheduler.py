@@ -139,7 +139,8 @@ def test_validation_can_be_turned_off(mlp: nn.Module) -> None:
 def test_callbacks_fire_off_the_serving_thread_and_survive_a_raising_one(
     mlp: nn.Module,
 ) -> None:
-    ex = FakeExecutor()
+    gate = threading.Event()  # compiles finish only after the first call recorded size 2
+    ex = FakeExecutor(gate=gate)
     h = pwd.attach(mlp, sizes=[2, 3], policy=FAST, compiler=_compiler(), executor=ex, store=False)
     events: list[pwd.SwapEvent] = []
     threads: set[int] = set()
@@ -158,6 +159,7 @@ def test_callbacks_fire_off_the_serving_thread_and_survive_a_raising_one(
     h.on_plan_complete(lambda e: (plans.append(e), plan_done.set()))
     try:
         _call_sizes(mlp, [2])
+        gate.set()
         assert plan_done.wait(20)
         assert h.wait(timeout=5)
         assert [(e.range, e.tier) for e in events] == [

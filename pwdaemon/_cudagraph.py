@@ -1,0 +1,166 @@
+"""Tier 3: a CUDA graph of a size's compiled runnable, captured in the serving process.
+
+CUDA graphs belong to the process (and pool) that captures them, so capture happens
+here, on the engine's thread, on a side stream with thread-local capture mode: serving
+threads keep launching work on their own streams meanwhile. A replay copies the call's
+inputs into the graph's static buffers, replays, and copies the outputs out, so a caller
+never sees its output overwritten by a later replay. Replays of one graph are
+serialised by a non-blocking lock: a call that finds the graph busy (another thread is
+replaying it) runs the tier-2 runnable instead of waiting.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Runnable = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """CUDA-graph tier settings (used only for pieces whose tensors live on a GPU).
+
+    Capture runs on a serving thread, at the start of a call (a one-time pause per
+    size, see `Engine.capture_pauses`): while torch captures a graph, any other use of
+    the default CUDA RNG in the process raises. A server whose *other* threads draw CUDA
+    random numbers concurrently with model calls should set `enabled=False`.
+    """
+
+    enabled: bool = True
+    """Capture a CUDA graph for every size that has a tier-2 runnable."""
+    memory_budget_bytes: int = 2 << 30
+    """Stop capturing once the model's graphs hold this much pool memory."""
+    pad: bool = False
+    """Serve a size with the next larger captured graph, padding the inputs. Off by
+    default: the model then sees a batch with extra rows (they are sliced off)."""
+    warmup_iters: int = 3
+
+    def validate(self) -> None:
+        if self.memory_budget_bytes < 0:
+            raise ValueError(f"memory_budget_bytes must be >= 0, got {self.memory_budget_bytes}")
+        if self.warmup_iters < 1:
+            raise ValueError(f"warmup_iters must be >= 1, got {self.warmup_iters}")
+
+
+class GraphPool:
+    """One CUDA memory pool for a model's graphs, the lock that serialises their use,
+    and the pool memory they hold (for the budget)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.handle = torch.cuda.graph_pool_handle()
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.graphs = 0
+
+
+class CudaGraphRunnable:
+    """Replays one captured CUDA graph for one size (or, padded, for sizes up to it)."""
+
+    def __init__(
+        self,
+        graph: torch.cuda.CUDAGraph,
+        size: int,
+        size_index: int,
+        static_args: list[Any],
+        copy_indices: Sequence[int],
+        static_out: Any,
+        fallback: Runnable,
+        pool: GraphPool,
+    ) -> None:
+        self.graph = graph
+        self.size = size
+        self.size_index = size_index
+        self.static_args = static_args
+        self.copy_indices = tuple(copy_indices)
+        self.static_out = static_out
+        self.fallback = fallback
+        self.pool = pool
+        self.replays = 0
+        self.fallbacks = 0
+        self._busy = pool.lock
+
+    def __call__(self, *args: Any) -> Any:
+        if not self._busy.acquire(blocking=False):
+            self.fallbacks += 1
+            return self.fallback(*args)
+        return self._replay(args)
+
+    def replay_exclusive(self, *args: Any) -> Any:
+        """Replay the graph itself, waiting for the pool if a sibling is replaying (for
+        validation: the caller must compare the graph, never its fallback)."""
+        self._busy.acquire()
+        return self._replay(args)
+
+    def _replay(self, args: tuple[Any, ...]) -> Any:
+        # Called with the pool lock held; releases it.
+        try:
+            n = args[self.size_index]
+            static = self.static_args
+            if n == self.size:
+                for i in self.copy_indices:
+                    static[i].copy_(args[i])
+            else:  # padded: the first n rows are the call's, the rest are left over
+                for i in self.copy_indices:
+                    static[i][:n].copy_(args[i])
+            self.graph.replay()
+            self.replays += 1
+            return _copy_out(self.static_out, n, self.size)
+        finally:
+            self._busy.release()
+
+
+def _copy_out(out: Any, n: int, size: int) -> Any:
+    if isinstance(out, torch.Tensor):
+        if n != size and out.dim() > 0 and out.shape[0] == size:
+            return out[:n].clone()
+        return out.clone()
+    if isinstance(out, tuple | list):
+        return type(out)(_copy_out(o, n, size) for o in out)
+    return out
+
+
+def capture(
+    runnable: Runnable,
+    sample: Sequence[Any],
+    size: int,
+    size_index: int,
+    copy_indices: Sequence[int],
+    pool: GraphPool,
+    warmup_iters: int = 3,
+) -> CudaGraphRunnable:
+    """Capture `runnable` on `sample` (whose size must be `size`) into a CUDA graph.
+
+    `copy_indices`: the arguments that change per call (inputs); the others (weights,
+    buffers, the size int) are used in place. Runs on the calling thread, on a side
+    stream, in thread-local capture mode.
+    """
+    if sample[size_index] != size:
+        raise ValueError(f"sample has size {sample[size_index]}, expected {size}")
+    device = next(a.device for a in sample if isinstance(a, torch.Tensor))
+    static_args = list(sample)
+    for i in copy_indices:
+        static_args[i] = sample[i].clone()
+    stream = torch.cuda.Stream(device=device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    before = torch.cuda.memory_reserved(device)
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(warmup_iters):
+            runnable(*static_args)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pool.lock:  # no replay of a sibling graph while this one takes pool memory
+        with torch.no_grad(), torch.cuda.graph(
+            graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"
+        ):
+            static_out = runnable(*static_args)
+        stream.synchronize()
+    pool.bytes += max(0, torch.cuda.memory_reserved(device) - before)
+    pool.graphs += 1
+    return CudaGraphRunnable(graph, size, size_index, static_args, copy_indices, static_out,
+                             runnable, pool)

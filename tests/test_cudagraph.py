@@ -1,0 +1,160 @@
+"""Tier 3 (CUDA graphs) on a real GPU; skipped cleanly where there is none (CI).
+
+Compares tier 3 with tier 2 and eager within float32 tolerance (TF32 off), proves a
+caller's output is not overwritten by a later replay, and captures while other threads
+keep calling the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import pwdaemon as pwd
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+
+
+class Block(nn.Module):
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.b(torch.nn.functional.gelu(self.a(x))))
+
+
+@pytest.fixture
+def gpu_model() -> tuple[nn.Module, nn.Module]:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    m = Block().cuda().eval()
+    return m, copy.deepcopy(m)
+
+
+def _attach_and_wait_for_graph(model: nn.Module, sizes: list[int], **kw: object) -> pwd.Handle:
+    got: dict[int, threading.Event] = {n: threading.Event() for n in sizes}
+    h = pwd.attach(
+        model,
+        sizes=sizes,
+        store=False,
+        policy=pwd.PolicyConfig(hot_calls=10**9, tick_s=0.02),
+        compiler=pwd.CompileConfig(workers=1),
+        **kw,
+    )  # type: ignore[arg-type]
+    h.on_swap(lambda e: got[e.size].set() if e.tier is pwd.Tier.GRAPH and e.size in got else None)
+    # Keep serving, as traffic would: a capture runs at the start of a serving call.
+    deadline = time.monotonic() + 240
+    while not all(ev.is_set() for ev in got.values()):
+        assert time.monotonic() < deadline, str(h.status())
+        for n in sizes:
+            model(torch.randn(n, 256, device="cuda"))
+        got[sizes[0]].wait(0.005)
+    return h
+
+
+def test_tier3_matches_tier2_and_outputs_are_not_overwritten(
+    gpu_model: tuple[nn.Module, nn.Module],
+) -> None:
+    model, ref = gpu_model
+    h = _attach_and_wait_for_graph(model, [8])
+    try:
+        entry = h.table().lookup(8)
+        assert entry.tier is pwd.Tier.GRAPH
+        graph = entry.runnable
+        tier2 = graph.fallback  # type: ignore[attr-defined]
+        x1, x2 = torch.randn(8, 256, device="cuda"), torch.randn(8, 256, device="cuda")
+        out1 = model(x1)
+        out2 = model(x2)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out1, ref(x1), **TOL)  # not overwritten by replay 2
+        torch.testing.assert_close(out2, ref(x2), **TOL)
+        assert graph.replays >= 2  # type: ignore[attr-defined]
+        args = h.pieces[0].dispatcher.samples[8]
+        torch.testing.assert_close(graph(*args), tier2(*args), **TOL)
+    finally:
+        h.detach()
+
+
+def test_capture_while_other_threads_call_the_model(
+    gpu_model: tuple[nn.Module, nn.Module],
+) -> None:
+    model, ref = gpu_model
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    calls = [0]
+    live: dict[int, threading.Event] = {4: threading.Event(), 16: threading.Event()}
+
+    def serve(n: int) -> None:
+        # Inputs come from the CPU, as requests do: while a graph is being captured any
+        # other use of the CUDA RNG in the process fails (torch's capture registers the
+        # default generator), so the capture runs on a serving thread, and these
+        # threads must not draw CUDA random numbers (documented in GraphConfig).
+        gen = torch.Generator().manual_seed(n)
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                while not stop.is_set():
+                    x = torch.randn(n, 256, generator=gen).cuda()
+                    torch.testing.assert_close(model(x), ref(x), **TOL)
+                    calls[0] += 1
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    h = pwd.attach(
+        model,
+        sizes=[4, 16],
+        store=False,
+        policy=pwd.PolicyConfig(hot_calls=10**9, tick_s=0.02),
+        compiler=pwd.CompileConfig(workers=1),
+    )
+    h.on_swap(lambda e: live[e.size].set() if e.tier is pwd.Tier.GRAPH and e.size in live else None)
+    threads = [threading.Thread(target=serve, args=(n,)) for n in (4, 4, 16)]
+    for t in threads:
+        t.start()
+    try:
+        for n, ev in live.items():
+            assert ev.wait(240), (n, str(h.status()))
+        # Keep serving through and after the captures, then look at what happened.
+        settled, deadline = calls[0] + 300, time.monotonic() + 60
+        while calls[0] < settled and not errors and time.monotonic() < deadline:
+            stop.wait(0.01)
+        assert calls[0] >= settled or errors
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        h.detach()
+    assert not errors, errors[0]
+    assert h.table().lookup(4).tier is pwd.Tier.GRAPH
+    assert h.table().lookup(16).tier is pwd.Tier.GRAPH
+    # The capture ran on a serving thread: its pause, for the record.
+    assert len(h.engine.capture_pauses) == 2
+    print("capture pauses (s):", [round(p, 4) for p in h.engine.capture_pauses])
+
+
+def test_padding_serves_smaller_sizes_with_a_captured_graph(
+    gpu_model: tuple[nn.Module, nn.Module],
+) -> None:
+    model, ref = gpu_model
+    h = _attach_and_wait_for_graph(model, [8], graphs=pwd.GraphConfig(pad=True))
+    try:
+        entry = h.table().lookup(5)
+        assert entry.tier is pwd.Tier.GRAPH and entry.info.get("padded")
+        x = torch.randn(5, 256, device="cuda")
+        out = model(x)
+        assert out.shape == (5, 256)
+        torch.testing.assert_close(out, ref(x), **TOL)
+    finally:
+        h.detach()
