@@ -351,8 +351,9 @@ def plot_latency(results: dict[str, dict[str, Any]], model: str, path: Path) -> 
         idx = [q["i"] for q in reqs]
         lat = [max(q["lat"], 1e-6) * 1e3 for q in reqs]
         at = [q["at"] + q["lat"] for q in reqs]
-        ax_i.plot(idx, lat, lw=0.8, alpha=0.85, color=color, label=system)
-        ax_t.plot(at, lat, lw=0.8, alpha=0.85, color=color, label=system)
+        ax_i.plot(idx, lat, lw=0.7, alpha=0.8, color=color, label=system)
+        # Against wall time, points only: a line across a long compile would read as data.
+        ax_t.plot(at, lat, ls="", marker=".", ms=2.5, alpha=0.7, color=color, label=system)
         if system.startswith("pwdaemon"):
             for s in r.get("swaps", []):
                 if s["tier"] in SPECIALIZED_TIERS:

@@ -91,10 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="leave the FX graph cache on for the async peer (on torch 2.13 "
                    "that makes its first compile raise; off by default)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads in every system's process (default: torch's)")
-    p.add_argument("--omp-wait-policy", default=None,
-                   help="OMP_WAIT_POLICY for every system's process (default on CPU: PASSIVE, "
-                   "see bench/README.md; 'keep' leaves the environment's)")
+                   help="torch.set_num_threads in every system's process (default on CPU: "
+                   "the CPUs less pwdaemon's default worker count, at least 1; on CUDA: "
+                   "torch's default); see bench/README.md")
+    p.add_argument("--omp-wait-policy", default="keep",
+                   help="OMP_WAIT_POLICY (ACTIVE or PASSIVE) for every system's process "
+                   "(default: keep the environment's)")
     p.add_argument("--workers", type=int, default=None, help="pwdaemon compile workers")
     p.add_argument("--hot-calls", type=int, default=None, help="pwdaemon PolicyConfig.hot_calls")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -116,8 +118,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.models = models
     if args.inductor_cache is None:
         args.inductor_cache = "shared" if args.quick else "fresh"
-    if args.omp_wait_policy is None:
-        args.omp_wait_policy = "PASSIVE" if args.device == "cpu" else "keep"
+    if args.threads is None and args.device == "cpu":
+        # Serving threads + compile workers <= CPUs. Inductor's CPU kernels open an
+        # OpenMP region per kernel; when a compile process holds one of the threads'
+        # cores, every region waits for a descheduled thread: on 2 vCPUs, compiled calls
+        # of the demo model went from ~1 ms to 100-300 ms with 2 threads, not with 1.
+        cpus = os.cpu_count() or 2
+        args.threads = max(1, cpus - max(1, cpus // 4))
     return args
 
 
@@ -132,9 +139,6 @@ def _child_env(args: argparse.Namespace, system: str, cache: Path) -> dict[str, 
         env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
         env.pop("TRITON_CACHE_DIR", None)  # Inductor then keeps Triton's under its own
     if args.omp_wait_policy != "keep":
-        # Inductor's CPU kernels open an OpenMP region per kernel; with spinning waiters
-        # (libgomp's default) on a 2-vCPU machine shared with other load, a compiled call
-        # of the demo model took ~300 ms instead of ~1 ms. Same setting for every system.
         env["OMP_WAIT_POLICY"] = args.omp_wait_policy
     if system.startswith("pwdaemon"):
         # pwdaemon points the Inductor cache into its store itself; nothing of ours.

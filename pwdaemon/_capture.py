@@ -145,6 +145,7 @@ class Capture:
             self._positions = {name: params.index(name) for name in self._dynamic}
         # True until a whole model call completes without capturing a new piece.
         self._settling = True
+        self._first_calls = threading.RLock()
         self._compiled = torch.compile(
             model._call_impl, backend=self._backend, **_COMPILE_KWARGS
         )
@@ -155,10 +156,16 @@ class Capture:
         self._mark_inputs(args, kwargs)
         if not self._settling:
             return self._compiled(*args, **kwargs)
-        before = len(self.pieces)
-        out = self._compiled(*args, **kwargs)
-        self._settle(before)
-        return out
+        # Until the pieces are known, calls go through dynamo one at a time: concurrent
+        # first calls would each trace the frame and capture duplicate pieces (each
+        # with its own dispatcher and compiles). Once settled, this path is never taken.
+        with self._first_calls:
+            if not self._settling:
+                return self._compiled(*args, **kwargs)
+            before = len(self.pieces)
+            out = self._compiled(*args, **kwargs)
+            self._settle(before)
+            return out
 
     def _mark_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         shape_id = self.shape_id

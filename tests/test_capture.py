@@ -13,6 +13,7 @@ attach/detach cycles).
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -285,3 +286,36 @@ def test_attach_detach_cycles_each_capture() -> None:
             torch.testing.assert_close(model(x), reference(x))
             assert len(handle.pieces) == 1, f"cycle #{i + 1} captured nothing"
             assert handle.dispatchers[0].histogram() == {2: 1}
+
+
+@pytest.mark.parametrize("cls", [Plain, Broken])
+def test_concurrent_first_calls_capture_each_piece_once(cls: type[nn.Module]) -> None:
+    # Without serialising the first calls, each thread traced the frame itself and
+    # dynamo kept three copies of the piece (seen: 3 pieces for 3 threads).
+    model, ref = make(cls)
+    handle = pwd.attach(model, background=False, store=False)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def call(n: int) -> None:
+        try:
+            with torch.no_grad():
+                barrier.wait(30)
+                for _ in range(10):
+                    (x,) = one_input(n)
+                    torch.testing.assert_close(model(x), ref(x))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in (4, 4, 16, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors, errors[0]
+        expected = 2 if cls is Broken else 1
+        assert len(handle.pieces) == expected
+        assert sorted(handle.pieces[0].dispatcher.counts) == [1, 4, 16]
+    finally:
+        handle.detach()
