@@ -244,6 +244,11 @@ def attach(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach() takes an nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise AlreadyAttachedError(
+            "attach() got a torch.compile()d module; pwdaemon compiles the model itself: "
+            "attach the plain module (torch.compile(m)._orig_mod)"
+        )
     policy = policy or PolicyConfig()
     compiler = compiler or CompileConfig()
     policy.validate()

@@ -15,6 +15,7 @@ import copy
 import heapq
 import itertools
 import logging
+import shutil
 import sys
 import tempfile
 import threading
@@ -236,6 +237,7 @@ class Engine:
                     if not job.terminal:
                         job.state, job.reason = "cancelled", "detached"
             self._cond.notify_all()
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _save_profiles(self) -> None:
         if self.store is None:
@@ -373,12 +375,28 @@ class Engine:
                 job.hot_since = st.policy.hot_since(size)
                 st.policy.reserve([size])
                 self._push(st, job)
+        self._reprioritise()
         self._drop_cold(now)
         self._check_plan_complete()
         if self.store is not None and now - self._store_stats_at > 5.0:
             self._store_stats_at = now
             with contextlib.suppress(OSError):
                 self._store_stats = self.store.store.stats()
+
+    def _reprioritise(self) -> None:
+        # A hot job's priority is its size's calls *now*, not when it was queued: under
+        # queue pressure a size that kept getting hotter must not wait behind a cooler one.
+        changed = False
+        items = []
+        for prio, seq, job in self._heap:
+            if job.why == "hot":
+                calls = self._state_of(job.piece).policy.calls(job.target.start)
+                if (2, -calls) != prio:
+                    job.priority, prio, changed = (2, -calls), (2, -calls), True
+            items.append((prio, seq, job))
+        if changed:
+            heapq.heapify(items)
+            self._heap = items
 
     def _account(self, st: PieceState, now: float) -> None:
         hist = st.piece.dispatcher.histogram()
@@ -535,7 +553,7 @@ class Engine:
             await self._compile_and_publish(st, job, key)
         finally:
             if claim is not None:
-                await anyio.to_thread.run_sync(claim.release)
+                claim.release()  # a few file operations; must run even when cancelled
 
     async def _load_stored(self, st: PieceState, job: Job, key: Any, source: str) -> None:
         assert self.store is not None

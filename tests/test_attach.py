@@ -107,12 +107,6 @@ def test_attach_a_compiled_module_raises(pair: tuple[nn.Module, nn.Module]) -> N
     assert not hasattr(model, "_pwdaemon_handle")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="_handle.py: attach() accepts torch.compile(model) (an OptimizedModule); its "
-    "calls run through the inner torch.compile and pwdaemon captures nothing",
-)
 def test_attach_an_optimized_module_raises(pair: tuple[nn.Module, nn.Module]) -> None:
     model, _ = pair
     wrapped = torch.compile(model, backend="eager")

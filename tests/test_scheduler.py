@@ -223,3 +223,29 @@ def test_injected_faults_are_reported(mlp: nn.Module, fault: str) -> None:
         assert h.engine.jobs_by_outcome[("size", expected)] == 1
     finally:
         h.detach()
+
+
+def test_queued_hot_sizes_follow_their_current_calls(mlp: nn.Module) -> None:
+    # Priority is a size's calls now, not when it was queued (a size that got hotter
+    # while waiting must not stay behind cooler ones).
+    gate = threading.Event()
+    ex = FakeExecutor(gate=gate)
+    policy = pwd.PolicyConfig(hot_calls=3, tick_s=0.01, queue_pressure=1000)
+    h = pwd.attach(mlp, policy=policy, compiler=_compiler(general=False), executor=ex,
+                   store=False)
+    try:
+        _call_sizes(mlp, [n for n in range(1, 9) for _ in range(3)])
+        h.engine.flush()
+        _call_sizes(mlp, [100] * 40)
+        h.engine.flush()
+        _call_sizes(mlp, [n for n in (2, 3, 4, 5) for _ in range(200)])
+        h.engine.flush()
+        gate.set()
+        assert h.wait(sizes=[1, 2, 3, 4, 5, 6, 7, 8, 100], timeout=20)
+        order = [t.start for t in ex.jobs]
+        first, rest = order[0], order[1:]  # the first was running before the flood
+        assert first in range(1, 9)
+        assert rest.index(100) > max(rest.index(n) for n in (2, 3, 4, 5) if n != first)
+        assert rest.index(100) < min(rest.index(n) for n in (6, 7, 8) if n != first)
+    finally:
+        h.detach()
