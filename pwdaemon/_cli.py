@@ -1,8 +1,7 @@
-"""The `pwdaemon` command line: `pwdaemon demo`, `pwdaemon cache ...`, `pwdaemon --version`.
+"""The `pwdaemon` command line: `demo`, `cache ls|verify|gc|clear`, `warm`, `--version`.
 
 Each subcommand registers itself on the parser and sets `func`, which takes the parsed
-namespace and returns the exit code. `cache` comes from `_cli_cache` when that module is
-present; the CLI works without it.
+namespace and returns the exit code.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from ._cli_cache import add_cache_parser
+from ._cli_warm import add_warm_parser
 from ._demo import add_demo_parser
 
 
@@ -29,12 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_demo_parser(subparsers)
-    try:
-        from ._cli_cache import add_cache_parser
-    except ImportError:  # the CLI works without the cache commands
-        pass
-    else:
-        add_cache_parser(subparsers)
+    add_cache_parser(subparsers)
+    add_warm_parser(subparsers)
     return parser
 
 

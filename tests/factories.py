@@ -1,0 +1,16 @@
+"""Importable model factories for CLI tests (`pwdaemon warm tests_factories:...`)."""
+
+from __future__ import annotations
+
+import torch
+from conftest import SmallMLP
+from torch import nn
+
+
+def small_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return SmallMLP().eval()
+
+
+def small_inputs(n: int) -> torch.Tensor:
+    return torch.randn(n, 16)
