@@ -276,6 +276,47 @@ def throughput_table(metrics: Sequence[Metrics], hot: Sequence[int]) -> str:
     return markdown_table(columns, rows)
 
 
+def specialize_table(results: dict[str, dict[str, Any]], model: str) -> str | None:
+    """pwdaemon: per size, when it was first requested and when it went specialized."""
+    runs = [s for s in ("pwdaemon-cold", "pwdaemon-warm") if results.get(s, {}).get("requests")]
+    if not runs:
+        return None
+    calls: Counter[int] = Counter()
+    first_seen: dict[str, dict[int, float]] = {}
+    swapped: dict[str, dict[int, tuple[float, str]]] = {}
+    for system in runs:
+        r = results[system]
+        seen: dict[int, float] = {}
+        for q in r["requests"]:
+            seen.setdefault(q["size"], q["at"])
+            if system == runs[0]:
+                calls[q["size"]] += 1
+        first_seen[system] = seen
+        swapped[system] = {}
+        for sw in r.get("swaps", []):
+            if sw["tier"] in SPECIALIZED_TIERS and sw["size"] is not None:
+                swapped[system].setdefault(int(sw["size"]), (sw["at"], sw["source"]))
+    columns = ["model", "size", "trace calls"]
+    for system in runs:
+        columns += [f"{system}: first request s", f"{system}: specialized at s (source)"]
+    rows = []
+    for size in sorted(calls, key=lambda n: (-calls[n], n)):
+        row = [model, str(size), str(calls[size])]
+        for system in runs:
+            row.append(_f(first_seen[system].get(size, math.nan), 2))
+            sw = swapped[system].get(size)
+            row.append("-" if sw is None else f"{sw[0]:.2f} ({sw[1]})")
+        rows.append(row)
+    general = []
+    for system in runs:
+        gen = next((sw for sw in results[system].get("swaps", []) if sw["tier"] == "general"),
+                   None)
+        if gen is not None:
+            general.append(f"{system}: general live at {gen['at']:.2f} s ({gen['source']})")
+    text = markdown_table(columns, rows)
+    return text + ("\n\n" + "; ".join(general) if general else "")
+
+
 # ---- targets ---------------------------------------------------------------------------
 
 

@@ -328,9 +328,13 @@ def render(
         "",
         _report.throughput_table(metrics, hot),
         "",
-        "## Targets",
-        "",
     ]
+    for model, results in per_model.items():
+        table = _report.specialize_table(results, model)
+        if table is not None:
+            lines += ["pwdaemon: when each size went specialized (seconds since t0; swap "
+                      "events):", "", table, ""]
+    lines += ["## Targets", ""]
     for model in per_model:
         by_system = {m.system: m for m in metrics if m.model == model}
         lines.append(f"{model}:")

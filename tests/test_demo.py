@@ -33,13 +33,13 @@ def fake_run(**overrides: object) -> tuple[str, DemoResult]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_demo_quick_plain_real_compiles(capsys: pytest.CaptureFixture[str]) -> None:
     # A fresh store (cold Inductor cache): every compile is real. The general compile is
     # skipped so the first hot size is compiled first, and the run ends a few seconds
     # after that swap; --duration is the limit on a slow machine.
     rc = main([
-        "demo", "--quick", "--plain", "--duration", "85", "--fresh", "--no-general",
+        "demo", "--quick", "--plain", "--duration", "150", "--fresh", "--no-general",
         "--stop-after-swaps", "1",
     ])
     out = capsys.readouterr().out
