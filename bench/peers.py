@@ -361,6 +361,9 @@ def render(
             gen = next((s for s in r.get("swaps", []) if s["tier"] == "general"), None)
             if gen is not None:
                 bits.append(f"general live at {gen['at']:.2f} s")
+        if m.system.startswith("pwdaemon") or m.system == "upfront":
+            bits.append(f"set-up (attach or compile-all) {m.setup_s:.2f} s of the "
+                        f"{m.ttfr_s:.2f} s to first response")
         if m.system in IN_PROCESS_COMPILERS:
             bits.append(f"{m.compile_requests} requests compiled on the serving thread")
         if bits:

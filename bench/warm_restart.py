@@ -29,6 +29,8 @@ import pwdaemon as pwd
 from pwdaemon.models import demo_model, example_tokens
 
 store, sizes, mode = sys.argv[1], [int(s) for s in sys.argv[2].split(",")], sys.argv[3]
+if mode == "warm-prewarmed":  # a server that calls prewarm() first and then loads weights
+    pwd.prewarm().join()
 model = demo_model()
 swapped = {}
 t0 = time.monotonic()
@@ -45,7 +47,7 @@ with torch.no_grad():
                 model(example_tokens(n))
     ok = h.wait(sizes=sizes, timeout=900)
 h.detach()
-print(json.dumps({"ok": ok, "first_call_s": first_call,
+print(json.dumps({"ok": ok, "first_call_s": first_call, "mode": mode,
                   "swapped": {str(k): v for k, v in swapped.items()}}))
 """
 
@@ -67,23 +69,28 @@ def main() -> None:
     started = time.monotonic()
     cold = run(store, args.sizes, "cold")
     warm = run(store, args.sizes, "warm")
+    early = run(store, args.sizes, "warm-prewarmed")
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"demo model, store {store}, sizes {sizes} (total {time.monotonic() - started:.0f} s)")
     print(f"first call (dynamo capture): cold {cold['first_call_s']:.2f} s, "
           f"warm {warm['first_call_s']:.2f} s")
-    print("| size | cold: s to specialized | warm: s to specialized (source) | cold/warm |")
-    print("|---|---|---|---|")
-    worst = 0.0
+    print("seconds from attach() to serving specialized; warm+prewarm: pwdaemon.prewarm()"
+          " called at process start, finished before attach (as while weights load)")
+    print("| size | cold | warm | warm + prewarm | cold/warm |")
+    print("|---|---|---|---|---|")
+    worst = {"warm": 0.0, "warm + prewarm": 0.0}
     for n in sizes:
-        c = cold["swapped"].get(str(n))
-        w = warm["swapped"].get(str(n))
-        if c is None or w is None:
-            print(f"| {n} | {c} | {w} | - |")
+        c, w, e = (r["swapped"].get(str(n)) for r in (cold, warm, early))
+        if c is None or w is None or e is None:
+            print(f"| {n} | {c} | {w} | {e} | - |")
             continue
-        worst = max(worst, w[0])
-        print(f"| {n} | {c[0]:.2f} | {w[0]:.2f} ({w[1]}) | {c[0] / w[0]:.1f}x |")
-    verdict = "met" if worst <= 2.0 else "missed"
-    print(f"warm: every size specialized {worst:.2f} s after attach (target 2 s: {verdict})")
+        worst["warm"] = max(worst["warm"], w[0])
+        worst["warm + prewarm"] = max(worst["warm + prewarm"], e[0])
+        print(f"| {n} | {c[0]:.2f} | {w[0]:.2f} ({w[1]}) | {e[0]:.2f} ({e[1]}) "
+              f"| {c[0] / w[0]:.1f}x |")
+    for name, secs in worst.items():
+        verdict = "met" if secs <= 2.0 else "missed"
+        print(f"{name}: every size specialized {secs:.2f} s after attach (target 2 s: {verdict})")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ._events import (
     SwapEvent,
 )
 from ._handle import AlreadyAttachedError, Handle, attach
+from ._prewarm import prewarm
 from ._range_table import Entry, Range, RangeTable, Tier
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = (
     "Target",
     "Tier",
     "attach",
+    "prewarm",
 )

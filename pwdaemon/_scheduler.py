@@ -38,6 +38,7 @@ from ._cudagraph import GraphConfig, GraphPool
 from ._cudagraph import capture as capture_graph
 from ._events import EntryStatus, HandleStatus, PieceStatus, PlanCompleteEvent, SwapEvent
 from ._policy import PiecePolicy
+from ._prewarm import prewarm
 from ._range_table import Range, Tier
 from ._stats import HistogramCounts, ModelMetrics, PieceMetrics
 from ._store_link import StoreLink, parse_target, piece_device
@@ -336,22 +337,8 @@ class Engine:
             self._executor_ready.set()
 
     async def _prewarm_loader(self) -> None:
-        # The first artifact load in a process pays ~2 s of one-time set-up (imports,
-        # probing the CPU's vector ISA with a compiler subprocess, hashing torch's
-        # source for cache keys): pay it now, off the serving thread.
-        def prewarm() -> None:
-            import torch._inductor.codecache as codecache
-            import torch._inductor.compile_fx
-            import torch._inductor.standalone_compile  # noqa: F401
-            from torch._inductor import cpu_vec_isa
-
-            cpu_vec_isa.pick_vec_isa()
-            codecache.torch_key()
-
-        try:
-            await anyio.to_thread.run_sync(prewarm, abandon_on_cancel=True)
-        except Exception:
-            log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
+        # The first artifact load pays ~3 s of one-time set-up; see `_prewarm`.
+        await anyio.to_thread.run_sync(prewarm().join, abandon_on_cancel=True)
 
     async def _tick_loop(self) -> None:
         while True:

@@ -1,0 +1,41 @@
+"""One-time set-up of artifact loading, started as early as a process likes.
+
+The first `CompiledArtifact.load` in a process pays for Inductor's imports, probing the
+CPU's vector ISA with a compiler subprocess and hashing torch's source for cache keys:
+about 3 s of CPU on a 2-core machine. `attach()` starts it on a background thread; a
+server that calls `pwdaemon.prewarm()` at process start hides it behind its own start-up
+(loading weights, say), so a warm restart serves specialized sooner.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger("pwdaemon")
+
+_lock = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def _work() -> None:
+    try:
+        import torch._inductor.codecache as codecache
+        import torch._inductor.compile_fx
+        import torch._inductor.standalone_compile  # noqa: F401
+        from torch._inductor import cpu_vec_isa
+
+        cpu_vec_isa.pick_vec_isa()
+        codecache.torch_key()
+    except Exception:
+        log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
+
+
+def prewarm() -> threading.Thread:
+    """Start (once per process) the loader's one-time set-up on a daemon thread."""
+    global _thread
+    with _lock:
+        if _thread is None:
+            _thread = threading.Thread(target=_work, name="pwdaemon-prewarm", daemon=True)
+            _thread.start()
+        return _thread
