@@ -81,6 +81,9 @@ class CompileConfig:
     general: bool = True
     """Compile the general (dynamic-shape) runnable first."""
     start_method: str = "spawn"
+    switch_interval_s: float | None = 0.0005
+    """While the engine loads or validates in the serving process, CPython's GIL switch
+    interval is lowered to this (restored after); None leaves it alone."""
 
     def __post_init__(self) -> None:
         self.validate_config()
@@ -91,6 +94,8 @@ class CompileConfig:
         _check_int("retries", self.retries, 0)
         _check_seconds("backoff_s", self.backoff_s, zero_ok=True)
         _check_int("niceness", self.niceness, 0)
+        if self.switch_interval_s is not None:
+            _check_seconds("switch_interval_s", self.switch_interval_s)
         if not isinstance(self.options, Mapping):
             raise TypeError(f"options must be a mapping of Inductor options, got {self.options!r}")
         if self.start_method not in ("spawn", "forkserver"):

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +90,12 @@ class ProcessExecutor:
 
     def close(self, timeout: float) -> None:
         self._pool.close(timeout)
+
+
+# Engines of all attached models share the process-wide switch interval.
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.005
 
 
 def _tier_for(target: Target) -> Tier:
@@ -553,7 +559,8 @@ class Engine:
         manifest = await anyio.to_thread.run_sync(self.store.store.manifest, key)
         seconds = manifest.compile_seconds if manifest is not None else 0.0
         try:
-            runnable = await anyio.to_thread.run_sync(load_artifact, str(path))
+            with self._gil_friendly():
+                runnable = await anyio.to_thread.run_sync(load_artifact, str(path))
         except Exception as exc:
             self._fail(job, "failed", f"stored artifact did not load: {type(exc).__name__}: {exc}")
             return
@@ -589,7 +596,8 @@ class Engine:
             if stored is not None:
                 result = {**result, "path": str(stored)}
         try:
-            runnable = await anyio.to_thread.run_sync(self._load, result)
+            with self._gil_friendly():
+                runnable = await anyio.to_thread.run_sync(self._load, result)
         except Exception as exc:
             self._fail(job, "failed", f"artifact did not load: {type(exc).__name__}: {exc}")
             return
@@ -685,6 +693,29 @@ class Engine:
         return [j.target.start for j in st.jobs.values()
                 if j.target.kind == "graph" and j.state == "live"]
 
+    @contextlib.contextmanager
+    def _gil_friendly(self) -> Iterator[None]:
+        """While the engine runs Python in this process (loads, validation), hand the
+        GIL back to serving threads sooner: CPython's default switch interval (5 ms)
+        lets a background load add up to 5 ms to a request each time it holds the GIL."""
+        interval = self.config.switch_interval_s
+        if interval is None:
+            yield
+            return
+        with _switch_lock:
+            global _switch_users, _switch_saved
+            if _switch_users == 0:
+                _switch_saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(interval, _switch_saved))
+            _switch_users += 1
+        try:
+            yield
+        finally:
+            with _switch_lock:
+                _switch_users -= 1
+                if _switch_users == 0:
+                    sys.setswitchinterval(_switch_saved)
+
     @staticmethod
     def _load(result: dict[str, Any]) -> Any:
         if "runnable" in result:
@@ -703,7 +734,8 @@ class Engine:
                 size, args = sample
                 current = dispatcher.table.lookup(size).runnable
                 candidate = getattr(runnable, "replay_exclusive", runnable)
-                why = await anyio.to_thread.run_sync(validate, candidate, current, args)
+                with self._gil_friendly():
+                    why = await anyio.to_thread.run_sync(validate, candidate, current, args)
                 if why is not None:
                     self.rejects_by_reason[reject_category(why)] += 1
                     self._fail(job, "rejected", f"validation on size {size}: {why}",

@@ -6,6 +6,7 @@ pin down ordering, hotness, budget, retries, validation and callbacks quickly.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -247,5 +248,31 @@ def test_queued_hot_sizes_follow_their_current_calls(mlp: nn.Module) -> None:
         assert first in range(1, 9)
         assert rest.index(100) > max(rest.index(n) for n in (2, 3, 4, 5) if n != first)
         assert rest.index(100) < min(rest.index(n) for n in (6, 7, 8) if n != first)
+    finally:
+        h.detach()
+
+
+def test_switch_interval_is_lowered_only_while_the_engine_validates(mlp: nn.Module) -> None:
+    seen: list[float] = []
+
+    def record(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any) -> Any:
+            seen.append(sys.getswitchinterval())
+            return fn(*a)
+
+        return run
+
+    before = sys.getswitchinterval()
+    ex = FakeExecutor(transform=record)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(switch_interval_s=0.0005),
+                   executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [4, 4, 4])
+        assert h.wait(sizes=[4], timeout=20)
+        # The two validations (general, size 4) ran lowered; serving calls ran at the
+        # process's own interval, which is back once the engine is idle.
+        assert sum(abs(v - 0.0005) < 1e-9 for v in seen) == 2, seen
+        assert all(v in (before, 0.0005) for v in seen)
+        assert sys.getswitchinterval() == before
     finally:
         h.detach()
