@@ -269,9 +269,9 @@ def test_switch_interval_is_lowered_only_while_the_engine_validates(mlp: nn.Modu
     try:
         _call_sizes(mlp, [4, 4, 4])
         assert h.wait(sizes=[4], timeout=20)
-        # The two validations (general, size 4) ran lowered; serving calls ran at the
-        # process's own interval, which is back once the engine is idle.
-        assert sum(abs(v - 0.0005) < 1e-9 for v in seen) == 2, seen
+        # The two validations (general, size 4) ran lowered (as did any serving call in
+        # that window: the interval is process-wide); it is back once the engine idles.
+        assert sum(abs(v - 0.0005) < 1e-9 for v in seen) >= 2, seen
         assert all(v in (before, 0.0005) for v in seen)
         assert sys.getswitchinterval() == before
     finally:
