@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -124,8 +125,16 @@ class Capture:
         on_piece: Callable[[GraphPiece], None],
         size_cap: int,
         sample_bytes: int,
+        background: bool = False,
     ) -> None:
         self.model = model
+        # Background capture: until dynamo has captured the model (on another thread, from
+        # a copy of the first call's inputs), calls run the plain module, so the first
+        # request costs what eager costs instead of dynamo's one-time trace.
+        self.background = background
+        self._captured = threading.Event()
+        self._capture_thread: threading.Thread | None = None
+        self.capture_error: BaseException | None = None
         self.shape_id = f"pwdaemon_size_{id(self):x}"
         self.pieces: list[GraphPiece] = []
         self._on_piece = on_piece
@@ -153,6 +162,9 @@ class Capture:
     # ---- the call path (installed as model._compiled_call_impl) ---------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.background and not self._captured.is_set():
+            self._start_background_capture(args, kwargs)
+            return self.model._call_impl(*args, **kwargs)
         self._mark_inputs(args, kwargs)
         if not self._settling:
             return self._compiled(*args, **kwargs)
@@ -166,6 +178,45 @@ class Capture:
             out = self._compiled(*args, **kwargs)
             self._settle(before)
             return out
+
+    def _start_background_capture(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        with self._lock:
+            if self._capture_thread is not None:
+                return
+            # Copies: the caller may reuse or mutate its tensors after the call returns.
+            args_copy = tuple(_copy_input(a) for a in args)
+            kwargs_copy = {k: _copy_input(v) for k, v in kwargs.items()}
+            grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+            self._capture_thread = threading.Thread(
+                target=self._capture_in_background,
+                args=(args_copy, kwargs_copy, grad, inference),
+                name="pwdaemon-capture",
+                daemon=True,
+            )
+            self._capture_thread.start()
+
+    def _capture_in_background(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
+    ) -> None:
+        # The caller's grad/inference mode, so dynamo's guards hold on the serving thread.
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                self._mark_inputs(args, kwargs)
+                with self._first_calls:
+                    before = len(self.pieces)
+                    self._compiled(*args, **kwargs)
+                    self._settle(before)
+        except BaseException as exc:
+            self.capture_error = exc
+            logging.getLogger("pwdaemon").warning(
+                "pwdaemon: background capture failed; capturing on the next call: %s", exc
+            )
+        finally:
+            self._captured.set()
+
+    def wait_captured(self, timeout: float | None = None) -> bool:
+        """Background capture only: block until dynamo captured the model."""
+        return self._captured.wait(timeout)
 
     def _mark_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         shape_id = self.shape_id
@@ -241,6 +292,12 @@ class Capture:
                     mark_size(t, d, shape_id)
 
         return mark
+
+
+def _copy_input(a: Any) -> Any:
+    if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter):
+        return a.detach().clone()
+    return a
 
 
 def wrap_compiled(fn: Callable[..., Any], piece: GraphPiece) -> Callable[..., Any]:

@@ -56,6 +56,7 @@ class Handle:
         store: StoreLink | None,
         watch_store: bool,
         graphs: GraphConfig | None,
+        capture: str,
     ) -> None:
         self.model = model
         self.name = name
@@ -78,6 +79,7 @@ class Handle:
             on_piece=self._on_piece,
             size_cap=size_cap,
             sample_bytes=sample_bytes,
+            background=capture == "background",
         )
         self._previous_impl: Any = None
         self.detached = False
@@ -101,6 +103,10 @@ class Handle:
     @property
     def dispatchers(self) -> Sequence[Dispatcher]:
         return tuple(p.dispatcher for p in self._capture.pieces)
+
+    def wait_captured(self, timeout: float | None = None) -> bool:
+        """With capture="background": block until dynamo captured the model."""
+        return self._capture.wait_captured(timeout) if self._capture.background else True
 
     def table(self, graph: int = 0) -> RangeTable:
         return self._capture.pieces[graph].dispatcher.table
@@ -225,6 +231,7 @@ def attach(
     store: ArtifactStore | str | os.PathLike[str] | bool | None = None,
     watch_store: bool = True,
     graphs: GraphConfig | None = None,
+    capture: str = "inline",
 ) -> Handle:
     """Serve `model` through pwdaemon; callers keep calling `model(...)`.
 
@@ -241,6 +248,10 @@ def attach(
       compiled artifacts persist (a restart is warm), the size profile of a run primes the
       next, and `watch_store` picks up artifacts other processes compile.
     - `graphs`: the CUDA-graph tier (GPU models only): see `GraphConfig`.
+    - `capture`: "inline" (dynamo traces the model on the first call, which waits for
+      it) or "background" (calls run the plain module until dynamo has traced a copy of
+      the first call's inputs on another thread: the first request costs what eager
+      costs).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach() takes an nn.Module, got {type(model).__name__}")
@@ -255,6 +266,8 @@ def attach(
     compiler.validate_config()
     if graphs is not None:
         graphs.validate()
+    if capture not in ("inline", "background"):
+        raise ValueError(f"capture must be 'inline' or 'background', got {capture!r}")
     if size_cap < 1:
         raise ValueError(f"size_cap must be >= 1, got {size_cap}")
     parsed_sizes = parse_sizes(sizes)
@@ -280,6 +293,7 @@ def attach(
         store=link,
         watch_store=watch_store,
         graphs=graphs,
+        capture=capture,
     )
     handle._attach()
     if metrics_port is not None:

@@ -192,3 +192,32 @@ def test_threads_keep_serving_while_attach_and_detach_happen(
     assert not any(th.is_alive() for th in threads)
     # every attach really served calls from the threads
     assert all(s > 0 for s in served), served
+
+
+def test_background_capture_serves_eagerly_until_dynamo_has_captured(
+    pair: tuple[nn.Module, nn.Module],
+) -> None:
+    model, ref = pair
+    torch._dynamo.reset()
+    handle = pwd.attach(model, background=False, capture="background")
+    try:
+        x = torch.randn(3, 8)
+        torch.testing.assert_close(model(x), ref(x))  # served by the plain module
+        assert handle.wait_captured(60)
+        assert handle._capture.capture_error is None
+        assert len(handle.pieces) == 1
+        calls_before = sum(handle.pieces[0].dispatcher.counts.values())
+        for n in (1, 3, 7):
+            x = torch.randn(n, 8)
+            torch.testing.assert_close(model(x), ref(x))
+        # Now every call goes through the captured piece's dispatcher.
+        assert sum(handle.pieces[0].dispatcher.counts.values()) == calls_before + 3
+        assert 3 in handle.pieces[0].dispatcher.samples  # the background call's copy
+    finally:
+        handle.detach()
+
+
+def test_capture_mode_is_validated(pair: tuple[nn.Module, nn.Module]) -> None:
+    model, _ = pair
+    with pytest.raises(ValueError, match="capture must be 'inline' or 'background'"):
+        pwd.attach(model, capture="lazy")
