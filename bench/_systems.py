@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import os
 import resource
@@ -298,6 +299,7 @@ class PwdaemonSystem(System):
     def __init__(self, model: Any, ctx: Context) -> None:
         super().__init__(model, ctx)
         self.handle: Any = None
+        self.capture_mode: str | None = ctx.spec.get("pwdaemon", {}).get("capture")
         self.swaps: list[dict[str, Any]] = []
         self.worker_cpu_seen: dict[int, float] = {}
 
@@ -307,11 +309,18 @@ class PwdaemonSystem(System):
         opts = self.ctx.spec.get("pwdaemon", {})
         policy_kwargs = {k: opts[k] for k in ("hot_calls", "budget") if opts.get(k) is not None}
         compile_kwargs = {k: opts[k] for k in ("workers",) if opts.get(k) is not None}
+        extra: dict[str, Any] = {}
+        if self.capture_mode is not None:
+            if "capture" not in inspect.signature(pwdaemon.attach).parameters:
+                raise RuntimeError("this pwdaemon's attach() has no capture= option")
+            extra["capture"] = self.capture_mode
+        self.notes.append(f"attach(capture={self.capture_mode or 'default'!r})")
         self.handle = pwdaemon.attach(
             self.model,
             store=self.ctx.spec["store"],
             policy=pwdaemon.PolicyConfig(**policy_kwargs),
             compiler=pwdaemon.CompileConfig(**compile_kwargs),
+            **extra,
         )
         self.handle.on_swap(self._on_swap)
 
@@ -338,12 +347,18 @@ class PwdaemonSystem(System):
     def tier(self, size: int) -> str:
         dispatcher = self._dispatcher()
         if dispatcher is None:
-            return "capture"
+            return "uncaptured"
         return str(dispatcher.table.lookup(size).tier.value)
 
     def label(self, before: str, compiled: bool, eager_runs: int) -> str:
-        # The first call captures the graph (dynamo, on the request path) and runs eager.
-        return "capture" if compiled else before
+        if before != "uncaptured":
+            return before
+        # Not captured yet. Inline capture: this call traced the model with dynamo (on the
+        # request path) and ran it eagerly. Background capture: the plain module served
+        # it while another thread traces (its dynamo frame may land during this call).
+        if self.capture_mode == "background":
+            return "eager"
+        return "capture" if compiled else "eager"
 
     def _sample_workers(self) -> None:
         with contextlib.suppress(Exception):
@@ -411,6 +426,65 @@ def make_system(name: str, model: Any, ctx: Context) -> System:
 
 
 # ---- the run ---------------------------------------------------------------------------
+
+
+def ab_against_static(
+    system: System,
+    reference: Any,
+    inputs: dict[int, Any],
+    hot: list[int],
+    sync: Callable[[], None],
+    pairs: int = 25,
+    round_s: float = 0.1,
+) -> dict[str, Any]:
+    """pwdaemon against torch.compile(dynamic=False) of the same weights, in this process.
+
+    Rounds of the two alternate (and alternate which goes first), so load from other
+    processes hits both alike; the ratio is the median over pairs of adjacent rounds of
+    static's seconds per call / ours (our throughput relative to static's). Run after
+    every other measurement: the static compiles happen here, in this process.
+    """
+    import torch
+    import torch._dynamo.config as dynamo_config
+
+    for knob in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, 1 << 20)
+    static = torch.compile(copy.deepcopy(reference), dynamic=False)
+    out: dict[str, Any] = {}
+    for size in hot:
+        x = inputs[size]
+        t = time.perf_counter()
+        static(x)  # compiles
+        sync()
+        compile_s = time.perf_counter() - t
+        for _ in range(3):
+            static(x)
+            system(x)
+        sync()
+        t = time.perf_counter()
+        system(x)
+        sync()
+        k = max(3, int(round_s / max(time.perf_counter() - t, 1e-6)))
+        ours: list[float] = []
+        theirs: list[float] = []
+        for i in range(pairs):
+            order = ((system, ours), (static, theirs))
+            for fn, times in order if i % 2 == 0 else order[::-1]:
+                t = time.perf_counter()
+                for _ in range(k):
+                    fn(x)
+                sync()
+                times.append((time.perf_counter() - t) / k)
+        out[str(size)] = {
+            "tier": system.tier(size),
+            "ours_s": statistics.median(ours),
+            "static_s": statistics.median(theirs),
+            "ratio": statistics.median(t / o for t, o in zip(theirs, ours, strict=True)),
+            "ratio_of_medians": statistics.median(theirs) / statistics.median(ours),
+            "static_compile_s": compile_s,
+        }
+    return out
 
 
 def _frames() -> int:
@@ -513,8 +587,8 @@ def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
             sync()
             dt = time.perf_counter() - t
             cpu = time.process_time() - cpu0
-            compiled = _frames() > frames0
-            if compiled:
+            label = system.label(before, _frames() > frames0, eager_runs() - eager0)
+            if label in ("compile", "capture"):
                 compile_self_cpu += cpu
             requests.append(
                 {
@@ -523,7 +597,7 @@ def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
                     "at": t - ctx.t0,
                     "lat": dt,
                     "late": max(0.0, t - target),
-                    "tier": system.label(before, compiled, eager_runs() - eager0),
+                    "tier": label,
                 }
             )
             seen[size] = seen.get(size, 0) + 1
@@ -585,11 +659,15 @@ def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
         # ---- steady-state latency per distinct size (baseline) ------------------------
         baseline: dict[str, float] = {}
         baseline_tier: dict[str, str] = {}
-        # Most frequent sizes first: for pwdaemon, these calls can make a size the trace
-        # left cold hot (a compile starts in the background), so those go last.
-        order = sorted(sizes, key=lambda s: (-seen.get(s, 0), s))
-        for size in order:
+        hot_calls = int(spec.get("pwdaemon", {}).get("hot_calls") or 3)
+        for size in sorted(sizes, key=lambda s: (-seen.get(s, 0), s)):
             calls = int(spec["baseline_calls"])
+            if isinstance(system, PwdaemonSystem) and seen.get(size, 0) < hot_calls:
+                # Stay under the policy's threshold: a size the trace left cold must not
+                # turn hot here (its compile would load the machine, and the size profile
+                # saved at detach, which primes the warm run, would no longer be the
+                # trace's).
+                calls = max(1, min(calls, hot_calls - 1 - seen.get(size, 0)))
             x = inputs[size]
             baseline_tier[str(size)] = system.tier(size)
             times = []
@@ -611,7 +689,10 @@ def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
                 check[str(size)] = float((got - want).abs().max())
             result["check_max_abs"] = check
 
-    result["dynamo_frames"] = _frames()
+        result["dynamo_frames"] = _frames()
+        if spec.get("ab_static") and isinstance(system, PwdaemonSystem) and reference is not None:
+            result["ab_static"] = ab_against_static(system, reference, inputs, hot, sync)
+
     result["async_eager_runs"] = eager_runs()
     result["async_compiled_runs"] = compiled_runs()
     extra = system.close()

@@ -13,7 +13,8 @@ cold run left. The trace (`bench/_trace.py`) is decode-like sizes 1-256 (heavy t
 prefill bursts up to 2048 and popular sizes that shift, at Poisson arrival times.
 
 Writes `OUT/peers.md` (the table, the targets, definitions), `OUT/latency_<model>.png`
-(every request's latency, one line per system, log y), `OUT/probes_<model>.png`
+(every request's latency, one line per system, log y), `OUT/latency_panels_<model>.png`
+(one panel per system, coloured by serving tier), `OUT/probes_<model>.png`
 (throughput while compiles run), `OUT/peers-<model>.json` (every run's raw results) and
 per-run specs and logs under `OUT/runs/`. See bench/README.md.
 """
@@ -36,10 +37,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # pwdaemon from this checkout when it is not installed
 
 import _report  # noqa: E402
 from _systems import IN_PROCESS_COMPILERS, SYSTEMS  # noqa: E402
-from _trace import FULL, QUICK, build_trace, hot_sizes  # noqa: E402
+from _trace import FULL, QUICK, TraceCall, TraceSpec, build_trace, hot_sizes  # noqa: E402
 
 QUICK_SYSTEMS = ("eager", "dynamic", "pwdaemon-cold", "pwdaemon-warm")
 MODELS = ("demo", "larger")
@@ -97,9 +100,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--omp-wait-policy", default="keep",
                    help="OMP_WAIT_POLICY (ACTIVE or PASSIVE) for every system's process "
                    "(default: keep the environment's)")
+    p.add_argument("--capture", choices=("inline", "background"), default=None,
+                   help="pwdaemon attach(capture=...) (default: attach's own default)")
     p.add_argument("--workers", type=int, default=None, help="pwdaemon compile workers")
     p.add_argument("--hot-calls", type=int, default=None, help="pwdaemon PolicyConfig.hot_calls")
+    p.add_argument("--ab", action=argparse.BooleanOptionalAction, default=None,
+                   help="in each pwdaemon process, also time torch.compile(dynamic=False) of "
+                   "the same weights against it in alternating rounds (default: on; off "
+                   "with --quick)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild peers.md and the plots from OUT's JSON")
     args = p.parse_args(argv)
     systems = _csv(args.systems) if args.systems else list(QUICK_SYSTEMS if args.quick
                                                             else SYSTEMS)
@@ -118,6 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.models = models
     if args.inductor_cache is None:
         args.inductor_cache = "shared" if args.quick else "fresh"
+    if args.ab is None:
+        args.ab = not args.quick
     if args.threads is None and args.device == "cpu":
         # Serving threads + compile workers <= CPUs. Inductor's CPU kernels open an
         # OpenMP region per kernel; when a compile process holds one of the threads'
@@ -190,6 +203,10 @@ def run_system(args: argparse.Namespace, spec: dict[str, Any], out: Path) -> dic
     return result
 
 
+def _command() -> str:
+    return " ".join(["python", "bench/peers.py", *sys.argv[1:]])
+
+
 def _summary_line(r: dict[str, Any]) -> str:
     if r.get("error"):
         return f"ERROR {r['error'].splitlines()[0][:160]}"
@@ -209,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--device {args.device}: torch {torch.__version__} sees no CUDA device",
               file=sys.stderr)
         return 2
+    if args.report_only:
+        return report_only(args, out, torch.__version__)
     preset = QUICK if args.quick else FULL
     tspec = preset.with_(seed=args.seed, calls=args.calls, rate=args.rate,
                          tail_alpha=args.tail_alpha)
@@ -250,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                 "hot_sizes": hot, "probe_size": probe_size, "settle_timeout_s": settle,
                 "run_timeout_s": run_timeout, "store": str(store),
                 "dynamic_mark": args.dynamic_mark, "threads": args.threads,
-                "pwdaemon": {"hot_calls": args.hot_calls, "workers": args.workers},
+                "pwdaemon": {"hot_calls": args.hot_calls, "workers": args.workers,
+                             "capture": args.capture},
+                "ab_static": args.ab,
                 **measure,
             }
             if system == "pwdaemon-warm" and not store.exists():
@@ -263,17 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {_summary_line(results[system])}", flush=True)
         per_model[model] = results
         (out / f"peers-{model}.json").write_text(json.dumps(
-            {"hot_sizes": hot, "warmup_calls": warmup_calls, "results": results}))
+            {"hot_sizes": hot, "warmup_calls": warmup_calls, "command": _command(),
+             "results": results}))
         metrics = _report.compute(results, hot, warmup_calls)
         all_metrics += [metrics[s] for s in args.systems if s in metrics]
         if not args.no_plots:
-            for kind, fn in (("latency", _report.plot_latency), ("probes", _report.plot_probes)):
-                path = out / f"{kind}_{model}.png"
-                why = fn(results, model, path)
-                if why is None:
-                    plots.append(path.name)
-                elif why not in plot_notes:
-                    plot_notes.append(why)
+            _plots(results, model, out, plots, plot_notes)
 
     md = render(args, tspec, trace, hot, probe_size, warmup_calls, all_metrics, per_model,
                 plots, plot_notes, torch.__version__)
@@ -285,6 +301,53 @@ def main(argv: list[str] | None = None) -> int:
     print(f"written: {out / 'peers.md'}" + "".join(f", {out / p}" for p in plots))
     errors = [m for m in all_metrics if m.error]
     return 1 if errors else 0
+
+
+def _plots(results: dict[str, dict[str, Any]], model: str, out: Path, plots: list[str],
+           notes: list[str]) -> None:
+    for kind, fn in (("latency", _report.plot_latency),
+                     ("latency_panels", _report.plot_panels),
+                     ("probes", _report.plot_probes)):
+        path = out / f"{kind}_{model}.png"
+        why = fn(results, model, path)
+        if why is None:
+            plots.append(path.name)
+        elif why not in notes:
+            notes.append(why)
+
+
+def report_only(args: argparse.Namespace, out: Path, torch_version: str) -> int:
+    """Rebuild peers.md and the plots from the JSON a previous run left in `out`."""
+    saved = json.loads((out / "trace.json").read_text())
+    spec = dict(saved["spec"])
+    spec["burst_calls"] = tuple(spec["burst_calls"])
+    tspec = TraceSpec(**spec)
+    trace = [TraceCall(**c) for c in saved["calls"]]
+    counts = Counter(c.size for c in trace)
+    probe_size = max(counts, key=lambda s: (counts[s], -s))
+    metrics: list[_report.Metrics] = []
+    per_model: dict[str, dict[str, dict[str, Any]]] = {}
+    plots: list[str] = []
+    notes: list[str] = []
+    hot: list[int] = []
+    warmup_calls = 0
+    systems: list[str] = []
+    for model in args.models:
+        data = json.loads((out / f"peers-{model}.json").read_text())
+        hot, warmup_calls, results = data["hot_sizes"], data["warmup_calls"], data["results"]
+        args.command = data.get("command")
+        per_model[model] = results
+        by_system = _report.compute(results, hot, warmup_calls)
+        systems = [s for s in SYSTEMS if s in results]
+        metrics += [by_system[s] for s in systems]
+        if not args.no_plots:
+            _plots(results, model, out, plots, notes)
+    args.systems = systems
+    md = render(args, tspec, trace, hot, probe_size, warmup_calls, metrics, per_model, plots,
+                notes, torch_version)
+    (out / "peers.md").write_text(md)
+    print(md)
+    return 0
 
 
 def render(
@@ -318,7 +381,7 @@ def render(
         f"{len(trace) // max(1, tspec.phases)} requests. Hot sizes (throughput): {hot}. "
         f"Probe size: {probe_size}. Warm-up: the first {warmup_calls} requests.",
         "",
-        "Command: `" + " ".join(["python", "bench/peers.py", *sys.argv[1:]]) + "`",
+        f"Command: `{getattr(args, 'command', None) or _command()}`",
         "",
         "Systems: " + "; ".join(f"`{s}`: {SYSTEMS[s]}" for s in args.systems) + ".",
         "",
