@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -14,6 +16,8 @@ from torch import nn
 # The default artifact store of every attach() in the tests: a fresh directory per
 # session, never the user's ~/.cache/pwdaemon (spawned workers inherit it too).
 os.environ["PWDAEMON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pwdaemon-test-store-")
+atexit.register(shutil.rmtree, os.environ["PWDAEMON_CACHE_DIR"], ignore_errors=True)
+
 
 class SmallMLP(nn.Module):
     """Linear + LayerNorm + ReLU: fast to compile, exercises a reduction."""
