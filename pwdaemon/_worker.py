@@ -87,12 +87,19 @@ class Worker:
         proc.start()
         child.close()
         self.process, self._conn = proc, parent
-        if not parent.poll(timeout):
+        # close() on another thread (a detach) may shut the pipe while we wait: that is
+        # an OSError here, reported as a failed start, never an unhandled error.
+        try:
+            started = parent.poll(timeout)
+        except OSError as exc:
+            self.kill()
+            raise CompileError("cancelled", f"worker start interrupted: {exc}") from exc
+        if not started:
             self.kill()
             raise CompileError("crashed", f"worker did not start within {timeout:.0f} s")
         try:
             parent.recv()
-        except EOFError as exc:
+        except (EOFError, OSError) as exc:
             self.kill()
             raise CompileError("crashed", f"worker exited at start (code {proc.exitcode})") from exc
 

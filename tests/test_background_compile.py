@@ -185,3 +185,13 @@ def test_serving_is_not_blocked_while_a_compile_runs(mlp: nn.Module) -> None:
     finally:
         h.detach()
     assert multiprocessing.active_children() == []
+
+
+def test_detach_while_workers_start_is_clean(
+    mlp: nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = pwd.attach(mlp, compiler=pwd.CompileConfig(workers=1), store=False)
+    mlp(torch.randn(3, 16))
+    h.detach()  # the worker is still importing torch: its start is cut short
+    assert multiprocessing.active_children() == []
+    assert "did not stop cleanly" not in caplog.text
