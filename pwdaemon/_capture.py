@@ -22,6 +22,7 @@ import torch.fx
 from torch._dynamo import decorators as dynamo_decorators
 
 from ._dispatch import Dispatcher, match_output_structure
+from ._validation import copy_input
 
 _MARK_PARAMS = inspect.signature(dynamo_decorators.mark_unbacked).parameters
 # shape_id (torch >= 2.11) makes every marked input share one symbol.
@@ -184,8 +185,8 @@ class Capture:
             if self._capture_thread is not None:
                 return
             # Copies: the caller may reuse or mutate its tensors after the call returns.
-            args_copy = tuple(_copy_input(a) for a in args)
-            kwargs_copy = {k: _copy_input(v) for k, v in kwargs.items()}
+            args_copy = tuple(copy_input(a) for a in args)
+            kwargs_copy = {k: copy_input(v) for k, v in kwargs.items()}
             grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
             self._capture_thread = threading.Thread(
                 target=self._capture_in_background,
@@ -292,12 +293,6 @@ class Capture:
                     mark_size(t, d, shape_id)
 
         return mark
-
-
-def _copy_input(a: Any) -> Any:
-    if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter):
-        return a.detach().clone()
-    return a
 
 
 def wrap_compiled(fn: Callable[..., Any], piece: GraphPiece) -> Callable[..., Any]:

@@ -185,7 +185,7 @@ class Engine:
         self._in_flight = 0
         self._swap_callbacks: list[Callable[[SwapEvent], None]] = []
         self._plan_callbacks: list[Callable[[PlanCompleteEvent], None]] = []
-        self._plan_done = False
+        self._plan_event: PlanCompleteEvent | None = None
         self._cond = threading.Condition()
         self._workdir = Path(tempfile.mkdtemp(prefix="pwdaemon-"))
         self._faults: dict[str, tuple[str, int]] = {}
@@ -478,9 +478,8 @@ class Engine:
             self._heap = kept
 
     def _state_of(self, piece: GraphPiece) -> PieceState:
-        return self._pieces[piece.index] if self._pieces[piece.index].piece is piece else next(
-            st for st in self._pieces if st.piece is piece
-        )
+        # Pieces are planned in capture order, so a piece's index is its position.
+        return self._pieces[piece.index]
 
     async def _next_job(self) -> Job:
         while True:
@@ -801,16 +800,20 @@ class Engine:
                    if j.why in ("general", "configured")]
         if not all(j.terminal for j in planned):
             return
-        with self._cond:
-            self._plan_done = True
-            self._cond.notify_all()
         event = PlanCompleteEvent(
             self.name,
             live=sum(j.state == "live" for j in planned),
             failed=sum(j.state == "failed" for j in planned),
             seconds_since_attach=time.monotonic() - self.attached_at,
         )
+        with self._cond:
+            self._plan_event = event
+            self._cond.notify_all()
         self._fire(self._plan_callbacks, event)
+
+    @property
+    def _plan_done(self) -> bool:
+        return self._plan_event is not None
 
     # ---- API used by the handle (any thread) -----------------------------------------
 
@@ -819,8 +822,8 @@ class Engine:
 
     def on_plan_complete(self, cb: Callable[[PlanCompleteEvent], None]) -> None:
         self._plan_callbacks.append(cb)
-        if self._plan_done:
-            self._call_soon(cb, PlanCompleteEvent(self.name, 0, 0, 0.0))
+        if self._plan_event is not None:  # registered late: the event that fired
+            self._call_soon(cb, self._plan_event)
 
     def _call_soon(self, cb: Callable[[Any], None], event: Any) -> None:
         if self._portal is not None and not self.closed:

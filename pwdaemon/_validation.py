@@ -30,12 +30,16 @@ def _flatten(out: Any) -> list[Any]:
     return [out]
 
 
+def copy_input(a: Any) -> Any:
+    """A private copy of a call input: tensors other than parameters are cloned."""
+    if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter):
+        return a.detach().clone()
+    return a
+
+
 def fresh_args(args: Sequence[Any]) -> list[Any]:
     """Copies of the non-parameter tensors, so neither run can disturb the sample."""
-    return [
-        a.clone() if isinstance(a, torch.Tensor) and not isinstance(a, torch.nn.Parameter) else a
-        for a in args
-    ]
+    return [copy_input(a) for a in args]
 
 
 def compare_outputs(candidate: Any, reference: Any) -> str | None:

@@ -73,7 +73,6 @@ class Worker:
         self._env = dict(env)
         self.process: Any = None
         self._conn: Connection | None = None
-        self.jobs_done = 0
         self._kill_lock = threading.Lock()
 
     def start(self, timeout: float = 120.0) -> None:
@@ -129,7 +128,6 @@ class Worker:
             self.kill()
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
             raise CompileError("crashed", f"worker died mid-job ({how})") from exc
-        self.jobs_done += 1
         if msg[0] == "ok":
             result: dict[str, Any] = msg[1]
             return result

@@ -174,6 +174,11 @@ def test_callbacks_fire_off_the_serving_thread_and_survive_a_raising_one(
         assert not events[2].validated  # no size-3 call yet: nothing to validate on
         assert threading.get_ident() not in threads
         assert len(plans) == 1 and plans[0].live == 3 and plans[0].failed == 0
+        late: list[pwd.PlanCompleteEvent] = []
+        late_done = threading.Event()
+        h.on_plan_complete(lambda e: (late.append(e), late_done.set()))
+        assert late_done.wait(10)
+        assert late == plans  # a late registrant gets the event that fired
     finally:
         h.detach()
 
