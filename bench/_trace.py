@@ -1,6 +1,6 @@
 """The request trace every system of `bench/peers.py` serves: seeded, shared, JSON-able.
 
-Built on `pwdaemon._traffic` (the generator `pwdaemon demo` uses), with presets sized for
+Built on `pwdaemon.demo.traffic` (the generator `pwdaemon demo` uses), with presets sized for
 a benchmark where some peers compile once per distinct size:
 
 - decode-like calls, sizes 1..`decode_max` (default 256), heavy-tailed (P(n) ~ n**-alpha)
@@ -79,7 +79,7 @@ class TraceCall:
 
 def build_trace(spec: TraceSpec) -> list[TraceCall]:
     """The calls of `spec`, deterministic for its seed (pwdaemon's generator underneath)."""
-    from pwdaemon._traffic import Traffic, TrafficConfig
+    from pwdaemon.demo.traffic import Traffic, TrafficConfig
 
     config = TrafficConfig(
         seed=spec.seed,

@@ -7,20 +7,19 @@ Every call runs at once on the best runnable ready for its size; worker processe
 compile specialized versions for the sizes traffic brings and hot-swap them in.
 """
 
-from ._compiler import Target
-from ._config import CompileConfig, PolicyConfig
-from ._cudagraph import GraphConfig
-from ._dispatch import Dispatcher
-from ._events import (
+from pwdaemon.config import CompileConfig, PolicyConfig
+from pwdaemon.engine.events import (
     EntryStatus,
     HandleStatus,
     PieceStatus,
     PlanCompleteEvent,
     SwapEvent,
 )
-from ._handle import AlreadyAttachedError, Handle, attach
-from ._prewarm import prewarm
-from ._range_table import Entry, Range, RangeTable, Tier
+from pwdaemon.handle import AlreadyAttachedError, Handle, attach
+from pwdaemon.serving.cudagraph import GraphConfig
+from pwdaemon.serving.dispatch import Dispatcher
+from pwdaemon.serving.range_table import Entry, Range, RangeTable, Target, Tier
+from pwdaemon.workers.prewarm import prewarm
 
 __version__ = "0.1.0"
 

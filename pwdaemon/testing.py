@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from ._compiler import JobSpec, Target
-from ._worker import CompileError
+from pwdaemon.workers.compiler import JobSpec, Target
+from pwdaemon.workers.process import CompileError
 
 __all__ = ("FakeExecutor",)
 

@@ -1,0 +1,122 @@
+"""How the engine uses the artifact store: keys, warm restarts, profiles, peer pickup.
+
+The store itself (`_artifacts`) knows nothing of graph pieces; this module maps a
+(piece, target) to an `ArtifactKey`, finds what a previous run or another process left
+for this model's pieces, and turns store events into targets the engine can publish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pwdaemon.serving.capture import GraphPiece
+from pwdaemon.serving.range_table import Target, TargetKind
+from pwdaemon.store.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
+
+log = logging.getLogger("pwdaemon")
+
+
+def parse_target(label: str) -> Target | None:
+    """A stored manifest's target label -> Target; None for labels this engine skips."""
+    try:
+        target = Target.parse(label)
+    except ValueError:
+        return None
+    return None if target.kind is TargetKind.GRAPH else target
+
+
+def piece_device(piece: GraphPiece) -> str:
+    """The device the piece's tensors live on (the compile target's device)."""
+    for node in piece.gm.graph.nodes:
+        v = node.meta.get("example_value") if node.op == "placeholder" else None
+        if isinstance(v, torch.Tensor):
+            return str(v.device)
+    return "cpu"
+
+
+class StoreLink:
+    """The engine's view of one `ArtifactStore` (shared by all pieces of a model)."""
+
+    def __init__(self, store: ArtifactStore, options: Mapping[str, Any]) -> None:
+        self.store = store
+        self.options = dict(options)
+        self.enabled = True
+        self._devices: dict[int, str] = {}
+
+    def key(self, piece: GraphPiece, target: Target) -> ArtifactKey:
+        device = self._devices.get(piece.index)
+        if device is None:
+            device = self._devices[piece.index] = piece_device(piece)
+        return make_key(piece.fingerprint, target.label, device=device, options=self.options)
+
+    def lookup(self, key: ArtifactKey) -> Path | None:
+        if not self.enabled:
+            return None
+        try:
+            return self.store.lookup(key)
+        except UnsafeStoreError as exc:
+            # Loading code from a directory others can write is refused once, loudly;
+            # serving and compiling go on without the store.
+            log.error("pwdaemon: not loading from the artifact store: %s", exc)
+            self.enabled = False
+            return None
+
+    def publish(
+        self, key: ArtifactKey, src: str, seconds: float, extra: dict[str, Any]
+    ) -> Path | None:
+        if not self.enabled:
+            return None
+        return self.store.publish(key, src, compile_seconds=seconds, extra=extra)
+
+    def stored_targets(self, piece: GraphPiece) -> list[Target]:
+        """Targets the store already holds for this piece (same torch, device, options)."""
+        if not self.enabled:
+            return []
+        probe = self.key(piece, Target.general())
+        found: list[Target] = []
+        try:
+            manifests = self.store.entries()
+        except OSError as exc:
+            log.warning("pwdaemon: could not list the artifact store: %s", exc)
+            return []
+        for m in manifests:
+            if self.matches(probe, m):
+                t = parse_target(m.key.target)
+                if t is not None:
+                    found.append(t)
+        return found
+
+    @staticmethod
+    def matches(probe: ArtifactKey, m: Manifest) -> bool:
+        k = m.key
+        return (
+            k.graph_hash == probe.graph_hash
+            and k.device == probe.device
+            and k.torch_version == probe.torch_version
+            and k.triton_version == probe.triton_version
+            and k.options_hash == probe.options_hash
+        )
+
+    def profile_id(self, piece: GraphPiece) -> str:
+        return hashlib.sha256(f"profile:{piece.fingerprint}".encode()).hexdigest()[:32]
+
+    def load_profile(self, piece: GraphPiece) -> dict[int, int]:
+        try:
+            return self.store.load_profile(self.profile_id(piece))
+        except (OSError, ValueError) as exc:
+            log.warning("pwdaemon: could not read the size profile: %s", exc)
+            return {}
+
+    def save_profile(self, piece: GraphPiece, counts: Mapping[int, int]) -> None:
+        if counts:
+            self.store.save_profile(self.profile_id(piece), counts)
+
+    def extra(self, piece: GraphPiece, model: str) -> dict[str, Any]:
+        return {"graph": piece.index, "model": model, "pid": os.getpid()}

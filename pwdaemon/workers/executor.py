@@ -1,0 +1,57 @@
+"""Executors: what runs a compile job. The engine sees only the `Executor` protocol.
+
+`ProcessExecutor` is the real one (a pool of worker processes); `pwdaemon.testing` has
+in-process fakes for fast tests of the scheduling logic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pwdaemon.config import CompileConfig
+from pwdaemon.workers.compiler import JobSpec
+from pwdaemon.workers.process import WorkerPool
+
+
+class Executor(Protocol):
+    """Runs one compile job to a result dict: {"path"} or {"runnable"}, and "seconds"."""
+
+    @property
+    def restarts(self) -> int: ...
+
+    def start(self) -> None: ...
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]: ...
+    def pids(self) -> list[int]: ...
+    def close(self, timeout: float) -> None: ...
+
+
+class ProcessExecutor:
+    """The real executor: a pool of spawned worker processes."""
+
+    def __init__(self, config: CompileConfig, env: dict[str, str] | None = None) -> None:
+        self._pool = WorkerPool(
+            config.workers,
+            niceness=config.niceness,
+            env=env or {},
+            start_method=config.start_method,
+        )
+
+    @property
+    def restarts(self) -> int:
+        return self._pool.restarts
+
+    def start(self) -> None:
+        self._pool.warm_up()
+
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        worker = self._pool.checkout()
+        try:
+            return worker.run(spec, timeout)
+        finally:
+            self._pool.checkin(worker)
+
+    def pids(self) -> list[int]:
+        return self._pool.pids()
+
+    def close(self, timeout: float) -> None:
+        self._pool.close(timeout)

@@ -1,0 +1,63 @@
+"""Smoke test of the peer benchmark: `bench/peers.py --quick` runs and writes a table.
+
+Proves the harness runs end to end (fresh processes per system, the table, the JSON),
+not what the numbers are: a subset of systems that still has a torch.compile peer and
+pwdaemon cold and warm, on the quick trace.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMS = ("dynamic", "pwdaemon-cold", "pwdaemon-warm")
+NUMERIC = ("TTFR s", "warm-up max ms", "warm-up p99 ms", "compile wait s", "compile CPU s",
+           "trace wall s")
+
+
+def _main_table(markdown: str) -> tuple[list[str], list[list[str]]]:
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model | system |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return header, rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(170)
+def test_quick_run_writes_a_row_per_system(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "peers.py"), "--quick", "--out", str(out),
+         "--systems", ",".join(SYSTEMS), "--dynamic-mark", "unbacked"],
+        cwd=REPO, capture_output=True, text=True, timeout=160,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    markdown = (out / "peers.md").read_text()
+    header, rows = _main_table(markdown)
+    assert [r[1] for r in rows] == list(SYSTEMS)
+    for row in rows:
+        cells = dict(zip(header, row, strict=True))
+        for column in NUMERIC:
+            value = float(cells[column])  # raises if it does not parse
+            assert value >= 0.0, (row[1], column, value)
+        assert float(cells["TTFR s"]) > 0.0
+        assert int(cells["dynamo graphs"]) >= 1
+    raw = json.loads((out / "peers-demo.json").read_text())["results"]
+    for system in SYSTEMS:
+        result = raw[system]
+        assert result["error"] is None, result.get("traceback")
+        assert len(result["requests"]) == 80
+    # pwdaemon never compiles on the request path beyond dynamo's one capture.
+    for system in ("pwdaemon-cold", "pwdaemon-warm"):
+        tiers = {q["tier"] for q in raw[system]["requests"]}
+        assert "compile" not in tiers and raw[system]["dynamo_frames"] == 1

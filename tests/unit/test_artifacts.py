@@ -1,0 +1,851 @@
+"""Tests for the artifact store: keys, atomic publish, verification and quarantine,
+permissions, write failures, gc, claims across real processes, and the real watchdog
+observer seeing publishes from another process."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import multiprocessing
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pwdaemon.store.store import (
+    ORPHAN_GRACE_S,
+    SERVICE_CACHE_DIR,
+    TMP_PREFIX,
+    ArtifactKey,
+    ArtifactStore,
+    UnsafeStoreError,
+    default_store_dir,
+    device_fingerprint,
+    make_key,
+    options_hash,
+)
+
+WAIT_S = 20.0  # upper bound for anything asynchronous; a pass takes far less
+
+
+def key_for(graph: str = "graph-code", target: str = "size:8", **kw: object) -> ArtifactKey:
+    """A key with explicit versions so tests do not depend on the environment."""
+    params: dict[str, object] = {
+        "device": "cpu",
+        "options": {"max_autotune": False},
+        "torch_version": "2.13.0+cpu",
+        "triton_version": "none",
+    }
+    params.update(kw)
+    return make_key(graph, target, **params)  # type: ignore[arg-type]
+
+
+def fake_artifact(tmp_path: Path, size: int = 4096, name: str = "src.bin") -> Path:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+class Clock:
+    """A settable clock for created/last-used times."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ArtifactStore:
+    return ArtifactStore(tmp_path / "store")
+
+
+def all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def spawn() -> multiprocessing.context.SpawnContext:
+    return multiprocessing.get_context("spawn")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_every_key_input_changes_the_digest() -> None:
+    base = key_for()
+    variants = {
+        "graph_hash": key_for(graph="graph-code "),
+        "target": key_for(target="size:16"),
+        "device": key_for(device="cuda:sm90"),
+        "torch_version": key_for(torch_version="2.13.1+cpu"),
+        "triton_version": key_for(triton_version="3.4.0"),
+        "options_hash": key_for(options={"max_autotune": True}),
+    }
+    # Every field of the key has a variant here: a new field needs a new line above.
+    assert set(variants) == set(base.fields())
+    for name, variant in variants.items():
+        changed = {f for f in base.fields() if base.fields()[f] != variant.fields()[f]}
+        assert changed == {name}
+        assert variant.digest != base.digest, name
+    assert len({v.digest for v in variants.values()} | {base.digest}) == len(variants) + 1
+    # Options: adding a key, or a value of another type, also changes the digest.
+    assert key_for(options={"max_autotune": False, "x": 1}).digest != base.digest
+    assert key_for(options={"max_autotune": 0}).digest != base.digest
+    for target in ("general", "size:8", "range:1-16", "graph:8"):
+        assert key_for(target=target).digest != key_for(target=target, device="cuda:sm80").digest
+
+
+def test_key_is_canonical_and_round_trips() -> None:
+    a = key_for(options={"a": 1, "b": [1, 2], "c": {"y": 2, "x": 1}})
+    b = key_for(options={"c": {"x": 1, "y": 2}, "b": [1, 2], "a": 1})
+    assert a == b and a.digest == b.digest
+    assert len(a.digest) == 64 and int(a.digest, 16) >= 0
+    assert options_hash(None) == options_hash({})
+    assert ArtifactKey.from_fields(a.fields()) == a
+    with pytest.raises(ValueError, match="target"):
+        ArtifactKey.from_fields({k: v for k, v in a.fields().items() if k != "target"})
+    with pytest.raises(TypeError, match="JSON"):
+        key_for(options={"fn": object()})
+
+
+def test_make_key_detects_versions() -> None:
+    import importlib.util
+
+    import torch
+
+    key = make_key("g", "general", device="cpu")
+    assert key.torch_version == str(torch.__version__)
+    if importlib.util.find_spec("triton") is None:
+        assert key.triton_version == "none"
+    else:
+        assert key.triton_version not in ("", "none")
+
+
+def test_device_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    assert device_fingerprint("cpu") == "cpu"
+    assert device_fingerprint(torch.device("cpu")) == "cpu"
+    assert device_fingerprint("cuda:sm90") == "cuda:sm90"
+    # No GPU here: stand in for the capability query to check the naming, which must
+    # not depend on the device index.
+    capability = {0: (9, 0), 1: (9, 0), 2: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capability[i])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert device_fingerprint("cuda") == "cuda:sm90"
+    assert device_fingerprint(torch.device("cuda", 1)) == "cuda:sm90"
+    assert device_fingerprint("cuda:2") == "cuda:sm80"
+    assert make_key("g", "general", device="cuda:1").device == "cuda:sm90"
+
+
+def test_default_store_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    env = {"PWDAEMON_CACHE_DIR": str(tmp_path / "x"), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert default_store_dir(env) == tmp_path / "x"
+    assert default_store_dir({"XDG_CACHE_HOME": str(tmp_path / "xdg")}) == (
+        tmp_path / "xdg" / "pwdaemon"
+    )
+    # A relative XDG_CACHE_HOME is invalid per the spec and ignored.
+    assert default_store_dir({"XDG_CACHE_HOME": "rel"}) == home / ".cache" / "pwdaemon"
+    assert default_store_dir({}) == home / ".cache" / "pwdaemon"
+    monkeypatch.setenv("PWDAEMON_CACHE_DIR", str(tmp_path / "fromenv"))
+    assert ArtifactStore().root == tmp_path / "fromenv"
+    assert str(SERVICE_CACHE_DIR) == "/var/cache/pwdaemon"
+
+
+# --------------------------------------------------------------------------- publish / lookup
+
+
+def test_publish_then_lookup(store: ArtifactStore, tmp_path: Path) -> None:
+    src = fake_artifact(tmp_path, 300_000)
+    key = key_for()
+    path = store.publish(key, src, compile_seconds=3.25, extra={"sizes": [8]})
+    assert path == store.root / "artifacts" / key.digest[:2] / f"{key.digest}.bin"
+    assert path.read_bytes() == src.read_bytes()
+    assert store.lookup(key) == path
+    assert store.lookup(key.digest) == path
+
+    manifest = store.manifest(key)
+    assert manifest is not None
+    assert manifest.key == key and manifest.digest == key.digest
+    assert manifest.size == 300_000
+    assert manifest.compile_seconds == 3.25
+    assert manifest.extra == {"sizes": [8]}
+    assert manifest.created <= manifest.last_used
+    raw = json.loads(path.with_suffix(".json").read_text())
+    assert raw["key"] == key.fields()
+    import hashlib
+
+    assert raw["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+
+    # Only final names are left, with private modes.
+    names = sorted(p.name for p in (store.artifacts_dir / key.digest[:2]).iterdir())
+    assert names == [f"{key.digest}.bin", f"{key.digest}.json"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for d in ("", "artifacts", "quarantine", "claims", "inductor", "profiles"):
+        assert stat.S_IMODE((store.root / d).stat().st_mode) == 0o700, d
+    assert store.inductor_cache_dir == store.root / "inductor"
+    assert store.inductor_env() == {"TORCHINDUCTOR_CACHE_DIR": str(store.root / "inductor")}
+    assert store.quarantined == 0 and store.write_errors == 0
+
+
+def test_service_mode_dirs_and_files_readable_by_all(tmp_path: Path) -> None:
+    old = os.umask(0o077)  # a strict umask must not make the service store unreadable
+    try:
+        store = ArtifactStore(tmp_path / "svc", dir_mode=0o755)
+        path = store.publish(key_for(), fake_artifact(tmp_path), compile_seconds=1)
+    finally:
+        os.umask(old)
+    assert path is not None
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o755
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert store.lookup(key_for()) == path
+
+
+def test_lookup_miss(store: ArtifactStore) -> None:
+    assert store.lookup(key_for()) is None
+    assert store.manifest(key_for()) is None
+    assert store.quarantined == 0
+    with pytest.raises(ValueError, match="digest"):
+        store.lookup("../../etc/passwd")
+
+
+def test_republish_replaces(store: ArtifactStore, tmp_path: Path) -> None:
+    key = key_for()
+    store.publish(key, fake_artifact(tmp_path, name="a"), compile_seconds=1)
+    second = fake_artifact(tmp_path, name="b")
+    path = store.publish(key, second, compile_seconds=2)
+    assert path is not None and store.lookup(key) == path
+    assert path.read_bytes() == second.read_bytes()
+    assert store.stats()[1] == 1
+
+
+def _corrupt_flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _manifest_garbage(path: Path) -> None:
+    path.with_suffix(".json").write_text('{"format": 1, "key": ')
+
+
+def _manifest_wrong_digest(path: Path) -> None:
+    other = json.loads(path.with_suffix(".json").read_text())
+    other["key"]["target"] = "size:9"  # the recorded digest no longer matches its fields
+    path.with_suffix(".json").write_text(json.dumps(other))
+
+
+def _manifest_other_key(path: Path) -> None:
+    # A valid manifest of another key placed under this digest's name.
+    other = json.loads(path.with_suffix(".json").read_text())
+    other_key = key_for(target="size:9")
+    other["key"] = other_key.fields()
+    other["digest"] = other_key.digest
+    path.with_suffix(".json").write_text(json.dumps(other))
+
+
+def _manifest_missing_old(path: Path) -> None:
+    path.with_suffix(".json").unlink()
+    old = path.stat().st_mtime - ORPHAN_GRACE_S - 10
+    os.utime(path, (old, old))
+
+
+def _artifact_missing(path: Path) -> None:
+    path.unlink()
+
+
+def _artifact_symlink(path: Path) -> None:
+    # Same bytes, but through a link that could point anywhere: never followed.
+    real = path.parent.parent.parent / "elsewhere.bin"
+    real.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(real)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_corrupt_flip, "checksum mismatch"),
+        (_corrupt_truncate, "truncated"),
+        (_manifest_garbage, "bad manifest"),
+        (_manifest_wrong_digest, "bad manifest"),
+        (_manifest_other_key, "another digest"),
+        (_manifest_missing_old, "manifest missing"),
+        (_artifact_missing, "artifact missing"),
+        (_artifact_symlink, "symlink"),
+    ],
+)
+def test_damaged_entry_is_quarantined_never_returned(
+    store: ArtifactStore,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: Callable[[Path], None],
+    reason: str,
+) -> None:
+    key = key_for()
+    path = store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+    assert path is not None
+    damage(path)
+    with caplog.at_level(logging.WARNING, logger="pwdaemon.store.store"):
+        assert store.lookup(key) is None
+    assert store.quarantined == 1
+    assert reason in caplog.text
+    assert not os.path.lexists(path) and not path.with_suffix(".json").exists()
+    assert any(p.name.startswith(key.digest) for p in store.quarantine_dir.iterdir())
+    # Now a plain miss: the caller recompiles and republishes.
+    assert store.lookup(key) is None and store.quarantined == 1
+    assert store.publish(key, fake_artifact(tmp_path, name="new"), compile_seconds=1) == path
+    assert store.lookup(key) == path
+
+
+def test_young_orphan_artifact_is_a_miss_not_quarantined(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    # An artifact whose manifest is not written yet may be a publish in progress.
+    key = key_for()
+    path = store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+    assert path is not None
+    path.with_suffix(".json").unlink()
+    assert store.lookup(key) is None
+    assert store.quarantined == 0 and path.exists()
+
+
+def test_last_used_is_updated_by_lookup(tmp_path: Path) -> None:
+    clock = Clock()
+    store = ArtifactStore(tmp_path / "s", clock=clock, touch_interval_s=60)
+    key = key_for()
+    store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+    clock.now += 30  # within the interval: no rewrite
+    assert store.lookup(key) is not None
+    m = store.manifest(key)
+    assert m is not None and m.last_used == 1_000_000.0
+    clock.now += 100
+    assert store.lookup(key) is not None
+    m = store.manifest(key)
+    assert m is not None and m.last_used == 1_000_130.0 and m.created == 1_000_000.0
+    assert store.lookup(key) is not None  # the rewritten manifest still verifies
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+def test_group_or_world_writable_store_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    store = ArtifactStore(root)
+    key = key_for()
+    assert store.publish(key, fake_artifact(tmp_path), compile_seconds=1) is not None
+
+    for target in (root, store.artifacts_dir, store.inductor_cache_dir):
+        os.chmod(target, 0o777)
+        with pytest.raises(UnsafeStoreError, match=f"chmod go-w {target}"):
+            ArtifactStore(root)
+        # A store opened before the change refuses to load too.
+        with pytest.raises(UnsafeStoreError, match="writable by group or others"):
+            store.lookup(key)
+        os.chmod(target, 0o700)
+    assert store.lookup(key) is not None
+
+    # Group-writable (not only world) is refused, and so is a writable shard or file.
+    os.chmod(root, 0o720)
+    with pytest.raises(UnsafeStoreError):
+        ArtifactStore(root)
+    os.chmod(root, 0o700)
+    shard = store.artifacts_dir / key.digest[:2]
+    os.chmod(shard, 0o722)
+    with pytest.raises(UnsafeStoreError, match="go-w"):
+        store.lookup(key)
+    os.chmod(shard, 0o700)
+    os.chmod(store.artifact_path(key), 0o666)
+    with pytest.raises(UnsafeStoreError, match="go-w"):
+        store.lookup(key)
+    os.chmod(store.artifact_path(key), 0o600)
+    assert store.lookup(key) is not None
+    # check=False opens it anyway (for repair tools), but loading still refuses.
+    os.chmod(root, 0o777)
+    lax = ArtifactStore(root, check=False)
+    with pytest.raises(UnsafeStoreError):
+        lax.lookup(key)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown to another user")
+def test_store_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    store = ArtifactStore(root)
+    key = key_for()
+    store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+    os.chown(store.artifacts_dir, 4242, 4242)
+    with pytest.raises(UnsafeStoreError, match="owned by uid 4242"):
+        ArtifactStore(root)
+    with pytest.raises(UnsafeStoreError, match="owned by uid 4242"):
+        store.lookup(key)
+    # The host service's uid can be trusted explicitly.
+    trusting = ArtifactStore(root, trusted_uids=[4242])
+    assert trusting.lookup(key) is not None
+    os.chown(store.artifacts_dir, 0, 0)
+    os.chown(store.artifact_path(key), 4243, 4243)
+    with pytest.raises(UnsafeStoreError, match="owned by uid 4243"):
+        store.lookup(key)
+
+
+# --------------------------------------------------------------------------- write failures
+
+
+def test_read_only_store_publish_warns_once(
+    store: ArtifactStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = key_for()
+    existing = store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+    src = fake_artifact(tmp_path, name="other")
+    real_open = os.open
+
+    # Tests run as root, for whom chmod does not stop writes: fail creations the way a
+    # read-only mount does.
+    def read_only_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    with caplog.at_level(logging.WARNING, logger="pwdaemon.store.store"):
+        for i in range(3):
+            assert store.publish(key_for(target=f"size:{i}"), src, compile_seconds=1) is None
+        assert store.save_profile("model", {8: 1}) is None
+        # Reading still works on a read-only store.
+        assert store.lookup(key) == existing
+    assert store.write_errors == 4
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "not writable" in warnings[0].getMessage()
+    assert "Read-only file system" in warnings[0].getMessage()
+    monkeypatch.undo()
+    assert store.stats()[1] == 1
+    assert not [p for p in all_files(store.artifacts_dir) if p.name.startswith(TMP_PREFIX)]
+
+
+def test_full_disk_leaves_no_partial_files(
+    store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = key_for()
+    src = fake_artifact(tmp_path, 3 << 20)  # several copy chunks
+    real_write = os.write
+    written = [0]
+
+    def filling_write(fd: int, data: bytes) -> int:
+        if written[0] >= 1 << 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, data)
+        written[0] += n
+        return n
+
+    monkeypatch.setattr(os, "write", filling_write)
+    assert store.publish(key, src, compile_seconds=1) is None
+    monkeypatch.undo()
+    assert written[0] >= 1 << 20  # the failure happened mid-copy, after a partial write
+    assert store.write_errors == 1
+    assert all_files(store.artifacts_dir) == []
+    assert store.lookup(key) is None
+    assert store.publish(key, src, compile_seconds=1) is not None
+    assert store.lookup(key) is not None
+
+
+def test_unwritable_shard_is_a_write_error_not_an_exception(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    # A real OSError without monkeypatching: the shard directory's name is taken by a file.
+    key = key_for()
+    (store.artifacts_dir / key.digest[:2]).write_bytes(b"")
+    assert store.publish(key, fake_artifact(tmp_path), compile_seconds=1) is None
+    assert store.write_errors == 1
+
+
+def test_publish_caller_errors_raise(store: ArtifactStore, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        store.publish(key_for(), tmp_path / "nope", compile_seconds=1)
+    with pytest.raises(TypeError):
+        store.publish(key_for(), fake_artifact(tmp_path), compile_seconds=1, extra={"x": {1, 2}})
+    assert store.write_errors == 0 and store.stats() == (0, 0)
+
+
+# --------------------------------------------------------------------------- listing, gc, verify
+
+
+def test_stats_entries_and_gc_lru(tmp_path: Path) -> None:
+    clock = Clock()
+    store = ArtifactStore(tmp_path / "s", clock=clock, touch_interval_s=0)
+    keys = [key_for(target=f"size:{n}") for n in (1, 2, 3, 4)]
+    for i, key in enumerate(keys):
+        clock.now = 1_000_000.0 + i * 100
+        store.publish(key, fake_artifact(tmp_path, 10_000 + i), compile_seconds=i)
+    total, count = store.stats()
+    assert count == 4
+    assert total == sum(p.stat().st_size for p in all_files(store.artifacts_dir))
+    assert [m.digest for m in store.entries()] == [k.digest for k in keys]
+
+    # Use the oldest, so the second-oldest becomes least recently used.
+    clock.now = 1_000_500.0
+    assert store.lookup(keys[0]) is not None
+    assert store.gc() == []  # no limits: nothing to do
+
+    # Older than 350 s: keys[1] (last used at +100) and keys[2] (+200).
+    clock.now = 1_000_550.0
+    removed = store.gc(max_age_s=300)
+    assert [m.digest for m in removed] == [keys[1].digest, keys[2].digest]
+    assert store.lookup(keys[1]) is None and store.quarantined == 0
+
+    # Over budget: drop least recently used (keys[3], used at +300) until it fits.
+    budget = store.stats()[0] - 1
+    removed = store.gc(max_bytes=budget)
+    assert [m.digest for m in removed] == [keys[3].digest]
+    assert store.stats()[0] <= budget
+    assert [m.digest for m in store.entries()] == [keys[0].digest]
+    assert store.gc(max_bytes=0) and store.stats() == (0, 0)
+
+
+def test_gc_sweeps_old_temporary_files_only(store: ArtifactStore, tmp_path: Path) -> None:
+    key = key_for()
+    path = store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+    assert path is not None
+    old = path.parent / f"{TMP_PREFIX}{key.digest}.bin.1.dead"
+    fresh = path.parent / f"{TMP_PREFIX}{key.digest}.bin.2.live"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    stamp = old.stat().st_mtime - ORPHAN_GRACE_S - 1
+    os.utime(old, (stamp, stamp))
+    assert store.gc() == []
+    assert not old.exists() and fresh.exists() and store.lookup(key) == path
+
+
+def test_verify_quarantines_bad_entries(store: ArtifactStore, tmp_path: Path) -> None:
+    keys = [key_for(target=f"size:{n}") for n in (1, 2, 3)]
+    for key in keys:
+        store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+    _corrupt_flip(store.artifact_path(keys[1]))
+    _manifest_garbage(store.artifact_path(keys[2]))
+    results = {r.digest: r for r in store.verify()}
+    assert set(results) == {k.digest for k in keys}
+    assert results[keys[0].digest].ok and results[keys[0].digest].reason == "ok"
+    assert not results[keys[1].digest].ok
+    assert results[keys[1].digest].reason == "checksum mismatch"
+    assert results[keys[1].digest].manifest is not None
+    assert not results[keys[2].digest].ok and results[keys[2].digest].manifest is None
+    assert store.quarantined == 2
+    again = store.verify()
+    assert [(r.digest, r.ok) for r in again] == [(keys[0].digest, True)]
+
+
+def test_clear(store: ArtifactStore, tmp_path: Path) -> None:
+    for n in (1, 2):
+        store.publish(key_for(target=f"size:{n}"), fake_artifact(tmp_path), compile_seconds=1)
+    (store.inductor_cache_dir / "fxgraph").mkdir()
+    (store.inductor_cache_dir / "fxgraph" / "k.so").write_bytes(b"so")
+    (store.quarantine_dir / "junk.bin").write_bytes(b"q")
+    store.save_profile("model", {8: 3})
+    assert store.clear() == 2
+    assert store.stats() == (0, 0)
+    assert all_files(store.inductor_cache_dir) == [] and all_files(store.quarantine_dir) == []
+    assert store.load_profile("model") == {8: 3}
+    assert stat.S_IMODE(store.artifacts_dir.stat().st_mode) == 0o700
+    assert store.publish(key_for(), fake_artifact(tmp_path), compile_seconds=1) is not None
+
+
+# --------------------------------------------------------------------------- profiles
+
+
+def test_profiles(store: ArtifactStore, caplog: pytest.LogCaptureFixture) -> None:
+    assert store.load_profile("model-a") == {}
+    store.save_profile("model-a", {8: 100, 1: 3, 4096: 1})
+    store.save_profile("model-b", {16: 2})
+    assert store.load_profile("model-a") == {1: 3, 8: 100, 4096: 1}
+    store.save_profile("model-a", {8: 101})
+    assert store.load_profile("model-a") == {8: 101}
+    assert store.load_profile("model-b") == {16: 2}
+    files = list(store.profiles_dir.iterdir())
+    assert len(files) == 2 and not any(p.name.startswith(TMP_PREFIX) for p in files)
+    for p in files:
+        p.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="pwdaemon.store.store"):
+        assert store.load_profile("model-a") == {}
+    assert "unreadable profile" in caplog.text
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def test_claim_is_exclusive_and_released(tmp_path: Path) -> None:
+    a = ArtifactStore(tmp_path / "s")
+    b = ArtifactStore(tmp_path / "s")
+    key = key_for()
+    claim = a.claim(key)
+    assert claim is not None and claim.held
+    record = json.loads(claim.path.read_text())
+    assert record["pid"] == os.getpid() and record["host"] and record["time"] > 0
+    assert b.claim(key) is None  # held by a live process (this one)
+    assert b.claim(key_for(target="size:9")) is not None  # other keys are independent
+    claim.release()
+    claim.release()  # idempotent
+    assert not claim.held and not claim.path.exists()
+    with b.claim(key) as again:
+        assert again is not None and a.claim(key) is None
+    assert a.claim(key) is not None
+
+
+def test_old_claim_of_live_process_is_broken(tmp_path: Path) -> None:
+    clock = Clock()  # shared: both "processes" see the same time
+    a = ArtifactStore(tmp_path / "s", clock=clock, stale_claim_s=100)
+    b = ArtifactStore(tmp_path / "s", clock=clock, stale_claim_s=100)
+    key = key_for()
+    start = clock.now
+    old = a.claim(key)
+    assert old is not None
+    clock.now = start + 80
+    assert b.claim(key) is None
+    assert old.refresh()  # restarts the stale timer at +80...
+    clock.now = start + 150
+    assert b.claim(key) is None  # ...so at +150 (150 s old without it) it is still fresh
+    clock.now = start + 181
+    new = b.claim(key)
+    assert new is not None
+    # The old holder finds out, and its release does not remove the new claim.
+    assert not old.refresh() and not old.held
+    old.release()
+    assert new.path.exists() and a.claim(key) is None
+    new.release()
+
+
+def _race_for_claims(
+    root: str,
+    digests: list[str],
+    start: threading.Barrier,
+    done: threading.Barrier,
+    results: multiprocessing.Queue[tuple[int, int, bool]],
+) -> None:
+    """Claim each digest at the same moment as the other racer; report who won."""
+    store = ArtifactStore(root)
+    for i, digest in enumerate(digests):
+        start.wait(WAIT_S)
+        claim = store.claim(digest)
+        results.put((i, os.getpid(), claim is not None))
+        done.wait(WAIT_S)  # hold the claim until the other racer has tried too
+        if claim is not None:
+            claim.release()
+
+
+def test_two_processes_race_for_a_claim(tmp_path: Path) -> None:
+    # This process and a spawned one run the same code, in lockstep, for many keys.
+    ctx = spawn()
+    store = ArtifactStore(tmp_path / "s")
+    digests = [key_for(target=f"size:{n}").digest for n in range(25)]
+    start, done = ctx.Barrier(2), ctx.Barrier(2)
+    results: multiprocessing.Queue[tuple[int, int, bool]] = ctx.Queue()
+    args = (str(store.root), digests, start, done, results)
+    proc = ctx.Process(target=_race_for_claims, args=args)
+    proc.start()
+    _race_for_claims(*args)
+    proc.join(WAIT_S)
+    assert proc.exitcode == 0
+    outcomes = [results.get(timeout=WAIT_S) for _ in range(2 * len(digests))]
+    winners: dict[int, list[int]] = {i: [] for i in range(len(digests))}
+    for i, pid, won in outcomes:
+        assert pid in (os.getpid(), proc.pid)
+        if won:
+            winners[i].append(pid)
+    assert all(len(w) == 1 for w in winners.values()), winners
+    assert not any(store._claim_path(d).exists() for d in digests)  # winners released
+    assert store.claim(digests[0]) is not None
+
+
+# --------------------------------------------------------------------------- watching
+
+
+class Recorder:
+    """Collects watcher callbacks; `wait_for(digest)` blocks until that digest is seen."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Path]] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, digest: str, path: Path) -> None:
+        with self._cond:
+            self.calls.append((digest, path))
+            self._cond.notify_all()
+
+    def wait_for(self, digest: str, times: int = 1) -> bool:
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: sum(d == digest for d, _ in self.calls) >= times, WAIT_S
+            )
+
+
+@pytest.fixture
+def watched(store: ArtifactStore) -> Iterator[tuple[ArtifactStore, Recorder]]:
+    recorder = Recorder()
+    watcher = store.watch(recorder, debounce_s=0.05)
+    yield store, recorder
+    watcher.stop()
+    assert not watcher._thread.is_alive() and not watcher._observer.is_alive()
+
+
+def _claim_publish_and_crash(root: str, fields: dict[str, str], src: str) -> None:
+    store = ArtifactStore(root)
+    key = ArtifactKey.from_fields(fields)
+    assert store.claim(key) is not None
+    assert store.publish(key, src, compile_seconds=2.0) is not None
+    os._exit(0)  # exit without releasing the claim, like a worker that crashed
+
+
+def test_another_process_publishes_then_dies_holding_its_claim(
+    watched: tuple[ArtifactStore, Recorder], tmp_path: Path
+) -> None:
+    # One child process (each costs a torch import) covers two things: the real observer
+    # sees another process's publish, and the claim it left behind is broken as dead.
+    store, recorder = watched
+    key = key_for()
+    src = fake_artifact(tmp_path)
+    proc = spawn().Process(
+        target=_claim_publish_and_crash, args=(str(store.root), key.fields(), str(src))
+    )
+    proc.start()
+    proc.join(WAIT_S)
+    assert proc.exitcode == 0
+
+    assert recorder.wait_for(key.digest)
+    digest, path = recorder.calls[0]
+    assert digest == key.digest and path == store.artifact_path(key)
+    assert store.lookup(digest) == path and path.read_bytes() == src.read_bytes()
+
+    assert json.loads(store._claim_path(key.digest).read_text())["pid"] == proc.pid
+    claim = store.claim(key)
+    assert claim is not None
+    assert json.loads(claim.path.read_text())["pid"] == os.getpid()
+    claim.release()
+
+
+def test_watch_with_polling_observer(store: ArtifactStore, tmp_path: Path) -> None:
+    recorder = Recorder()
+    other = ArtifactStore(store.root)
+    key = key_for()
+    with store.watch(recorder, polling=True, poll_interval_s=0.05, debounce_s=0.05):
+        thread = threading.Thread(
+            target=other.publish, args=(key, fake_artifact(tmp_path)), kwargs={"compile_seconds": 1}
+        )
+        thread.start()
+        thread.join()
+        assert recorder.wait_for(key.digest)
+    assert recorder.calls == [(key.digest, store.artifact_path(key))]
+
+
+def test_watch_reports_each_artifact_once(
+    watched: tuple[ArtifactStore, Recorder], tmp_path: Path
+) -> None:
+    store, recorder = watched
+    a, b, c = (key_for(target=f"size:{n}") for n in (1, 2, 3))
+    store.publish(a, fake_artifact(tmp_path), compile_seconds=1)
+    # Temporary files, even with manifest-like names, are never reported.
+    shard = store.artifacts_dir / b.digest[:2]
+    shard.mkdir(exist_ok=True)
+    (shard / f"{TMP_PREFIX}{b.digest}.json").write_text("{}")
+    store.publish(b, fake_artifact(tmp_path), compile_seconds=1)
+    # Events arrive in order, so once b is reported every event about a has been seen.
+    assert recorder.wait_for(b.digest)
+    # A lookup that rewrites a's manifest (last-used) is not a new artifact.
+    toucher = ArtifactStore(store.root, touch_interval_s=0, clock=lambda: 2e9)
+    assert toucher.lookup(a) is not None
+    manifest = store.manifest(a)
+    assert manifest is not None and manifest.last_used == 2e9
+    store.publish(c, fake_artifact(tmp_path), compile_seconds=1)
+    assert recorder.wait_for(c.digest)
+    assert sorted(d for d, _ in recorder.calls) == sorted([a.digest, b.digest, c.digest])
+
+
+def test_watch_reports_republish_after_quarantine(
+    watched: tuple[ArtifactStore, Recorder], tmp_path: Path
+) -> None:
+    store, recorder = watched
+    key = key_for()
+    src = fake_artifact(tmp_path)
+    path = store.publish(key, src, compile_seconds=1)
+    assert path is not None and recorder.wait_for(key.digest)
+    _corrupt_flip(path)
+    assert store.lookup(key) is None and store.quarantined == 1
+    # The recompile produces the same bytes: still reported, the old copy was dropped.
+    assert store.publish(key, src, compile_seconds=1) == path
+    assert recorder.wait_for(key.digest, times=2)
+
+
+def test_watch_callback_errors_do_not_stop_the_watcher(
+    store: ArtifactStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    first = key_for(target="size:1")
+
+    def flaky(digest: str, path: Path) -> None:
+        recorder(digest, path)
+        if digest == first.digest:
+            raise RuntimeError("callback bug")
+
+    second = key_for(target="size:2")
+    with (
+        caplog.at_level(logging.ERROR, logger="pwdaemon.store.store"),
+        store.watch(flaky, debounce_s=0.01),
+    ):
+        store.publish(first, fake_artifact(tmp_path), compile_seconds=1)
+        assert recorder.wait_for(first.digest)
+        store.publish(second, fake_artifact(tmp_path), compile_seconds=1)
+        assert recorder.wait_for(second.digest)
+    assert "callback bug" in caplog.text
+
+
+def test_watch_falls_back_to_polling_without_inotify(
+    store: ArtifactStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from watchdog.observers import Observer
+
+    def no_inotify(self: object) -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    # The limit cannot be exhausted safely on a shared machine: fail inotify's start.
+    monkeypatch.setattr(Observer, "start", no_inotify)
+    recorder = Recorder()
+    key = key_for()
+    with caplog.at_level(logging.WARNING, logger="pwdaemon.store.store"):
+        watcher = store.watch(recorder, poll_interval_s=0.05, debounce_s=0.01)
+    with watcher:
+        assert watcher.polling
+        store.publish(key, fake_artifact(tmp_path), compile_seconds=1)
+        assert recorder.wait_for(key.digest)
+    assert "polling" in caplog.text
+
+
+def test_store_that_cannot_be_created_degrades_to_misses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def read_only_mkdir(path: object, *args: object, **kw: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "mkdir", read_only_mkdir)
+    with caplog.at_level(logging.WARNING, logger="pwdaemon.store.store"):
+        store = ArtifactStore(tmp_path / "ro")
+        assert store.lookup(key_for()) is None
+        assert store.publish(key_for(), fake_artifact(tmp_path), compile_seconds=1) is None
+    assert store.write_errors == 2
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    assert not (tmp_path / "ro").exists()

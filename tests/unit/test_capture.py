@@ -1,0 +1,321 @@
+"""Capture: graph pieces, one dispatcher each, and no dynamo retrace for any size.
+
+Proves: a model with a graph break gives two pieces, each with its own dispatcher and
+size index; sizes 1..50 (size 1 included, in either order) never retrace, counted by
+dynamo's own counters and by backend invocations (= `len(handle.pieces)`), for a plain
+model, a model with a graph break, a model with two inputs sharing the size, and
+per-argument `dynamic=` dims; outputs come back in the structure the model returns
+(a tensor, or a tuple of two) whatever list/tuple a runnable gives; and every attach
+of a class captures anew (dynamo's per-code cache is not exhausted by instances or by
+attach/detach cycles).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import pwdaemon as pwd
+from pwdaemon import Range, Tier
+from pwdaemon.serving.capture import wrap_compiled
+
+WIDTH = 8
+
+
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
+class Broken(nn.Module):
+    """One graph break in the middle: two pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(WIDTH, WIDTH)
+        self.b = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(h) * 2
+
+
+class TwoInputs(nn.Module):
+    """Two inputs sharing the size (dim 0 of both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + y.sum(dim=1, keepdim=True)
+
+
+class Masked(nn.Module):
+    """The size is dim 0 of `x` but dim 1 of `mask`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * mask.t()
+
+
+class Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.lin(x)
+        return h.relu(), h.sum(dim=1)
+
+
+def make(cls: type[nn.Module]) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    model = cls().eval()
+    return model, copy.deepcopy(model)
+
+
+def fresh_counters() -> None:
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def assert_no_retrace(handle: pwd.Handle, pieces: int) -> None:
+    assert len(handle.pieces) == pieces  # one backend invocation per piece, no more
+    assert counters["stats"]["unique_graphs"] == pieces
+    assert not counters["recompiles"]  # dynamo logs every recompile reason here
+
+
+def run_sizes(
+    model: nn.Module,
+    reference: nn.Module,
+    sizes: Iterable[int],
+    make_args: Callable[[int], tuple[torch.Tensor, ...]],
+) -> None:
+    for n in sizes:
+        args = make_args(n)
+        torch.testing.assert_close(model(*args), reference(*args))
+
+
+def one_input(n: int) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(n, WIDTH),)
+
+
+ALL_SIZES = list(range(1, 51))
+TWO_FIRST = [2, *ALL_SIZES[:1], *ALL_SIZES[2:]]  # a backed size first, then size 1
+
+
+# ---- graph pieces ----------------------------------------------------------------------
+
+
+def test_graph_break_gives_two_pieces_each_with_its_dispatcher() -> None:
+    fresh_counters()
+    model, reference = make(Broken)
+    with pwd.attach(model, background=False) as handle:
+        run_sizes(model, reference, [5, 1, 12, 5], one_input)
+        pieces = handle.pieces
+        assert len(pieces) == 2
+        assert [p.index for p in pieces] == [0, 1]
+        d0, d1 = (p.dispatcher for p in pieces)
+        assert d0 is not d1 and list(handle.dispatchers) == [d0, d1]
+        assert d0.table is not d1.table
+        for p in pieces:
+            assert p.size_index is not None and p.specializable
+            assert p.dispatcher.size_index == p.size_index
+            assert ":symint:" in p.placeholder_specs[p.size_index]
+            assert p.dispatcher.histogram() == {5: 2, 1: 1, 12: 1}
+        assert pieces[0].fingerprint != pieces[1].fingerprint
+        # the first piece hands its size mark on to the resumed frame; the last does not
+        assert pieces[0].output_marks and d0.mark_outputs is not None
+        assert d1.mark_outputs is None
+        # each piece has its own table: installing into one leaves the other alone
+        eager1 = handle.table(1).eager.runnable
+        handle.install(1, 7, Tier.SIZE, lambda *a: tuple(o + 100 for o in eager1(*a)))
+        x = torch.randn(7, WIDTH)
+        torch.testing.assert_close(model(x), reference(x) + 100)
+        assert handle.table(0).version == 0 and handle.table(1).version == 1
+
+
+# ---- no retrace for any size -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [ALL_SIZES, TWO_FIRST], ids=["1-first", "2-first"])
+def test_no_retrace_across_50_sizes(order: list[int]) -> None:
+    fresh_counters()
+    model, reference = make(Plain)
+    with pwd.attach(model, background=False) as handle:
+        run_sizes(model, reference, order, one_input)
+        assert_no_retrace(handle, 1)
+        assert sorted(handle.dispatchers[0].histogram()) == ALL_SIZES
+
+
+def test_no_retrace_across_50_sizes_with_a_graph_break() -> None:
+    fresh_counters()
+    model, reference = make(Broken)
+    with pwd.attach(model, background=False) as handle:
+        run_sizes(model, reference, TWO_FIRST, one_input)
+        assert_no_retrace(handle, 2)
+        for d in handle.dispatchers:
+            assert sorted(d.histogram()) == ALL_SIZES
+
+
+def test_no_retrace_with_two_inputs_sharing_the_size() -> None:
+    fresh_counters()
+    model, reference = make(TwoInputs)
+    with pwd.attach(model, background=False) as handle:
+        run_sizes(model, reference, ALL_SIZES, lambda n: (torch.randn(n, WIDTH), torch.randn(n, 3)))
+        assert_no_retrace(handle, 1)
+        piece = handle.pieces[0]
+        # one symbol for both inputs: the piece stays specializable
+        assert piece.extra_symbols == () and piece.specializable
+        assert sorted(piece.dispatcher.histogram()) == ALL_SIZES
+
+
+@pytest.mark.parametrize("dynamic", [{"x": 0, "mask": 1}, {"mask": -1, "x": 0}])
+def test_dynamic_dim_per_argument(dynamic: dict[str, int]) -> None:
+    fresh_counters()
+    model, reference = make(Masked)
+    with pwd.attach(model, background=False, dynamic=dynamic) as handle:
+        run_sizes(
+            model,
+            reference,
+            TWO_FIRST,
+            lambda n: (torch.randn(n, WIDTH), torch.randn(WIDTH, n)),
+        )
+        # keyword arguments are marked by name too
+        x, mask = torch.randn(9, WIDTH), torch.randn(WIDTH, 9)
+        torch.testing.assert_close(model(x, mask=mask), reference(x, mask=mask))
+        assert_no_retrace(handle, 1)
+        piece = handle.pieces[0]
+        assert piece.specializable
+        assert sorted(piece.dispatcher.histogram()) == ALL_SIZES
+        assert piece.dispatcher.histogram()[9] == 2
+
+
+# ---- output structure ------------------------------------------------------------------
+
+
+def test_single_tensor_model_returns_a_tensor() -> None:
+    model, reference = make(Plain)
+    with pwd.attach(model, background=False) as handle:
+        x = torch.randn(4, WIDTH)
+        out = model(x)
+        assert type(out) is torch.Tensor
+        torch.testing.assert_close(out, reference(x))
+        piece = handle.pieces[0]
+        eager = piece.gm.forward
+
+        # a compiled artifact returns a list; wrap_compiled restores the graph's tuple
+        def as_list(*args: Any) -> list[torch.Tensor]:
+            return [o + 1 for o in eager(*args)]
+
+        wrapped = wrap_compiled(as_list, piece)
+        assert type(wrapped(*piece.dispatcher.samples[4])) is tuple
+        handle.install(0, None, Tier.GENERAL, wrapped)
+        out = model(x)
+        assert type(out) is torch.Tensor
+        torch.testing.assert_close(out, reference(x) + 1)
+
+
+def test_tuple_model_returns_a_tuple_of_two() -> None:
+    model, reference = make(Pair)
+    with pwd.attach(model, background=False) as handle:
+        x = torch.randn(6, WIDTH)
+        out = model(x)
+        assert type(out) is tuple and len(out) == 2
+        torch.testing.assert_close(out, reference(x))
+        piece = handle.pieces[0]
+        assert piece.returns_tuple
+        eager = piece.gm.forward
+
+        def as_list(*args: Any) -> list[torch.Tensor]:
+            return [o * 3 for o in eager(*args)]
+
+        handle.install(0, Range(1, 8), Tier.RANGE, wrap_compiled(as_list, piece))
+        out = model(x)
+        assert type(out) is tuple and len(out) == 2
+        a, b = reference(x)
+        torch.testing.assert_close(out, (a * 3, b * 3))
+        y = torch.randn(9, WIDTH)  # outside the range: eager
+        torch.testing.assert_close(model(y), reference(y))
+
+
+# ---- every attach captures ---------------------------------------------------------------
+
+
+def test_many_instances_of_one_class_each_capture() -> None:
+    # Dynamo's cache lives on the code of `forward`, shared by every instance; with
+    # recompile_limit = 8 a shared bucket would leave the 9th attach uncaptured.
+    fresh_counters()
+    handles = []
+    try:
+        for i in range(10):
+            model, reference = make(Plain)
+            handle = pwd.attach(model, background=False)
+            handles.append(handle)
+            x = torch.randn(i + 1, WIDTH)
+            torch.testing.assert_close(model(x), reference(x))
+            assert len(handle.pieces) == 1, f"attach #{i + 1} captured nothing"
+            assert handle.dispatchers[0].histogram() == {i + 1: 1}
+    finally:
+        for h in handles:
+            h.detach()
+
+
+def test_attach_detach_cycles_each_capture() -> None:
+    fresh_counters()
+    model, reference = make(Plain)
+    for i in range(10):
+        with pwd.attach(model, background=False) as handle:
+            x = torch.randn(2, WIDTH)
+            torch.testing.assert_close(model(x), reference(x))
+            assert len(handle.pieces) == 1, f"cycle #{i + 1} captured nothing"
+            assert handle.dispatchers[0].histogram() == {2: 1}
+
+
+@pytest.mark.parametrize("cls", [Plain, Broken])
+def test_concurrent_first_calls_capture_each_piece_once(cls: type[nn.Module]) -> None:
+    # Without serialising the first calls, each thread traced the frame itself and
+    # dynamo kept three copies of the piece (seen: 3 pieces for 3 threads).
+    model, ref = make(cls)
+    handle = pwd.attach(model, background=False, store=False)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def call(n: int) -> None:
+        try:
+            with torch.no_grad():
+                barrier.wait(30)
+                for _ in range(10):
+                    (x,) = one_input(n)
+                    torch.testing.assert_close(model(x), ref(x))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in (4, 4, 16, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors, errors[0]
+        expected = 2 if cls is Broken else 1
+        assert len(handle.pieces) == expected
+        assert sorted(handle.pieces[0].dispatcher.counts) == [1, 4, 16]
+    finally:
+        handle.detach()

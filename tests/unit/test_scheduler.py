@@ -1,0 +1,283 @@
+"""The engine's scheduling logic with the in-process FakeExecutor (no Inductor).
+
+Real compiles in real worker processes are in test_background_compile.py; these tests
+pin down ordering, hotness, budget, retries, validation and callbacks quickly.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import pwdaemon as pwd
+from pwdaemon.serving.range_table import Target, TargetKind
+from pwdaemon.testing import FakeExecutor
+
+FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
+
+
+def _compiler(**kw: Any) -> pwd.CompileConfig:
+    return pwd.CompileConfig(workers=1, backoff_s=0.01, **kw)
+
+
+def _call_sizes(model: nn.Module, sizes: list[int], width: int = 16) -> None:
+    for n in sizes:
+        model(torch.randn(n, width))
+
+
+def _labels(jobs: list[Target]) -> list[str]:
+    return [t.label for t in jobs]
+
+
+def test_general_first_then_configured_then_hot(mlp: nn.Module) -> None:
+    gate = threading.Event()
+    ex = FakeExecutor(gate=gate)
+    h = pwd.attach(
+        mlp,
+        sizes=[4],
+        ranges=[(16, 32)],
+        policy=FAST,
+        compiler=_compiler(),
+        executor=ex,
+        store=False,
+    )
+    try:
+        _call_sizes(mlp, [2, 7, 7, 7])
+        gate.set()
+        assert h.wait(sizes=[4, 7], timeout=20)
+        labels = _labels(ex.jobs)
+        assert labels[:3] == ["general", "size:4", "range:16-32"]
+        assert "size:7" in labels[3:]
+        assert "size:2" not in labels  # one call is not hot
+        tiers = {e.target: (e.tier, e.state) for e in h.status().pieces[0].entries}
+        assert tiers["size:7"] == (pwd.Tier.SIZE, "live")
+        assert tiers["range:16-32"] == (pwd.Tier.RANGE, "live")
+        assert h.table().lookup(20).tier is pwd.Tier.RANGE
+        assert h.table().lookup(3).tier is pwd.Tier.GENERAL
+    finally:
+        h.detach()
+
+
+def test_budget_caps_specializations(mlp: nn.Module) -> None:
+    ex = FakeExecutor()
+    policy = pwd.PolicyConfig(hot_calls=1, budget=2, tick_s=0.01)
+    h = pwd.attach(mlp, policy=policy, compiler=_compiler(), executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [3, 3, 5, 5, 9, 9])
+        assert h.wait(timeout=20)  # plan (general) complete
+        done = threading.Event()
+        h.on_swap(lambda e: done.set() if len(ex.jobs) >= 3 else None)
+        assert done.wait(20)
+        sized = [t for t in _labels(ex.jobs) if t.startswith("size:")]
+        assert len(sized) == 2
+    finally:
+        h.detach()
+
+
+def test_failures_retry_with_backoff_then_give_up(mlp: nn.Module, reference: nn.Module) -> None:
+    ex = FakeExecutor(fail={"size:4": "failed"})
+    h = pwd.attach(
+        mlp, sizes=[4], policy=FAST, compiler=_compiler(retries=2), executor=ex, store=False
+    )
+    try:
+        _call_sizes(mlp, [4])
+        assert h.wait(sizes=[4], timeout=20) is False
+        entry = next(e for e in h.status().pieces[0].entries if e.target == "size:4")
+        assert entry.state == "failed"
+        assert entry.attempts == 3
+        assert "after 3 attempts" in (entry.reason or "") and "injected failed" in (
+            entry.reason or ""
+        )
+        # Serving stays on the previous tier, and right.
+        assert h.table().lookup(4).tier is pwd.Tier.GENERAL
+        x = torch.randn(4, 16)
+        torch.testing.assert_close(mlp(x), reference(x))
+    finally:
+        h.detach()
+
+
+def test_validation_rejects_wrong_runnable_and_keeps_old_tier(mlp: nn.Module) -> None:
+    def off_by_one(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if target.kind is not TargetKind.SIZE:
+            return fn
+        return lambda *a: tuple(o + 1 for o in fn(*a))
+
+    ex = FakeExecutor(transform=off_by_one)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [6, 6, 6])
+        assert h.wait(sizes=[6], timeout=20) is False
+        entry = next(e for e in h.status().pieces[0].entries if e.target == "size:6")
+        assert entry.state == "failed"
+        assert "validation on size 6" in (entry.reason or "")
+        assert "differs beyond" in (entry.reason or "")
+        assert h.table().lookup(6).tier is pwd.Tier.GENERAL
+        assert h.engine.rejects_by_reason["mismatch"] == 1
+    finally:
+        h.detach()
+
+
+def test_validation_can_be_turned_off(mlp: nn.Module) -> None:
+    def off_by_one(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
+        return (lambda *a: tuple(o + 1 for o in fn(*a))) if target.kind is TargetKind.SIZE else fn
+
+    ex = FakeExecutor(transform=off_by_one)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(validate=False), executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [6, 6, 6])
+        assert h.wait(sizes=[6], timeout=20)
+        assert h.pieces[0].dispatcher.samples == {}  # nothing recorded either
+    finally:
+        h.detach()
+
+
+def test_callbacks_fire_off_the_serving_thread_and_survive_a_raising_one(
+    mlp: nn.Module,
+) -> None:
+    gate = threading.Event()  # compiles finish only after the first call recorded size 2
+    ex = FakeExecutor(gate=gate)
+    h = pwd.attach(mlp, sizes=[2, 3], policy=FAST, compiler=_compiler(), executor=ex, store=False)
+    events: list[pwd.SwapEvent] = []
+    threads: set[int] = set()
+    plans: list[pwd.PlanCompleteEvent] = []
+    plan_done = threading.Event()
+
+    def bad(event: pwd.SwapEvent) -> None:
+        raise RuntimeError("a user's callback bug")
+
+    def good(event: pwd.SwapEvent) -> None:
+        threads.add(threading.get_ident())
+        events.append(event)
+
+    h.on_swap(bad)
+    h.on_swap(good)
+    h.on_plan_complete(lambda e: (plans.append(e), plan_done.set()))
+    try:
+        _call_sizes(mlp, [2])
+        gate.set()
+        assert plan_done.wait(20)
+        assert h.wait(timeout=5)
+        assert [(e.range, e.tier) for e in events] == [
+            (None, pwd.Tier.GENERAL),
+            (pwd.Range.of(2), pwd.Tier.SIZE),
+            (pwd.Range.of(3), pwd.Tier.SIZE),
+        ]
+        assert [e.version for e in events] == [1, 2, 3]
+        assert all(e.source == "compiled" and e.graph == 0 for e in events)
+        assert events[0].validated and events[1].validated  # a size-2 input was recorded
+        assert not events[2].validated  # no size-3 call yet: nothing to validate on
+        assert threading.get_ident() not in threads
+        assert len(plans) == 1 and plans[0].live == 3 and plans[0].failed == 0
+        late: list[pwd.PlanCompleteEvent] = []
+        late_done = threading.Event()
+        h.on_plan_complete(lambda e: (late.append(e), late_done.set()))
+        assert late_done.wait(10)
+        assert late == plans  # a late registrant gets the event that fired
+    finally:
+        h.detach()
+
+
+def test_cold_queued_sizes_are_dropped(mlp: nn.Module) -> None:
+    gate = threading.Event()
+    ex = FakeExecutor(gate=gate)
+    policy = pwd.PolicyConfig(hot_calls=1, tick_s=0.01, cold_after_s=0.05)
+    h = pwd.attach(mlp, policy=policy, compiler=_compiler(), executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [5])  # general compile now holds the only worker at the gate
+        dropped = threading.Event()
+
+        def watch() -> None:
+            while not dropped.is_set():
+                e = [x for x in h.status().pieces[0].entries if x.target == "size:5"]
+                if e and e[0].state == "dropped":
+                    dropped.set()
+                    return
+                if gate.wait(0.01):
+                    return
+
+        t = threading.Thread(target=watch)
+        t.start()
+        assert dropped.wait(10)
+        gate.set()
+        t.join(5)
+        entry = next(x for x in h.status().pieces[0].entries if x.target == "size:5")
+        assert "went cold" in (entry.reason or "")
+    finally:
+        gate.set()
+        h.detach()
+
+
+@pytest.mark.parametrize("fault", ["raise", "crash", "hang"])
+def test_injected_faults_are_reported(mlp: nn.Module, fault: str) -> None:
+    ex = FakeExecutor()
+    h = pwd.attach(
+        mlp, sizes=[3], policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False
+    )
+    h.engine.inject_fault("size:3", fault)
+    try:
+        _call_sizes(mlp, [3])
+        assert h.wait(sizes=[3], timeout=20) is False
+        entry = next(x for x in h.status().pieces[0].entries if x.target == "size:3")
+        expected = {"raise": "failed", "crash": "crashed", "hang": "timeout"}[fault]
+        assert entry.reason is not None and entry.reason.startswith(expected)
+        assert h.engine.jobs_by_outcome[("size", expected)] == 1
+    finally:
+        h.detach()
+
+
+def test_queued_hot_sizes_follow_their_current_calls(mlp: nn.Module) -> None:
+    # Priority is a size's calls now, not when it was queued (a size that got hotter
+    # while waiting must not stay behind cooler ones).
+    gate = threading.Event()
+    ex = FakeExecutor(gate=gate)
+    policy = pwd.PolicyConfig(hot_calls=3, tick_s=0.01, queue_pressure=1000)
+    h = pwd.attach(mlp, policy=policy, compiler=_compiler(general=False), executor=ex,
+                   store=False)
+    try:
+        _call_sizes(mlp, [n for n in range(1, 9) for _ in range(3)])
+        h.engine.flush()
+        _call_sizes(mlp, [100] * 40)
+        h.engine.flush()
+        _call_sizes(mlp, [n for n in (2, 3, 4, 5) for _ in range(200)])
+        h.engine.flush()
+        gate.set()
+        assert h.wait(sizes=[1, 2, 3, 4, 5, 6, 7, 8, 100], timeout=20)
+        order = [t.start for t in ex.jobs]
+        first, rest = order[0], order[1:]  # the first was running before the flood
+        assert first in range(1, 9)
+        assert rest.index(100) > max(rest.index(n) for n in (2, 3, 4, 5) if n != first)
+        assert rest.index(100) < min(rest.index(n) for n in (6, 7, 8) if n != first)
+    finally:
+        h.detach()
+
+
+def test_switch_interval_is_lowered_only_while_the_engine_validates(mlp: nn.Module) -> None:
+    seen: list[float] = []
+
+    def record(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any) -> Any:
+            seen.append(sys.getswitchinterval())
+            return fn(*a)
+
+        return run
+
+    before = sys.getswitchinterval()
+    ex = FakeExecutor(transform=record)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(switch_interval_s=0.0005),
+                   executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [4, 4, 4])
+        assert h.wait(sizes=[4], timeout=20)
+        # The two validations (general, size 4) ran lowered (as did any serving call in
+        # that window: the interval is process-wide); it is back once the engine idles.
+        assert sum(abs(v - 0.0005) < 1e-9 for v in seen) >= 2, seen
+        assert all(v in (before, 0.0005) for v in seen)
+        assert sys.getswitchinterval() == before
+    finally:
+        h.detach()
