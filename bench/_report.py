@@ -163,11 +163,16 @@ def compute(
         # The warm run serves the same trace on the same tier with no compile running: its
         # windows are an idle reference taken at the same point of the trace, which the
         # cold run's own idle windows (after settling, minutes later) are not.
-        busy = [p["calls_per_s"] for p in cold["probes"]
-                if p["phase"] == "trace" and p["busy"] >= BUSY_CPU
-                and p["tier"] in SPECIALIZED_TIERS]
-        quiet = [p["calls_per_s"] for p in warm["probes"]
-                 if p["busy"] < BUSY_CPU and p["tier"] in SPECIALIZED_TIERS]
+        busy = [
+            p["calls_per_s"]
+            for p in cold["probes"]
+            if p["phase"] == "trace" and p["busy"] >= BUSY_CPU and p["tier"] in SPECIALIZED_TIERS
+        ]
+        quiet = [
+            p["calls_per_s"]
+            for p in warm["probes"]
+            if p["busy"] < BUSY_CPU and p["tier"] in SPECIALIZED_TIERS
+        ]
         if busy and quiet:
             out["pwdaemon-cold"].busy_vs_warm = _median(busy) / _median(quiet)
     static = out.get("static")
@@ -183,8 +188,9 @@ def compute(
     return out
 
 
-def _specialized(m: Metrics, r: dict[str, Any], reqs: list[dict[str, Any]],
-                 hot: Sequence[int]) -> None:
+def _specialized(
+    m: Metrics, r: dict[str, Any], reqs: list[dict[str, Any]], hot: Sequence[int]
+) -> None:
     if m.system.startswith("pwdaemon"):
         first: dict[int, float] = {}
         for s in r.get("swaps", []):
@@ -260,8 +266,14 @@ def table_rows(metrics: Sequence[Metrics], hot: Sequence[int]) -> list[list[str]
     rows = []
     for m in metrics:
         if m.error and math.isnan(m.ttfr_s):
-            rows.append([m.model, m.system, *(["-"] * (len(table_columns(hot)) - 3)),
-                         f"ERROR: {m.error[:80]}"])
+            rows.append(
+                [
+                    m.model,
+                    m.system,
+                    *(["-"] * (len(table_columns(hot)) - 3)),
+                    f"ERROR: {m.error[:80]}",
+                ]
+            )
             continue
         busy = _f(m.busy_idle)
         if not math.isnan(m.busy_idle_same_tier):
@@ -300,8 +312,13 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 def throughput_table(metrics: Sequence[Metrics], hot: Sequence[int]) -> str:
     columns = ["model", "system"]
     for h in hot:
-        columns += [f"size {h} calls/s (tier)", f"size {h} eager calls/s", f"size {h} x static",
-                    f"size {h} x static norm", f"size {h} A/B x static"]
+        columns += [
+            f"size {h} calls/s (tier)",
+            f"size {h} eager calls/s",
+            f"size {h} x static",
+            f"size {h} x static norm",
+            f"size {h} A/B x static",
+        ]
     rows = []
     for m in metrics:
         if not m.throughput:
@@ -355,8 +372,7 @@ def specialize_table(results: dict[str, dict[str, Any]], model: str) -> str | No
         rows.append(row)
     general = []
     for system in runs:
-        gen = next((sw for sw in results[system].get("swaps", []) if sw["tier"] == "general"),
-                   None)
+        gen = next((sw for sw in results[system].get("swaps", []) if sw["tier"] == "general"), None)
         if gen is not None:
             general.append(f"{system}: general live at {gen['at']:.2f} s ({gen['source']})")
     text = markdown_table(columns, rows)
@@ -377,19 +393,24 @@ def verdicts(by_system: dict[str, Metrics], hot: Sequence[int]) -> list[str]:
     cold, warm, eager = (by_system.get(k) for k in ("pwdaemon-cold", "pwdaemon-warm", "eager"))
     if cold is not None and eager is not None and not math.isnan(cold.ttfr_s):
         ratio = cold.ttfr_s / eager.ttfr_s if eager.ttfr_s > 0 else math.inf
-        say(ratio <= 1.5, f"pwdaemon-cold time to first response {cold.ttfr_s:.3f} s = "
-            f"{ratio:.1f}x eager's {eager.ttfr_s:.3f} s (target <= 1.5x)")
+        say(
+            ratio <= 1.5,
+            f"pwdaemon-cold time to first response {cold.ttfr_s:.3f} s = "
+            f"{ratio:.1f}x eager's {eager.ttfr_s:.3f} s (target <= 1.5x)",
+        )
     else:
         say(None, "TTFR vs eager: needs pwdaemon-cold and eager")
     for m in (cold, warm):
         if m is None or math.isnan(m.warmup_worst_ratio):
             continue
-        say(m.warmup_worst_ratio <= 2.0,
+        say(
+            m.warmup_worst_ratio <= 2.0,
             f"{m.system}: no request waits on a compiler: worst warm-up latency "
             f"{m.warmup_worst_ratio:.1f}x the general tier's median for its size "
             f"(size {m.warmup_worst_size}; max {m.warmup_max_ms:.1f} ms; without the first "
             f"request, which captures the graph: {m.warmup_worst_ratio_rest:.1f}x) "
-            f"(target <= 2x)")
+            f"(target <= 2x)",
+        )
     for m in (cold, warm):
         if m is None or not m.throughput_ratio:
             if m is not None:
@@ -399,24 +420,32 @@ def verdicts(by_system: dict[str, Metrics], hot: Sequence[int]) -> list[str]:
         norm = m.throughput_ratio_norm
         worst_norm = min(norm.values()) if norm else worst
         per = ", ".join(
-            f"{h}: {m.throughput_ratio[h]:.2f}x"
-            + (f" (norm {norm[h]:.2f}x)" if h in norm else "")
-            for h in hot if h in m.throughput_ratio
+            f"{h}: {m.throughput_ratio[h]:.2f}x" + (f" (norm {norm[h]:.2f}x)" if h in norm else "")
+            for h in hot
+            if h in m.throughput_ratio
         )
         if m.ab_ratio:
             ab = ", ".join(f"{h}: {m.ab_ratio[h]:.3f}x" for h in hot if h in m.ab_ratio)
-            say(min(m.ab_ratio.values()) >= 0.97,
+            say(
+                min(m.ab_ratio.values()) >= 0.97,
                 f"{m.system}: steady-state throughput vs static per hot size, A/B in one "
                 f"process ({ab}); across processes, raw (eager-normalized): {per} "
-                "(target >= 0.97x; judged on the A/B)")
+                "(target >= 0.97x; judged on the A/B)",
+            )
             continue
-        say(min(worst, worst_norm) >= 0.97, f"{m.system}: steady-state throughput vs static "
+        say(
+            min(worst, worst_norm) >= 0.97,
+            f"{m.system}: steady-state throughput vs static "
             f"per hot size, raw and eager-normalized ({per}) (target >= 0.97x; met only if "
-            "both are)")
+            "both are)",
+        )
     if warm is not None:
         ok = None if math.isnan(warm.specialized_s) else warm.specialized_s <= 2.0
-        say(ok, f"pwdaemon-warm: every hot size specialized {_f(warm.specialized_s, 2)} s "
-            f"after start (first at {_f(warm.first_specialized_s, 2)} s) (target <= 2 s)")
+        say(
+            ok,
+            f"pwdaemon-warm: every hot size specialized {_f(warm.specialized_s, 2)} s "
+            f"after start (first at {_f(warm.first_specialized_s, 2)} s) (target <= 2 s)",
+        )
     return lines
 
 
@@ -452,8 +481,15 @@ def plot_latency(results: dict[str, dict[str, Any]], model: str, path: Path) -> 
         lat = [max(q["lat"], 1e-6) * 1e3 for q in reqs]
         at = [q["at"] + q["lat"] for q in reqs]
         pw = system.startswith("pwdaemon")
-        ax_i.plot(idx, lat, lw=1.1 if pw else 0.6, alpha=0.95 if pw else 0.6, color=color,
-                  label=system, zorder=3 if pw else 2)
+        ax_i.plot(
+            idx,
+            lat,
+            lw=1.1 if pw else 0.6,
+            alpha=0.95 if pw else 0.6,
+            color=color,
+            label=system,
+            zorder=3 if pw else 2,
+        )
         # Against wall time, points only: a line across a long compile would read as data.
         ax_t.plot(at, lat, ls="", marker=".", ms=2.5, alpha=0.7, color=color, label=system)
         if system.startswith("pwdaemon"):
@@ -500,18 +536,33 @@ def plot_panels(results: dict[str, dict[str, Any]], model: str, path: Path) -> s
     systems = [s for s, r in results.items() if r.get("requests")]
     if not systems:
         return "no requests to plot"
-    fig, axes = plt.subplots(len(systems), 1, figsize=(12, 1.9 * len(systems) + 0.6),
-                             sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        len(systems),
+        1,
+        figsize=(12, 1.9 * len(systems) + 0.6),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
     for ax, system in zip(axes[:, 0], systems, strict=True):
         reqs = results[system]["requests"]
         for tier in sorted({q["tier"] for q in reqs}):
-            pts = [(q["at"] + q["lat"], max(q["lat"], 1e-6) * 1e3) for q in reqs
-                   if q["tier"] == tier]
-            ax.plot([a for a, _ in pts], [b for _, b in pts], ls="", marker=".", ms=3,
-                    color=TIER_COLORS.get(tier, "#333333"), label=f"{tier} ({len(pts)})")
+            pts = [
+                (q["at"] + q["lat"], max(q["lat"], 1e-6) * 1e3) for q in reqs if q["tier"] == tier
+            ]
+            ax.plot(
+                [a for a, _ in pts],
+                [b for _, b in pts],
+                ls="",
+                marker=".",
+                ms=3,
+                color=TIER_COLORS.get(tier, "#333333"),
+                label=f"{tier} ({len(pts)})",
+            )
         for sw in results[system].get("swaps", []):
-            ax.axvline(sw["at"], color=TIER_COLORS.get(sw["tier"], "#333333"), lw=0.5,
-                       alpha=0.5, ls=":")
+            ax.axvline(
+                sw["at"], color=TIER_COLORS.get(sw["tier"], "#333333"), lw=0.5, alpha=0.5, ls=":"
+            )
         ax.set_yscale("log")
         ax.set_ylabel("ms")
         ax.grid(True, which="major", alpha=0.25)

@@ -47,10 +47,8 @@ from typing import Any
 SYSTEMS: dict[str, str] = {
     "eager": "eager PyTorch, no compiler",
     "dynamic": "torch.compile, size dim marked dynamic (mark_dynamic, backed)",
-    "static": "torch.compile(dynamic=False), each new size compiled on the request "
-    "that brings it",
-    "async": "torch.compile(dynamic=False) with TORCHINDUCTOR_FX_COMPILE_MODE="
-    "async+SUBPROCESS",
+    "static": "torch.compile(dynamic=False), each new size compiled on the request that brings it",
+    "async": "torch.compile(dynamic=False) with TORCHINDUCTOR_FX_COMPILE_MODE=async+SUBPROCESS",
     "upfront": "torch.compile(dynamic=False), every size of the trace compiled before serving",
     "pwdaemon-cold": "pwdaemon.attach, fresh artifact store",
     "pwdaemon-warm": "pwdaemon.attach, the store run pwdaemon-cold left",
@@ -213,9 +211,11 @@ class DynamicSystem(System):
         self.fn = torch.compile(model)
         self.notes.append(
             "size dim marked with "
-            + ("torch._dynamo.mark_dynamic(x, 0) (backed: size 1 is its own graph)"
-               if self.mark == "backed"
-               else "torch._dynamo.decorators.mark_unbacked(x, 0)")
+            + (
+                "torch._dynamo.mark_dynamic(x, 0) (backed: size 1 is its own graph)"
+                if self.mark == "backed"
+                else "torch._dynamo.decorators.mark_unbacked(x, 0)"
+            )
         )
 
     def prepare_inputs(self, inputs: dict[int, Any]) -> None:
@@ -253,8 +253,9 @@ class AsyncSystem(CompiledSystem):
         mode = os.environ.get("TORCHINDUCTOR_FX_COMPILE_MODE")
         self.notes.append(f"TORCHINDUCTOR_FX_COMPILE_MODE={mode}")
         if os.environ.get("TORCHINDUCTOR_FX_GRAPH_CACHE") == "0":
-            self.notes.append("TORCHINDUCTOR_FX_GRAPH_CACHE=0 (async mode fails with the "
-                              "FX graph cache on)")
+            self.notes.append(
+                "TORCHINDUCTOR_FX_GRAPH_CACHE=0 (async mode fails with the FX graph cache on)"
+            )
         import torch._inductor.compile_fx as compile_fx
 
         if not getattr(compile_fx, "fx_compile_async", False):
@@ -395,10 +396,18 @@ class PwdaemonSystem(System):
         with contextlib.suppress(Exception):
             status = self.handle.status()
             out["entries"] = [
-                {"target": e.target, "tier": e.tier.value, "state": e.state, "why": e.why,
-                 "hits": e.hits, "compile_s": e.compile_seconds, "source": e.source,
-                 "reason": e.reason}
-                for p in status.pieces for e in p.entries
+                {
+                    "target": e.target,
+                    "tier": e.tier.value,
+                    "state": e.state,
+                    "why": e.why,
+                    "hits": e.hits,
+                    "compile_s": e.compile_seconds,
+                    "source": e.source,
+                    "reason": e.reason,
+                }
+                for p in status.pieces
+                for e in p.entries
             ]
             out["pieces"] = len(status.pieces)
         out["worker_cpu_live_s"] = sum(self.worker_cpu_seen.values())

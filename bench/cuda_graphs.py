@@ -142,8 +142,7 @@ def main() -> None:
     ratio = [results["reduce-overhead"][n] / results["pwdaemon tier 3"][n] for n in sizes]
     print("| pwdaemon speed / reduce-overhead | " + " | ".join(f"{r:.2f}" for r in ratio) + " |")
     print("tiers:", tiers)
-    print("capture pause on the serving thread per size (ms):",
-          [f"{p * 1e3:.1f}" for p in pauses])
+    print("capture pause on the serving thread per size (ms):", [f"{p * 1e3:.1f}" for p in pauses])
 
 
 if __name__ == "__main__":

@@ -58,62 +58,112 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="systems: " + "; ".join(f"{k}: {v}" for k, v in SYSTEMS.items()),
     )
-    p.add_argument("--quick", action="store_true",
-                   help="small trace, demo model, systems " + ",".join(QUICK_SYSTEMS)
-                   + " (pass --systems all for every one); shared Inductor cache")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small trace, demo model, systems "
+        + ",".join(QUICK_SYSTEMS)
+        + " (pass --systems all for every one); shared Inductor cache",
+    )
     p.add_argument("--out", default=str(HERE / "results"), help="results directory")
-    p.add_argument("--systems", default=None,
-                   help="comma list or 'all' (default: all; --quick: " + ",".join(QUICK_SYSTEMS)
-                   + ")")
+    p.add_argument(
+        "--systems",
+        default=None,
+        help="comma list or 'all' (default: all; --quick: " + ",".join(QUICK_SYSTEMS) + ")",
+    )
     p.add_argument("--models", default="demo", help="comma list of demo,larger (or 'all')")
     p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--seed", type=int, default=0, help="trace and weights seed")
     p.add_argument("--calls", type=int, default=None, help="requests in the trace")
     p.add_argument("--rate", type=float, default=None, help="mean arrivals per second")
-    p.add_argument("--tail-alpha", type=float, default=None,
-                   help="decode tail exponent (smaller: more distinct sizes)")
-    p.add_argument("--hot-sizes", default=None,
-                   help="sizes for the steady-state throughput (default: the trace's 3 "
-                   "most frequent)")
-    p.add_argument("--warmup-calls", type=int, default=None,
-                   help="requests that make up warm-up (default: the first third)")
-    p.add_argument("--settle-timeout", type=float, default=None,
-                   help="seconds to wait after the trace for background compiles "
-                   "(default 240; --quick 5)")
-    p.add_argument("--run-timeout", type=float, default=None,
-                   help="seconds before one system's process is killed (default 1500; "
-                   "--quick 150)")
-    p.add_argument("--dynamic-mark", choices=("backed", "unbacked"), default="backed",
-                   help="how the dynamic peer marks the size: torch._dynamo.mark_dynamic "
-                   "(backed, default) or mark_unbacked")
-    p.add_argument("--inductor-cache", choices=("fresh", "shared"), default=None,
-                   help="fresh: every torch.compile peer gets an empty Inductor cache "
-                   "(default); shared: the user's default cache (--quick's default)")
-    p.add_argument("--async-fx-graph-cache", action="store_true",
-                   help="leave the FX graph cache on for the async peer (on torch 2.13 "
-                   "that makes its first compile raise; off by default)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads in every system's process (default on CPU: "
-                   "the CPUs less pwdaemon's default worker count, at least 1; on CUDA: "
-                   "torch's default); see bench/README.md")
-    p.add_argument("--omp-wait-policy", default="keep",
-                   help="OMP_WAIT_POLICY (ACTIVE or PASSIVE) for every system's process "
-                   "(default: keep the environment's)")
-    p.add_argument("--capture", choices=("inline", "background"), default=None,
-                   help="pwdaemon attach(capture=...) (default: attach's own default)")
+    p.add_argument(
+        "--tail-alpha",
+        type=float,
+        default=None,
+        help="decode tail exponent (smaller: more distinct sizes)",
+    )
+    p.add_argument(
+        "--hot-sizes",
+        default=None,
+        help="sizes for the steady-state throughput (default: the trace's 3 most frequent)",
+    )
+    p.add_argument(
+        "--warmup-calls",
+        type=int,
+        default=None,
+        help="requests that make up warm-up (default: the first third)",
+    )
+    p.add_argument(
+        "--settle-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait after the trace for background compiles (default 240; --quick 5)",
+    )
+    p.add_argument(
+        "--run-timeout",
+        type=float,
+        default=None,
+        help="seconds before one system's process is killed (default 1500; --quick 150)",
+    )
+    p.add_argument(
+        "--dynamic-mark",
+        choices=("backed", "unbacked"),
+        default="backed",
+        help="how the dynamic peer marks the size: torch._dynamo.mark_dynamic "
+        "(backed, default) or mark_unbacked",
+    )
+    p.add_argument(
+        "--inductor-cache",
+        choices=("fresh", "shared"),
+        default=None,
+        help="fresh: every torch.compile peer gets an empty Inductor cache "
+        "(default); shared: the user's default cache (--quick's default)",
+    )
+    p.add_argument(
+        "--async-fx-graph-cache",
+        action="store_true",
+        help="leave the FX graph cache on for the async peer (on torch 2.13 "
+        "that makes its first compile raise; off by default)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads in every system's process (default on CPU: "
+        "the CPUs less pwdaemon's default worker count, at least 1; on CUDA: "
+        "torch's default); see bench/README.md",
+    )
+    p.add_argument(
+        "--omp-wait-policy",
+        default="keep",
+        help="OMP_WAIT_POLICY (ACTIVE or PASSIVE) for every system's process "
+        "(default: keep the environment's)",
+    )
+    p.add_argument(
+        "--capture",
+        choices=("inline", "background"),
+        default=None,
+        help="pwdaemon attach(capture=...) (default: attach's own default)",
+    )
     p.add_argument("--workers", type=int, default=None, help="pwdaemon compile workers")
     p.add_argument("--hot-calls", type=int, default=None, help="pwdaemon PolicyConfig.hot_calls")
-    p.add_argument("--ab", action=argparse.BooleanOptionalAction, default=None,
-                   help="in each pwdaemon process, also time torch.compile(dynamic=False) of "
-                   "the same weights against it in alternating rounds (default: on; off "
-                   "with --quick)")
+    p.add_argument(
+        "--ab",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="in each pwdaemon process, also time torch.compile(dynamic=False) of "
+        "the same weights against it in alternating rounds (default: on; off "
+        "with --quick)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
-    p.add_argument("--report-only", action="store_true",
-                   help="run nothing: rebuild peers.md and the plots from OUT's JSON")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: rebuild peers.md and the plots from OUT's JSON",
+    )
     args = p.parse_args(argv)
-    systems = _csv(args.systems) if args.systems else list(QUICK_SYSTEMS if args.quick
-                                                            else SYSTEMS)
+    systems = _csv(args.systems) if args.systems else list(QUICK_SYSTEMS if args.quick else SYSTEMS)
     if systems == ["all"]:
         systems = list(SYSTEMS)
     unknown = [s for s in systems if s not in SYSTEMS]
@@ -168,21 +218,33 @@ def run_system(args: argparse.Namespace, spec: dict[str, Any], out: Path) -> dic
     name = f"{spec['model']}-{spec['system']}"
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    spec_path, result_path, log_path = (runs / f"{name}{ext}"
-                                        for ext in (".spec.json", ".json", ".log"))
+    spec_path, result_path, log_path = (
+        runs / f"{name}{ext}" for ext in (".spec.json", ".json", ".log")
+    )
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
     cache = out / "tmp" / name
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
-    cmd = [sys.executable, str(HERE / "_systems.py"), "--spec", str(spec_path),
-           "--result", str(result_path)]
+    cmd = [
+        sys.executable,
+        str(HERE / "_systems.py"),
+        "--spec",
+        str(spec_path),
+        "--result",
+        str(result_path),
+    ]
     timeout = spec["run_timeout_s"]
     started = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=_child_env(args, spec["system"], cache),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=_child_env(args, spec["system"], cache),
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -197,8 +259,11 @@ def run_system(args: argparse.Namespace, spec: dict[str, Any], out: Path) -> dic
     else:
         why = f"killed after {timeout:.0f} s" if code is None else f"exit code {code}"
         tail = log_path.read_text(errors="replace")[-600:] if log_path.exists() else ""
-        result = {"system": spec["system"], "model": spec["model"],
-                  "error": f"no result ({why}); log tail: {tail}"}
+        result = {
+            "system": spec["system"],
+            "model": spec["model"],
+            "error": f"no result ({why}); log tail: {tail}",
+        }
     result["process_wall_s"] = wall
     return result
 
@@ -211,9 +276,11 @@ def _summary_line(r: dict[str, Any]) -> str:
     if r.get("error"):
         return f"ERROR {r['error'].splitlines()[0][:160]}"
     tiers = Counter(q["tier"] for q in r.get("requests", []))
-    return (f"TTFR {r.get('ttfr_s', float('nan')):.3f} s, trace {r.get('trace_wall_s', 0):.1f} s,"
-            f" graphs {r.get('dynamo_frames')}, tiers {dict(tiers)}, "
-            f"process {r.get('process_wall_s', 0):.0f} s")
+    return (
+        f"TTFR {r.get('ttfr_s', float('nan')):.3f} s, trace {r.get('trace_wall_s', 0):.1f} s,"
+        f" graphs {r.get('dynamo_frames')}, tiers {dict(tiers)}, "
+        f"process {r.get('process_wall_s', 0):.0f} s"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,35 +290,55 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"--device {args.device}: torch {torch.__version__} sees no CUDA device",
-              file=sys.stderr)
+        print(
+            f"--device {args.device}: torch {torch.__version__} sees no CUDA device",
+            file=sys.stderr,
+        )
         return 2
     if args.report_only:
         return report_only(args, out, torch.__version__)
     preset = QUICK if args.quick else FULL
-    tspec = preset.with_(seed=args.seed, calls=args.calls, rate=args.rate,
-                         tail_alpha=args.tail_alpha)
+    tspec = preset.with_(
+        seed=args.seed, calls=args.calls, rate=args.rate, tail_alpha=args.tail_alpha
+    )
     trace = build_trace(tspec)
     hot = [int(s) for s in _csv(args.hot_sizes)] if args.hot_sizes else hot_sizes(trace, 3)
     counts = Counter(c.size for c in trace)
     probe_size = max(counts, key=lambda s: (counts[s], -s))
     warmup_calls = args.warmup_calls or max(1, len(trace) // 3)
-    settle = args.settle_timeout if args.settle_timeout is not None else (
-        5.0 if args.quick else 240.0)
+    settle = (
+        args.settle_timeout if args.settle_timeout is not None else (5.0 if args.quick else 240.0)
+    )
     run_timeout = args.run_timeout or (150.0 if args.quick else 1500.0)
     measure = (
-        {"probe_every_s": 1.0, "probe_window_s": 0.1, "throughput_rounds": 3,
-         "throughput_round_s": 0.05, "idle_probes": 3, "baseline_calls": 3}
-        if args.quick else
-        {"probe_every_s": 3.0, "probe_window_s": 0.3, "throughput_rounds": 5,
-         "throughput_round_s": 0.25, "idle_probes": 5, "baseline_calls": 3}
+        {
+            "probe_every_s": 1.0,
+            "probe_window_s": 0.1,
+            "throughput_rounds": 3,
+            "throughput_round_s": 0.05,
+            "idle_probes": 3,
+            "baseline_calls": 3,
+        }
+        if args.quick
+        else {
+            "probe_every_s": 3.0,
+            "probe_window_s": 0.3,
+            "throughput_rounds": 5,
+            "throughput_round_s": 0.25,
+            "idle_probes": 5,
+            "baseline_calls": 3,
+        }
     )
-    (out / "trace.json").write_text(json.dumps(
-        {"spec": tspec.to_json(), "calls": [c.__dict__ for c in trace]}))
+    (out / "trace.json").write_text(
+        json.dumps({"spec": tspec.to_json(), "calls": [c.__dict__ for c in trace]})
+    )
     prefill = sorted({c.size for c in trace if c.kind == "prefill"})
-    print(f"trace: {len(trace)} calls over {trace[-1].at:.0f} s, {len(counts)} distinct sizes "
-          f"({', '.join(map(str, sorted(counts)))}); prefill {prefill}; hot {hot}; "
-          f"probe size {probe_size}; warm-up = first {warmup_calls} requests", flush=True)
+    print(
+        f"trace: {len(trace)} calls over {trace[-1].at:.0f} s, {len(counts)} distinct sizes "
+        f"({', '.join(map(str, sorted(counts)))}); prefill {prefill}; hot {hot}; "
+        f"probe size {probe_size}; warm-up = first {warmup_calls} requests",
+        flush=True,
+    )
 
     all_metrics: list[_report.Metrics] = []
     per_model: dict[str, dict[str, dict[str, Any]]] = {}
@@ -264,35 +351,68 @@ def main(argv: list[str] | None = None) -> int:
             if system == "pwdaemon-cold":
                 shutil.rmtree(store, ignore_errors=True)
             spec = {
-                "system": system, "model": model, "device": args.device, "dtype": args.dtype,
-                "seed": args.seed, "trace": [[c.size, c.at] for c in trace],
-                "hot_sizes": hot, "probe_size": probe_size, "settle_timeout_s": settle,
-                "run_timeout_s": run_timeout, "store": str(store),
-                "dynamic_mark": args.dynamic_mark, "threads": args.threads,
-                "pwdaemon": {"hot_calls": args.hot_calls, "workers": args.workers,
-                             "capture": args.capture},
+                "system": system,
+                "model": model,
+                "device": args.device,
+                "dtype": args.dtype,
+                "seed": args.seed,
+                "trace": [[c.size, c.at] for c in trace],
+                "hot_sizes": hot,
+                "probe_size": probe_size,
+                "settle_timeout_s": settle,
+                "run_timeout_s": run_timeout,
+                "store": str(store),
+                "dynamic_mark": args.dynamic_mark,
+                "threads": args.threads,
+                "pwdaemon": {
+                    "hot_calls": args.hot_calls,
+                    "workers": args.workers,
+                    "capture": args.capture,
+                },
                 "ab_static": args.ab,
                 **measure,
             }
             if system == "pwdaemon-warm" and not store.exists():
-                results[system] = {"system": system, "model": model,
-                                   "error": f"no store at {store}: run pwdaemon-cold first"}
+                results[system] = {
+                    "system": system,
+                    "model": model,
+                    "error": f"no store at {store}: run pwdaemon-cold first",
+                }
             else:
-                print(f"[{model} {i}/{len(args.systems)}] {system}: {SYSTEMS[system]} ...",
-                      flush=True)
+                print(
+                    f"[{model} {i}/{len(args.systems)}] {system}: {SYSTEMS[system]} ...", flush=True
+                )
                 results[system] = run_system(args, spec, out)
             print(f"    {_summary_line(results[system])}", flush=True)
         per_model[model] = results
-        (out / f"peers-{model}.json").write_text(json.dumps(
-            {"hot_sizes": hot, "warmup_calls": warmup_calls, "command": _command(),
-             "results": results}))
+        (out / f"peers-{model}.json").write_text(
+            json.dumps(
+                {
+                    "hot_sizes": hot,
+                    "warmup_calls": warmup_calls,
+                    "command": _command(),
+                    "results": results,
+                }
+            )
+        )
         metrics = _report.compute(results, hot, warmup_calls)
         all_metrics += [metrics[s] for s in args.systems if s in metrics]
         if not args.no_plots:
             _plots(results, model, out, plots, plot_notes)
 
-    md = render(args, tspec, trace, hot, probe_size, warmup_calls, all_metrics, per_model,
-                plots, plot_notes, torch.__version__)
+    md = render(
+        args,
+        tspec,
+        trace,
+        hot,
+        probe_size,
+        warmup_calls,
+        all_metrics,
+        per_model,
+        plots,
+        plot_notes,
+        torch.__version__,
+    )
     (out / "peers.md").write_text(md)
     print()
     print(md)
@@ -303,11 +423,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors else 0
 
 
-def _plots(results: dict[str, dict[str, Any]], model: str, out: Path, plots: list[str],
-           notes: list[str]) -> None:
-    for kind, fn in (("latency", _report.plot_latency),
-                     ("latency_panels", _report.plot_panels),
-                     ("probes", _report.plot_probes)):
+def _plots(
+    results: dict[str, dict[str, Any]], model: str, out: Path, plots: list[str], notes: list[str]
+) -> None:
+    for kind, fn in (
+        ("latency", _report.plot_latency),
+        ("latency_panels", _report.plot_panels),
+        ("probes", _report.plot_probes),
+    ):
         path = out / f"{kind}_{model}.png"
         why = fn(results, model, path)
         if why is None:
@@ -343,8 +466,19 @@ def report_only(args: argparse.Namespace, out: Path, torch_version: str) -> int:
         if not args.no_plots:
             _plots(results, model, out, plots, notes)
     args.systems = systems
-    md = render(args, tspec, trace, hot, probe_size, warmup_calls, metrics, per_model, plots,
-                notes, torch_version)
+    md = render(
+        args,
+        tspec,
+        trace,
+        hot,
+        probe_size,
+        warmup_calls,
+        metrics,
+        per_model,
+        plots,
+        notes,
+        torch_version,
+    )
     (out / "peers.md").write_text(md)
     print(md)
     return 0
@@ -395,8 +529,12 @@ def render(
     for model, results in per_model.items():
         table = _report.specialize_table(results, model)
         if table is not None:
-            lines += ["pwdaemon: when each size went specialized (seconds since t0; swap "
-                      "events):", "", table, ""]
+            lines += [
+                "pwdaemon: when each size went specialized (seconds since t0; swap events):",
+                "",
+                table,
+                "",
+            ]
     lines += ["## Targets", ""]
     for model in per_model:
         by_system = {m.system: m for m in metrics if m.model == model}
@@ -425,8 +563,10 @@ def render(
             if gen is not None:
                 bits.append(f"general live at {gen['at']:.2f} s")
         if m.system.startswith("pwdaemon") or m.system == "upfront":
-            bits.append(f"set-up (attach or compile-all) {m.setup_s:.2f} s of the "
-                        f"{m.ttfr_s:.2f} s to first response")
+            bits.append(
+                f"set-up (attach or compile-all) {m.setup_s:.2f} s of the "
+                f"{m.ttfr_s:.2f} s to first response"
+            )
         if m.system in IN_PROCESS_COMPILERS:
             bits.append(f"{m.compile_requests} requests compiled on the serving thread")
         if bits:

@@ -53,8 +53,12 @@ print(json.dumps({"ok": ok, "first_call_s": first_call, "mode": mode,
 
 
 def run(store: str, sizes: str, mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, store, sizes, mode],
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, store, sizes, mode],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -72,10 +76,14 @@ def main() -> None:
     early = run(store, args.sizes, "warm-prewarmed")
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"demo model, store {store}, sizes {sizes} (total {time.monotonic() - started:.0f} s)")
-    print(f"first call (dynamo capture): cold {cold['first_call_s']:.2f} s, "
-          f"warm {warm['first_call_s']:.2f} s")
-    print("seconds from attach() to serving specialized; warm+prewarm: pwdaemon.prewarm()"
-          " called at process start, finished before attach (as while weights load)")
+    print(
+        f"first call (dynamo capture): cold {cold['first_call_s']:.2f} s, "
+        f"warm {warm['first_call_s']:.2f} s"
+    )
+    print(
+        "seconds from attach() to serving specialized; warm+prewarm: pwdaemon.prewarm()"
+        " called at process start, finished before attach (as while weights load)"
+    )
     print("| size | cold | warm | warm + prewarm | cold/warm |")
     print("|---|---|---|---|---|")
     worst = {"warm": 0.0, "warm + prewarm": 0.0}
@@ -86,8 +94,9 @@ def main() -> None:
             continue
         worst["warm"] = max(worst["warm"], w[0])
         worst["warm + prewarm"] = max(worst["warm + prewarm"], e[0])
-        print(f"| {n} | {c[0]:.2f} | {w[0]:.2f} ({w[1]}) | {e[0]:.2f} ({e[1]}) "
-              f"| {c[0] / w[0]:.1f}x |")
+        print(
+            f"| {n} | {c[0]:.2f} | {w[0]:.2f} ({w[1]}) | {e[0]:.2f} ({e[1]}) | {c[0] / w[0]:.1f}x |"
+        )
     for name, secs in worst.items():
         verdict = "met" if secs <= 2.0 else "missed"
         print(f"{name}: every size specialized {secs:.2f} s after attach (target 2 s: {verdict})")

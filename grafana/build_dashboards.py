@@ -132,8 +132,7 @@ def quantiles(metric: str, who: str) -> list[tuple[str, str]]:
     """p50, p95 and the mean of a histogram, per model."""
     out = [
         (
-            f"histogram_quantile({q}, sum by (model, le) "
-            f"(rate({metric}_bucket{{{SEL}}}[{RI}])))",
+            f"histogram_quantile({q}, sum by (model, le) (rate({metric}_bucket{{{SEL}}}[{RI}])))",
             f"p{round(q * 100)} {{{{model}}}}",
         )
         for q in (0.5, 0.95)
@@ -149,6 +148,7 @@ def quantiles(metric: str, who: str) -> list[tuple[str, str]]:
 
 
 # ---- panels, each defined once and shared by the dashboards that show it ----------
+
 
 def calls_by_tier() -> Json:
     return timeseries(
@@ -243,8 +243,7 @@ def queue_and_in_flight() -> Json:
 def jobs_by_outcome() -> Json:
     return timeseries(
         "Compile jobs by outcome",
-        "Compile jobs finished per minute, by target kind (size, range, general) and "
-        "outcome.",
+        "Compile jobs finished per minute, by target kind (size, range, general) and outcome.",
         "opm",
         [
             (
@@ -364,8 +363,7 @@ def store_write_errors() -> Json:
         "opm",
         [
             (
-                f"{PER_MIN}sum by (model) "
-                f"(rate(pwdaemon_store_write_errors_total{{{SEL}}}[{RI}]))",
+                f"{PER_MIN}sum by (model) (rate(pwdaemon_store_write_errors_total{{{SEL}}}[{RI}]))",
                 "{{model}}",
             )
         ],
@@ -406,6 +404,7 @@ def metrics_errors() -> Json:
 
 # ---- dashboards ---------------------------------------------------------------------
 
+
 def variables() -> list[Json]:
     # Every source exports a queue depth, whatever it does, so it names every model.
     anchor = "pwdaemon_compile_queue_depth"
@@ -444,7 +443,8 @@ def variables() -> list[Json]:
         query_var("job", "Job", f"label_values({anchor}, job)"),
         query_var("instance", "Instance", f'label_values({anchor}{{job=~"$job"}}, instance)'),
         query_var(
-            "model", "Model",
+            "model",
+            "Model",
             f'label_values({anchor}{{job=~"$job", instance=~"$instance"}}, model)',
         ),
     ]
@@ -584,7 +584,8 @@ def render(dash: Json) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument(
-        "--check", action="store_true",
+        "--check",
+        action="store_true",
         help="write nothing; exit 1 if any committed dashboard differs from this file",
     )
     parser.add_argument("--out", type=Path, default=DASHBOARD_DIR, help="dashboards folder")

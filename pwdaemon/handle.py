@@ -21,13 +21,13 @@ from pwdaemon.config import (
 )
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
-from pwdaemon.workers.executor import Executor
 from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.serving.capture import Capture, GraphPiece
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
 from pwdaemon.store.store import ArtifactStore
+from pwdaemon.workers.executor import Executor
 
 _names = itertools.count()
 _attach_lock = threading.Lock()

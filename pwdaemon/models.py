@@ -53,9 +53,7 @@ class TransformerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TransformerConfig.{name} must be an int >= 1, got {value!r}")
         if self.d_model % self.heads:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})"
-            )
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
 
     @property
     def head_dim(self) -> int:

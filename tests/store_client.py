@@ -27,13 +27,23 @@ def main() -> None:
         while not go.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
     t0 = time.monotonic()
-    h = pwd.attach(model, sizes=sizes, store=store_dir,
-                   policy=pwd.PolicyConfig(hot_calls=10**9, tick_s=0.02),
-                   compiler=pwd.CompileConfig(workers=1))
+    h = pwd.attach(
+        model,
+        sizes=sizes,
+        store=store_dir,
+        policy=pwd.PolicyConfig(hot_calls=10**9, tick_s=0.02),
+        compiler=pwd.CompileConfig(workers=1),
+    )
     events: list[dict[str, object]] = []
-    h.on_swap(lambda e: events.append(
-        {"target": str(e.range) if e.range else "general", "source": e.source,
-         "t": time.monotonic() - t0}))
+    h.on_swap(
+        lambda e: events.append(
+            {
+                "target": str(e.range) if e.range else "general",
+                "source": e.source,
+                "t": time.monotonic() - t0,
+            }
+        )
+    )
     with torch.no_grad():
         ref = SmallMLP().eval()
         ref.load_state_dict(model.state_dict())
@@ -47,8 +57,18 @@ def main() -> None:
     tiers = {n: h.table().lookup(n).tier.value for n in sizes}
     sources = dict(h.engine.loads_by_source)
     h.detach()
-    print(json.dumps({"ok": ok, "ready_s": ready, "events": events, "tiers": tiers,
-                      "loads": sources, "max_err": max_err}))
+    print(
+        json.dumps(
+            {
+                "ok": ok,
+                "ready_s": ready,
+                "events": events,
+                "tiers": tiers,
+                "loads": sources,
+                "max_err": max_err,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

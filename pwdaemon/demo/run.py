@@ -44,11 +44,11 @@ from rich.text import Text
 from pwdaemon.config import CompileConfig, PolicyConfig
 from pwdaemon.demo.traffic import Call, Traffic, TrafficConfig
 from pwdaemon.engine.events import EntryStatus, HandleStatus, PieceStatus, SwapEvent
-from pwdaemon.workers.executor import Executor
 from pwdaemon.handle import Handle, attach
 from pwdaemon.models import DEMO_CONFIG, demo_model, example_tokens
 from pwdaemon.serving.dispatch import Dispatcher
 from pwdaemon.serving.range_table import Tier
+from pwdaemon.workers.executor import Executor
 
 __all__ = ["ATOL", "RTOL", "DemoOptions", "DemoResult", "add_demo_parser", "cmd_demo", "run_demo"]
 
@@ -254,8 +254,10 @@ class DemoRun:
         self.options = options
         self.console = console
         self.executor = executor
-        self.policy = PolicyConfig() if options.hot_calls is None else PolicyConfig(
-            hot_calls=options.hot_calls
+        self.policy = (
+            PolicyConfig()
+            if options.hot_calls is None
+            else PolicyConfig(hot_calls=options.hot_calls)
         )
         compile_kwargs: dict[str, Any] = {"general": options.general}
         if options.workers is not None:
@@ -408,9 +410,9 @@ class DemoRun:
                     self._idle_until(due, live)
                 self.phase = call.phase
                 tokens = example_tokens(call.size, generator=gen)
-                tier = "eager" if dispatcher is None else dispatcher.table.lookup(
-                    call.size
-                ).tier.value
+                tier = (
+                    "eager" if dispatcher is None else dispatcher.table.lookup(call.size).tier.value
+                )
                 t0 = time.perf_counter()
                 out = model(tokens)
                 dt = time.perf_counter() - t0
@@ -479,9 +481,7 @@ class DemoRun:
         want = reference(tokens)
         self.result.checked += 1
         if out.shape != want.shape or not torch.allclose(out, want, atol=ATOL, rtol=RTOL):
-            diff = (
-                float((out - want).abs().max()) if out.shape == want.shape else float("inf")
-            )
+            diff = float((out - want).abs().max()) if out.shape == want.shape else float("inf")
             self.result.mismatches.append(Mismatch(call.index, call.size, tier, diff))
 
     def _safe_status(self) -> HandleStatus | None:
@@ -535,9 +535,7 @@ class DemoRun:
     def _general_entry(self, status: HandleStatus | None) -> EntryStatus | None:
         if status is None or not status.pieces:
             return None
-        return next(
-            (e for e in self._piece_status(status).entries if e.target == "general"), None
-        )
+        return next((e for e in self._piece_status(status).entries if e.target == "general"), None)
 
     def _tier_now(self, size: int) -> str:
         dispatcher = self._main_dispatcher()
@@ -603,26 +601,38 @@ class DemoRun:
         pids = list(status.worker_pids) if status else []
         plan = "complete" if status and status.plan_complete else "running"
         counts = Text.assemble(
-            ("calls ", "dim"), f"{self.result.calls:,} ({rate:.0f}/s)",
-            ("   sizes seen ", "dim"), str(len(self.sizes)),
-            ("   table ", "dim"), (f"v{version}", "bold"),
-            ("   queue ", "dim"), (str(queue), "bold cyan" if queue else ""),
-            ("   in flight ", "dim"), (str(in_flight), "bold yellow" if in_flight else ""),
+            ("calls ", "dim"),
+            f"{self.result.calls:,} ({rate:.0f}/s)",
+            ("   sizes seen ", "dim"),
+            str(len(self.sizes)),
+            ("   table ", "dim"),
+            (f"v{version}", "bold"),
+            ("   queue ", "dim"),
+            (str(queue), "bold cyan" if queue else ""),
+            ("   in flight ", "dim"),
+            (str(in_flight), "bold yellow" if in_flight else ""),
             ("   workers ", "dim"),
-            f"{len(pids)}" + (
+            f"{len(pids)}"
+            + (
                 f" (pid {', '.join(map(str, pids))})"
                 if pids
-                else " (starting)" if self.executor is None else " (in-process)"
+                else " (starting)"
+                if self.executor is None
+                else " (in-process)"
             ),
-            ("   plan ", "dim"), plan,
+            ("   plan ", "dim"),
+            plan,
         )
         p50, p99, worst = self._window_stats()
         mism = len(self.result.mismatches)
         latency = Text.assemble(
             (f"latency (last {LATENCY_WINDOW_S:g} s): ", "dim"),
-            ("p50 ", "dim"), (_fmt_ms(p50), "bold"),
-            ("  p99 ", "dim"), (_fmt_ms(p99), "bold"),
-            ("  max ", "dim"), _fmt_ms(worst),
+            ("p50 ", "dim"),
+            (_fmt_ms(p50), "bold"),
+            ("  p99 ", "dim"),
+            (_fmt_ms(p99), "bold"),
+            ("  max ", "dim"),
+            _fmt_ms(worst),
             ("   checked vs eager reference ", "dim"),
             f"{self.result.checked:,} calls, ",
             (f"{mism} mismatches", "bold red" if mism else "green"),
@@ -660,7 +670,7 @@ class DemoRun:
         entries = self._size_entries(status)
         ordered = sorted(self.sizes.items(), key=lambda kv: (-kv[1].calls, kv[0]))
         shown = ordered[: max(1, rows - 1)]
-        hidden = ordered[len(shown):]
+        hidden = ordered[len(shown) :]
         table = Table(
             box=box.SIMPLE_HEAD,
             title=f"sizes, by calls (top {len(shown)} of {len(ordered)})",
@@ -737,8 +747,14 @@ class DemoRun:
                 Text("validated", style="green") if e.validated else Text("-", style="dim"),
             )
         if not recent:
-            table.add_row("", Text("none yet: serving on eager while workers compile",
-                                   style="dim"), "", "", "", "")
+            table.add_row(
+                "",
+                Text("none yet: serving on eager while workers compile", style="dim"),
+                "",
+                "",
+                "",
+                "",
+            )
         return table
 
     # ---- plain view ------------------------------------------------------------------
@@ -765,9 +781,7 @@ class DemoRun:
             f"{t} {100.0 * n / total:.0f}%"
             for t, n in sorted(self.result.calls_by_tier.items(), key=lambda kv: kv[0])
         )
-        live_sizes = sorted(
-            s for s, e in self._size_entries(status).items() if e.state == "live"
-        )
+        live_sizes = sorted(s for s, e in self._size_entries(status).items() if e.state == "live")
         return (
             f"[{now:5.1f}s] calls {self.result.calls:>6}  sizes {len(self.sizes):>3}  "
             f"table v{version}  queue {queue}  in flight {in_flight}  "
@@ -944,8 +958,7 @@ class DemoRun:
             )
             if vs_general:
                 line += (
-                    f"; vs general (dynamic shapes): median "
-                    f"{statistics.median(vs_general):.2f}x"
+                    f"; vs general (dynamic shapes): median {statistics.median(vs_general):.2f}x"
                 )
             con.print(line + ".", highlight=False)
         con.print(
@@ -955,9 +968,7 @@ class DemoRun:
             highlight=False,
         )
 
-    def _jobs_table(
-        self, order: list[int], entries: dict[int, EntryStatus], total: int
-    ) -> Table:
+    def _jobs_table(self, order: list[int], entries: dict[int, EntryStatus], total: int) -> Table:
         r = self.result
         table = Table(
             box=box.SIMPLE_HEAD,

@@ -120,7 +120,7 @@ class Traffic:
         c = self.config
         self._rng = random.Random(f"pwdaemon-traffic:{c.seed}:calls")
         self._clock_rng = random.Random(f"pwdaemon-traffic:{c.seed}:clock")
-        weights = [n ** -c.tail_alpha for n in range(1, c.decode_max + 1)]
+        weights = [n**-c.tail_alpha for n in range(1, c.decode_max + 1)]
         self._tail_cum = list(itertools.accumulate(weights))
         self._popular: list[tuple[int, ...]] = []
         self._index = 0

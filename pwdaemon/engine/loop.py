@@ -164,15 +164,12 @@ class Engine:
     # ---- life cycle (caller's thread) ------------------------------------------------
 
     def start(self) -> None:
-        self._portal_cm = anyio.from_thread.start_blocking_portal(
-            name=f"pwdaemon-{self.name}"
-        )
+        self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"pwdaemon-{self.name}")
         self._portal = self._portal_cm.__enter__()
         self._main_future = self._portal.start_task_soon(self._main)
         if self._watch_store and self.store is not None:
             try:
-                self._watcher = self.store.store.watch(self._on_store_event,
-                                                       polling=self._polling)
+                self._watcher = self.store.store.watch(self._on_store_event, polling=self._polling)
             except OSError as exc:
                 log.warning("pwdaemon: not watching the artifact store: %s", exc)
 
@@ -375,8 +372,7 @@ class Engine:
             st.policy.reserve([size])
             self._push(st, Job(piece, Target.size(size), "configured", (1, next(order))))
         for r in self.ranges:
-            self._push(st, Job(piece, Target.of_range(r), "configured",
-                               (1, next(order))))
+            self._push(st, Job(piece, Target.of_range(r), "configured", (1, next(order))))
 
     async def _plan_from_store(self, st: PieceState) -> None:
         """Warm restart: what the store holds for this piece first, then the sizes the
@@ -400,8 +396,9 @@ class Engine:
         if not st.piece.specializable:
             return
         profile = await anyio.to_thread.run_sync(self.store.load_profile, st.piece)
-        hot = sorted((s for s, c in profile.items() if c >= self.policy.hot_calls),
-                     key=lambda s: -profile[s])
+        hot = sorted(
+            (s for s, c in profile.items() if c >= self.policy.hot_calls), key=lambda s: -profile[s]
+        )
         room = self.policy.budget - len(st.policy.specialized)
         for size in [s for s in hot if s not in st.policy.specialized][: max(room, 0)]:
             st.policy.reserve([size])
@@ -518,8 +515,9 @@ class Engine:
         except Exception as exc:
             self._fail(job, "failed", f"stored artifact did not load: {type(exc).__name__}: {exc}")
             return
-        await self._validate_and_publish(st, job, wrap_compiled(runnable, job.piece), seconds,
-                                         source)
+        await self._validate_and_publish(
+            st, job, wrap_compiled(runnable, job.piece), seconds, source
+        )
 
     async def _compile_and_publish(self, st: PieceState, job: Job, key: Any) -> None:
         job.state, job.reason = "compiling", None
@@ -529,8 +527,9 @@ class Engine:
             fault, job.fault_times = job.fault, job.fault_times - 1
         name = f"g{job.piece.index}-{job.target.label.replace(':', '_')}-{job.attempts}.bin"
         out = self._workdir / name
-        spec = JobSpec(await self._graph_bytes(st), job.target, str(out),
-                       dict(self.config.options), fault)
+        spec = JobSpec(
+            await self._graph_bytes(st), job.target, str(out), dict(self.config.options), fault
+        )
         self._in_flight += 1
         try:
             result = await anyio.to_thread.run_sync(
@@ -544,7 +543,10 @@ class Engine:
         seconds = float(result.get("seconds", 0.0))
         if key is not None and self.store is not None and "path" in result:
             stored = await anyio.to_thread.run_sync(
-                self.store.publish, key, result["path"], seconds,
+                self.store.publish,
+                key,
+                result["path"],
+                seconds,
                 self.store.extra(job.piece, self.name),
             )
             if stored is not None:
@@ -581,8 +583,12 @@ class Engine:
             self._graph_pool = GraphPool(device)
         pool = self._graph_pool
         if pool.bytes >= self.graphs.memory_budget_bytes:
-            self._fail(job, "skipped", f"graph memory budget reached ({pool.bytes} bytes in "
-                       f"{pool.graphs} graphs)", retry=False)
+            self._fail(
+                job,
+                "skipped",
+                f"graph memory budget reached ({pool.bytes} bytes in {pool.graphs} graphs)",
+                retry=False,
+            )
             return
         tier2 = dispatcher.table.lookup(n).runnable
         args = sample[1]
@@ -601,8 +607,9 @@ class Engine:
         def task() -> None:
             t0 = time.monotonic()
             try:
-                box["runnable"] = capture_graph(tier2, args, n, size_index, copy_indices, pool,
-                                                self.graphs.warmup_iters)
+                box["runnable"] = capture_graph(
+                    tier2, args, n, size_index, copy_indices, pool, self.graphs.warmup_iters
+                )
             except BaseException as exc:
                 box["error"] = exc
             finally:
@@ -627,8 +634,9 @@ class Engine:
             await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
         if "error" in box:
             exc = box["error"]
-            self._fail(job, "failed", f"CUDA graph capture: {type(exc).__name__}: {exc}",
-                       retry=False)
+            self._fail(
+                job, "failed", f"CUDA graph capture: {type(exc).__name__}: {exc}", retry=False
+            )
             return
         runnable = box["runnable"]
         self.capture_pauses.append(box["pause"])
@@ -638,13 +646,17 @@ class Engine:
             below = [s for s in self._captured_sizes(st) if s < n]
             lo = max(below) + 1 if below else 1
             if lo <= n - 1:
-                dispatcher.install(Range(lo, n - 1), Tier.GRAPH, runnable,
-                                   {"target": f"graph:{n}", "padded": True})
+                dispatcher.install(
+                    Range(lo, n - 1), Tier.GRAPH, runnable, {"target": f"graph:{n}", "padded": True}
+                )
 
     @staticmethod
     def _captured_sizes(st: PieceState) -> list[int]:
-        return [j.target.start for j in st.jobs.values()
-                if j.target.kind is TargetKind.GRAPH and j.state == "live"]
+        return [
+            j.target.start
+            for j in st.jobs.values()
+            if j.target.kind is TargetKind.GRAPH and j.state == "live"
+        ]
 
     @contextlib.contextmanager
     def _gil_friendly(self) -> Iterator[None]:
@@ -691,8 +703,7 @@ class Engine:
                     why = await anyio.to_thread.run_sync(validate, candidate, current, args)
                 if why is not None:
                     self.rejects_by_reason[reject_category(why)] += 1
-                    self._fail(job, "rejected", f"validation on size {size}: {why}",
-                               retry=False)
+                    self._fail(job, "rejected", f"validation on size {size}: {why}", retry=False)
                     return
                 validated = True
         tier = job.target.tier
@@ -706,8 +717,7 @@ class Engine:
         self.compile_hist.observe(seconds)
         if job.hot_since is not None:
             self.hot_to_swap_hist.observe(time.monotonic() - job.hot_since)
-        event = SwapEvent(job.piece.index, range_, tier, table.version, seconds, source,
-                          validated)
+        event = SwapEvent(job.piece.index, range_, tier, table.version, seconds, source, validated)
         self._fire(self._swap_callbacks, event)
         if job.target.kind is TargetKind.SIZE and self._wants_graph(job.piece):
             n = job.target.start
@@ -736,8 +746,9 @@ class Engine:
             tries = f" after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
             job.reason = f"{outcome}{tries}: {reason}"
             self._cond.notify_all()
-        log.warning("pwdaemon: gave up on %s of graph %d: %s", job.target.label,
-                    job.piece.index, job.reason)
+        log.warning(
+            "pwdaemon: gave up on %s of graph %d: %s", job.target.label, job.piece.index, job.reason
+        )
         self._check_plan_complete()
 
     def _fire(self, callbacks: Iterable[Callable[[Any], None]], event: Any) -> None:
@@ -750,8 +761,9 @@ class Engine:
     def _check_plan_complete(self) -> None:
         if self._plan_done or not self._pieces or self._new_pieces:
             return
-        planned = [j for st in self._pieces for j in st.jobs.values()
-                   if j.why in ("general", "configured")]
+        planned = [
+            j for st in self._pieces for j in st.jobs.values() if j.why in ("general", "configured")
+        ]
         if not all(j.terminal for j in planned):
             return
         event = PlanCompleteEvent(
@@ -830,28 +842,59 @@ class Engine:
             d = st.piece.dispatcher
             entries = [
                 EntryStatus(
-                    target="eager", range=None, tier=Tier.EAGER, state="live", why="capture",
-                    hits=st.calls_by_tier.get("eager", 0), compile_seconds=None, attempts=0,
-                    reason=None, source=None,
+                    target="eager",
+                    range=None,
+                    tier=Tier.EAGER,
+                    state="live",
+                    why="capture",
+                    hits=st.calls_by_tier.get("eager", 0),
+                    compile_seconds=None,
+                    attempts=0,
+                    reason=None,
+                    source=None,
                 )
             ]
             for job in sorted(st.jobs.values(), key=lambda j: j.priority):
-                entries.append(EntryStatus(
-                    target=job.target.label, range=job.target.range,
-                    tier=job.target.tier, state=job.state, why=job.why, hits=job.hits,
-                    compile_seconds=job.compile_seconds, attempts=job.attempts,
-                    reason=job.reason, source=job.source,
-                ))
+                entries.append(
+                    EntryStatus(
+                        target=job.target.label,
+                        range=job.target.range,
+                        tier=job.target.tier,
+                        state=job.state,
+                        why=job.why,
+                        hits=job.hits,
+                        compile_seconds=job.compile_seconds,
+                        attempts=job.attempts,
+                        reason=job.reason,
+                        source=job.source,
+                    )
+                )
             note = None
             if st.piece.size_index is None:
                 note = "no dynamic size: general tier only"
             elif st.piece.extra_symbols:
-                note = f"more than one dynamic size ({', '.join(st.piece.extra_symbols)}): " \
-                       "general tier only"
-            pieces.append(PieceStatus(st.piece.index, d.table.version, st.piece.specializable,
-                                      note, len(d.counts), tuple(entries)))
-        return HandleStatus(self.name, tuple(pieces), len(self._heap), self._in_flight,
-                            self._plan_done, tuple(self.executor.pids()))
+                note = (
+                    f"more than one dynamic size ({', '.join(st.piece.extra_symbols)}): "
+                    "general tier only"
+                )
+            pieces.append(
+                PieceStatus(
+                    st.piece.index,
+                    d.table.version,
+                    st.piece.specializable,
+                    note,
+                    len(d.counts),
+                    tuple(entries),
+                )
+            )
+        return HandleStatus(
+            self.name,
+            tuple(pieces),
+            len(self._heap),
+            self._in_flight,
+            self._plan_done,
+            tuple(self.executor.pids()),
+        )
 
     def metrics_snapshot(self) -> ModelMetrics:
         pieces = []
@@ -860,17 +903,29 @@ class Engine:
             live: collections.Counter[str] = collections.Counter(
                 e.tier.value for e in d.table.entries()
             )
-            pieces.append(PieceMetrics(st.piece.index, d.table.version,
-                                       dict(st.calls_by_tier), len(d.counts),
-                                       d.overflow_calls, dict(live)))
+            pieces.append(
+                PieceMetrics(
+                    st.piece.index,
+                    d.table.version,
+                    dict(st.calls_by_tier),
+                    len(d.counts),
+                    d.overflow_calls,
+                    dict(live),
+                )
+            )
         return ModelMetrics(
-            model=self.name, pieces=pieces, jobs_by_outcome=dict(self.jobs_by_outcome),
+            model=self.name,
+            pieces=pieces,
+            jobs_by_outcome=dict(self.jobs_by_outcome),
             compile_seconds=copy.deepcopy(self.compile_hist),
             hot_to_swap_seconds=copy.deepcopy(self.hot_to_swap_hist),
-            queue_depth=len(self._heap), in_flight=self._in_flight,
+            queue_depth=len(self._heap),
+            in_flight=self._in_flight,
             validation_rejects_by_reason=dict(self.rejects_by_reason),
             failures_by_reason=dict(self.failures_by_reason),
-            worker_restarts=self.executor.restarts, loads_by_source=dict(self.loads_by_source),
-            store_bytes=self._store_stats[0], store_artifacts=self._store_stats[1],
+            worker_restarts=self.executor.restarts,
+            loads_by_source=dict(self.loads_by_source),
+            store_bytes=self._store_stats[0],
+            store_artifacts=self._store_stats[1],
             store_write_errors=self.store.store.write_errors if self.store is not None else 0,
         )

@@ -52,11 +52,7 @@ class PiecePolicy:
         if room <= 0:
             return []
         limit = self.threshold(queue_len)
-        hot = [
-            s
-            for s, st in self.sizes.items()
-            if st.calls >= limit and s not in self.specialized
-        ]
+        hot = [s for s, st in self.sizes.items() if st.calls >= limit and s not in self.specialized]
         for s in hot:
             st = self.sizes[s]
             if st.first_hot is None:

@@ -48,8 +48,7 @@ def compare_outputs(candidate: Any, reference: Any) -> str | None:
                 return f"output {i} is {type(g).__name__}, expected a tensor"
             if g.shape != w.shape or g.dtype != w.dtype:
                 return (
-                    f"output {i} is {tuple(g.shape)} {g.dtype}, "
-                    f"expected {tuple(w.shape)} {w.dtype}"
+                    f"output {i} is {tuple(g.shape)} {g.dtype}, expected {tuple(w.shape)} {w.dtype}"
                 )
             rtol, atol = TOLERANCES.get(w.dtype, (0.0, 0.0))
             g64, w64 = g.detach().double().cpu(), w.detach().double().cpu()

@@ -82,100 +82,119 @@ _MG = ("model", "graph")
 
 METRIC_FAMILIES: tuple[MetricFamilySpec, ...] = (
     MetricFamilySpec(
-        "pwdaemon_calls", "counter",
+        "pwdaemon_calls",
+        "counter",
         "Calls answered, by the tier of the runnable that answered them.",
         ("model", "graph", "tier"),
     ),
     MetricFamilySpec(
-        "pwdaemon_specialized_calls", "counter",
+        "pwdaemon_specialized_calls",
+        "counter",
         "Calls answered by a size- or range-specialized runnable (tiers range, size, "
         "graph); divide by pwdaemon_calls_total for the specialized-hit ratio.",
         _MG,
     ),
     MetricFamilySpec(
-        "pwdaemon_live_entries", "gauge",
+        "pwdaemon_live_entries",
+        "gauge",
         "Runnables currently in the dispatch table, by tier.",
         ("model", "graph", "tier"),
     ),
     MetricFamilySpec(
-        "pwdaemon_table_version", "gauge",
+        "pwdaemon_table_version",
+        "gauge",
         "Version of the published dispatch table (bumped by every swap).",
         _MG,
     ),
     MetricFamilySpec(
-        "pwdaemon_distinct_sizes", "gauge",
+        "pwdaemon_distinct_sizes",
+        "gauge",
         "Distinct input sizes counted individually (bounded by the size-histogram cap).",
         _MG,
     ),
     MetricFamilySpec(
-        "pwdaemon_size_overflow_calls", "counter",
+        "pwdaemon_size_overflow_calls",
+        "counter",
         "Calls whose size arrived after the size-histogram cap was reached "
         "(counted together as 'other').",
         _MG,
     ),
     MetricFamilySpec(
-        "pwdaemon_compile_jobs", "counter",
+        "pwdaemon_compile_jobs",
+        "counter",
         "Compile jobs finished, by target kind and outcome.",
         ("model", "target", "outcome"),
     ),
     MetricFamilySpec(
-        "pwdaemon_compile_duration_seconds", "histogram",
+        "pwdaemon_compile_duration_seconds",
+        "histogram",
         "Wall time of one compile job in a worker.",
         _M,
     ),
     MetricFamilySpec(
-        "pwdaemon_hot_to_swap_seconds", "histogram",
+        "pwdaemon_hot_to_swap_seconds",
+        "histogram",
         "Time from a size becoming hot to its specialized runnable being swapped in.",
         _M,
     ),
     MetricFamilySpec(
-        "pwdaemon_compile_queue_depth", "gauge",
+        "pwdaemon_compile_queue_depth",
+        "gauge",
         "Compile jobs waiting for a worker.",
         _M,
     ),
     MetricFamilySpec(
-        "pwdaemon_compiles_in_flight", "gauge",
+        "pwdaemon_compiles_in_flight",
+        "gauge",
         "Compile jobs running in a worker now.",
         _M,
     ),
     MetricFamilySpec(
-        "pwdaemon_compile_failures", "counter",
+        "pwdaemon_compile_failures",
+        "counter",
         "Compile jobs that failed, by reason.",
         ("model", "reason"),
     ),
     MetricFamilySpec(
-        "pwdaemon_validation_rejects", "counter",
+        "pwdaemon_validation_rejects",
+        "counter",
         "Compiled runnables rejected by validation on a live input, by reason.",
         ("model", "reason"),
     ),
     MetricFamilySpec(
-        "pwdaemon_worker_restarts", "counter",
+        "pwdaemon_worker_restarts",
+        "counter",
         "Compile worker processes restarted after dying or hanging.",
         _M,
     ),
     MetricFamilySpec(
-        "pwdaemon_artifact_loads", "counter",
+        "pwdaemon_artifact_loads",
+        "counter",
         "Artifacts loaded into the serving process, by where they came from "
         "(compiled, store, peer).",
         ("model", "source"),
     ),
     MetricFamilySpec(
-        "pwdaemon_store_bytes", "gauge",
+        "pwdaemon_store_bytes",
+        "gauge",
         "Bytes held by the artifact store this model uses.",
         _M,
     ),
     MetricFamilySpec(
-        "pwdaemon_store_artifacts", "gauge",
+        "pwdaemon_store_artifacts",
+        "gauge",
         "Artifacts held by the artifact store this model uses.",
         _M,
     ),
     MetricFamilySpec(
-        "pwdaemon_store_write_errors", "counter",
+        "pwdaemon_store_write_errors",
+        "counter",
         "Failed writes to the artifact store.",
         _M,
     ),
     MetricFamilySpec(
-        "pwdaemon_metrics_source_errors", "counter",
+        "pwdaemon_metrics_source_errors",
+        "counter",
         "Scrapes that skipped a registered source, by reason "
         "(exception: metrics_snapshot raised; duplicate_model: another source already "
         "exported that model label).",
@@ -312,8 +331,12 @@ class PwdaemonCollector:
             self._warned.add((id(source), reason))
         level = logging.WARNING if first else logging.DEBUG
         logger.log(
-            level, "pwdaemon metrics: skipped source %r (%s%s)", source, reason,
-            f", model={model!r}" if model else "", exc_info=exc_info,
+            level,
+            "pwdaemon metrics: skipped source %r (%s%s)",
+            source,
+            reason,
+            f", model={model!r}" if model else "",
+            exc_info=exc_info,
         )
 
 

@@ -14,7 +14,20 @@ from typing import Protocol
 # Compiles take from a fraction of a second (a cache hit) to many minutes (a large
 # model with autotuning): buckets from 0.1 s to 30 min.
 COMPILE_SECONDS_BUCKETS: tuple[float, ...] = (
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
 )
 
 
@@ -90,4 +103,3 @@ class MetricsSource(Protocol):
         must be unique among the sources registered in a process.
         """
         ...
-

@@ -101,9 +101,7 @@ def analyse_graph(gm: torch.fx.GraphModule) -> dict[str, Any]:
                         marks.append((i, d))
                         break
     specs = tuple(_placeholder_spec(n) for n in placeholders)
-    fingerprint = hashlib.sha256(
-        (gm.code + "\n" + "\n".join(specs)).encode()
-    ).hexdigest()
+    fingerprint = hashlib.sha256((gm.code + "\n" + "\n".join(specs)).encode()).hexdigest()
     return {
         "size_index": size_index,
         "size_symbol": str(size_expr) if size_expr is not None else None,
@@ -156,9 +154,7 @@ class Capture:
         # True until a whole model call completes without capturing a new piece.
         self._settling = True
         self._first_calls = threading.RLock()
-        self._compiled = torch.compile(
-            model._call_impl, backend=self._backend, **_COMPILE_KWARGS
-        )
+        self._compiled = torch.compile(model._call_impl, backend=self._backend, **_COMPILE_KWARGS)
 
     # ---- the call path (installed as model._compiled_call_impl) ---------------------
 

@@ -155,12 +155,16 @@ def capture(
     stream.synchronize()
     graph = torch.cuda.CUDAGraph()
     with pool.lock:  # no replay of a sibling graph while this one takes pool memory
-        with torch.no_grad(), torch.cuda.graph(
-            graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"
+        with (
+            torch.no_grad(),
+            torch.cuda.graph(
+                graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"
+            ),
         ):
             static_out = runnable(*static_args)
         stream.synchronize()
     pool.bytes += max(0, torch.cuda.memory_reserved(device) - before)
     pool.graphs += 1
-    return CudaGraphRunnable(graph, size, size_index, static_args, copy_indices, static_out,
-                             runnable, pool)
+    return CudaGraphRunnable(
+        graph, size, size_index, static_args, copy_indices, static_out, runnable, pool
+    )

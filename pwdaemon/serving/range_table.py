@@ -125,7 +125,7 @@ class Target:
 
     @classmethod
     def parse(cls, label: str) -> Target:
-        """"general", "size:8", "range:1-16", "graph:8" -> Target; ValueError otherwise."""
+        """ "general", "size:8", "range:1-16", "graph:8" -> Target; ValueError otherwise."""
         if label == TargetKind.GENERAL.value:
             return cls.general()
         kind, _, rest = label.partition(":")

@@ -49,7 +49,10 @@ def dump_graph(gm: torch.fx.GraphModule) -> bytes:
                     continue
                 with fake_mode:
                     fresh = torch.empty_strided(
-                        v.shape, v.stride(), dtype=v.dtype, device=v.device,
+                        v.shape,
+                        v.stride(),
+                        dtype=v.dtype,
+                        device=v.device,
                         requires_grad=v.requires_grad,
                     )
                 swapped.append((node, v))
@@ -111,9 +114,7 @@ def _concrete_inputs(gm: torch.fx.GraphModule, size: int) -> list[Any]:
 def _constrain_range(gm: torch.fx.GraphModule, start: int, end: int) -> None:
     # Tell the compiler the size's bounds; the dispatcher only routes sizes in range.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sym = next(
-        n for n in placeholders if isinstance(n.meta.get("example_value"), torch.SymInt)
-    )
+    sym = next(n for n in placeholders if isinstance(n.meta.get("example_value"), torch.SymInt))
     with gm.graph.inserting_after(placeholders[-1]):
         gm.graph.call_function(
             torch.ops.aten.sym_constrain_range_for_size.default,

@@ -54,9 +54,7 @@ class Frame:
         return self.header.get(key, default)
 
 
-def encode(
-    msg_type: str, header: Mapping[str, Any] | None = None, payload: bytes = b""
-) -> bytes:
+def encode(msg_type: str, header: Mapping[str, Any] | None = None, payload: bytes = b"") -> bytes:
     """The bytes of one frame."""
     doc = {**(header or {}), "type": msg_type}
     head = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()

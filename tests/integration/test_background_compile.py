@@ -12,6 +12,7 @@ import signal
 import statistics
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import pwdaemon as pwd
 
 pytestmark = pytest.mark.slow
 
-TOL = {"atol": 1e-4, "rtol": 1e-4}
+TOL: dict[str, Any] = {"atol": 1e-4, "rtol": 1e-4}
 FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.02)
 
 
@@ -49,7 +50,12 @@ def test_general_then_hot_sizes_swap_in_and_match_eager(
         mlp, sizes=[4], ranges=[(32, 64)], policy=FAST, compiler=pwd.CompileConfig(workers=1)
     )
     h.on_swap(events.append)
-    h.on_plan_complete(lambda e: (plans.append(e), plan_done.set()))
+
+    def on_plan(e: pwd.PlanCompleteEvent) -> None:
+        plans.append(e)
+        plan_done.set()
+
+    h.on_plan_complete(on_plan)
     pids: list[int] = []
     try:
         for n in [1, 4, 8, 8, 8, 40, 1, 1]:

@@ -20,14 +20,28 @@ HERE = Path(__file__).resolve().parent.parent  # factories.py lives in tests/
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "pwdaemon", *args], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pwdaemon", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_warm_then_attach_serves_specialized_without_compiling(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    r = _cli("warm", "factories:small_mlp", "--sizes", "2,3", "--inputs",
-             "factories:small_inputs", "--dir", str(store))
+    r = _cli(
+        "warm",
+        "factories:small_mlp",
+        "--sizes",
+        "2,3",
+        "--inputs",
+        "factories:small_inputs",
+        "--dir",
+        str(store),
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "general" in r.stdout and "compiled" in r.stdout
     ls = _cli("cache", "ls", "--dir", str(store), "--json")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-TOL = {"atol": 1e-4, "rtol": 1e-4}
+TOL: dict[str, Any] = {"atol": 1e-4, "rtol": 1e-4}
 
 
 class Block(nn.Module):
@@ -44,7 +45,7 @@ def gpu_model() -> tuple[nn.Module, nn.Module]:
     return m, copy.deepcopy(m)
 
 
-def _attach_and_wait_for_graph(model: nn.Module, sizes: list[int], **kw: object) -> pwd.Handle:
+def _attach_and_wait_for_graph(model: nn.Module, sizes: list[int], **kw: Any) -> pwd.Handle:
     got: dict[int, threading.Event] = {n: threading.Event() for n in sizes}
     h = pwd.attach(
         model,

@@ -26,8 +26,9 @@ def fake_run(**overrides: object) -> tuple[str, DemoResult]:
     kwargs.update(overrides)
     options = DemoOptions(**kwargs)  # type: ignore[arg-type]
     buf = io.StringIO()
-    console = Console(file=buf, force_terminal=not options.plain, width=160, height=50,
-                      color_system=None)
+    console = Console(
+        file=buf, force_terminal=not options.plain, width=160, height=50, color_system=None
+    )
     result = run_demo(options, console, executor=FakeExecutor())
     return buf.getvalue(), result
 
@@ -38,10 +39,19 @@ def test_demo_quick_plain_real_compiles(capsys: pytest.CaptureFixture[str]) -> N
     # A fresh store (cold Inductor cache): every compile is real. The general compile is
     # skipped so the first hot size is compiled first, and the run ends a few seconds
     # after that swap; --duration is the limit on a slow machine.
-    rc = main([
-        "demo", "--quick", "--plain", "--duration", "150", "--fresh", "--no-general",
-        "--stop-after-swaps", "1",
-    ])
+    rc = main(
+        [
+            "demo",
+            "--quick",
+            "--plain",
+            "--duration",
+            "150",
+            "--fresh",
+            "--no-general",
+            "--stop-after-swaps",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     match = RESULT.search(out)
     assert match is not None, out
@@ -65,8 +75,17 @@ def test_demo_live_view_and_summary_with_fake_compiles() -> None:
     # Every specialized size served at least one call that was checked on its tier.
     assert result.calls_by_tier["size"] > 0
     # The live view drew its panels.
-    for text in ("pwdaemon demo", "sizes, by calls", "recent swaps", "served by",
-                 "table v", "queue", "in flight", "p50", "p99"):
+    for text in (
+        "pwdaemon demo",
+        "sizes, by calls",
+        "recent swaps",
+        "served by",
+        "table v",
+        "queue",
+        "in flight",
+        "p50",
+        "p99",
+    ):
         assert text in out, text
     # And the summary.
     match = RESULT.search(out)

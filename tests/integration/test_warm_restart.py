@@ -84,8 +84,12 @@ def test_profile_of_last_run_is_prepared_before_traffic(tmp_path: Path) -> None:
     h.detach()
     torch._dynamo.reset()
     model2 = SmallMLP().eval()
-    h2 = pwd.attach(model2, store=store, policy=pwd.PolicyConfig(hot_calls=10**9, tick_s=0.02),
-                    compiler=pwd.CompileConfig(workers=1))
+    h2 = pwd.attach(
+        model2,
+        store=store,
+        policy=pwd.PolicyConfig(hot_calls=10**9, tick_s=0.02),
+        compiler=pwd.CompileConfig(workers=1),
+    )
     try:
         with torch.no_grad():
             model2(torch.randn(2, 16))  # one call of another size: 9 is never called

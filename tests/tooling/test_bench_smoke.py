@@ -16,8 +16,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMS = ("dynamic", "pwdaemon-cold", "pwdaemon-warm")
-NUMERIC = ("TTFR s", "warm-up max ms", "warm-up p99 ms", "compile wait s", "compile CPU s",
-           "trace wall s")
+NUMERIC = (
+    "TTFR s",
+    "warm-up max ms",
+    "warm-up p99 ms",
+    "compile wait s",
+    "compile CPU s",
+    "trace wall s",
+)
 
 
 def _main_table(markdown: str) -> tuple[list[str], list[list[str]]]:
@@ -25,7 +31,7 @@ def _main_table(markdown: str) -> tuple[list[str], list[list[str]]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("| model | system |"))
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip("|").split("|")])
@@ -37,9 +43,21 @@ def _main_table(markdown: str) -> tuple[list[str], list[list[str]]]:
 def test_quick_run_writes_a_row_per_system(tmp_path: Path) -> None:
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "peers.py"), "--quick", "--out", str(out),
-         "--systems", ",".join(SYSTEMS), "--dynamic-mark", "unbacked"],
-        cwd=REPO, capture_output=True, text=True, timeout=160,
+        [
+            sys.executable,
+            str(REPO / "bench" / "peers.py"),
+            "--quick",
+            "--out",
+            str(out),
+            "--systems",
+            ",".join(SYSTEMS),
+            "--dynamic-mark",
+            "unbacked",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=160,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     markdown = (out / "peers.md").read_text()

@@ -52,6 +52,7 @@ def dashboards() -> dict[str, Json]:
 
 # ---- what pwdaemon exports ---------------------------------------------------------
 
+
 @dataclass
 class FullSource:
     def metrics_snapshot(self) -> ModelMetrics:
@@ -81,9 +82,7 @@ def exported() -> dict[str, set[str]]:
     registry = CollectorRegistry()
     registry.register(PwdaemonCollector([FullSource()]))
     text = generate_latest(registry).decode()
-    out = {
-        fam.name: {s.name for s in fam.samples} for fam in text_string_to_metric_families(text)
-    }
+    out = {fam.name: {s.name for s in fam.samples} for fam in text_string_to_metric_families(text)}
     assert all(out.values()), f"families without samples: {out}"
     return out
 
@@ -112,6 +111,7 @@ def referenced(dash: Json) -> set[str]:
 
 
 # ---- tests -------------------------------------------------------------------------
+
 
 def test_json_is_what_the_generator_writes(dashboards: dict[str, Json]) -> None:
     for name, build in builder.DASHBOARDS.items():
@@ -180,8 +180,7 @@ def test_units_follow_the_metric(dashboards: dict[str, Json]) -> None:
                 continue
             names = {m for t in p["targets"] for m in METRIC_RE.findall(t["expr"])}
             unit = p["fieldConfig"]["defaults"]["unit"]
-            if any(n.startswith("pwdaemon_compile_duration") or "hot_to_swap" in n
-                   for n in names):
+            if any(n.startswith("pwdaemon_compile_duration") or "hot_to_swap" in n for n in names):
                 assert unit == "s", p["title"]
             if "pwdaemon_store_bytes" in names:
                 assert unit == "bytes", p["title"]
@@ -220,8 +219,8 @@ def test_queries_filter_and_use_rate_interval(dashboards: dict[str, Json]) -> No
                     # A raw counter plotted as is shows a sawtooth of restarts.
                     head = expr[: m.start()]
                     assert re.search(r"(rate|increase)\($", head), (p["title"], expr)
-                    assert expr[m.end():].startswith("{"), expr
-                    assert re.match(r"\{[^}]*\}\[\$__rate_interval\]", expr[m.end():]), expr
+                    assert expr[m.end() :].startswith("{"), expr
+                    assert re.match(r"\{[^}]*\}\[\$__rate_interval\]", expr[m.end() :]), expr
                 for sel in re.findall(r"pwdaemon_[a-z0-9_]+(\{[^}]*\})?", expr):
                     assert 'job=~"$job"' in sel and 'instance=~"$instance"' in sel, expr
                 if "pwdaemon_metrics_source_errors" not in expr:
@@ -236,8 +235,11 @@ def test_layout_ids_unique_and_panels_do_not_overlap(dashboards: dict[str, Json]
         for p in panels(dash):
             g = p["gridPos"]
             assert g["x"] + g["w"] <= 24
-            mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
-                    for y in range(g["y"], g["y"] + g["h"])}
+            mine = {
+                (x, y)
+                for x in range(g["x"], g["x"] + g["w"])
+                for y in range(g["y"], g["y"] + g["h"])
+            }
             assert not cells & mine, p["title"]
             cells |= mine
 
@@ -246,6 +248,7 @@ def test_layout_ids_unique_and_panels_do_not_overlap(dashboards: dict[str, Json]
 # PyYAML is not a dependency: a parser for the subset these files use (block mappings,
 # block lists of mappings, plain scalars, full-line comments) stands in, and is
 # cross-checked against PyYAML wherever that happens to be installed.
+
 
 def parse_yaml_subset(text: str) -> Any:
     lines: list[tuple[int, str]] = []
@@ -313,7 +316,8 @@ def load_yaml(path: Path) -> Any:
 
 def test_yaml_subset_parser_rejects_what_it_cannot_read() -> None:
     assert parse_yaml_subset("a: 1\nb:\n  - c: x\n    d: true\n") == {
-        "a": 1, "b": [{"c": "x", "d": True}],
+        "a": 1,
+        "b": [{"c": "x", "d": True}],
     }
     for bad in ("a: 1\n  b: 2\n", "a:\n", "a: 1\na: 2\n", "just text\n"):
         with pytest.raises(ValueError):
@@ -329,7 +333,7 @@ def test_dashboard_provider_points_at_the_dashboards() -> None:
     assert path.startswith("/")
     # The README's mount must land the dashboards folder exactly there.
     readme = (GRAFANA / "README.md").read_text(encoding="utf-8")
-    assert f'/grafana/dashboards:{path}' in readme
+    assert f"/grafana/dashboards:{path}" in readme
 
 
 def test_prometheus_datasource_provisioning() -> None:

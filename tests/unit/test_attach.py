@@ -111,7 +111,7 @@ def test_attach_an_optimized_module_raises(pair: tuple[nn.Module, nn.Module]) ->
     model, _ = pair
     wrapped = torch.compile(model, backend="eager")
     try:
-        handle = pwd.attach(wrapped, background=False)
+        handle = pwd.attach(wrapped, background=False)  # type: ignore[arg-type]
     except AlreadyAttachedError:
         return
     try:

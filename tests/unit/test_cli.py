@@ -73,8 +73,21 @@ def test_demo_quick_and_duration() -> None:
 
 def test_demo_flags() -> None:
     opts = demo_options(
-        "--seed", "3", "--plain", "--rate", "50", "--max-size", "256", "--check-every", "5",
-        "--workers", "2", "--no-general", "--stop-after-swaps", "2", "--fresh",
+        "--seed",
+        "3",
+        "--plain",
+        "--rate",
+        "50",
+        "--max-size",
+        "256",
+        "--check-every",
+        "5",
+        "--workers",
+        "2",
+        "--no-general",
+        "--stop-after-swaps",
+        "2",
+        "--fresh",
     )
     assert opts.seed == 3 and opts.plain and opts.rate == 50.0
     assert opts.prefill_max == 256 and opts.decode_max == 128
@@ -121,8 +134,12 @@ def test_cache_commands_are_registered() -> None:
 def test_every_subcommand_is_registered() -> None:
     parser = build_parser()
     assert parser.parse_args(["demo"]).func is cmd_demo
-    for argv in (["cache", "ls"], ["cache", "verify"], ["cache", "clear", "--yes"],
-                 ["warm", "m:f", "--sizes", "1,2"]):
+    for argv in (
+        ["cache", "ls"],
+        ["cache", "verify"],
+        ["cache", "clear", "--yes"],
+        ["warm", "m:f", "--sizes", "1,2"],
+    ):
         assert callable(parser.parse_args(argv).func), argv
 
 

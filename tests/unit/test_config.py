@@ -144,7 +144,7 @@ def test_defaults_and_edge_values_are_accepted() -> None:
 def test_parse_good_values() -> None:
     assert parse_sizes([8, 2, 8, 1]) == (8, 2, 1)  # order kept, duplicates dropped
     assert parse_sizes(()) == ()
-    assert parse_ranges([(5, 8), Range(1, 4), [9, 9]]) == (
+    assert parse_ranges([(5, 8), Range(1, 4), [9, 9]]) == (  # type: ignore[list-item]
         Range(1, 4),
         Range(5, 8),
         Range(9, 9),

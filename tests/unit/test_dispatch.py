@@ -296,10 +296,14 @@ def test_readers_see_only_published_versions_in_order() -> None:
         try:
             for i, target in enumerate(targets, start=1):
                 with progress:
-                    assert progress.wait_for(
-                        lambda i=i: errors or calls[0] >= (i - 1) * CALLS_PER_INSTALL,
-                        timeout=TIMEOUT,
-                    ), "readers made no progress"
+                    want = (i - 1) * CALLS_PER_INSTALL
+
+                    def progressed(want: int = want) -> bool:
+                        return bool(errors) or calls[0] >= want
+
+                    assert progress.wait_for(progressed, timeout=TIMEOUT), (
+                        "readers made no progress"
+                    )
                 if errors:
                     break
                 tier = (

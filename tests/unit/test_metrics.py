@@ -210,8 +210,7 @@ def test_scrape_reflects_source_and_values_move(
     assert after[key("pwdaemon_table_version", model=m, graph="0")] == 7
     assert after[key("pwdaemon_size_overflow_calls_total", model=m, graph="0")] == 3
     assert (
-        after[key("pwdaemon_compile_jobs_total", model=m, target="general", outcome="failed")]
-        == 1
+        after[key("pwdaemon_compile_jobs_total", model=m, target="general", outcome="failed")] == 1
     )
     assert after[key("pwdaemon_compile_failures_total", model=m, reason="timeout")] == 1
     assert after[key("pwdaemon_validation_rejects_total", model=m, reason="mismatch")] == 2
@@ -286,9 +285,12 @@ def test_unregister_removes_series(server: MetricsServer, sources: list[object])
     unregister_source(drop)  # a second detach is harmless
     text = fetch(server.url)
     assert samples(text, drop.model) == {}
-    assert samples(text, keep.model)[
-        key("pwdaemon_calls_total", model=keep.model, graph="0", tier="eager")
-    ] == 1
+    assert (
+        samples(text, keep.model)[
+            key("pwdaemon_calls_total", model=keep.model, graph="0", tier="eager")
+        ]
+        == 1
+    )
 
 
 def test_registering_twice_exports_once(server: MetricsServer, sources: list[object]) -> None:
@@ -369,9 +371,7 @@ def test_register_into_a_user_registry(sources: list[object]) -> None:
     assert "pwdaemon_" not in generate_latest(registry).decode()
 
 
-def test_labels_match_the_declared_families(
-    server: MetricsServer, sources: list[object]
-) -> None:
+def test_labels_match_the_declared_families(server: MetricsServer, sources: list[object]) -> None:
     src = FakeSource(unique_model())
     src.pieces[0].calls_by_tier["size"] = 1
     src.pieces[0].live_entries_by_tier["size"] = 1
@@ -411,10 +411,13 @@ def test_promtool_accepts_the_exposition(server: MetricsServer, sources: list[ob
     add(sources, BrokenSource())  # so the error counter has a non-zero sample too
     text = fetch(server.url)
     proc = subprocess.run(
-        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
-        timeout=30, check=False,
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     # promtool prints lint problems and exits 1; a clean exposition prints nothing.
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "" and proc.stderr.strip() == ""
-

@@ -157,7 +157,12 @@ def test_callbacks_fire_off_the_serving_thread_and_survive_a_raising_one(
 
     h.on_swap(bad)
     h.on_swap(good)
-    h.on_plan_complete(lambda e: (plans.append(e), plan_done.set()))
+
+    def on_plan(e: pwd.PlanCompleteEvent) -> None:
+        plans.append(e)
+        plan_done.set()
+
+    h.on_plan_complete(on_plan)
     try:
         _call_sizes(mlp, [2])
         gate.set()
@@ -176,7 +181,12 @@ def test_callbacks_fire_off_the_serving_thread_and_survive_a_raising_one(
         assert len(plans) == 1 and plans[0].live == 3 and plans[0].failed == 0
         late: list[pwd.PlanCompleteEvent] = []
         late_done = threading.Event()
-        h.on_plan_complete(lambda e: (late.append(e), late_done.set()))
+
+        def on_late(e: pwd.PlanCompleteEvent) -> None:
+            late.append(e)
+            late_done.set()
+
+        h.on_plan_complete(on_late)
         assert late_done.wait(10)
         assert late == plans  # a late registrant gets the event that fired
     finally:
@@ -237,8 +247,7 @@ def test_queued_hot_sizes_follow_their_current_calls(mlp: nn.Module) -> None:
     gate = threading.Event()
     ex = FakeExecutor(gate=gate)
     policy = pwd.PolicyConfig(hot_calls=3, tick_s=0.01, queue_pressure=1000)
-    h = pwd.attach(mlp, policy=policy, compiler=_compiler(general=False), executor=ex,
-                   store=False)
+    h = pwd.attach(mlp, policy=policy, compiler=_compiler(general=False), executor=ex, store=False)
     try:
         _call_sizes(mlp, [n for n in range(1, 9) for _ in range(3)])
         h.engine.flush()
@@ -269,8 +278,9 @@ def test_switch_interval_is_lowered_only_while_the_engine_validates(mlp: nn.Modu
 
     before = sys.getswitchinterval()
     ex = FakeExecutor(transform=record)
-    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(switch_interval_s=0.0005),
-                   executor=ex, store=False)
+    h = pwd.attach(
+        mlp, policy=FAST, compiler=_compiler(switch_interval_s=0.0005), executor=ex, store=False
+    )
     try:
         _call_sizes(mlp, [4, 4, 4])
         assert h.wait(sizes=[4], timeout=20)

@@ -141,8 +141,7 @@ def test_bursts_arrive_back_to_back() -> None:
     config = TrafficConfig(seed=1, rate=100.0, burst_prob=0.05, burst_gap_s=0.0)
     out = calls(config, 5000)
     same = sum(
-        1 for a, b in itertools.pairwise(out)
-        if a.kind == b.kind == "prefill" and a.at == b.at
+        1 for a, b in itertools.pairwise(out) if a.kind == b.kind == "prefill" and a.at == b.at
     )
     assert same > 0
 
@@ -181,8 +180,9 @@ def test_popular_sizes_rejects_negative_phase() -> None:
 
 def test_small_decode_range_terminates() -> None:
     # As many popular sizes as there are sizes: the generator must still finish.
-    traffic = Traffic(TrafficConfig(seed=0, decode_max=4, prefill_max=8, popular=4, shift=2,
-                                    phase_calls=10))
+    traffic = Traffic(
+        TrafficConfig(seed=0, decode_max=4, prefill_max=8, popular=4, shift=2, phase_calls=10)
+    )
     out = traffic.take(100)
     assert {c.phase for c in out} == set(range(10))
     for phase in range(10):
