@@ -300,7 +300,7 @@ class PwdaemonSystem(System):
     def __init__(self, model: Any, ctx: Context) -> None:
         super().__init__(model, ctx)
         self.handle: Any = None
-        self.capture_mode: str | None = ctx.spec.get("pwdaemon", {}).get("capture")
+        self.capture_mode: str | None = ctx.spec.get("pwdaemon", {}).get("trace")
         self.swaps: list[dict[str, Any]] = []
         self.worker_cpu_seen: dict[int, float] = {}
 
@@ -312,10 +312,10 @@ class PwdaemonSystem(System):
         compile_kwargs = {k: opts[k] for k in ("workers",) if opts.get(k) is not None}
         extra: dict[str, Any] = {}
         if self.capture_mode is not None:
-            if "capture" not in inspect.signature(pwdaemon.attach).parameters:
-                raise RuntimeError("this pwdaemon's attach() has no capture= option")
-            extra["capture"] = self.capture_mode
-        self.notes.append(f"attach(capture={self.capture_mode or 'default'!r})")
+            if "trace" not in inspect.signature(pwdaemon.attach).parameters:
+                raise RuntimeError("this pwdaemon's attach() has no trace= option")
+            extra["trace"] = self.capture_mode
+        self.notes.append(f"attach(trace={self.capture_mode or 'default'!r})")
         self.handle = pwdaemon.attach(
             self.model,
             store=self.ctx.spec["store"],

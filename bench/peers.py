@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--capture",
         choices=("inline", "background"),
         default=None,
-        help="pwdaemon attach(capture=...) (default: attach's own default)",
+        help="pwdaemon attach(trace=...) (default: attach's own default)",
     )
     p.add_argument("--workers", type=int, default=None, help="pwdaemon compile workers")
     p.add_argument("--hot-calls", type=int, default=None, help="pwdaemon PolicyConfig.hot_calls")

@@ -22,10 +22,10 @@ from pwdaemon.config import (
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
 from pwdaemon.engine.store_link import StoreLink
-from pwdaemon.serving.capture import Capture, GraphPiece
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
+from pwdaemon.serving.trace import GraphPiece, Tracer
 from pwdaemon.store.store import ArtifactStore
 from pwdaemon.workers.executor import Executor
 
@@ -57,7 +57,7 @@ class Handle:
         store: StoreLink | None,
         watch_store: bool,
         graphs: GraphConfig | None,
-        capture: str,
+        trace: str,
     ) -> None:
         self.model = model
         self.name = name
@@ -74,13 +74,13 @@ class Handle:
             graphs=graphs,
         )
         self._background = background
-        self._capture = Capture(
+        self._tracer = Tracer(
             model,
             dynamic=dynamic,
             on_piece=self._on_piece,
             size_cap=size_cap,
             sample_bytes=sample_bytes,
-            background=capture == "background",
+            background=trace == "background",
         )
         self._previous_impl: Any = None
         self.detached = False
@@ -98,19 +98,19 @@ class Handle:
 
     @property
     def pieces(self) -> Sequence[GraphPiece]:
-        """Every graph piece dynamo captured, in capture order."""
-        return tuple(self._capture.pieces)
+        """Every graph piece dynamo traced, in trace order."""
+        return tuple(self._tracer.pieces)
 
     @property
     def dispatchers(self) -> Sequence[Dispatcher]:
-        return tuple(p.dispatcher for p in self._capture.pieces)
+        return tuple(p.dispatcher for p in self._tracer.pieces)
 
-    def wait_captured(self, timeout: float | None = None) -> bool:
-        """With capture="background": block until dynamo captured the model."""
-        return self._capture.wait_captured(timeout) if self._capture.background else True
+    def wait_traced(self, timeout: float | None = None) -> bool:
+        """With trace="background": block until dynamo traced the model."""
+        return self._tracer.wait_traced(timeout) if self._tracer.background else True
 
     def table(self, graph: int = 0) -> RangeTable:
-        return self._capture.pieces[graph].dispatcher.table
+        return self._tracer.pieces[graph].dispatcher.table
 
     def install(
         self,
@@ -126,7 +126,7 @@ class Handle:
         int, inputs) and returns what the graph returns. Returns the new table.
         """
         range_ = Range.of(target) if isinstance(target, int) else target
-        return self._capture.pieces[graph].dispatcher.install(range_, tier, runnable, info)
+        return self._tracer.pieces[graph].dispatcher.install(range_, tier, runnable, info)
 
     # ---- background engine ---------------------------------------------------------
 
@@ -185,7 +185,7 @@ class Handle:
             self._previous_impl = self.model._compiled_call_impl
             self.model._pwdaemon_handle = self  # type: ignore[assignment]
             # The one assignment that routes model(...) through pwdaemon.
-            self.model._compiled_call_impl = self._capture  # type: ignore[assignment]
+            self.model._compiled_call_impl = self._tracer  # type: ignore[assignment]
 
     def detach(self, timeout: float = 10.0) -> None:
         """Restore the original call path, cancel queued work, stop the workers."""
@@ -212,7 +212,7 @@ class Handle:
 
     def __repr__(self) -> str:
         state = "detached" if self.detached else "attached"
-        return f"<pwdaemon.Handle {self.name} {state}, {len(self._capture.pieces)} graph pieces>"
+        return f"<pwdaemon.Handle {self.name} {state}, {len(self._tracer.pieces)} graph pieces>"
 
 
 def attach(
@@ -232,7 +232,7 @@ def attach(
     store: ArtifactStore | str | os.PathLike[str] | bool | None = None,
     watch_store: bool = True,
     graphs: GraphConfig | None = None,
-    capture: str = "inline",
+    trace: str = "inline",
 ) -> Handle:
     """Serve `model` through pwdaemon; callers keep calling `model(...)`.
 
@@ -249,7 +249,7 @@ def attach(
       compiled artifacts persist (a restart is warm), the size profile of a run primes the
       next, and `watch_store` picks up artifacts other processes compile.
     - `graphs`: the CUDA-graph tier (GPU models only): see `GraphConfig`.
-    - `capture`: "inline" (dynamo traces the model on the first call, which waits for
+    - `trace`: "inline" (dynamo traces the model on the first call, which waits for
       it) or "background" (calls run the plain module until dynamo has traced a copy of
       the first call's inputs on another thread: the first request costs what eager
       costs).
@@ -267,8 +267,8 @@ def attach(
     compiler.validate_config()
     if graphs is not None:
         graphs.validate()
-    if capture not in ("inline", "background"):
-        raise ValueError(f"capture must be 'inline' or 'background', got {capture!r}")
+    if trace not in ("inline", "background"):
+        raise ValueError(f"trace must be 'inline' or 'background', got {trace!r}")
     if size_cap < 1:
         raise ValueError(f"size_cap must be >= 1, got {size_cap}")
     parsed_sizes = parse_sizes(sizes)
@@ -294,7 +294,7 @@ def attach(
         store=link,
         watch_store=watch_store,
         graphs=graphs,
-        capture=capture,
+        trace=trace,
     )
     handle._attach()
     if metrics_port is not None:

@@ -43,11 +43,11 @@ from pwdaemon.engine.policy import PiecePolicy
 from pwdaemon.engine.store_link import StoreLink, parse_target, piece_device
 from pwdaemon.engine.validation import reject_category, validate
 from pwdaemon.metrics.stats import HistogramCounts, ModelMetrics, PieceMetrics
-from pwdaemon.serving.capture import GraphPiece, wrap_compiled
 from pwdaemon.serving.cudagraph import GraphConfig, GraphPool
 from pwdaemon.serving.cudagraph import capture as capture_graph
 from pwdaemon.serving.inputs import is_caller_tensor
 from pwdaemon.serving.range_table import Range, Target, TargetKind, Tier
+from pwdaemon.serving.trace import GraphPiece, wrap_compiled
 from pwdaemon.workers.compiler import JobSpec, dump_graph, load_artifact
 from pwdaemon.workers.executor import Executor, ProcessExecutor
 from pwdaemon.workers.prewarm import prewarm

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from pwdaemon.serving.capture import GraphPiece
 from pwdaemon.serving.range_table import Target, TargetKind
+from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.store.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
 
 log = logging.getLogger("pwdaemon")

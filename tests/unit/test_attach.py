@@ -194,17 +194,17 @@ def test_threads_keep_serving_while_attach_and_detach_happen(
     assert all(s > 0 for s in served), served
 
 
-def test_background_capture_serves_eagerly_until_dynamo_has_captured(
+def test_background_trace_serves_eagerly_until_dynamo_has_traced(
     pair: tuple[nn.Module, nn.Module],
 ) -> None:
     model, ref = pair
     torch._dynamo.reset()
-    handle = pwd.attach(model, background=False, capture="background")
+    handle = pwd.attach(model, background=False, trace="background")
     try:
         x = torch.randn(3, 8)
         torch.testing.assert_close(model(x), ref(x))  # served by the plain module
-        assert handle.wait_captured(60)
-        assert handle._capture.capture_error is None
+        assert handle.wait_traced(60)
+        assert handle._tracer.trace_error is None
         assert len(handle.pieces) == 1
         calls_before = sum(handle.pieces[0].dispatcher.counts.values())
         for n in (1, 3, 7):
@@ -217,7 +217,7 @@ def test_background_capture_serves_eagerly_until_dynamo_has_captured(
         handle.detach()
 
 
-def test_capture_mode_is_validated(pair: tuple[nn.Module, nn.Module]) -> None:
+def test_trace_mode_is_validated(pair: tuple[nn.Module, nn.Module]) -> None:
     model, _ = pair
-    with pytest.raises(ValueError, match="capture must be 'inline' or 'background'"):
-        pwd.attach(model, capture="lazy")
+    with pytest.raises(ValueError, match="trace must be 'inline' or 'background'"):
+        pwd.attach(model, trace="lazy")

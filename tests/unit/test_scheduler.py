@@ -68,12 +68,16 @@ def test_budget_caps_specializations(mlp: nn.Module) -> None:
     ex = FakeExecutor()
     policy = pwd.PolicyConfig(hot_calls=1, budget=2, tick_s=0.01)
     h = pwd.attach(mlp, policy=policy, compiler=_compiler(), executor=ex, store=False)
+    swaps = threading.Semaphore(0)
+    # Registered before any call: a swap that lands early is still counted.
+    h.on_swap(lambda e: swaps.release())
     try:
         _call_sizes(mlp, [3, 3, 5, 5, 9, 9])
-        assert h.wait(timeout=20)  # plan (general) complete
-        done = threading.Event()
-        h.on_swap(lambda e: done.set() if len(ex.jobs) >= 3 else None)
-        assert done.wait(20)
+        for _ in range(3):  # general, then the two sizes the budget allows
+            assert swaps.acquire(timeout=20)
+        h.engine.flush()  # one more tick: a third size would be planned by now
+        planned = [e.target for e in h.status().pieces[0].entries if e.target.startswith("size:")]
+        assert len(planned) == 2, planned
         sized = [t for t in _labels(ex.jobs) if t.startswith("size:")]
         assert len(sized) == 2
     finally:

@@ -113,7 +113,7 @@ def analyse_graph(gm: torch.fx.GraphModule) -> dict[str, Any]:
     }
 
 
-class Capture:
+class Tracer:
     """Owns the torch.compile wrapper around one module and the pieces it captured."""
 
     def __init__(
@@ -131,9 +131,9 @@ class Capture:
         # a copy of the first call's inputs), calls run the plain module, so the first
         # request costs what eager costs instead of dynamo's one-time trace.
         self.background = background
-        self._captured = threading.Event()
+        self._traced = threading.Event()
         self._capture_thread: threading.Thread | None = None
-        self.capture_error: BaseException | None = None
+        self.trace_error: BaseException | None = None
         self.shape_id = f"pwdaemon_size_{id(self):x}"
         self.pieces: list[GraphPiece] = []
         self._on_piece = on_piece
@@ -159,8 +159,8 @@ class Capture:
     # ---- the call path (installed as model._compiled_call_impl) ---------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.background and not self._captured.is_set():
-            self._start_background_capture(args, kwargs)
+        if self.background and not self._traced.is_set():
+            self._start_background_trace(args, kwargs)
             return self.model._call_impl(*args, **kwargs)
         self._mark_inputs(args, kwargs)
         if not self._settling:
@@ -176,7 +176,7 @@ class Capture:
             self._settle(before)
             return out
 
-    def _start_background_capture(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _start_background_trace(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         with self._lock:
             if self._capture_thread is not None:
                 return
@@ -185,14 +185,14 @@ class Capture:
             kwargs_copy = {k: copy_input(v) for k, v in kwargs.items()}
             grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
             self._capture_thread = threading.Thread(
-                target=self._capture_in_background,
+                target=self._trace_in_background,
                 args=(args_copy, kwargs_copy, grad, inference),
-                name="pwdaemon-capture",
+                name="pwdaemon-trace",
                 daemon=True,
             )
             self._capture_thread.start()
 
-    def _capture_in_background(
+    def _trace_in_background(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
     ) -> None:
         # The caller's grad/inference mode, so dynamo's guards hold on the serving thread.
@@ -204,16 +204,16 @@ class Capture:
                     self._compiled(*args, **kwargs)
                     self._settle(before)
         except BaseException as exc:
-            self.capture_error = exc
+            self.trace_error = exc
             logging.getLogger("pwdaemon").warning(
                 "pwdaemon: background capture failed; capturing on the next call: %s", exc
             )
         finally:
-            self._captured.set()
+            self._traced.set()
 
-    def wait_captured(self, timeout: float | None = None) -> bool:
+    def wait_traced(self, timeout: float | None = None) -> bool:
         """Background capture only: block until dynamo captured the model."""
-        return self._captured.wait(timeout)
+        return self._traced.wait(timeout)
 
     def _mark_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         shape_id = self.shape_id

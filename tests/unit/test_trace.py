@@ -24,7 +24,7 @@ from torch._dynamo.utils import counters
 
 import pwdaemon as pwd
 from pwdaemon import Range, Tier
-from pwdaemon.serving.capture import wrap_compiled
+from pwdaemon.serving.trace import wrap_compiled
 
 WIDTH = 8
 
