@@ -1,0 +1,1 @@
+"""The `pwdaemon` command line: cache, warm, demo and the service commands."""
