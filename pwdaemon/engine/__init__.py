@@ -1,1 +1,1 @@
-"""The background engine: one anyio loop per attached model plans, queues, runs and publishes compile jobs."""
+"""The background engine: one anyio loop per model plans, runs and publishes compile jobs."""
