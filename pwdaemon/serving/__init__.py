@@ -1,1 +1,1 @@
-"""The call path: range tables, dispatchers, dynamo tracing, CUDA graphs. Never imports the engine."""
+"""The call path: range tables, dispatchers, dynamo tracing, CUDA graphs (never the engine)."""
