@@ -1,0 +1,194 @@
+"""Real architectures from small configs: transformers' BERT, GPT-2, Llama; torch.nn's.
+
+pwdaemon counts a feature as working when it works on models nobody here wrote. This
+module builds them the same way everywhere (tests, `bench/models.py`, `pwdaemon doctor`,
+`pwdaemon warm`): random weights from a seed, small configs, no downloads, eval mode.
+transformers is imported only when a transformers model is built (it is a dev
+dependency, not a runtime one).
+
+Each model is a `ModelSpec`: `build(device, dtype)` returns the module, `inputs(batch)`
+returns `(args, kwargs)` for one call whose size (dim 0 of every tensor) is `batch`.
+Sequence lengths are fixed per spec, so the one dynamic size is the batch.
+
+Two presets: "tiny" (seconds to compile on a 2-core CPU) and "issue" (the shapes the
+GPU issues measured: BERT MiniLM-shaped, Llama 8 layers of 1024 with GQA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ("MODEL_NAMES", "ModelSpec", "model_spec")
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model and its inputs."""
+
+    name: str
+    build: Callable[[torch.device, torch.dtype], nn.Module]
+    inputs: Callable[[int, torch.device, torch.dtype], Inputs]
+    # True for transformers models: the test matrix skips them if transformers is absent.
+    needs_transformers: bool = False
+
+
+def _seeded(build: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        model = build()
+    finally:
+        torch.random.set_rng_state(state)  # building must not disturb the caller's stream
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _token_inputs(vocab: int, seq: int, mask: bool) -> Callable[..., Inputs]:
+    def make(batch: int, device: torch.device, dtype: torch.dtype) -> Inputs:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+        kwargs: dict[str, Any] = {"input_ids": ids}
+        if mask:
+            kwargs["attention_mask"] = torch.ones(batch, seq, dtype=torch.long, device=device)
+        return (), kwargs
+
+    return make
+
+
+def _dense_inputs(*shape: int) -> Callable[..., Inputs]:
+    def make(batch: int, device: torch.device, dtype: torch.dtype) -> Inputs:
+        g = torch.Generator().manual_seed(batch)
+        return (torch.randn(batch, *shape, generator=g).to(device=device, dtype=dtype),), {}
+
+    return make
+
+
+def _bert(preset: str) -> ModelSpec:
+    big = preset == "issue"
+
+    def build() -> nn.Module:
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            vocab_size=1000,
+            hidden_size=384 if big else 64,
+            num_hidden_layers=6 if big else 2,
+            num_attention_heads=12 if big else 4,
+            intermediate_size=1536 if big else 128,
+            max_position_embeddings=512,
+        )
+        return BertModel(config, add_pooling_layer=False)
+
+    seq = 128 if big else 16
+    return ModelSpec(
+        "bert",
+        lambda d, t: _seeded(build, d, t),
+        _token_inputs(1000, seq, mask=True),
+        needs_transformers=True,
+    )
+
+
+def _gpt2(preset: str) -> ModelSpec:
+    big = preset == "issue"
+
+    def build() -> nn.Module:
+        from transformers import GPT2Config, GPT2Model
+
+        config = GPT2Config(
+            vocab_size=1000,
+            n_positions=512,
+            n_embd=256 if big else 64,
+            n_layer=4 if big else 2,
+            n_head=4,
+            bos_token_id=0,  # GPT-2's default ids (50256) lie outside this vocabulary
+            eos_token_id=0,
+        )
+        return GPT2Model(config)
+
+    seq = 128 if big else 16
+    return ModelSpec(
+        "gpt2",
+        lambda d, t: _seeded(build, d, t),
+        _token_inputs(1000, seq, mask=True),
+        needs_transformers=True,
+    )
+
+
+def _llama(preset: str) -> ModelSpec:
+    big = preset == "issue"
+
+    def build() -> nn.Module:
+        from transformers import LlamaConfig, LlamaModel
+
+        config = LlamaConfig(
+            vocab_size=1000,
+            hidden_size=1024 if big else 64,
+            intermediate_size=2816 if big else 128,
+            num_hidden_layers=8 if big else 2,
+            num_attention_heads=16 if big else 4,
+            num_key_value_heads=4 if big else 2,
+            max_position_embeddings=512,
+        )
+        return LlamaModel(config)
+
+    seq = 128 if big else 16
+    return ModelSpec(
+        "llama",
+        lambda d, t: _seeded(build, d, t),
+        _token_inputs(1000, seq, mask=True),
+        needs_transformers=True,
+    )
+
+
+def _sequential(preset: str) -> ModelSpec:
+    width = 512 if preset == "issue" else 32
+
+    def build() -> nn.Module:
+        return nn.Sequential(
+            nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width), nn.LayerNorm(width)
+        )
+
+    return ModelSpec("sequential", lambda d, t: _seeded(build, d, t), _dense_inputs(width))
+
+
+def _transformer_encoder(preset: str) -> ModelSpec:
+    big = preset == "issue"
+    d_model, seq = (256, 64) if big else (32, 8)
+
+    def build() -> nn.Module:
+        layer = nn.TransformerEncoderLayer(
+            d_model=d_model, nhead=4, dim_feedforward=2 * d_model, batch_first=True
+        )
+        return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+    return ModelSpec(
+        "transformer_encoder",
+        lambda d, t: _seeded(build, d, t),
+        _dense_inputs(seq, d_model),
+    )
+
+
+_SPECS: dict[str, Callable[[str], ModelSpec]] = {
+    "sequential": _sequential,
+    "transformer_encoder": _transformer_encoder,
+    "bert": _bert,
+    "gpt2": _gpt2,
+    "llama": _llama,
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_SPECS)
+
+
+def model_spec(name: str, preset: str = "tiny") -> ModelSpec:
+    """The spec of one model by name (see `MODEL_NAMES`); preset "tiny" or "issue"."""
+    if preset not in ("tiny", "issue"):
+        raise ValueError(f"preset must be 'tiny' or 'issue', got {preset!r}")
+    try:
+        return _SPECS[name](preset)
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}") from None
