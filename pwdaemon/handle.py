@@ -26,7 +26,7 @@ from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
 from pwdaemon.serving.trace import GraphPiece, Tracer
-from pwdaemon.store.store import ArtifactStore
+from pwdaemon.store import ArtifactStore
 from pwdaemon.workers.executor import Executor
 
 _names = itertools.count()

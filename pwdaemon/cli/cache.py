@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pwdaemon.store.store import (
+from pwdaemon.store import (
     ArtifactStore,
     Manifest,
     UnsafeStoreError,

@@ -18,7 +18,7 @@ import torch
 
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.serving.trace import GraphPiece
-from pwdaemon.store.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
+from pwdaemon.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
 
 log = logging.getLogger("pwdaemon")
 

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pwdaemon.store.store import (
-    ORPHAN_GRACE_S,
+from pwdaemon.store import (
     SERVICE_CACHE_DIR,
-    TMP_PREFIX,
     ArtifactKey,
     ArtifactStore,
     UnsafeStoreError,
@@ -28,6 +26,7 @@ from pwdaemon.store.store import (
     make_key,
     options_hash,
 )
+from pwdaemon.store.files import ORPHAN_GRACE_S, TMP_PREFIX
 
 WAIT_S = 20.0  # upper bound for anything asynchronous; a pass takes far less
 
@@ -666,7 +665,7 @@ def test_two_processes_race_for_a_claim(tmp_path: Path) -> None:
         if won:
             winners[i].append(pid)
     assert all(len(w) == 1 for w in winners.values()), winners
-    assert not any(store._claim_path(d).exists() for d in digests)  # winners released
+    assert not any(store.claims.path(d).exists() for d in digests)  # winners released
     assert store.claim(digests[0]) is not None
 
 
@@ -729,7 +728,7 @@ def test_another_process_publishes_then_dies_holding_its_claim(
     assert digest == key.digest and path == store.artifact_path(key)
     assert store.lookup(digest) == path and path.read_bytes() == src.read_bytes()
 
-    assert json.loads(store._claim_path(key.digest).read_text())["pid"] == proc.pid
+    assert json.loads(store.claims.path(key.digest).read_text())["pid"] == proc.pid
     claim = store.claim(key)
     assert claim is not None
     assert json.loads(claim.path.read_text())["pid"] == os.getpid()
@@ -801,7 +800,7 @@ def test_watch_callback_errors_do_not_stop_the_watcher(
 
     second = key_for(target="size:2")
     with (
-        caplog.at_level(logging.ERROR, logger="pwdaemon.store.store"),
+        caplog.at_level(logging.ERROR, logger="pwdaemon.store.watcher"),
         store.watch(flaky, debounce_s=0.01),
     ):
         store.publish(first, fake_artifact(tmp_path), compile_seconds=1)
@@ -826,7 +825,7 @@ def test_watch_falls_back_to_polling_without_inotify(
     monkeypatch.setattr(Observer, "start", no_inotify)
     recorder = Recorder()
     key = key_for()
-    with caplog.at_level(logging.WARNING, logger="pwdaemon.store.store"):
+    with caplog.at_level(logging.WARNING, logger="pwdaemon.store.watcher"):
         watcher = store.watch(recorder, poll_interval_s=0.05, debounce_s=0.01)
     with watcher:
         assert watcher.polling

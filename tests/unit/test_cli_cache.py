@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pwdaemon.cli.cache import add_cache_parser, format_size, parse_duration, parse_size
-from pwdaemon.store.store import ArtifactKey, ArtifactStore, make_key
+from pwdaemon.store import ArtifactKey, ArtifactStore, make_key
 
 DAY = 86400.0
 
