@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = dispatcher_rows(args.batches, args.calls)
     x = torch.randn(1, 8)
     ours = _Tiny()
-    handle = pwdaemon.attach(ours, background=False)
+    handle = pwdaemon.attach(ours, compile=False)
     theirs = torch.compile(_Tiny(), backend="eager")
     try:
         with torch.no_grad():

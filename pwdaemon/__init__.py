@@ -15,6 +15,7 @@ from pwdaemon.engine.events import (
     PlanCompleteEvent,
     SwapEvent,
 )
+from pwdaemon.engine.jobs import JobReason, JobSource, JobState
 from pwdaemon.handle import AlreadyAttachedError, Handle, attach
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import Dispatcher
@@ -32,6 +33,9 @@ __all__ = (
     "GraphConfig",
     "Handle",
     "HandleStatus",
+    "JobReason",
+    "JobSource",
+    "JobState",
     "PieceStatus",
     "PlanCompleteEvent",
     "PolicyConfig",

@@ -1,7 +1,12 @@
-"""Typed, validated configuration for `attach()`: what to specialize, how hot is hot.
+"""Typed, checked configuration for `attach()`: what to specialize, how hot is hot.
 
-Every knob has its default here and a line saying why; `AttachConfig.validate` runs at
-attach time so a bad value fails loudly before any traffic, naming the value.
+Every knob has its default here and a line saying why. Each config's `check()` runs at
+construction and again at attach time, so a bad value fails loudly before any traffic,
+naming the value.
+
+Words: `check()` is a config checking its own values; "validate" is reserved for
+output validation, comparing a compiled runnable with the one it replaces
+(`CompileConfig.validate`, `pwdaemon.engine.validation`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def _check_seconds(name: str, value: object, *, zero_ok: bool = False) -> None:
 
 
 def default_workers() -> int:
+    """Default `CompileConfig.workers`: a quarter of the CPUs, at least one."""
     # One compile saturates a core or two; leave the rest to serving. On 2 cores: 1.
     return max(1, (os.cpu_count() or 2) // 4)
 
@@ -50,9 +56,10 @@ class PolicyConfig:
     """How often the engine folds the dispatchers' counters into the policy."""
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.check()
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """Raise ValueError/TypeError naming the first bad value."""
         _check_int("hot_calls", self.hot_calls, 1)
         _check_int("budget", self.budget, 0)
         _check_int("queue_pressure", self.queue_pressure, 1)
@@ -86,9 +93,10 @@ class CompileConfig:
     interval is lowered to this (restored after); None leaves it alone."""
 
     def __post_init__(self) -> None:
-        self.validate_config()
+        self.check()
 
-    def validate_config(self) -> None:
+    def check(self) -> None:
+        """Raise ValueError/TypeError naming the first bad value."""
         _check_int("workers", self.workers, 1)
         _check_seconds("timeout_s", self.timeout_s)
         _check_int("retries", self.retries, 0)
@@ -106,6 +114,7 @@ class CompileConfig:
 
 
 def parse_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+    """`attach(sizes=...)` -> distinct positive ints, in the order given."""
     if isinstance(sizes, int | str | bytes):
         raise TypeError(f"sizes is a sequence of ints, got {sizes!r}")
     out: list[int] = []
@@ -120,6 +129,7 @@ def parse_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
 
 
 def parse_ranges(ranges: Sequence[Range | tuple[int, int]]) -> tuple[Range, ...]:
+    """`attach(ranges=...)` -> sorted, non-overlapping `Range`s."""
     parsed: list[Range] = []
     for r in ranges:
         if isinstance(r, Range):
@@ -136,6 +146,7 @@ def parse_ranges(ranges: Sequence[Range | tuple[int, int]]) -> tuple[Range, ...]
 
 
 def parse_dynamic(dynamic: Mapping[str, int] | None) -> dict[str, int] | None:
+    """`attach(dynamic=...)` -> {argument name: dim}, checked for types."""
     if dynamic is None:
         return None
     if not isinstance(dynamic, Mapping):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import anyio.to_thread
 import torch
 
 from pwdaemon.config import (
@@ -21,6 +21,7 @@ from pwdaemon.config import (
 )
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
+from pwdaemon.engine.options import AttachOptions, TraceMode
 from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
@@ -40,58 +41,34 @@ class AlreadyAttachedError(RuntimeError):
 class Handle:
     """One attached model: its graph pieces, their tables, the background engine."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        name: str,
-        sizes: tuple[int, ...],
-        ranges: tuple[Range, ...],
-        dynamic: dict[str, int] | None,
-        policy: PolicyConfig,
-        compile_config: CompileConfig,
-        background: bool,
-        executor: Executor | None,
-        size_cap: int,
-        sample_bytes: int,
-        store: StoreLink | None,
-        watch_store: bool,
-        graphs: GraphConfig | None,
-        trace: str,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, options: AttachOptions) -> None:
+        """Use `attach()`, which checks `options` and routes the model's calls here."""
         self.model = model
-        self.name = name
-        self.store = store.store if store is not None else None
-        self.engine = Engine(
-            name,
-            policy=policy,
-            compile_config=compile_config,
-            sizes=sizes,
-            ranges=ranges,
-            executor=executor,
-            store=store,
-            watch_store=watch_store,
-            graphs=graphs,
-        )
-        self._background = background
+        self.options = options
+        self.name = options.name
+        self.store = options.store.store if options.store is not None else None
+        self.engine = Engine(options)
         self._tracer = Tracer(
             model,
-            dynamic=dynamic,
+            dynamic=dict(options.dynamic) if options.dynamic is not None else None,
             on_piece=self._on_piece,
-            size_cap=size_cap,
-            sample_bytes=sample_bytes,
-            background=trace == "background",
+            size_cap=options.size_cap,
+            sample_bytes=options.sample_bytes,
+            background=options.trace is TraceMode.BACKGROUND,
         )
         self._previous_impl: Any = None
         self.detached = False
         self._metrics_server: Any = None
 
     def _on_piece(self, piece: GraphPiece) -> None:
-        piece.dispatcher.record_samples = self.engine.config.validate
+        # On the serving thread that traced the piece (dynamo's backend): cheap only.
+        # Samples are recorded for output validation; caller-owned tensors are told
+        # apart from the model's own state by identity.
+        piece.dispatcher.record_samples = self.options.compiler.validate
         piece.dispatcher.state_ids = frozenset(
             id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())
         )
-        if self._background:
+        if self.options.compile:
             self.engine.add_piece(piece)
 
     # ---- graph pieces and tables ---------------------------------------------------
@@ -103,6 +80,7 @@ class Handle:
 
     @property
     def dispatchers(self) -> Sequence[Dispatcher]:
+        """The dispatcher of each graph piece, in trace order."""
         return tuple(p.dispatcher for p in self._tracer.pieces)
 
     def wait_traced(self, timeout: float | None = None) -> bool:
@@ -110,22 +88,23 @@ class Handle:
         return self._tracer.wait_traced(timeout) if self._tracer.background else True
 
     def table(self, graph: int = 0) -> RangeTable:
+        """The range table piece `graph` serves from now."""
         return self._tracer.pieces[graph].dispatcher.table
 
     def install(
         self,
         graph: int,
-        target: Range | int | None,
+        at: Range | int | None,
         tier: Tier,
         runnable: Runnable,
         info: Mapping[str, Any] | None = None,
     ) -> RangeTable:
-        """Publish `runnable` for a size, a range or (None) the general entry of a piece.
+        """Publish `runnable` at a size, a range or (None) the general entry of a piece.
 
         The runnable takes the piece's flat graph arguments (parameters, the size as an
         int, inputs) and returns what the graph returns. Returns the new table.
         """
-        range_ = Range.of(target) if isinstance(target, int) else target
+        range_ = Range.of(at) if isinstance(at, int) else at
         return self._tracer.pieces[graph].dispatcher.install(range_, tier, runnable, info)
 
     # ---- background engine ---------------------------------------------------------
@@ -144,15 +123,6 @@ class Handle:
         True when done; False on timeout or when a wanted size failed or was dropped.
         """
         return self.engine.wait(sizes, timeout)
-
-    async def wait_async(
-        self, sizes: Iterable[int] | None = None, timeout: float | None = None
-    ) -> bool:
-        """`wait` for async code (asyncio or trio, through anyio)."""
-        wanted = None if sizes is None else list(sizes)
-        return await anyio.to_thread.run_sync(
-            self.engine.wait, wanted, timeout, abandon_on_cancel=True
-        )
 
     def status(self) -> HandleStatus:
         """Per graph piece: table version and every entry's tier, state, hits, timings."""
@@ -180,7 +150,7 @@ class Handle:
                     f"{type(self.model).__name__} was compiled with torch.compile/"
                     "nn.Module.compile(); pwdaemon compiles it itself: attach the plain module"
                 )
-            if self._background:
+            if self.options.compile:
                 self.engine.start()
             self._previous_impl = self.model._compiled_call_impl
             self.model._pwdaemon_handle = self  # type: ignore[assignment]
@@ -224,7 +194,7 @@ def attach(
     policy: PolicyConfig | None = None,
     compiler: CompileConfig | None = None,
     name: str | None = None,
-    background: bool = True,
+    compile: bool = True,
     metrics_port: int | None = None,
     executor: Executor | None = None,
     size_cap: int = DEFAULT_SIZE_CAP,
@@ -241,8 +211,8 @@ def attach(
     - `dynamic`: which dim of which argument carries the size (default: dim 0 of every
       tensor argument whose dim 0 matches the first tensor argument's).
     - `policy` / `compiler`: see `PolicyConfig` and `CompileConfig` for every knob.
-    - `background=False` captures and dispatches (tier 0, plus what you `install`)
-      without starting the engine.
+    - `compile=False` traces and dispatches (tier 0, plus what you `install`)
+      without starting the engine: nothing is compiled in the background.
     - `executor`: replaces the worker-process pool (`pwdaemon.testing` has fakes).
     - `store`: the artifact store (default: `PWDAEMON_CACHE_DIR`, else
       `~/.cache/pwdaemon`); a path or an `ArtifactStore`; False for none. With a store,
@@ -253,6 +223,9 @@ def attach(
       it) or "background" (calls run the plain module until dynamo has traced a copy of
       the first call's inputs on another thread: the first request costs what eager
       costs).
+
+    Every argument is parsed and checked here, into one `AttachOptions`, before the
+    model or the store is touched: a bad value raises and changes nothing.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach() takes an nn.Module, got {type(model).__name__}")
@@ -261,41 +234,26 @@ def attach(
             "attach() got a torch.compile()d module; pwdaemon compiles the model itself: "
             "attach the plain module (torch.compile(m)._orig_mod)"
         )
-    policy = policy or PolicyConfig()
     compiler = compiler or CompileConfig()
-    policy.validate()
-    compiler.validate_config()
-    if graphs is not None:
-        graphs.validate()
-    if trace not in ("inline", "background"):
-        raise ValueError(f"trace must be 'inline' or 'background', got {trace!r}")
-    if size_cap < 1:
-        raise ValueError(f"size_cap must be >= 1, got {size_cap}")
-    parsed_sizes = parse_sizes(sizes)
-    parsed_ranges = parse_ranges(ranges)
-    if len(parsed_sizes) > policy.budget:
-        raise ValueError(
-            f"{len(parsed_sizes)} sizes configured but the specialization budget is "
-            f"{policy.budget}; raise PolicyConfig(budget=...) or list fewer sizes"
-        )
-    link = _store_link(store, compiler)
-    handle = Handle(
-        model,
+    options = AttachOptions(
         name=name or f"{type(model).__name__.lower()}-{next(_names)}",
-        sizes=parsed_sizes,
-        ranges=parsed_ranges,
+        sizes=parse_sizes(sizes),
+        ranges=parse_ranges(ranges),
         dynamic=parse_dynamic(dynamic),
-        policy=policy,
-        compile_config=compiler,
-        background=background,
+        policy=policy or PolicyConfig(),
+        compiler=compiler,
+        compile=compile,
         executor=executor,
         size_cap=size_cap,
         sample_bytes=sample_bytes,
-        store=link,
         watch_store=watch_store,
-        graphs=graphs,
-        trace=trace,
+        graphs=graphs or GraphConfig(),
+        trace=TraceMode.parse(trace),
     )
+    link = _store_link(store, compiler)
+    if link is not None:
+        options = dataclasses.replace(options, store=link)
+    handle = Handle(model, options)
     handle._attach()
     if metrics_port is not None:
         handle.serve_metrics(metrics_port)

@@ -1,16 +1,20 @@
-"""Fakes for fast tests of code that uses pwdaemon (and of pwdaemon's own scheduler).
+"""Fakes and fault injection for tests of code that uses pwdaemon (and of pwdaemon).
 
 `FakeExecutor` stands in for the worker-process pool: it "compiles" in-process by
 running the shipped graph eagerly, in microseconds, and can be told to fail, hang on a
 gate, or tag its runnables so a test can see which one served a call. It is in addition
 to the real path (real Inductor in real workers), which pwdaemon's own tests also run.
+
+`inject_fault` makes the next compiles of one target fail, on either path: the fault
+travels in the job (`JobSpec.fault`) to the executor, and a real worker process acts
+it out (raises, dies, or hangs past the job timeout).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx
@@ -18,7 +22,28 @@ import torch.fx
 from pwdaemon.workers.compiler import JobSpec, Target
 from pwdaemon.workers.process import CompileError
 
-__all__ = ("FakeExecutor",)
+if TYPE_CHECKING:
+    from pwdaemon.handle import Handle
+
+__all__ = ("FAULTS", "FakeExecutor", "inject_fault")
+
+FAULTS = ("raise", "crash", "hang")
+"""What a worker does with an injected fault: raise in the compile, die mid-job
+(reported as crashed), or hang until the job timeout kills it (reported as timeout)."""
+
+
+def inject_fault(handle: Handle, label: str, fault: str, *, times: int = 1 << 30) -> None:
+    """Make the next `times` compiles of target `label` ("size:3", "general",
+    "range:1-16") of `handle`'s model fail with `fault` (one of `FAULTS`).
+
+    Every compile attempt counts, retries included; the default is every one.
+    """
+    if fault not in FAULTS:
+        raise ValueError(f"fault must be one of {', '.join(FAULTS)}, got {fault!r}")
+    if times < 0:
+        raise ValueError(f"times must be >= 0, got {times}")
+    Target.parse(label)  # a typo would otherwise inject nothing, silently
+    handle.engine.runner.faults.arm(label, fault, times)
 
 
 class FakeExecutor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pwdaemon.engine.jobs import JobReason, JobSource, JobState
 from pwdaemon.serving.range_table import Range, Tier
 
 
@@ -17,7 +18,7 @@ class SwapEvent:
     tier: Tier
     version: int  # the table version it was published in
     compile_seconds: float
-    source: str  # "compiled" (here), "store" (a previous run), "peer" (another process)
+    source: JobSource  # compiled (here), store (a previous run), peer, captured
     validated: bool
 
     @property
@@ -37,20 +38,24 @@ class PlanCompleteEvent:
 
 @dataclass(frozen=True)
 class EntryStatus:
-    target: str  # "general", "size:8", "range:1-16"
+    """One entry of a piece: the eager entry, then one per job (its `Target`)."""
+
+    target: str  # the Target's label ("general", "size:8", "range:1-16", "graph:8"), or "eager"
     range: Range | None
     tier: Tier
-    state: str  # queued | compiling | live | failed | dropped | cancelled
-    why: str  # general | configured | hot | profile
+    state: JobState  # StrEnum: compares equal to "live", "failed", ...
+    why: JobReason  # why the job exists; TRACE for the eager entry
     hits: int
     compile_seconds: float | None
     attempts: int
-    reason: str | None  # a failure, rejection or drop, in words
-    source: str | None
+    reason: str | None  # a wait, failure, rejection or drop, in words
+    source: JobSource | None  # where the live runnable came from
 
 
 @dataclass(frozen=True)
 class PieceStatus:
+    """One graph piece: its table's version and its entries."""
+
     graph: int
     table_version: int
     specializable: bool
@@ -61,6 +66,8 @@ class PieceStatus:
 
 @dataclass(frozen=True)
 class HandleStatus:
+    """What `handle.status()` returns; `str()` of it is a readable table."""
+
     model: str
     pieces: Sequence[PieceStatus]
     queue_depth: int

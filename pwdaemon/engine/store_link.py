@@ -1,6 +1,6 @@
 """How the engine uses the artifact store: keys, warm restarts, profiles, peer pickup.
 
-The store itself (`_artifacts`) knows nothing of graph pieces; this module maps a
+The store itself (`pwdaemon.store`) knows nothing of graph pieces; this module maps a
 (piece, target) to an `ArtifactKey`, finds what a previous run or another process left
 for this model's pieces, and turns store events into targets the engine can publish.
 """
@@ -20,7 +20,7 @@ from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
 
-log = logging.getLogger("pwdaemon")
+log = logging.getLogger(__name__)
 
 
 def parse_target(label: str) -> Target | None:

@@ -40,7 +40,8 @@ class GraphConfig:
     default: the model then sees a batch with extra rows (they are sliced off)."""
     warmup_iters: int = 3
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """Raise ValueError naming the first bad value (at attach time)."""
         if self.memory_budget_bytes < 0:
             raise ValueError(f"memory_budget_bytes must be >= 0, got {self.memory_budget_bytes}")
         if self.warmup_iters < 1:

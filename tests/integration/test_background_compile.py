@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import pwdaemon as pwd
+from pwdaemon.testing import inject_fault
 
 pytestmark = pytest.mark.slow
 
@@ -112,9 +113,9 @@ def test_failed_crashed_and_hung_compiles_leave_serving_working(
 ) -> None:
     compiler = pwd.CompileConfig(workers=1, retries=1, backoff_s=0.05, timeout_s=4)
     h = pwd.attach(mlp, sizes=[2, 3, 5], policy=FAST, compiler=compiler, store=False)
-    h.engine.inject_fault("size:2", "raise")  # every attempt raises
-    h.engine.inject_fault("size:3", "hang")  # every attempt hangs past the timeout
-    h.engine.inject_fault("size:5", "hang", times=1)  # hangs once: we SIGKILL the worker
+    inject_fault(h, "size:2", "raise")  # every attempt raises
+    inject_fault(h, "size:3", "hang")  # every attempt hangs past the timeout
+    inject_fault(h, "size:5", "hang", times=1)  # hangs once: we SIGKILL the worker
     try:
         x5 = torch.randn(5, 16)
         torch.testing.assert_close(mlp(x5), reference(x5), **TOL)

@@ -1,4 +1,4 @@
-"""attach()/detach() end to end, with background=False (no engine, no workers).
+"""attach()/detach() end to end, with compile=False (no engine, no workers).
 
 Proves: attach routes `model(...)` through pwdaemon with outputs equal to an unwrapped
 copy's; detach restores `_compiled_call_impl` exactly and leaves `forward` the same
@@ -9,6 +9,7 @@ thread attaches and detaches it never fail and always get the reference output.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -17,6 +18,7 @@ from torch import nn
 
 import pwdaemon as pwd
 from pwdaemon import AlreadyAttachedError
+from pwdaemon.engine.options import AttachOptions, TraceMode
 
 TIMEOUT = 30.0
 
@@ -53,7 +55,7 @@ def test_attach_detach_round_trip(pair: tuple[nn.Module, nn.Module]) -> None:
     func_before = type(model).forward
     keys_before = list(model.state_dict())
 
-    handle = pwd.attach(model, background=False)
+    handle = pwd.attach(model, compile=False)
     assert model._compiled_call_impl is not None
     assert model._pwdaemon_handle is handle  # type: ignore[attr-defined]
     check(model, reference, [3, 1, 17])
@@ -75,7 +77,7 @@ def test_attach_detach_round_trip(pair: tuple[nn.Module, nn.Module]) -> None:
     assert model._compiled_call_impl is impl_before
 
     # attach again after detach: a fresh capture
-    with pwd.attach(model, background=False) as again:
+    with pwd.attach(model, compile=False) as again:
         check(model, reference, [4])
         assert again is not handle and len(again.pieces) == 1
         assert again.dispatchers[0].histogram() == {4: 1}
@@ -84,11 +86,11 @@ def test_attach_detach_round_trip(pair: tuple[nn.Module, nn.Module]) -> None:
 
 def test_attach_twice_raises(pair: tuple[nn.Module, nn.Module]) -> None:
     model, reference = pair
-    with pwd.attach(model, background=False) as handle:
+    with pwd.attach(model, compile=False) as handle:
         check(model, reference, [2])
         impl = model._compiled_call_impl
         with pytest.raises(AlreadyAttachedError, match=r"Net is already attached.*detach\(\)"):
-            pwd.attach(model, background=False)
+            pwd.attach(model, compile=False)
         # the failed attach left the first one in place and working
         assert model._compiled_call_impl is impl
         assert model._pwdaemon_handle is handle  # type: ignore[attr-defined]
@@ -102,7 +104,7 @@ def test_attach_a_compiled_module_raises(pair: tuple[nn.Module, nn.Module]) -> N
     model.compile(backend="eager")
     impl = model._compiled_call_impl
     with pytest.raises(AlreadyAttachedError, match=r"compiled with torch\.compile"):
-        pwd.attach(model, background=False)
+        pwd.attach(model, compile=False)
     assert model._compiled_call_impl is impl
     assert not hasattr(model, "_pwdaemon_handle")
 
@@ -111,7 +113,7 @@ def test_attach_an_optimized_module_raises(pair: tuple[nn.Module, nn.Module]) ->
     model, _ = pair
     wrapped = torch.compile(model, backend="eager")
     try:
-        handle = pwd.attach(wrapped, background=False)  # type: ignore[arg-type]
+        handle = pwd.attach(wrapped, compile=False)  # type: ignore[arg-type]
     except AlreadyAttachedError:
         return
     try:
@@ -175,7 +177,7 @@ def test_threads_keep_serving_while_attach_and_detach_happen(
     try:
         for _ in range(cycles):
             wait_for_calls(20)  # served plain
-            handle = pwd.attach(model, background=False)
+            handle = pwd.attach(model, compile=False)
             try:
                 wait_for_calls(40)  # served through pwdaemon (the first call traces)
             finally:
@@ -199,7 +201,7 @@ def test_background_trace_serves_eagerly_until_dynamo_has_traced(
 ) -> None:
     model, ref = pair
     torch._dynamo.reset()
-    handle = pwd.attach(model, background=False, trace="background")
+    handle = pwd.attach(model, compile=False, trace="background")
     try:
         x = torch.randn(3, 8)
         torch.testing.assert_close(model(x), ref(x))  # served by the plain module
@@ -221,3 +223,22 @@ def test_trace_mode_is_validated(pair: tuple[nn.Module, nn.Module]) -> None:
     model, _ = pair
     with pytest.raises(ValueError, match="trace must be 'inline' or 'background'"):
         pwd.attach(model, trace="lazy")
+
+
+def test_attach_checks_everything_into_one_frozen_options_object(
+    pair: tuple[nn.Module, nn.Module],
+) -> None:
+    model, _ = pair
+    with pwd.attach(model, compile=False, sizes=[4, 2, 4], ranges=[(10, 20)], store=False) as h:
+        options = h.options
+        assert options.compile is False
+        assert options.sizes == (4, 2) and options.ranges == (pwd.Range(10, 20),)
+        assert options.trace is TraceMode.INLINE and options.store is None
+        assert h.engine.options is options  # Handle and Engine share the one object
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            options.compile = True  # type: ignore[misc]
+    # Built directly, the options object checks itself the same way attach() does.
+    with pytest.raises(ValueError, match="size_cap must be >= 1, got 0"):
+        AttachOptions(name="m", size_cap=0)
+    with pytest.raises(ValueError, match="3 sizes configured but the specialization budget is 2"):
+        AttachOptions(name="m", sizes=(1, 2, 3), policy=pwd.PolicyConfig(budget=2))

@@ -74,7 +74,7 @@ def test_attach_rejects(
     model: nn.Module, kwargs: dict[str, Any], exc: type[Exception], match: str
 ) -> None:
     with pytest.raises(exc, match=match):
-        pwd.attach(model, background=False, **kwargs)
+        pwd.attach(model, compile=False, **kwargs)
     assert_untouched(model)
 
 
@@ -125,11 +125,11 @@ def test_validate_still_checks_a_config_changed_behind_its_back(model: nn.Module
     policy = PolicyConfig()
     object.__setattr__(policy, "hot_calls", 0)
     with pytest.raises(ValueError, match="hot_calls must be >= 1, got 0"):
-        pwd.attach(model, background=False, policy=policy)
+        pwd.attach(model, compile=False, policy=policy)
     compiler = CompileConfig(workers=1)
     object.__setattr__(compiler, "workers", 0)
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
-        pwd.attach(model, background=False, compiler=compiler)
+        pwd.attach(model, compile=False, compiler=compiler)
     assert_untouched(model)
 
 

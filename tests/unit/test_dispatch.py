@@ -227,7 +227,7 @@ def test_readers_see_only_published_versions_in_order() -> None:
     torch.manual_seed(0)
     model = Small().eval()
     reference = copy.deepcopy(model)
-    handle = pwd.attach(model, background=False)
+    handle = pwd.attach(model, compile=False)
     try:
         model(torch.randn(3, 8))  # capture the graph
         assert len(handle.pieces) == 1

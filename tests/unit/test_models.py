@@ -114,7 +114,7 @@ def test_one_graph_for_fifty_sizes() -> None:
     model = demo_model()
     reference = demo_model()
     graphs_before = counters["stats"]["unique_graphs"]
-    handle = pwdaemon.attach(model, background=False)
+    handle = pwdaemon.attach(model, compile=False)
     sizes = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 31, 32, 33, 64, 100, 127, 128, 129, 255, 256]
     sizes += [n for n in range(10, 100) if n not in sizes][:30]
     assert len(set(sizes)) == 50
@@ -136,7 +136,7 @@ def test_one_graph_for_fifty_sizes() -> None:
 
 def test_larger_is_one_graph_too() -> None:
     model = larger()
-    handle = pwdaemon.attach(model, background=False)
+    handle = pwdaemon.attach(model, compile=False)
     try:
         with torch.no_grad():
             for n in (1, 2, 9, 64):

@@ -17,7 +17,7 @@ from torch import nn
 
 import pwdaemon as pwd
 from pwdaemon.serving.range_table import Target, TargetKind
-from pwdaemon.testing import FakeExecutor
+from pwdaemon.testing import FakeExecutor, inject_fault
 
 FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
 
@@ -233,7 +233,7 @@ def test_injected_faults_are_reported(mlp: nn.Module, fault: str) -> None:
     h = pwd.attach(
         mlp, sizes=[3], policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False
     )
-    h.engine.inject_fault("size:3", fault)
+    inject_fault(h, "size:3", fault)
     try:
         _call_sizes(mlp, [3])
         assert h.wait(sizes=[3], timeout=20) is False
@@ -293,5 +293,60 @@ def test_switch_interval_is_lowered_only_while_the_engine_validates(mlp: nn.Modu
         assert sum(abs(v - 0.0005) < 1e-9 for v in seen) >= 2, seen
         assert all(v in (before, 0.0005) for v in seen)
         assert sys.getswitchinterval() == before
+    finally:
+        h.detach()
+
+
+def test_status_carries_enums_that_compare_as_text(mlp: nn.Module) -> None:
+    ex = FakeExecutor()
+    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [4])
+        assert h.wait(sizes=[4], timeout=20)
+        entries = {e.target: e for e in h.status().pieces[0].entries}
+        size4, eager = entries["size:4"], entries["eager"]
+        assert size4.state is pwd.JobState.LIVE and size4.state == "live"
+        assert size4.why is pwd.JobReason.CONFIGURED and size4.why == "configured"
+        assert size4.source is pwd.JobSource.COMPILED and f"{size4.source}" == "compiled"
+        assert entries["general"].why is pwd.JobReason.GENERAL
+        assert eager.why is pwd.JobReason.TRACE and eager.state is pwd.JobState.LIVE
+        assert "size:4           size     live" in str(h.status())
+        assert dict(h.engine.loads_by_source) == {"compiled": 2}
+    finally:
+        h.detach()
+
+
+def test_injected_fault_counts_compiles_then_lets_them_through(mlp: nn.Module) -> None:
+    ex = FakeExecutor()
+    h = pwd.attach(
+        mlp, sizes=[3], policy=FAST, compiler=_compiler(retries=1), executor=ex, store=False
+    )
+    inject_fault(h, "size:3", "raise", times=1)  # the first attempt fails, the retry not
+    try:
+        _call_sizes(mlp, [3])
+        assert h.wait(sizes=[3], timeout=20)
+        entry = next(x for x in h.status().pieces[0].entries if x.target == "size:3")
+        assert entry.state is pwd.JobState.LIVE and entry.attempts == 2
+        assert _labels(ex.jobs).count("size:3") == 2
+        assert h.engine.jobs_by_outcome[("size", "failed")] == 1
+    finally:
+        h.detach()
+
+
+@pytest.mark.parametrize(
+    ("label", "fault", "times", "match"),
+    [
+        ("size:3", "explode", 1, r"fault must be one of raise, crash, hang, got 'explode'"),
+        ("size:x", "raise", 1, r"not a target label: 'size:x'"),
+        ("size:3", "raise", -1, r"times must be >= 0, got -1"),
+    ],
+)
+def test_inject_fault_rejects_what_would_inject_nothing(
+    mlp: nn.Module, label: str, fault: str, times: int, match: str
+) -> None:
+    h = pwd.attach(mlp, compile=False, store=False)
+    try:
+        with pytest.raises(ValueError, match=match):
+            inject_fault(h, label, fault, times=times)
     finally:
         h.detach()

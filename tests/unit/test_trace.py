@@ -126,7 +126,7 @@ TWO_FIRST = [2, *ALL_SIZES[:1], *ALL_SIZES[2:]]  # a backed size first, then siz
 def test_graph_break_gives_two_pieces_each_with_its_dispatcher() -> None:
     fresh_counters()
     model, reference = make(Broken)
-    with pwd.attach(model, background=False) as handle:
+    with pwd.attach(model, compile=False) as handle:
         run_sizes(model, reference, [5, 1, 12, 5], one_input)
         pieces = handle.pieces
         assert len(pieces) == 2
@@ -158,7 +158,7 @@ def test_graph_break_gives_two_pieces_each_with_its_dispatcher() -> None:
 def test_no_retrace_across_50_sizes(order: list[int]) -> None:
     fresh_counters()
     model, reference = make(Plain)
-    with pwd.attach(model, background=False) as handle:
+    with pwd.attach(model, compile=False) as handle:
         run_sizes(model, reference, order, one_input)
         assert_no_retrace(handle, 1)
         assert sorted(handle.dispatchers[0].histogram()) == ALL_SIZES
@@ -167,7 +167,7 @@ def test_no_retrace_across_50_sizes(order: list[int]) -> None:
 def test_no_retrace_across_50_sizes_with_a_graph_break() -> None:
     fresh_counters()
     model, reference = make(Broken)
-    with pwd.attach(model, background=False) as handle:
+    with pwd.attach(model, compile=False) as handle:
         run_sizes(model, reference, TWO_FIRST, one_input)
         assert_no_retrace(handle, 2)
         for d in handle.dispatchers:
@@ -177,7 +177,7 @@ def test_no_retrace_across_50_sizes_with_a_graph_break() -> None:
 def test_no_retrace_with_two_inputs_sharing_the_size() -> None:
     fresh_counters()
     model, reference = make(TwoInputs)
-    with pwd.attach(model, background=False) as handle:
+    with pwd.attach(model, compile=False) as handle:
         run_sizes(model, reference, ALL_SIZES, lambda n: (torch.randn(n, WIDTH), torch.randn(n, 3)))
         assert_no_retrace(handle, 1)
         piece = handle.pieces[0]
@@ -190,7 +190,7 @@ def test_no_retrace_with_two_inputs_sharing_the_size() -> None:
 def test_dynamic_dim_per_argument(dynamic: dict[str, int]) -> None:
     fresh_counters()
     model, reference = make(Masked)
-    with pwd.attach(model, background=False, dynamic=dynamic) as handle:
+    with pwd.attach(model, compile=False, dynamic=dynamic) as handle:
         run_sizes(
             model,
             reference,
@@ -212,7 +212,7 @@ def test_dynamic_dim_per_argument(dynamic: dict[str, int]) -> None:
 
 def test_single_tensor_model_returns_a_tensor() -> None:
     model, reference = make(Plain)
-    with pwd.attach(model, background=False) as handle:
+    with pwd.attach(model, compile=False) as handle:
         x = torch.randn(4, WIDTH)
         out = model(x)
         assert type(out) is torch.Tensor
@@ -234,7 +234,7 @@ def test_single_tensor_model_returns_a_tensor() -> None:
 
 def test_tuple_model_returns_a_tuple_of_two() -> None:
     model, reference = make(Pair)
-    with pwd.attach(model, background=False) as handle:
+    with pwd.attach(model, compile=False) as handle:
         x = torch.randn(6, WIDTH)
         out = model(x)
         assert type(out) is tuple and len(out) == 2
@@ -266,7 +266,7 @@ def test_many_instances_of_one_class_each_capture() -> None:
     try:
         for i in range(10):
             model, reference = make(Plain)
-            handle = pwd.attach(model, background=False)
+            handle = pwd.attach(model, compile=False)
             handles.append(handle)
             x = torch.randn(i + 1, WIDTH)
             torch.testing.assert_close(model(x), reference(x))
@@ -281,7 +281,7 @@ def test_attach_detach_cycles_each_capture() -> None:
     fresh_counters()
     model, reference = make(Plain)
     for i in range(10):
-        with pwd.attach(model, background=False) as handle:
+        with pwd.attach(model, compile=False) as handle:
             x = torch.randn(2, WIDTH)
             torch.testing.assert_close(model(x), reference(x))
             assert len(handle.pieces) == 1, f"cycle #{i + 1} captured nothing"
@@ -293,7 +293,7 @@ def test_concurrent_first_calls_capture_each_piece_once(cls: type[nn.Module]) ->
     # Without serialising the first calls, each thread traced the frame itself and
     # dynamo kept three copies of the piece (seen: 3 pieces for 3 threads).
     model, ref = make(cls)
-    handle = pwd.attach(model, background=False, store=False)
+    handle = pwd.attach(model, compile=False, store=False)
     barrier = threading.Barrier(4)
     errors: list[BaseException] = []
 

@@ -1,0 +1,141 @@
+"""Tier 3: capture a size's live tier-2 runnable into a CUDA graph.
+
+Capture cannot run on the engine's threads. While a graph is being captured, any other
+use of the CUDA RNG in the process fails ("offset increment outside graph capture"), so
+capture must not overlap a serving thread's work. The job hands the capture to the
+piece's dispatcher as a pending task; the next serving call runs it first, on its own
+thread, and the loop waits for it on a worker thread (never blocking the loop).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+import torch
+
+from pwdaemon.engine.jobs import Job, JobSource, JobState, PieceState
+from pwdaemon.engine.queue import JobQueue
+from pwdaemon.engine.store_link import piece_device
+from pwdaemon.serving.cudagraph import GraphConfig, GraphPool
+from pwdaemon.serving.cudagraph import capture as capture_graph
+from pwdaemon.serving.inputs import is_caller_tensor
+from pwdaemon.serving.range_table import Range, TargetKind, Tier
+from pwdaemon.serving.trace import GraphPiece
+
+if TYPE_CHECKING:  # publish.py imports `wants_graph` from here
+    from pwdaemon.engine.publish import Publisher
+
+# How long a queued capture waits for a serving call before it is withdrawn and retried.
+_HANDOFF_WAIT_S = 5.0
+
+
+def wants_graph(config: GraphConfig, piece: GraphPiece) -> bool:
+    """Whether sizes of `piece` get a CUDA-graph job once their tier-2 runnable is live."""
+    return config.enabled and torch.cuda.is_available() and piece_device(piece).startswith("cuda")
+
+
+class GraphCapture:
+    """Runs graph jobs: one shared graph memory pool per engine, within its budget."""
+
+    def __init__(self, config: GraphConfig, queue: JobQueue, publisher: Publisher) -> None:
+        self.config = config
+        self.queue = queue
+        self.publisher = publisher
+        self.pool: GraphPool | None = None  # made on the first capture, on its device
+        self.pauses: list[float] = []  # seconds a serving thread spent capturing
+
+    async def run(self, st: PieceState, job: Job) -> None:
+        """Capture, validate and publish the graph of `job`'s size (loop thread)."""
+        n = job.target.start
+        dispatcher = job.piece.dispatcher
+        sample = dispatcher.sample_for(Range.of(n))
+        if sample is None:
+            # Capture replays a real input of this size: wait until traffic brings one.
+            job.reason = "waiting for a call of this size to capture with"
+            job.not_before = time.monotonic() + 1.0
+            self.queue.push(job)
+            return
+        if self.pool is None:
+            device = next(a.device for a in sample[1] if isinstance(a, torch.Tensor))
+            self.pool = GraphPool(device)
+        pool = self.pool
+        if pool.bytes >= self.config.memory_budget_bytes:
+            self.publisher.fail(
+                job,
+                "skipped",
+                f"graph memory budget reached ({pool.bytes} bytes in {pool.graphs} graphs)",
+                retry=False,
+            )
+            return
+        tier2 = dispatcher.table.lookup(n).runnable
+        args = sample[1]
+        size_index = job.piece.size_index
+        assert size_index is not None  # only specializable pieces get size jobs
+        state = dispatcher.state_ids
+        copy_indices = [i for i, a in enumerate(args) if is_caller_tensor(a, state)]
+        job.state, job.reason = JobState.COMPILING, None
+        job.attempts += 1
+        # `done` and `box` are the hand-off: the serving thread fills `box` and sets
+        # `done`; the loop reads `box` only after `done` is set.
+        done = threading.Event()
+        box: dict[str, Any] = {}
+
+        def task() -> None:  # runs on a serving thread, before its call
+            t0 = time.monotonic()
+            try:
+                box["runnable"] = capture_graph(
+                    tier2, args, n, size_index, copy_indices, pool, self.config.warmup_iters
+                )
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                box["pause"] = time.monotonic() - t0
+                done.set()
+
+        dispatcher.pending = task
+        job.reason = "waiting for a serving call to capture on"
+        started = time.monotonic()
+        taken = await anyio.to_thread.run_sync(done.wait, _HANDOFF_WAIT_S, abandon_on_cancel=True)
+        if not taken:
+            # No call came: withdraw the task, unless a serving thread took it just now
+            # (the dispatcher clears `pending` under this lock when it takes it).
+            with dispatcher._pending_lock:
+                withdrawn = dispatcher.pending is task
+                if withdrawn:
+                    dispatcher.pending = None
+            if withdrawn:
+                job.state, job.attempts = JobState.QUEUED, job.attempts - 1
+                job.reason = "waiting for a serving call to capture on"
+                job.not_before = time.monotonic() + 1.0
+                self.queue.push(job)
+                return
+            await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
+        if "error" in box:
+            exc = box["error"]
+            self.publisher.fail(
+                job, "failed", f"CUDA graph capture: {type(exc).__name__}: {exc}", retry=False
+            )
+            return
+        runnable = box["runnable"]
+        self.pauses.append(box["pause"])
+        seconds = time.monotonic() - started
+        await self.publisher.publish(st, job, runnable, seconds, JobSource.CAPTURED)
+        if self.config.pad and job.state is JobState.LIVE:
+            # Sizes between the next smaller captured size and n pad up to n's graph.
+            below = [s for s in captured_sizes(st) if s < n]
+            lo = max(below) + 1 if below else 1
+            if lo <= n - 1:
+                info = {"label": job.target.label, "padded": True}
+                dispatcher.install(Range(lo, n - 1), Tier.GRAPH, runnable, info)
+
+
+def captured_sizes(st: PieceState) -> list[int]:
+    """Sizes of `st`'s piece that serve from a live CUDA graph."""
+    return [
+        j.target.start
+        for j in st.jobs.values()
+        if j.target.kind is TargetKind.GRAPH and j.state is JobState.LIVE
+    ]

@@ -1,0 +1,126 @@
+"""How a job ends: validated and published into its piece's table, or failed.
+
+Runs on the engine's loop thread. Validation runs the candidate and the runnable it
+would replace on a worker thread (the serving process's CPU, hence `gil_friendly`);
+publishing is one `Dispatcher.install`, an atomic swap that serving threads see on
+their next call. A failure is retried with exponential backoff, then given up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio.to_thread
+
+from pwdaemon.config import CompileConfig
+from pwdaemon.engine.events import SwapEvent
+from pwdaemon.engine.graphs import wants_graph
+from pwdaemon.engine.jobs import (
+    Counters,
+    Job,
+    JobReason,
+    JobSource,
+    JobState,
+    PieceState,
+    PriorityBand,
+)
+from pwdaemon.engine.queue import JobQueue
+from pwdaemon.engine.switch_interval import gil_friendly
+from pwdaemon.engine.validation import reject_category, validate
+from pwdaemon.engine.waiters import Waiters
+from pwdaemon.serving.cudagraph import GraphConfig
+from pwdaemon.serving.range_table import Target, TargetKind
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Ends jobs: `publish` (validate, swap in, tell the waiters) or `fail` (retry later,
+    or give up)."""
+
+    def __init__(
+        self,
+        config: CompileConfig,
+        graphs: GraphConfig,
+        queue: JobQueue,
+        waiters: Waiters,
+        counters: Counters,
+        closed: Callable[[], bool],
+    ) -> None:
+        """`closed()` says whether the model is being detached: failures then cancel."""
+        self.config = config
+        self.graphs = graphs
+        self.queue = queue
+        self.waiters = waiters
+        self.counters = counters
+        self._closed = closed
+
+    async def publish(
+        self, st: PieceState, job: Job, runnable: Any, seconds: float, source: JobSource
+    ) -> None:
+        """Validate `runnable` against what serves its range now, then swap it in."""
+        dispatcher = job.piece.dispatcher
+        range_ = job.target.range
+        validated = False
+        if self.config.validate:
+            sample = dispatcher.sample_for(range_)
+            if sample is not None:  # no recorded input for this range yet: nothing to run
+                size, args = sample
+                current = dispatcher.table.lookup(size).runnable
+                # A captured graph falls back to tier 2 while a sibling replays; the
+                # comparison must run the graph itself, so it waits for the pool instead.
+                candidate = getattr(runnable, "replay_exclusive", runnable)
+                with gil_friendly(self.config.switch_interval_s):
+                    why = await anyio.to_thread.run_sync(validate, candidate, current, args)
+                if why is not None:
+                    self.counters.rejects_by_reason[reject_category(why)] += 1
+                    self.fail(job, "rejected", f"validation on size {size}: {why}", retry=False)
+                    return
+                validated = True
+        tier = job.target.tier
+        info = {"label": job.target.label, "compile_seconds": seconds, "source": source}
+        table = dispatcher.install(range_, tier, runnable, info)
+        with self.waiters.changing():
+            job.state, job.compile_seconds, job.source = JobState.LIVE, seconds, source
+        counters = self.counters
+        counters.jobs_by_outcome[(job.target.kind.value, "ok")] += 1
+        counters.loads_by_source[source.value] += 1  # metrics labels are plain text
+        counters.compile_hist.observe(seconds)
+        if job.hot_since is not None:
+            counters.hot_to_swap_hist.observe(time.monotonic() - job.hot_since)
+        event = SwapEvent(job.piece.index, range_, tier, table.version, seconds, source, validated)
+        self.waiters.swapped(event)
+        if job.target.kind is TargetKind.SIZE and wants_graph(self.graphs, job.piece):
+            n = job.target.start
+            graph_job = Job(job.piece, Target.graph(n), JobReason.GRAPH, (PriorityBand.GRAPH, n))
+            self.queue.push(st.add(graph_job))
+        self.waiters.check_plan_complete()
+
+    def fail(self, job: Job, outcome: str, reason: str, *, retry: bool = True) -> None:
+        """Count a failure (`outcome`: failed, crashed, timeout, rejected, skipped...);
+        queue a retry after a backoff while attempts last, else give the job up."""
+        self.counters.jobs_by_outcome[(job.target.kind.value, outcome)] += 1
+        self.counters.failures_by_reason[outcome] += 1
+        if self._closed():
+            outcome, reason, retry = "cancelled", "detached", False
+        if retry and job.attempts <= self.config.retries:
+            delay = self.config.backoff_s * (2 ** (job.attempts - 1))
+            job.state = JobState.QUEUED
+            job.reason = (
+                f"retry {job.attempts}/{self.config.retries} in {delay:g} s "
+                f"after {outcome}: {reason}"
+            )
+            job.not_before = time.monotonic() + delay
+            self.queue.push(job)
+            return
+        with self.waiters.changing():
+            job.state = JobState.CANCELLED if outcome == "cancelled" else JobState.FAILED
+            tries = f" after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+            job.reason = f"{outcome}{tries}: {reason}"
+        log.warning(
+            "pwdaemon: gave up on %s of graph %d: %s", job.target.label, job.piece.index, job.reason
+        )
+        self.waiters.check_plan_complete()

@@ -1,0 +1,244 @@
+"""Running jobs: store lookup, claims, compile in a worker, load, then publish or fail.
+
+One runner task per worker, on the engine's loop thread, takes the best ready job off
+the queue. Everything that blocks (the store's file I/O, a worker's compile, loading
+an artifact) runs on a worker thread through `anyio.to_thread`, so the loop keeps
+ticking and the serving threads never wait on any of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from pwdaemon.config import CompileConfig
+from pwdaemon.engine.graphs import GraphCapture
+from pwdaemon.engine.jobs import Counters, Job, JobSource, JobState, PieceState
+from pwdaemon.engine.publish import Publisher
+from pwdaemon.engine.queue import JobQueue
+from pwdaemon.engine.store_link import StoreLink
+from pwdaemon.engine.switch_interval import gil_friendly
+from pwdaemon.serving.range_table import TargetKind
+from pwdaemon.serving.trace import wrap_compiled
+from pwdaemon.store import ArtifactKey
+from pwdaemon.workers.compiler import JobSpec, dump_graph, load_artifact
+from pwdaemon.workers.executor import Executor
+from pwdaemon.workers.process import CompileError
+
+log = logging.getLogger(__name__)
+
+# A job whose key another process holds the claim for waits this long before it looks
+# again (the peer's artifact usually arrives sooner, through the store watcher).
+_CLAIMED_RETRY_S = 2.0
+
+
+class Faults:
+    """Faults to inject into the next compiles of a target (see `pwdaemon.testing`).
+
+    Armed from a test's thread, taken on the loop thread: a lock keeps the count exact.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: dict[str, list[Any]] = {}  # label -> [fault, compiles left]
+
+    def arm(self, label: str, fault: str, times: int) -> None:
+        """Make the next `times` compiles of target `label` fail with `fault`."""
+        with self._lock:
+            self._armed[label] = [fault, times]
+
+    def take(self, label: str) -> str | None:
+        """The fault for this compile of `label`, if one is armed (uses one up)."""
+        with self._lock:
+            armed = self._armed.get(label)
+            if armed is None or armed[1] <= 0:
+                return None
+            armed[1] -= 1
+            return str(armed[0])
+
+
+class Runner:
+    """Runs the queue's jobs: loads what the store has, compiles the rest in workers."""
+
+    def __init__(
+        self,
+        name: str,
+        config: CompileConfig,
+        executor: Executor,
+        store: StoreLink | None,
+        pieces: Sequence[PieceState],
+        queue: JobQueue,
+        publisher: Publisher,
+        graphs: GraphCapture,
+        counters: Counters,
+        workdir: Path,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.executor = executor
+        self.store = store
+        self._pieces = pieces
+        self.queue = queue
+        self.publisher = publisher
+        self.graphs = graphs
+        self.counters = counters
+        self.workdir = workdir
+        self.faults = Faults()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._executor_ready: anyio.Event | None = None
+        self._executor_starting = False
+
+    # ---- workers -------------------------------------------------------------------
+
+    def bind(self, tg: anyio.abc.TaskGroup) -> None:
+        """Attach to the loop's task group (on the loop thread, before any job runs)."""
+        self._tg = tg
+        self._executor_ready = anyio.Event()
+
+    async def start_executor(self) -> None:
+        """Start the worker processes (on a thread: spawning takes seconds)."""
+        assert self._executor_ready is not None
+        self._executor_starting = True
+        try:
+            await anyio.to_thread.run_sync(self.executor.start, abandon_on_cancel=True)
+        except CompileError as exc:
+            log.warning("pwdaemon: compile workers did not start: %s", exc)
+        finally:
+            self._executor_ready.set()
+
+    async def _executor_started(self) -> None:
+        assert self._executor_ready is not None
+        if not self._executor_starting and self._tg is not None:
+            self._executor_starting = True
+            self._tg.start_soon(self.start_executor)
+        await self._executor_ready.wait()
+
+    # ---- running jobs --------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        """One runner: take the best ready job, run it, repeat (until cancelled)."""
+        while True:
+            job = await self.queue.next_ready()
+            try:
+                await self.run(job)
+            except Exception as exc:
+                log.exception("pwdaemon: job %s crashed the runner", job.target.label)
+                self.publisher.fail(job, "failed", f"internal error: {type(exc).__name__}: {exc}")
+
+    async def run(self, job: Job) -> None:
+        """Run one job to its end (or back onto the queue to wait for something)."""
+        if job.state is not JobState.QUEUED:
+            return  # a stale queue entry: this job was re-queued or finished elsewhere
+        # Pieces are planned in trace order, so a piece's index is its position.
+        st = self._pieces[job.piece.index]
+        if job.target.kind is TargetKind.GRAPH:
+            await self.graphs.run(st, job)
+            return
+        key = self.store.key(job.piece, job.target) if self.store is not None else None
+        if key is not None and self.store is not None:
+            path = await anyio.to_thread.run_sync(self.store.lookup, key)
+            if path is not None:
+                await self.load_stored(st, job, key, JobSource.STORE)
+                return
+        await self._executor_started()
+        claim = None
+        if key is not None and self.store is not None and self.store.enabled:
+            claim = await anyio.to_thread.run_sync(self.store.store.claim, key)
+            if claim is None:
+                # Another process compiles this key; its artifact arrives through the
+                # watcher (or the store, on this job's next turn).
+                job.state, job.reason = JobState.QUEUED, "another process is compiling it"
+                job.not_before = time.monotonic() + _CLAIMED_RETRY_S
+                self.queue.push(job)
+                return
+        try:
+            await self._compile(st, job, key)
+        finally:
+            if claim is not None:
+                claim.release()  # a few file operations; must run even when cancelled
+
+    async def load_stored(
+        self, st: PieceState, job: Job, key: ArtifactKey, source: JobSource
+    ) -> None:
+        """Load `key`'s artifact from the store and publish it (a previous run's, or a
+        peer process's)."""
+        assert self.store is not None
+        job.state, job.reason = JobState.COMPILING, None
+        path = await anyio.to_thread.run_sync(self.store.lookup, key)
+        if path is None:
+            job.state, job.reason = JobState.QUEUED, "stored artifact failed verification"
+            self.queue.push(job)
+            return
+        manifest = await anyio.to_thread.run_sync(self.store.store.manifest, key)
+        seconds = manifest.compile_seconds if manifest is not None else 0.0
+        try:
+            with gil_friendly(self.config.switch_interval_s):
+                runnable = await anyio.to_thread.run_sync(load_artifact, str(path))
+        except Exception as exc:
+            reason = f"stored artifact did not load: {type(exc).__name__}: {exc}"
+            self.publisher.fail(job, "failed", reason)
+            return
+        await self.publisher.publish(st, job, wrap_compiled(runnable, job.piece), seconds, source)
+
+    async def _compile(self, st: PieceState, job: Job, key: ArtifactKey | None) -> None:
+        job.state, job.reason = JobState.COMPILING, None
+        job.attempts += 1
+        name = f"g{job.piece.index}-{job.target.label.replace(':', '_')}-{job.attempts}.bin"
+        spec = JobSpec(
+            await self._graph_bytes(st),
+            job.target,
+            str(self.workdir / name),
+            dict(self.config.options),
+            self.faults.take(job.target.label),
+        )
+        self.counters.in_flight += 1
+        try:
+            result = await anyio.to_thread.run_sync(
+                self.executor.run, spec, self.config.timeout_s, abandon_on_cancel=True
+            )
+        except CompileError as exc:
+            self.publisher.fail(job, exc.outcome, exc.reason)
+            return
+        finally:
+            self.counters.in_flight -= 1
+        seconds = float(result.get("seconds", 0.0))
+        if key is not None and self.store is not None and "path" in result:
+            stored = await anyio.to_thread.run_sync(
+                self.store.publish,
+                key,
+                result["path"],
+                seconds,
+                self.store.extra(job.piece, self.name),
+            )
+            if stored is not None:
+                result = {**result, "path": str(stored)}
+        try:
+            with gil_friendly(self.config.switch_interval_s):
+                runnable = await anyio.to_thread.run_sync(_load, result)
+        except Exception as exc:
+            reason = f"artifact did not load: {type(exc).__name__}: {exc}"
+            self.publisher.fail(job, "failed", reason)
+            return
+        runnable = wrap_compiled(runnable, job.piece)
+        await self.publisher.publish(st, job, runnable, seconds, JobSource.COMPILED)
+
+    async def _graph_bytes(self, st: PieceState) -> bytes:
+        # Pickled once per piece, on a thread (GraphPickler takes a while on big graphs).
+        if st.graph_bytes is None:
+            st.graph_bytes = await anyio.to_thread.run_sync(dump_graph, st.piece.gm)
+        return st.graph_bytes
+
+
+def _load(result: dict[str, Any]) -> Any:
+    # An in-process executor (`pwdaemon.testing.FakeExecutor`) hands the runnable over.
+    if "runnable" in result:
+        return result["runnable"]
+    return load_artifact(result["path"])

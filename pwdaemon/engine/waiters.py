@@ -1,0 +1,156 @@
+"""Who waits on the engine: `handle.wait()`, swap and plan-complete callbacks.
+
+Three kinds of thread meet here. The loop thread changes job states and fires events;
+a caller's thread (often a serving thread, or a test) blocks in `wait()`; any thread
+registers callbacks. Job state changes a waiter can block on are made inside
+`changing()`, which holds the condition and wakes every waiter; `wait()` reads the
+states under the same condition, so it never sees half of a change nor misses one.
+Callbacks run on the loop thread, one at a time; one that raises is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from pwdaemon.engine.events import PlanCompleteEvent, SwapEvent
+from pwdaemon.engine.jobs import JobState, PieceState
+from pwdaemon.serving.range_table import Target
+
+log = logging.getLogger(__name__)
+
+_GAVE_UP = (JobState.FAILED, JobState.DROPPED, JobState.CANCELLED)
+
+
+class Waiters:
+    """Blocking waits and callbacks over the jobs of one engine."""
+
+    def __init__(
+        self,
+        name: str,
+        pieces: Sequence[PieceState],
+        *,
+        planning: Callable[[], bool],
+        call_soon: Callable[[Callable[[], None]], None],
+    ) -> None:
+        """`pieces` is the engine's list (read, never changed, here); `planning()` says
+        whether traced pieces wait to be planned; `call_soon(fn)` runs `fn` on the loop."""
+        self.name = name
+        self.attached_at = time.monotonic()
+        self._pieces = pieces
+        self._planning = planning
+        self._call_soon = call_soon
+        self.cond = threading.Condition()
+        self._swap_callbacks: list[Callable[[SwapEvent], None]] = []
+        self._plan_callbacks: list[Callable[[PlanCompleteEvent], None]] = []
+        self._plan_event: PlanCompleteEvent | None = None
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Change job states inside this block: waiters see the change whole, and wake."""
+        with self.cond:
+            yield
+            self.cond.notify_all()
+
+    # ---- callbacks (registered on any thread, fired on the loop thread) --------------
+
+    def on_swap(self, cb: Callable[[SwapEvent], None]) -> None:
+        """Call `cb(event)` for every runnable published from now on."""
+        self._swap_callbacks.append(cb)  # a list append is atomic: no lock needed
+
+    def on_plan_complete(self, cb: Callable[[PlanCompleteEvent], None]) -> None:
+        """Call `cb(event)` when the plan completes, or soon if it already has."""
+        self._plan_callbacks.append(cb)
+        event = self._plan_event
+        if event is not None:  # registered late: it gets the event that fired
+            self._call_soon(lambda: fire([cb], event))
+
+    def swapped(self, event: SwapEvent) -> None:
+        """A runnable was published: tell the swap callbacks (loop thread)."""
+        fire(self._swap_callbacks, event)
+
+    # ---- the plan ------------------------------------------------------------------
+
+    @property
+    def plan_done(self) -> bool:
+        """Every planned job (general, configured) reached an end."""
+        return self._plan_event is not None
+
+    def check_plan_complete(self) -> None:
+        """Fire `PlanCompleteEvent` once, when the last planned job ends (loop thread)."""
+        if self.plan_done or not self._pieces or self._planning():
+            return
+        planned = [j for st in self._pieces for j in st.jobs.values() if j.why.planned]
+        if not all(j.terminal for j in planned):
+            return
+        event = PlanCompleteEvent(
+            self.name,
+            live=sum(j.state is JobState.LIVE for j in planned),
+            failed=sum(j.state is JobState.FAILED for j in planned),
+            seconds_since_attach=time.monotonic() - self.attached_at,
+        )
+        with self.changing():
+            self._plan_event = event
+        fire(self._plan_callbacks, event)
+
+    # ---- blocking waits (any thread but the loop's) ----------------------------------
+
+    def wait(self, sizes: Iterable[int] | None, timeout: float | None) -> bool:
+        """Block until `sizes` serve specialized (None: until the plan completes).
+
+        True when done; False on timeout or when a wanted size failed, was dropped or
+        cancelled.
+        """
+        wanted = None if sizes is None else list(sizes)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def done() -> bool | None:
+            if wanted is None:
+                return True if self.plan_done else None
+            states = [self.size_state(s) for s in wanted]
+            if all(s == JobState.LIVE for s in states):
+                return True
+            if any(s in _GAVE_UP for s in states):
+                return False
+            return None
+
+        with self.cond:
+            while True:
+                result = done()
+                if result is not None:
+                    return result
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                # Woken by `changing()`; the 1 s cap re-checks pieces planned meanwhile.
+                self.cond.wait(left if left is not None else 1.0)
+
+    def size_state(self, size: int) -> str:
+        """One size across the specializable pieces: "none" (no job), "pending", or the
+        first of failed/dropped/cancelled any piece reached, or "live" when all are."""
+        label = Target.size(size).label
+        states: list[str] = []
+        for st in self._pieces:
+            if not st.piece.specializable:
+                continue
+            job = st.jobs.get(label)
+            states.append(job.state if job is not None else "none")
+        if not states:
+            return "none"
+        for s in _GAVE_UP:
+            if s in states:
+                return s
+        return JobState.LIVE if all(s == JobState.LIVE for s in states) else "pending"
+
+
+def fire(callbacks: Iterable[Callable[[Any], None]], event: Any) -> None:
+    """Call each callback with `event`; one that raises is logged, the rest still run."""
+    for cb in list(callbacks):
+        try:
+            cb(event)
+        except Exception:
+            log.exception("pwdaemon: callback %r raised", cb)
