@@ -59,15 +59,6 @@ SPECIALIZED_TIERS = ("size", "range", "graph")
 IN_PROCESS = ("dynamic", "static", "upfront")
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
-    return ordered[rank]
-
-
 def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else math.nan
 
@@ -113,6 +104,10 @@ def compute(
     results: dict[str, dict[str, Any]], hot: Sequence[int], warmup_calls: int
 ) -> dict[str, Metrics]:
     """Metrics for every system of one model; `results` maps system -> its JSON."""
+    # Imported here, like `_trace`'s traffic: importing pwdaemon loads torch, which
+    # `peers.py --help` and the argument checks should not wait for.
+    from pwdaemon.metrics.stats import percentile
+
     general_ref = results.get("dynamic", {}).get("baseline") if "dynamic" in results else None
     out: dict[str, Metrics] = {}
     for system, r in results.items():
@@ -128,7 +123,7 @@ def compute(
         warm = reqs[:warmup_calls]
         lat = [q["lat"] for q in warm]
         m.warmup_max_ms = max(lat) * 1e3
-        m.warmup_p99_ms = percentile(lat, 99) * 1e3
+        m.warmup_p99_ms = percentile(lat, 99, empty=math.nan) * 1e3
         ratios = [(q["lat"] / ref[q["size"]], q["size"]) for q in warm if ref.get(q["size"])]
         if ratios:
             m.warmup_worst_ratio, m.warmup_worst_size = max(ratios)

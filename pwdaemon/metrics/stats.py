@@ -7,6 +7,7 @@ histogram, and the engine's periodic tick folds that into these structures.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -103,3 +104,18 @@ class MetricsSource(Protocol):
         must be unique among the sources registered in a process.
         """
         ...
+
+
+def percentile(values: Sequence[float], q: float, *, empty: float = 0.0) -> float:
+    """The q-th percentile (q in 0..100) of `values` by nearest rank; `empty` for no values.
+
+    Nearest rank rather than interpolation: the result is always a latency that was
+    actually observed, which is what the demo's and the benchmarks' tables report.
+    """
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile q must be in 0..100, got {q!r}")
+    if not values:
+        return empty
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, math.ceil(q / 100.0 * len(ordered)) - 1))
+    return ordered[rank]

@@ -4,6 +4,7 @@ with the in-process FakeExecutor that exercise the live view and the summary."""
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import pytest
@@ -11,8 +12,12 @@ import torch
 from rich.console import Console
 
 from pwdaemon.cli.main import main
-from pwdaemon.demo.run import DemoOptions, DemoResult, DemoRun, percentile, run_demo
+from pwdaemon.demo.options import DemoOptions
+from pwdaemon.demo.records import DemoResult
+from pwdaemon.demo.run import DemoRun, run_demo
+from pwdaemon.demo.summary import print_summary
 from pwdaemon.demo.traffic import Call
+from pwdaemon.metrics.stats import percentile
 from pwdaemon.models import demo_model, example_tokens
 from pwdaemon.serving.range_table import Tier
 from pwdaemon.testing import FakeExecutor
@@ -60,7 +65,7 @@ def test_demo_quick_plain_real_compiles(capsys: pytest.CaptureFixture[str]) -> N
     assert int(match.group(2)) >= 1, out
     assert match.group(1) == "OK" and rc == 0
     assert "swap: size" in out  # the plain progress line for the swap
-    assert re.search(r"dynamo\s+captured\s+1\s+graph", out)  # no retrace for any size
+    assert re.search(r"dynamo\s+traced\s+1\s+graph", out)  # no retrace for any size
     print(out)  # shown with -s: the figures of a real run
 
 
@@ -124,7 +129,7 @@ def test_demo_reports_mismatches() -> None:
     assert (m.index, m.size, m.tier) == (1, 4, "size")
     assert m.max_abs_diff == pytest.approx(1e-3, rel=1e-2)
     assert run.result.exit_code == 1
-    run._print_summary(None)
+    print_summary(run, None)
     out = buf.getvalue()
     assert "1 MISMATCHES" in out and "call 1: size 4 on size" in out
     assert RESULT.search(out) is not None and "Result: FAILED" in out
@@ -137,3 +142,9 @@ def test_percentile() -> None:
     assert percentile(values, 50) == 50.0
     assert percentile(values, 99) == 99.0
     assert percentile(values, 100) == 100.0
+    assert percentile(values, 0) == 1.0
+    assert percentile([2.0, 1.0], 50) == 1.0  # unsorted input
+    assert math.isnan(percentile([], 99, empty=math.nan))  # what the benchmarks ask for
+    for bad in (-1.0, 100.5, math.nan):
+        with pytest.raises(ValueError, match=r"0\.\.100"):
+            percentile(values, bad)

@@ -9,13 +9,8 @@ import pytest
 
 import pwdaemon
 from pwdaemon.cli.main import build_parser, main
-from pwdaemon.demo.run import (
-    DEFAULT_DURATION_S,
-    QUICK_DURATION_S,
-    DemoOptions,
-    cmd_demo,
-    options_from_args,
-)
+from pwdaemon.demo.args import cmd_demo, options_from_args
+from pwdaemon.demo.options import DEFAULT_DURATION_S, QUICK_DURATION_S, DemoOptions
 
 
 def demo_options(*argv: str) -> DemoOptions:
