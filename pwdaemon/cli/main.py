@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from pwdaemon import __version__
 from pwdaemon.cli.cache import add_cache_parser
-from pwdaemon.cli.service import add_service_parsers
 from pwdaemon.cli.warm import add_warm_parser
 from pwdaemon.demo.args import add_demo_parser
 
@@ -33,7 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(subparsers)
     add_cache_parser(subparsers)
     add_warm_parser(subparsers)
-    add_service_parsers(subparsers)
     return parser
 
 
