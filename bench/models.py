@@ -1,0 +1,328 @@
+"""Real architectures, every system, one run: median latency per size once settled.
+
+For each model of `pwdaemon.real_models` (and the demo model) and each system, a fresh
+process (its own dynamo state, Inductor cache and pwdaemon store, so every system starts
+cold) builds the model, serves calls under `torch.inference_mode()` as servers do, and
+reports:
+
+- first call: seconds of the first request after set-up (TTFR), and ÷ eager's first call;
+- warm-up: calls keep coming, round-robin over the sizes, until the system has settled
+  (compiled what it will compile); the worst call ÷ the median of the same size on the
+  tier it ran on (the issue's "worst warm-up ÷ median");
+- steady state: median ms per size over `--iters` calls after settling.
+
+Systems:
+- eager: the plain module;
+- dynamic: `torch.compile(model, dynamic=True)`;
+- static: `torch.compile(model, dynamic=False)`, one compile per size on the request that
+  brings it (on CUDA: `mode="reduce-overhead"`, per-size CUDA graphs);
+- specialize_on: torch's own per-size peer, `mark_dynamic(x, 0, specialize_on=[n == s])`;
+- pwdaemon: `pwd.attach(model, sizes=...)`; settled when every size serves specialized
+  (on CUDA: from its CUDA graph).
+
+    python bench/models.py [--device cpu|cuda] [--models ...] [--sizes 1,4,16,64]
+                           [--preset tiny|issue] [--dtype fp32|fp16|bf16] [--iters 50]
+
+Prints markdown tables; JSON per run lands in bench/results/models/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = ("eager", "dynamic", "static", "specialize_on", "pwdaemon")
+DEFAULT_MODELS = ("demo", "sequential", "transformer_encoder", "bert", "gpt2", "llama")
+RESULTS = Path(__file__).resolve().parent / "results" / "models"
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# --------------------------------------------------------------------------- child
+
+
+def _build(name: str, preset: str, device: Any, dtype: Any) -> tuple[Any, Callable[[int], Any]]:
+    import torch
+
+    if name == "demo":
+        from pwdaemon.models import demo_model, example_tokens
+
+        model = demo_model().to(device)
+
+        def demo_inputs(n: int) -> Any:
+            return (example_tokens(n, generator=torch.Generator().manual_seed(n)).to(device),), {}
+
+        return model, demo_inputs
+    from pwdaemon.real_models import model_spec
+
+    spec = model_spec(name, preset)
+    return spec.build(device, dtype), lambda n: spec.inputs(n, device, dtype)
+
+
+def _timer(device: Any) -> Callable[[Callable[[], Any]], float]:
+    import torch
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn: Callable[[], Any]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    return timed
+
+
+def _mark(args: Any, kwargs: Any, sizes: list[int]) -> None:
+    import torch
+
+    preds = [lambda s, n=n: s == n for n in sizes]
+    for t in (*args, *kwargs.values()):
+        if isinstance(t, torch.Tensor):
+            torch._dynamo.mark_dynamic(t, 0, specialize_on=preds)
+
+
+def run_child(opts: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    device = torch.device(opts.device)
+    dtype = getattr(torch, DTYPES[opts.dtype])
+    sizes = [int(s) for s in opts.sizes.split(",")]
+    model, inputs = _build(opts.model, opts.preset, device, dtype)
+    timed = _timer(device)
+    calls = {n: inputs(n) for n in sizes}
+    system, handle = opts.system, None
+    fn: Callable[..., Any] = model
+    t_setup = time.perf_counter()
+    if system == "dynamic":
+        fn = torch.compile(model, dynamic=True)
+    elif system == "static":
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        fn = torch.compile(model, dynamic=False, mode=mode)
+    elif system == "specialize_on":
+        fn = torch.compile(model)
+    elif system == "pwdaemon":
+        import pwdaemon as pwd
+
+        handle = pwd.attach(model, sizes=sizes, store=opts.store)
+    setup_s = time.perf_counter() - t_setup
+
+    def call(n: int) -> Any:
+        args, kwargs = calls[n]
+        if system == "specialize_on":
+            _mark(args, kwargs, sizes)
+        return fn(*args, **kwargs)
+
+    def tier(n: int) -> str:
+        if handle is None:
+            return system
+        tiers = {p.dispatcher.table.lookup(n).tier.value for p in handle.pieces}
+        return ",".join(sorted(tiers)) or "untraced"
+
+    def settled() -> bool:
+        if handle is None:
+            return True
+        want = "graph" if device.type == "cuda" else None
+        for p in handle.pieces:
+            if not p.specializable:
+                continue
+            for n in sizes:
+                t = p.dispatcher.table.lookup(n).tier.value
+                if t in ("eager", "general") or (want is not None and t != want):
+                    return False
+        return bool(handle.pieces)
+
+    warmup: list[tuple[int, str, float]] = []
+    with torch.inference_mode():
+        first_s = timed(lambda: call(sizes[0]))
+        warmup.append((sizes[0], tier(sizes[0]), first_s))
+        # Warm-up: round-robin until settled. Every system sees every size at least
+        # twice here, so static/specialize_on compile each size on the request path
+        # (that is what they do) and pwdaemon compiles in the background.
+        deadline = time.perf_counter() + opts.settle_timeout
+        i = 1
+        while True:
+            n = sizes[i % len(sizes)]
+            before = tier(n)
+            warmup.append((n, before, timed(lambda n=n: call(n))))  # type: ignore[misc]
+            i += 1
+            if i >= 2 * len(sizes) and settled():
+                break
+            if time.perf_counter() > deadline:
+                break
+            if handle is not None:
+                time.sleep(0.01)  # traffic pacing while workers compile (not a sync)
+        settle_s = time.perf_counter() - t_setup
+        steady: dict[int, float] = {}
+        tiers: dict[int, str] = {}
+        for n in sizes:
+            for _ in range(3):
+                call(n)
+            samples = [timed(lambda n=n: call(n)) for _ in range(opts.iters)]  # type: ignore[misc]
+            steady[n] = statistics.median(samples)
+            tiers[n] = tier(n)
+        # Worst warm-up call ÷ the steady median of the same size on the same tier; calls
+        # on a tier that did not survive to steady state are compared with eager's
+        # median of that size, measured here once.
+        eager_median = {
+            n: statistics.median(
+                timed(lambda n=n: model(*calls[n][0], **calls[n][1]))  # type: ignore[misc]
+                for _ in range(max(5, opts.iters // 5))
+            )
+            for n in sizes
+        }
+    ratios = []
+    for n, t, s in warmup[1:]:
+        base = steady[n] if t == tiers[n] else eager_median[n]
+        ratios.append(s / base)
+    out: dict[str, Any] = {
+        "model": opts.model,
+        "system": system,
+        "device": str(device),
+        "dtype": opts.dtype,
+        "setup_s": setup_s,
+        "first_call_s": first_s,
+        "settle_s": settle_s,
+        "settled": settled(),
+        "warmup_calls": len(warmup),
+        "warmup_worst_ratio": max(ratios) if ratios else None,
+        "steady_ms": {str(n): v * 1e3 for n, v in steady.items()},
+        "eager_ms": {str(n): v * 1e3 for n, v in eager_median.items()},
+        "tiers": {str(n): t for n, t in tiers.items()},
+        "torch": torch.__version__,
+    }
+    if handle is not None:
+        out["pieces"] = len(handle.pieces)
+        handle.detach()
+    return out
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _run_one(opts: argparse.Namespace, model: str, system: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="pwdaemon-bench-") as tmp:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor"}
+        cmd = [
+            sys.executable, __file__, "--child", "--model", model, "--system", system,
+            "--device", opts.device, "--dtype", opts.dtype, "--sizes", opts.sizes,
+            "--preset", opts.preset, "--iters", str(opts.iters),
+            "--settle-timeout", str(opts.settle_timeout), "--store", f"{tmp}/store",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.run(
+                cmd, env=env, capture_output=True, text=True, timeout=opts.run_timeout
+            )
+        except subprocess.TimeoutExpired:
+            return {"model": model, "system": system, "error": "timed out"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"model": model, "system": system, "error": " | ".join(tail)}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def report(results: list[dict[str, Any]], sizes: list[str], header: str) -> str:
+    by = {(r["model"], r["system"]): r for r in results}
+    models = list(dict.fromkeys(r["model"] for r in results))
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in results)]
+    peer = "static"
+    out = [header, "", "Median ms per call once settled (lower is better):", ""]
+    out.append("| model | size | " + " | ".join(systems) + f" | pwdaemon ÷ {peer} speed |")
+    out.append("|---|---|" + "---|" * (len(systems) + 1))
+    for m in models:
+        for n in sizes:
+            row = []
+            for s in systems:
+                r = by.get((m, s), {})
+                row.append(_fmt(r.get("steady_ms", {}).get(n)) if "error" not in r else "error")
+            pw = by.get((m, "pwdaemon"), {}).get("steady_ms", {}).get(n)
+            st = by.get((m, peer), {}).get("steady_ms", {}).get(n)
+            ratio = _fmt(st / pw) if pw and st else "—"
+            out.append(f"| {m} | {n} | " + " | ".join(row) + f" | {ratio} |")
+    out += ["", "First request and warm-up:", ""]
+    out.append("| model | system | TTFR s | TTFR ÷ eager | worst warm-up ÷ median | settled s |")
+    out.append("|---|---|---|---|---|---|")
+    for m in models:
+        eager_first = by.get((m, "eager"), {}).get("first_call_s")
+        for s in systems:
+            r = by.get((m, s), {})
+            if "error" in r or not r:
+                out.append(f"| {m} | {s} | error: {r.get('error', 'missing')[:80]} | | | |")
+                continue
+            ttfr = r["first_call_s"]
+            ratio = ttfr / eager_first if eager_first else None
+            note = "" if r.get("settled") else " (not settled)"
+            pieces = f", {r['pieces']} pieces" if "pieces" in r else ""
+            out.append(
+                f"| {m} | {s}{pieces} | {_fmt(ttfr, 3)} | {_fmt(ratio, 1)} | "
+                f"{_fmt(r.get('warmup_worst_ratio'), 1)} | {_fmt(r['settle_s'], 1)}{note} |"
+            )
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--sizes", default="1,4,16,64")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "issue"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--settle-timeout", type=float, default=300.0)
+    p.add_argument("--run-timeout", type=float, default=900.0)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    # One (model, system) in this process; used by the parent, not by people.
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--system", help=argparse.SUPPRESS)
+    p.add_argument("--store", help=argparse.SUPPRESS)
+    opts = p.parse_args()
+    if opts.child:
+        print(json.dumps(run_child(opts)), flush=True)
+        return
+    results = []
+    for model in opts.models.split(","):
+        for system in opts.systems.split(","):
+            t0 = time.perf_counter()
+            r = _run_one(opts, model, system)
+            print(f"{model:>20} {system:>14}: {time.perf_counter() - t0:6.1f} s "
+                  f"{r.get('error', '')}", file=sys.stderr, flush=True)  # fmt: skip
+            results.append(r)
+    import torch
+
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    device = (
+        torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    )
+    header = (
+        f"{stamp}, {device}, torch {torch.__version__}, preset {opts.preset}, {opts.dtype}, "
+        f"`python bench/models.py --device {opts.device} --models {opts.models} "
+        f"--sizes {opts.sizes} --preset {opts.preset} --dtype {opts.dtype}`"
+    )
+    text = report(results, opts.sizes.split(","), header)
+    print(text)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    name = f"{opts.device}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    (opts.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (opts.out / f"{name}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
