@@ -11,7 +11,7 @@ Definitions (also printed under the table):
   over warm-up requests of latency / the general tier's steady-state median for that size
   (the `dynamic` run's baseline, i.e. torch.compile with a dynamic size; a run's own
   baseline when `dynamic` was not run); `after 1st` leaves out the first request (for
-  pwdaemon, the one that captures the graph with dynamo).
+  pwdaemon, the one on which dynamo traces the model).
 - *baseline*: a system's steady-state median latency for a size, measured after the trace
   and after settling (3 calls per size; for pwdaemon, sizes the trace left cold get only
   as many calls as keep them under the policy's `hot_calls`, often one).
@@ -131,7 +131,7 @@ def compute(
         if rest:
             m.warmup_worst_ratio_rest = max(rest)
         m.compile_wait_s = sum(max(0.0, q["lat"] - base.get(q["size"], q["lat"])) for q in reqs)
-        m.compile_requests = sum(q["tier"] in ("compile", "capture") for q in reqs)
+        m.compile_requests = sum(q["tier"] in ("compile", "trace") for q in reqs)
         m.tiers = dict(Counter(q["tier"] for q in reqs))
         m.trace_wall_s = r.get("trace_wall_s", math.nan)
         m.graphs = int(r.get("dynamo_frames", 0))
@@ -403,7 +403,7 @@ def verdicts(by_system: dict[str, Metrics], hot: Sequence[int]) -> list[str]:
             f"{m.system}: no request waits on a compiler: worst warm-up latency "
             f"{m.warmup_worst_ratio:.1f}x the general tier's median for its size "
             f"(size {m.warmup_worst_size}; max {m.warmup_max_ms:.1f} ms; without the first "
-            f"request, which captures the graph: {m.warmup_worst_ratio_rest:.1f}x) "
+            f"request, which dynamo traces: {m.warmup_worst_ratio_rest:.1f}x) "
             f"(target <= 2x)",
         )
     for m in (cold, warm):
@@ -508,7 +508,7 @@ def plot_latency(results: dict[str, dict[str, Any]], model: str, path: Path) -> 
 
 TIER_COLORS = {
     "eager": "#7f7f7f",
-    "capture": "#000000",
+    "trace": "#000000",
     "compile": "#d62728",
     "fallback": "#ff7f0e",
     "general": "#bcbd22",

@@ -300,7 +300,7 @@ class PwdaemonSystem(System):
     def __init__(self, model: Any, ctx: Context) -> None:
         super().__init__(model, ctx)
         self.handle: Any = None
-        self.capture_mode: str | None = ctx.spec.get("pwdaemon", {}).get("trace")
+        self.trace_mode: str | None = ctx.spec.get("pwdaemon", {}).get("trace")
         self.swaps: list[dict[str, Any]] = []
         self.worker_cpu_seen: dict[int, float] = {}
 
@@ -311,11 +311,11 @@ class PwdaemonSystem(System):
         policy_kwargs = {k: opts[k] for k in ("hot_calls", "budget") if opts.get(k) is not None}
         compile_kwargs = {k: opts[k] for k in ("workers",) if opts.get(k) is not None}
         extra: dict[str, Any] = {}
-        if self.capture_mode is not None:
+        if self.trace_mode is not None:
             if "trace" not in inspect.signature(pwdaemon.attach).parameters:
                 raise RuntimeError("this pwdaemon's attach() has no trace= option")
-            extra["trace"] = self.capture_mode
-        self.notes.append(f"attach(trace={self.capture_mode or 'default'!r})")
+            extra["trace"] = self.trace_mode
+        self.notes.append(f"attach(trace={self.trace_mode or 'default'!r})")
         self.handle = pwdaemon.attach(
             self.model,
             store=self.ctx.spec["store"],
@@ -348,18 +348,18 @@ class PwdaemonSystem(System):
     def tier(self, size: int) -> str:
         dispatcher = self._dispatcher()
         if dispatcher is None:
-            return "uncaptured"
+            return "untraced"
         return str(dispatcher.table.lookup(size).tier.value)
 
     def label(self, before: str, compiled: bool, eager_runs: int) -> str:
-        if before != "uncaptured":
+        if before != "untraced":
             return before
-        # Not captured yet. Inline capture: this call traced the model with dynamo (on the
-        # request path) and ran it eagerly. Background capture: the plain module served
+        # Not traced yet. Inline trace: this call traced the model with dynamo (on the
+        # request path) and ran it eagerly. Background trace: the plain module served
         # it while another thread traces (its dynamo frame may land during this call).
-        if self.capture_mode == "background":
+        if self.trace_mode == "background":
             return "eager"
-        return "capture" if compiled else "eager"
+        return "trace" if compiled else "eager"
 
     def _sample_workers(self) -> None:
         with contextlib.suppress(Exception):
@@ -597,7 +597,7 @@ def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
             dt = time.perf_counter() - t
             cpu = time.process_time() - cpu0
             label = system.label(before, _frames() > frames0, eager_runs() - eager0)
-            if label in ("compile", "capture"):
+            if label in ("compile", "trace"):
                 compile_self_cpu += cpu
             requests.append(
                 {

@@ -141,10 +141,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: keep the environment's)",
     )
     p.add_argument(
-        "--capture",
+        "--trace",
         choices=("inline", "background"),
         default=None,
-        help="pwdaemon attach(trace=...) (default: attach's own default)",
+        help="pwdaemon attach(trace=...): dynamo traces the model on the first request "
+        "(inline) or on another thread while the plain module serves (background); "
+        "default: attach's own",
     )
     p.add_argument("--workers", type=int, default=None, help="pwdaemon compile workers")
     p.add_argument("--hot-calls", type=int, default=None, help="pwdaemon PolicyConfig.hot_calls")
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pwdaemon": {
                     "hot_calls": args.hot_calls,
                     "workers": args.workers,
-                    "capture": args.capture,
+                    "trace": args.trace,
                 },
                 "ab_static": args.ab,
                 **measure,

@@ -77,7 +77,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"demo model, store {store}, sizes {sizes} (total {time.monotonic() - started:.0f} s)")
     print(
-        f"first call (dynamo capture): cold {cold['first_call_s']:.2f} s, "
+        f"first call (dynamo trace): cold {cold['first_call_s']:.2f} s, "
         f"warm {warm['first_call_s']:.2f} s"
     )
     print(

@@ -75,7 +75,7 @@ def test_quick_run_writes_a_row_per_system(tmp_path: Path) -> None:
         result = raw[system]
         assert result["error"] is None, result.get("traceback")
         assert len(result["requests"]) == 80
-    # pwdaemon never compiles on the request path beyond dynamo's one capture.
+    # pwdaemon never compiles on the request path beyond dynamo's one trace.
     for system in ("pwdaemon-cold", "pwdaemon-warm"):
         tiers = {q["tier"] for q in raw[system]["requests"]}
         assert "compile" not in tiers and raw[system]["dynamo_frames"] == 1
