@@ -83,6 +83,7 @@ def parse_duration(text: str) -> float:
 
 
 def format_size(n: int) -> str:
+    """Bytes in binary units: "512 B", "1.5 KiB", ..., "2.0 TiB"."""
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
@@ -137,6 +138,7 @@ def _manifest_json(m: Manifest) -> dict[str, Any]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """`pwdaemon cache ls`: every artifact with its target, device, size and times."""
     store = _open_store(args)
     if store is None:
         return EXIT_ERROR
@@ -177,6 +179,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """`pwdaemon cache verify`: check every checksum, quarantine bad entries (exit 1)."""
     store = _open_store(args)
     if store is None:
         return EXIT_ERROR
@@ -224,6 +227,7 @@ def _verify_json(r: VerifyResult) -> dict[str, Any]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    """`pwdaemon cache gc`: remove old or least recently used artifacts."""
     store = _open_store(args)
     if store is None:
         return EXIT_ERROR
@@ -250,6 +254,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
+    """`pwdaemon cache clear`: remove every artifact (asks first on a terminal)."""
     store = _open_store(args)
     if store is None:
         return EXIT_ERROR

@@ -54,6 +54,7 @@ def _range_list(text: str) -> list[tuple[int, int]]:
 
 
 def add_warm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `warm` on the main parser's subparsers."""
     p = subparsers.add_parser(
         "warm", help="compile a model's sizes into the artifact store ahead of time"
     )
@@ -92,6 +93,7 @@ def _inputs_fn(
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
+    """`pwdaemon warm`: compile a model's sizes and ranges into the store, then exit."""
     import pwdaemon as pwd
 
     console = Console()

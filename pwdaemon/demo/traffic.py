@@ -89,9 +89,11 @@ class TrafficConfig:
 
     @property
     def max_size(self) -> int:
+        """The largest size this traffic can bring."""
         return self.prefill_max if self.burst_prob > 0 else self.decode_max
 
     def with_seed(self, seed: int) -> TrafficConfig:
+        """The same traffic shape with another seed."""
         return replace(self, seed=seed)
 
 
@@ -160,6 +162,7 @@ class Traffic:
         return tuple(kept + fresh)
 
     def phase_of(self, index: int) -> int:
+        """The phase the `index`-th call belongs to."""
         return index // self.config.phase_calls
 
     # ---- calls ------------------------------------------------------------------
@@ -185,6 +188,7 @@ class Traffic:
         return min(c.prefill_max, max(c.decode_max + 1, round(math.exp(rng.uniform(lo, hi)))))
 
     def next_call(self) -> Call:
+        """The next call: its size, kind (decode or prefill), phase and arrival time."""
         c, rng = self.config, self._rng
         index = self._index
         phase = self.phase_of(index)
@@ -210,6 +214,7 @@ class Traffic:
             yield self.next_call()
 
     def take(self, n: int) -> list[Call]:
+        """The next `n` calls."""
         return [self.next_call() for _ in range(n)]
 
     def sizes(self, n: int) -> list[int]:
