@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from pwdaemon import __version__
 from pwdaemon.cli.cache import add_cache_parser
+from pwdaemon.cli.service import add_service_parsers
 from pwdaemon.cli.warm import add_warm_parser
 from pwdaemon.demo.args import add_demo_parser
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(subparsers)
     add_cache_parser(subparsers)
     add_warm_parser(subparsers)
+    add_service_parsers(subparsers)
     return parser
 
 
