@@ -36,8 +36,14 @@ class Dispatcher:
         *,
         size_cap: int = DEFAULT_SIZE_CAP,
         sample_bytes: int = DEFAULT_SAMPLE_BYTES,
+        served: threading.local | None = None,
     ) -> None:
         self.graph_index = graph_index
+        # Thread-local shared by a tracer's pieces: each call writes this dispatcher
+        # into it, so the calling thread can tell afterwards whether any piece served
+        # its call (no: dynamo ran it eager, a miss) and which piece ran last. Per
+        # thread, so concurrent calls never see each other's writes.
+        self.served = served if served is not None else threading.local()
         self.size_index = size_index
         # The published table; replaced whole, never mutated.
         self.table: RangeTable = RangeTable.initial(eager)
@@ -69,6 +75,7 @@ class Dispatcher:
         # different value under a concurrent writer. `table` is read exactly once.
         if self.pending is not None:
             self._run_pending()
+        self.served.last = self
         table = self.table
         index = self.size_index
         size = args[index] if index is not None else 0

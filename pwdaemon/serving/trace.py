@@ -1,120 +1,134 @@
-"""Graph capture: a torch.compile backend that hands every graph piece a dispatcher.
+"""Dynamo tracing: a torch.compile backend that hands every graph piece a dispatcher.
 
 The live module is patched the way `nn.Module.compile()` does it (its
-`_compiled_call_impl`), so callers keep calling `model(...)`. Before each call the size
-dimension of the inputs is marked *unbacked* with one shared shape id: one graph serves
-every size, size 1 included (a backed `mark_dynamic` would specialise 0/1 and retrace on
-the request path), and inputs sharing the size share one symbol.
+`_compiled_call_impl`), so callers keep calling `model(...)`. Dynamo traces an entry
+frame of pwdaemon's own (entry.py: torch.nn classes and hooks included) with the size
+dimension marked by a shape strategy (strategy.py: unbacked first, then backed with
+`backed_size_oblivious`). A strategy that fails on its first tracing call (nothing
+captured, or a guard it could not decide) hands over to the next with a fresh entry.
+
+Calls go through two paths:
+
+- settling (until one whole call captures nothing new): one tracing call at a time in
+  the process, under `TRACE_LOCK`, with dynamo free to capture;
+- settled: dynamo in run-only mode (its callback is `False`, a thread-local setting of
+  the calling thread): cached pieces serve, and an input that no piece's guards accept
+  (new dtype, rank, grad mode, layout) runs eager and creates no piece. Such misses are
+  counted per input signature; a signature seen `hot_calls` times earns one tracing call.
+  This path takes no lock on a hit.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
-from torch._dynamo import decorators as dynamo_decorators
 
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
+from pwdaemon.serving.entry import call_eager, make_entry
+from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.inputs import copy_input
-
-_MARK_PARAMS = inspect.signature(dynamo_decorators.mark_unbacked).parameters
-# shape_id (torch >= 2.11) makes every marked input share one symbol.
-_HAS_SHAPE_ID = "shape_id" in _MARK_PARAMS
-# Dynamo keeps its cache on the code object of `forward`, shared by every instance of a
-# module class, and each capture guards on its own shape id: without isolation every
-# attach of a class (another instance, or attach after detach) adds an entry to one
-# shared bucket, and the 9th hits `recompile_limit` and silently runs un-captured.
-# isolate_recompiles (torch >= 2.13) gives each capture its own bucket.
-_COMPILE_KWARGS: dict[str, Any] = (
-    {"isolate_recompiles": True}
-    if "isolate_recompiles" in inspect.signature(torch.compile).parameters
-    else {}
+from pwdaemon.serving.strategy import (
+    ORDER,
+    TRACE_LOCK,
+    ShapeStrategy,
+    is_data_dependent,
+    mark_size,
+    next_strategy,
+    tracing,
+)
+from pwdaemon.serving.trace_record import (
+    AttemptOutcome,
+    ErrorFallbacks,
+    GraphBreak,
+    MissRecord,
+    MissState,
+    Recompile,
+    RecompileCause,
+    StrategyAttempt,
+    TorchWarnings,
+    counter_delta,
+    counter_snapshot,
+    input_signature,
 )
 
+__all__ = ("GraphPiece", "ShapeStrategy", "Tracer", "analyse_graph", "wrap_compiled")
 
-def mark_size(t: torch.Tensor, dim: int, shape_id: str) -> None:
-    if _HAS_SHAPE_ID:
-        dynamo_decorators.mark_unbacked(t, dim, shape_id=shape_id)
-    else:  # pragma: no cover - older torch: symbols unify through the graph's ops
-        dynamo_decorators.mark_unbacked(t, dim)
+log = logging.getLogger(__name__)
+
+DEFAULT_HOT_CALLS = 3  # PolicyConfig.hot_calls' default; the handle passes its own
+# A hot signature that does not come back within this many calls stops costing every
+# call a signature computation; it can become hot again.
+HOT_WINDOW_CALLS = 10_000
+# Distinct miss signatures kept; further ones are counted under one "other" record.
+MAX_SIGNATURES = 256
+_OTHER = "other"
 
 
-@dataclass
+@dataclass(eq=False)
 class GraphPiece:
     """One graph dynamo handed to the backend, and what serving it needs."""
 
     index: int
     gm: torch.fx.GraphModule
     dispatcher: Dispatcher
-    size_index: int | None  # flat-argument index of the size SymInt
+    size_index: int | None  # flat-argument index of the (first) size SymInt
     size_symbol: str | None
     extra_symbols: tuple[str, ...]  # other dynamic symbols (then: general tier only)
     returns_tuple: bool
     output_marks: tuple[tuple[int, int], ...]  # (output index, dim) carrying the size
     fingerprint: str = ""
     placeholder_specs: tuple[str, ...] = field(default_factory=tuple)
+    strategy: ShapeStrategy = ShapeStrategy.UNBACKED
+    size_indices: tuple[int, ...] = ()  # every SymInt placeholder that is the size
+    size_symbols: tuple[str, ...] = ()
 
     @property
     def specializable(self) -> bool:
         return self.size_index is not None and not self.extra_symbols
 
 
-def _placeholder_spec(node: torch.fx.Node) -> str:
-    v = node.meta.get("example_value")
-    if isinstance(v, torch.Tensor):
-        return f"{node.name}:tensor{tuple(str(s) for s in v.shape)}:{v.dtype}:{v.device}"
-    if isinstance(v, torch.SymInt):
-        return f"{node.name}:symint:{v.node.expr}"
-    return f"{node.name}:{type(v).__name__}"
+class _Attempt:
+    """One strategy with its own entry frame and torch.compile wrapper."""
 
+    def __init__(self, tracer: Tracer, strategy: ShapeStrategy) -> None:
+        self.strategy = strategy
+        self.record = StrategyAttempt(strategy)
+        self.entry = make_entry(tracer.model, strategy.value)
+        # The backend holds the tracer weakly: dynamo's cache entries keep the backend
+        # alive as long as the entry's code object lives.
+        ref = weakref.ref(tracer)
 
-def analyse_graph(gm: torch.fx.GraphModule) -> dict[str, Any]:
-    """Find the size SymInt placeholder, other symbols, output structure and marks."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    size_index: int | None = None
-    size_expr: Any = None
-    extra: list[str] = []
-    for i, node in enumerate(placeholders):
-        v = node.meta.get("example_value")
-        if isinstance(v, torch.SymInt) and v.node.expr.is_symbol:
-            if size_index is None:
-                size_index, size_expr = i, v.node.expr
-            elif v.node.expr != size_expr and str(v.node.expr) not in extra:
-                extra.append(str(v.node.expr))
-    output_node = next(n for n in gm.graph.nodes if n.op == "output")
-    result = output_node.args[0]
-    returns_tuple = isinstance(result, tuple | list)
-    marks: list[tuple[int, int]] = []
-    if size_expr is not None and returns_tuple:
-        for i, out in enumerate(result):
-            v = out.meta.get("example_value") if isinstance(out, torch.fx.Node) else None
-            if isinstance(v, torch.Tensor):
-                for d, s in enumerate(v.shape):
-                    if isinstance(s, torch.SymInt) and s.node.expr == size_expr:
-                        marks.append((i, d))
-                        break
-    specs = tuple(_placeholder_spec(n) for n in placeholders)
-    fingerprint = hashlib.sha256((gm.code + "\n" + "\n".join(specs)).encode()).hexdigest()
-    return {
-        "size_index": size_index,
-        "size_symbol": str(size_expr) if size_expr is not None else None,
-        "extra_symbols": tuple(extra),
-        "returns_tuple": returns_tuple,
-        "output_marks": tuple(marks),
-        "fingerprint": fingerprint,
-        "placeholder_specs": specs,
-    }
+        def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+            t = ref()
+            return gm.forward if t is None else t._capture(self, gm)
+
+        # No isolate_recompiles: its region id is a process-global that every compiled
+        # call sets on entry and restores on exit, so with threads one call's exit reset
+        # it under another call still inside, whose resumed frame then missed its cache
+        # and traced a duplicate piece (issue 15). The fresh entry code object gives
+        # each attempt its own cache bucket instead.
+        self.compiled = torch.compile(self.entry, backend=backend)
+        # Run-only mode: cached entries serve, a miss runs the frame eager, nothing is
+        # compiled. Per thread, unlike torch.compiler.set_stance (a process global).
+        self.run: Callable[..., Any] = torch._dynamo.run(self.compiled)
+        self.captured: list[GraphPiece] = []  # by the tracing call under way
+        self.published = False  # some piece of this attempt was handed to on_piece
 
 
 class Tracer:
-    """Owns the torch.compile wrapper around one module and the pieces it captured."""
+    """Owns the dynamo side of one attached module: entry frames, strategy, pieces.
+
+    Plain attributes for status and metrics (read them from any thread; lists only grow):
+    `pieces`, `strategy`, `attempts`, `graph_breaks`, `recompiles`, `misses`,
+    `miss_calls`, `errors`, `trace_warnings`, `settled`, `trace_error`.
+    """
 
     def __init__(
         self,
@@ -125,6 +139,7 @@ class Tracer:
         size_cap: int,
         sample_bytes: int,
         background: bool = False,
+        hot_calls: int = DEFAULT_HOT_CALLS,
     ) -> None:
         self.model = model
         # Background capture: until dynamo has captured the model (on another thread, from
@@ -135,14 +150,35 @@ class Tracer:
         self._capture_thread: threading.Thread | None = None
         self.trace_error: BaseException | None = None
         self.shape_id = f"pwdaemon_size_{id(self):x}"
+        self.hot_calls = hot_calls
         self.pieces: list[GraphPiece] = []
+        self.attempts: list[StrategyAttempt] = []
+        self.graph_breaks: list[GraphBreak] = []
+        self.recompiles: list[Recompile] = []
+        self.misses: dict[str, MissRecord] = {}
+        self.miss_calls = 0
+        self.errors = ErrorFallbacks()
+        self.trace_warnings: list[str] = []
+        # False until one whole tracing call captures nothing new. Written under
+        # TRACE_LOCK, read without it: a stale False only sends a call to the locked
+        # path, which reads it again.
+        self.settled = False
         self._on_piece = on_piece
         self._size_cap = size_cap
         self._sample_bytes = sample_bytes
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # background-trace start; miss and error records
+        # Each dispatcher writes itself here when it runs: after a call, the calling
+        # thread sees whether any piece served it (no: a miss) and which ran last.
+        self._served = threading.local()
+        # Signatures whose next call is traced. Replaced whole (a frozenset), so the
+        # serving path reads it without a lock; empty almost always.
+        self._hot: frozenset[str] = frozenset()
+        self._hot_window = 0
         self._dynamic = dict(dynamic) if dynamic else None
         self._positions: dict[str, int] = {}
         if self._dynamic:
+            import inspect
+
             params = list(inspect.signature(model.forward).parameters)
             unknown = [name for name in self._dynamic if name not in params]
             if unknown:
@@ -151,30 +187,267 @@ class Tracer:
                     f"{type(model).__name__}.forward{tuple(params)}"
                 )
             self._positions = {name: params.index(name) for name in self._dynamic}
-        # True until a whole model call completes without capturing a new piece.
-        self._settling = True
-        self._first_calls = threading.RLock()
-        self._compiled = torch.compile(model._call_impl, backend=self._backend, **_COMPILE_KWARGS)
+        self._attempt = _Attempt(self, ORDER[0])
+        self.attempts.append(self._attempt.record)
+
+    @property
+    def strategy(self) -> ShapeStrategy:
+        """The strategy serving now (the last one tried)."""
+        return self._attempt.strategy
+
+    @property
+    def name(self) -> str:
+        return type(self.model).__name__
 
     # ---- the call path (installed as model._compiled_call_impl) ---------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.settled:
+            if self._hot:
+                return self._serve_hot_window(args, kwargs)
+            return self._serve(args, kwargs)
         if self.background and not self._traced.is_set():
             self._start_background_trace(args, kwargs)
-            return self.model._call_impl(*args, **kwargs)
-        self._mark_inputs(args, kwargs)
-        if not self._settling:
-            return self._compiled(*args, **kwargs)
-        # Until the pieces are known, calls go through dynamo one at a time: concurrent
-        # first calls would each trace the frame and capture duplicate pieces (each
-        # with its own dispatcher and compiles). Once settled, this path is never taken.
-        with self._first_calls:
-            if not self._settling:
-                return self._compiled(*args, **kwargs)
-            before = len(self.pieces)
-            out = self._compiled(*args, **kwargs)
-            self._settle(before)
-            return out
+            return call_eager(self.model, args, kwargs)
+        return self._first_call(args, kwargs)
+
+    def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # The settled path: no lock. `_attempt` no longer changes once settled.
+        attempt = self._attempt
+        self._mark_inputs(args, kwargs, attempt.strategy)
+        served = self._served
+        served.last = None
+        try:
+            out = attempt.run(*args, **kwargs)
+        except Exception as exc:
+            return self._eager_after_error(exc, args, kwargs)
+        if served.last is None and self.pieces:
+            self._miss(args, kwargs)
+        return out
+
+    def _first_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # Until the pieces are known, calls trace one at a time in the process: two
+        # threads tracing one frame at once would capture it twice, and the
+        # configuration a strategy patches is process-global.
+        with TRACE_LOCK:
+            if not self.settled:
+                out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
+                if not changed:
+                    self.settled = True
+                    log.info(
+                        "pwdaemon: %s settled: %d piece(s), strategy %s",
+                        self.name,
+                        len(self.pieces),
+                        self.strategy.value,
+                    )
+                return out
+        return self._serve(args, kwargs)
+
+    # ---- misses: inputs no captured piece serves -------------------------------------
+
+    def _miss(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sig = input_signature(args, kwargs, self._size_dims(args, kwargs))
+        with self._lock:  # the miss path only; a hit never takes it
+            self.miss_calls += 1
+            rec = self.misses.get(sig)
+            if rec is None:
+                if len(self.misses) >= MAX_SIGNATURES:
+                    sig = _OTHER
+                    rec = self.misses.setdefault(_OTHER, MissRecord(_OTHER))
+                else:
+                    rec = self.misses[sig] = MissRecord(sig)
+                    log.info(
+                        "pwdaemon: %s: no captured piece serves input %s; served eager",
+                        self.name,
+                        sig,
+                    )
+            rec.calls += 1
+            if rec.state is MissState.COUNTING and rec.calls >= self.hot_calls and sig != _OTHER:
+                rec.state = MissState.HOT
+                self._hot_window = 0
+                self._hot = self._hot | {sig}
+                log.info(
+                    "pwdaemon: %s: input %s is hot (%d calls); its next call is traced",
+                    self.name,
+                    sig,
+                    rec.calls,
+                )
+
+    def _serve_hot_window(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # Only while some stray signature is hot: every call computes its signature.
+        sig = input_signature(args, kwargs, self._size_dims(args, kwargs))
+        if sig in self._hot:
+            return self._trace_hot(sig, args, kwargs)
+        self._hot_window += 1  # a lost update under a race only delays the expiry
+        if self._hot_window > HOT_WINDOW_CALLS:
+            with self._lock:
+                for s in self._hot:
+                    rec = self.misses[s]
+                    if rec.state is MissState.HOT:
+                        rec.state, rec.calls = MissState.COUNTING, 0
+                self._hot = frozenset()
+        return self._serve(args, kwargs)
+
+    def _trace_hot(self, sig: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with TRACE_LOCK:
+            if sig in self._hot:  # not traced by another thread meanwhile
+                with self._lock:
+                    self._hot = self._hot - {sig}
+                rec = self.misses[sig]
+                changed = False
+                try:
+                    out, changed = self._trace_call(args, kwargs, RecompileCause.HOT_SIGNATURE, sig)
+                finally:
+                    # A traced call that raised (eager raised too) is not traced again.
+                    rec.state = MissState.TRACED if changed else MissState.NOT_CAPTURED
+                if not changed:
+                    log.warning(
+                        "pwdaemon: %s: input %s was traced but dynamo captured no piece; "
+                        "it stays eager",
+                        self.name,
+                        sig,
+                    )
+                return out
+        return self._serve(args, kwargs)
+
+    # ---- tracing calls ---------------------------------------------------------------
+
+    def _trace_call(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cause: RecompileCause,
+        detail: str,
+    ) -> tuple[Any, bool]:
+        """One call with dynamo free to capture; the caller holds TRACE_LOCK.
+
+        Returns the output and whether the call changed what is captured (new pieces, or
+        a strategy that fell back).
+        """
+        attempt = self._attempt
+        self._mark_inputs(args, kwargs, attempt.strategy)
+        breaks_before = counter_snapshot("graph_break")
+        served = self._served
+        served.last = None
+        error: Exception | None = None
+        out: Any = None
+        with tracing(attempt.strategy), TorchWarnings() as warnings:
+            try:
+                out = attempt.compiled(*args, **kwargs)
+            except Exception as exc:  # dynamo's wrappers (TorchRuntimeError...) included
+                error = exc
+        new, attempt.captured = attempt.captured, []
+        breaks = counter_delta(breaks_before, counter_snapshot("graph_break"))
+        last = served.last
+        if isinstance(last, Dispatcher) and any(p.dispatcher is last for p in new):
+            # The last piece of the call returns to the caller: its outputs need no
+            # mark for a resumed frame (and must not carry one out of pwdaemon).
+            last.mark_outputs = None
+        reasons = [*breaks, *warnings.messages]
+        undecided = [r for r in reasons if is_data_dependent(r)]
+        nothing = not self.pieces and not new and error is None
+        fallback = next_strategy(attempt.strategy)
+        if (undecided or nothing) and not attempt.published and fallback is not None:
+            why = undecided[0] if undecided else "dynamo captured no graph"
+            if nothing and warnings.messages:
+                why = f"{why}: {warnings.messages[0]}"
+            self._fall_back(attempt, fallback, why)
+            changed = True
+        else:
+            changed = self._accept(attempt, new, breaks, cause, detail)
+            if undecided:
+                log.warning(
+                    "pwdaemon: %s: strategy %s could not decide a size guard and has no "
+                    "fallback left: %s",
+                    self.name,
+                    attempt.strategy.value,
+                    undecided[0],
+                )
+            if nothing:
+                log.warning(
+                    "pwdaemon: %s: dynamo captured no graph with any strategy; the model "
+                    "serves eager",
+                    self.name,
+                )
+        self.trace_warnings.extend(warnings.messages[:8])
+        if error is not None:
+            return self._eager_after_error(error, args, kwargs), changed
+        return out, changed
+
+    def _fall_back(self, attempt: _Attempt, fallback: ShapeStrategy, why: str) -> None:
+        attempt.record.outcome = AttemptOutcome.FELL_BACK
+        attempt.record.reason = why
+        log.warning(
+            "pwdaemon: %s: strategy %s failed (%s); the next call traces with %s",
+            self.name,
+            attempt.strategy.value,
+            why,
+            fallback.value,
+        )
+        # The failed attempt's pieces were never handed on; its entry and dynamo's
+        # cache entries on it are dropped with it.
+        self._attempt = _Attempt(self, fallback)
+        self.attempts.append(self._attempt.record)
+
+    def _accept(
+        self,
+        attempt: _Attempt,
+        new: list[GraphPiece],
+        breaks: Mapping[str, int],
+        cause: RecompileCause,
+        detail: str,
+    ) -> bool:
+        first = not self.pieces
+        indices = tuple(p.index for p in new)
+        for reason, count in breaks.items():
+            self.graph_breaks.append(GraphBreak(reason, count, attempt.strategy, indices))
+            log.warning("pwdaemon: %s: graph break: %s", self.name, reason)
+        for piece in new:
+            self.pieces.append(piece)
+            log.info(
+                "pwdaemon: %s: piece %d captured (strategy %s, size %s%s)",
+                self.name,
+                piece.index,
+                piece.strategy.value,
+                ",".join(piece.size_symbols) or "none",
+                f", other symbols {','.join(piece.extra_symbols)}" if piece.extra_symbols else "",
+            )
+            self._on_piece(piece)
+        if new:
+            attempt.published = True
+            if not first or cause is RecompileCause.HOT_SIGNATURE:
+                self.recompiles.append(Recompile(cause, detail, attempt.strategy, indices))
+                log.info(
+                    "pwdaemon: %s: recompile (%s%s): piece(s) %s",
+                    self.name,
+                    cause.value,
+                    f" {detail}" if detail else "",
+                    list(indices),
+                )
+        return bool(new)
+
+    def _eager_after_error(
+        self, exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        # A call that raised on pwdaemon's path (dynamo's wrappers, a runtime assert of
+        # a captured graph, a compiled kernel) is answered by eager: its output, or the
+        # exception eager raises. An error eager raises too costs one run more.
+        name = type(exc).__name__
+        with self._lock:
+            self.errors.calls += 1
+            first = name not in self.errors.by_type
+            self.errors.by_type[name] = self.errors.by_type.get(name, 0) + 1
+        if first:
+            log.warning(
+                "pwdaemon: %s: a call raised %s on pwdaemon's path (%s); answering it "
+                "eager (logged once per exception type)",
+                self.name,
+                name,
+                " ".join(str(exc).split())[:200],
+            )
+        return call_eager(self.model, args, kwargs)
+
+    # ---- background tracing ----------------------------------------------------------
 
     def _start_background_trace(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         with self._lock:
@@ -197,17 +470,14 @@ class Tracer:
     ) -> None:
         # The caller's grad/inference mode, so dynamo's guards hold on the serving thread.
         try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                self._mark_inputs(args, kwargs)
-                with self._first_calls:
-                    before = len(self.pieces)
-                    self._compiled(*args, **kwargs)
-                    self._settle(before)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), TRACE_LOCK:
+                if not self.settled:
+                    _, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
+                    if not changed:
+                        self.settled = True
         except BaseException as exc:
             self.trace_error = exc
-            logging.getLogger("pwdaemon").warning(
-                "pwdaemon: background capture failed; capturing on the next call: %s", exc
-            )
+            log.warning("pwdaemon: background capture failed; capturing on the next call: %s", exc)
         finally:
             self._traced.set()
 
@@ -215,24 +485,30 @@ class Tracer:
         """Background capture only: block until dynamo captured the model."""
         return self._traced.wait(timeout)
 
-    def _mark_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    # ---- marks -----------------------------------------------------------------------
+
+    def _mark_inputs(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], strategy: ShapeStrategy
+    ) -> None:
         shape_id = self.shape_id
         if self._dynamic is None:
             # Default: dim 0 of every tensor argument whose dim 0 equals the first one's.
             size = -1
-            for a in args:
+            for a in (*args, *kwargs.values()):
                 if isinstance(a, torch.Tensor) and a.dim() > 0:
                     if size < 0:
                         size = a.shape[0]
                     if a.shape[0] == size:
-                        mark_size(a, 0, shape_id)
-            for a in kwargs.values():
-                if isinstance(a, torch.Tensor) and a.dim() > 0:
-                    if size < 0:
-                        size = a.shape[0]
-                    if a.shape[0] == size:
-                        mark_size(a, 0, shape_id)
+                        mark_size(a, 0, strategy, shape_id)
             return
+        for t, d in self._dynamic_dims(args, kwargs):
+            mark_size(t, d, strategy, shape_id)
+
+    def _dynamic_dims(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[tuple[torch.Tensor, int]]:
+        assert self._dynamic is not None
+        out: list[tuple[torch.Tensor, int]] = []
         for name, dim in self._dynamic.items():
             t = kwargs.get(name)
             if t is None:
@@ -244,49 +520,69 @@ class Tracer:
                 ndim = t.dim()
                 d = dim + ndim if dim < 0 else dim
                 if 0 <= d < ndim:
-                    mark_size(t, d, shape_id)
+                    out.append((t, d))
+        return out
 
-    def _settle(self, before: int) -> None:
-        # Outputs of a piece that is followed by another (a graph break) must carry the
-        # size mark into dynamo's resumed frame, or it would trace that frame static and
-        # retrace at the next size. The last piece's outputs need no mark.
-        with self._lock:
-            if len(self.pieces) != before:
-                return  # still discovering pieces; look again after the next call
-            self._settling = False
-            if self.pieces:
-                self.pieces[-1].dispatcher.mark_outputs = None
+    def _size_dims(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
+        """id(tensor) -> its size dimension, as `_mark_inputs` marks them (slow paths)."""
+        if self._dynamic is not None:
+            return {id(t): d for t, d in self._dynamic_dims(args, kwargs)}
+        dims: dict[int, int] = {}
+        size = -1
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                if size < 0:
+                    size = a.shape[0]
+                if a.shape[0] == size:
+                    dims[id(a)] = 0
+        return dims
 
-    # ---- the backend ---------------------------------------------------------------
+    # ---- the backend -----------------------------------------------------------------
 
-    def _backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-        facts = analyse_graph(gm)
-        with self._lock:
-            index = len(self.pieces)
-            eager = gm.forward
-            dispatcher = Dispatcher(
-                index,
-                eager,
-                facts["size_index"],
-                size_cap=self._size_cap,
-                sample_bytes=self._sample_bytes,
-            )
-            piece = GraphPiece(index=index, gm=gm, dispatcher=dispatcher, **facts)
-            if piece.output_marks:
-                dispatcher.mark_outputs = self._output_marker(piece.output_marks)
-            self.pieces.append(piece)
-            self._settling = True
-        self._on_piece(piece)
+    def _capture(self, attempt: _Attempt, gm: torch.fx.GraphModule) -> Dispatcher:
+        # Called by dynamo inside a tracing call (TRACE_LOCK held by this thread).
+        facts: GraphFacts = analyse_graph(gm)
+        index = len(self.pieces) + len(attempt.captured)
+        dispatcher = Dispatcher(
+            index,
+            gm.forward,
+            facts.size_index,
+            size_cap=self._size_cap,
+            sample_bytes=self._sample_bytes,
+            served=self._served,
+        )
+        piece = GraphPiece(
+            index=index,
+            gm=gm,
+            dispatcher=dispatcher,
+            size_index=facts.size_index,
+            size_symbol=facts.size_symbol,
+            extra_symbols=facts.extra_symbols,
+            returns_tuple=facts.returns_tuple,
+            output_marks=facts.output_marks,
+            fingerprint=facts.fingerprint,
+            placeholder_specs=facts.placeholder_specs,
+            strategy=attempt.strategy,
+            size_indices=facts.size_indices,
+            size_symbols=facts.size_symbols,
+        )
+        if piece.output_marks:
+            # Outputs of a piece followed by another (a graph break) must carry the size
+            # mark into dynamo's resumed frame, or it would trace that frame static.
+            dispatcher.mark_outputs = self._output_marker(piece.output_marks, attempt.strategy)
+        attempt.captured.append(piece)
         return dispatcher
 
-    def _output_marker(self, marks: tuple[tuple[int, int], ...]) -> Callable[[Any], None]:
+    def _output_marker(
+        self, marks: tuple[tuple[int, int], ...], strategy: ShapeStrategy
+    ) -> Callable[[Any], None]:
         shape_id = self.shape_id
 
         def mark(out: Any) -> None:
             for i, d in marks:
                 t = out[i]
                 if isinstance(t, torch.Tensor):
-                    mark_size(t, d, shape_id)
+                    mark_size(t, d, strategy, shape_id)
 
         return mark
 

@@ -1,0 +1,111 @@
+"""Dynamic-shape strategies: how the size dimension is marked for dynamo, in fallback order.
+
+- `UNBACKED` (default): `mark_unbacked` with one shared shape id. Sound (dynamo raises on
+  a guard it cannot decide instead of assuming), one symbol for every input sharing the
+  size, no 0/1 specialisation: one graph serves every size, size 1 included. On torch
+  2.13 CPU it captures transformers' BERT, GPT-2 and Llama and nn.Sequential as one
+  piece; nn.TransformerEncoder's fast path hits "Could not guard on data-dependent
+  expression" inside its fused kernel's meta and dynamo silently runs it eager; on torch
+  2.11 CUDA the SDPA attention of BERT and Llama does the same.
+- `BACKED_OBLIVIOUS`: `mark_dynamic` (backed) while
+  `torch.fx.experimental._config.backed_size_oblivious` is on during the tracing call
+  only: framework code (broadcasting, contiguity) no longer specialises sizes 0/1, so no
+  retrace at size 1 either. Captures all five models above as one piece; inputs may get
+  separate symbols (each marked dim is the size: see graph_facts).
+
+A piece records the strategy it was traced with. What keeps every size correct is not
+the strategy: dynamo keeps every guard it installed (a branch on the size routes other
+sizes to their own piece or to eager), and a compiled runnable is validated against the
+tier it replaces before a swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import inspect
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch._dynamo import decorators as dynamo_decorators
+
+
+class ShapeStrategy(enum.Enum):
+    UNBACKED = "unbacked"
+    BACKED_OBLIVIOUS = "backed_oblivious"
+
+
+_MARK_PARAMS = inspect.signature(dynamo_decorators.mark_unbacked).parameters
+# shape_id (torch >= 2.11) makes every marked input share one symbol.
+_HAS_SHAPE_ID = "shape_id" in _MARK_PARAMS
+
+try:  # the flag exists on torch 2.11-2.13; guard anyway so an older torch keeps UNBACKED
+    import torch.fx.experimental._config as _fx_config
+
+    _HAS_OBLIVIOUS = hasattr(_fx_config, "backed_size_oblivious")
+except ImportError:  # pragma: no cover - older torch
+    _HAS_OBLIVIOUS = False
+
+# Strategies in the order a failing one falls back to the next.
+ORDER: tuple[ShapeStrategy, ...] = (
+    (ShapeStrategy.UNBACKED, ShapeStrategy.BACKED_OBLIVIOUS)
+    if _HAS_OBLIVIOUS
+    else (ShapeStrategy.UNBACKED,)
+)
+
+# A tracing call may need more cache entries than dynamo's default recompile limit (8)
+# on code objects that every attach shares: the `forward` of a model class with a graph
+# break inside it, and its resumed frames, collect one entry per attach.
+RECOMPILE_LIMIT = 64
+
+# Patches of process-global configuration (dynamo's and fx's config modules are plain
+# module state, not thread-local) are made only inside tracing calls, which hold this
+# lock: two tracers patching and restoring at once could otherwise leave a value stuck.
+TRACE_LOCK = threading.RLock()
+
+
+def next_strategy(strategy: ShapeStrategy) -> ShapeStrategy | None:
+    i = ORDER.index(strategy)
+    return ORDER[i + 1] if i + 1 < len(ORDER) else None
+
+
+def mark_size(t: torch.Tensor, dim: int, strategy: ShapeStrategy, shape_id: str) -> None:
+    """Mark `t`'s size dimension for dynamo the way `strategy` traces it.
+
+    Marks are attributes on the tensor that dynamo's guards check, so every call (not
+    only tracing calls) must mark exactly as the tracing call did.
+    """
+    if strategy is ShapeStrategy.UNBACKED:
+        if _HAS_SHAPE_ID:
+            dynamo_decorators.mark_unbacked(t, dim, shape_id=shape_id)
+        else:  # pragma: no cover - older torch: symbols unify through the graph's ops
+            dynamo_decorators.mark_unbacked(t, dim)
+    else:
+        torch._dynamo.mark_dynamic(t, dim)
+
+
+@contextlib.contextmanager
+def tracing(strategy: ShapeStrategy) -> Iterator[None]:
+    """Configuration for one tracing call under `strategy`; the caller holds TRACE_LOCK."""
+    with contextlib.ExitStack() as stack:
+        limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit))
+        if strategy is ShapeStrategy.BACKED_OBLIVIOUS:
+            # a config module: patch() exists at run time, not in its type stubs
+            stack.enter_context(_fx_config.patch(backed_size_oblivious=True))  # type: ignore[attr-defined]
+        yield
+
+
+_DATA_DEPENDENT = (
+    "data-dependent",
+    "data dependent",
+    "GuardOnDataDependentSymNode",
+    "unbacked",
+)
+
+
+def is_data_dependent(reason: str) -> bool:
+    """Whether dynamo's reason for a graph break or a skipped frame is a size guard that
+    the strategy could not decide (the case the next strategy exists for)."""
+    return any(word in reason for word in _DATA_DEPENDENT)

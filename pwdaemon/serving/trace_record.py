@@ -1,0 +1,169 @@
+"""What the tracer saw, as plain records: strategies tried, graph breaks, recompiles,
+misses (calls no captured piece served) and calls re-run eager after an error.
+
+Everything here is written on slow paths (tracing calls, misses, errors), never on a
+call that a captured piece serves.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from pwdaemon.serving.strategy import ShapeStrategy
+
+
+class AttemptOutcome(enum.Enum):
+    ACTIVE = "active"  # the strategy serving now
+    FELL_BACK = "fell_back"  # failed on its first tracing call; the next one took over
+
+
+@dataclass
+class StrategyAttempt:
+    """One strategy tried for the model, with a fresh entry frame."""
+
+    strategy: ShapeStrategy
+    outcome: AttemptOutcome = AttemptOutcome.ACTIVE
+    reason: str = ""  # why it fell back (dynamo's words)
+
+
+@dataclass(frozen=True)
+class GraphBreak:
+    """A graph break dynamo reported during a tracing call (from its counters)."""
+
+    reason: str
+    count: int
+    strategy: ShapeStrategy
+    pieces: tuple[int, ...]  # pieces captured by the call in which it happened
+
+
+class RecompileCause(enum.Enum):
+    SETTLING = "settling"  # a first call still discovering pieces
+    HOT_SIGNATURE = "hot_signature"  # a stray input came often enough to earn a trace
+
+
+@dataclass(frozen=True)
+class Recompile:
+    """A tracing call after the first that captured new pieces."""
+
+    cause: RecompileCause
+    detail: str  # the input signature for HOT_SIGNATURE
+    strategy: ShapeStrategy
+    pieces: tuple[int, ...]
+
+
+class MissState(enum.Enum):
+    COUNTING = "counting"  # served eager; not hot yet
+    HOT = "hot"  # the next call with this signature is traced
+    TRACED = "traced"  # traced; dynamo captured a piece for it
+    NOT_CAPTURED = "not_captured"  # traced, but dynamo captured nothing: stays eager
+
+
+@dataclass
+class MissRecord:
+    """Calls whose input signature no captured piece served (they ran eager)."""
+
+    signature: str
+    calls: int = 0
+    state: MissState = MissState.COUNTING
+
+
+@dataclass
+class ErrorFallbacks:
+    """Calls where pwdaemon's path raised and the call was re-run eager."""
+
+    calls: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+def input_signature(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], size_dims: Mapping[int, int]
+) -> str:
+    """What makes dynamo's guards tell two calls apart, the size itself excepted.
+
+    `size_dims` maps id(tensor) to its size dimension. The size is kept only as its
+    class (0, 1, many): dynamo treats 0 and 1 specially in places, never 2 versus 9.
+    Computed on misses only.
+    """
+    parts = [
+        f"grad={int(torch.is_grad_enabled())}",
+        f"inference={int(torch.is_inference_mode_enabled())}",
+    ]
+    size: int | None = None
+    items: Iterable[tuple[str, Any]] = [*((str(i), a) for i, a in enumerate(args))]
+    items = [*items, *sorted(kwargs.items())]
+    for key, a in items:
+        if isinstance(a, torch.Tensor):
+            dim = size_dims.get(id(a))
+            shape = []
+            for d, s in enumerate(a.shape):
+                if d == dim:
+                    size = int(s)
+                    shape.append("n")
+                else:
+                    shape.append(str(int(s)))
+            layout = "c" if a.is_contiguous() else f"strided{tuple(a.stride())}"
+            grad = ",grad" if a.requires_grad else ""
+            parts.append(f"{key}:{a.dtype}:{a.device}:[{','.join(shape)}]:{layout}{grad}")
+        elif a is None or isinstance(a, bool | int | float | str):
+            parts.append(f"{key}={a!r}"[:64])
+        else:
+            parts.append(f"{key}:{type(a).__name__}")
+    size_class = "n=?" if size is None else ("n=0" if size == 0 else "n=1" if size == 1 else "n>1")
+    return " ".join([size_class, *parts])
+
+
+class TorchWarnings(logging.Handler):
+    """Collects torch's warnings and errors logged by this thread during a tracing call.
+
+    Dynamo gives up on a frame quietly when fake propagation hits a guard it cannot
+    decide (nn.TransformerEncoder's fast path with unbacked sizes: no graph break is
+    counted, the frame just runs eager); the only trace of why is a log record.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("torch")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return  # another thread's compile: not ours to judge
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record must not break a tracing call
+            text = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            text = f"{text} {record.exc_info[1]}"
+        self.messages.append(" ".join(text.split())[:500])
+
+    def __enter__(self) -> TorchWarnings:
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._logger.removeHandler(self)
+
+
+def counter_snapshot(group: str) -> dict[str, int]:
+    """A copy of one of dynamo's counter groups (graph breaks, recompiles)."""
+    from torch._dynamo.utils import counters
+
+    return {str(k): int(v) for k, v in counters[group].items()}
+
+
+def counter_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)}
