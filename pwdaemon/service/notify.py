@@ -63,7 +63,13 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never block the event loop: with a reader that is not reading, a full
+                # datagram queue would stall the whole service on a WATCHDOG=1.
+                self._sock.setblocking(False)
             self._sock.sendto(text.encode(), self.address)
+        except BlockingIOError:
+            log.debug("sd_notify queue full, dropped %r", text)
+            return False
         except OSError as exc:
             if not self._warned:
                 self._warned = True

@@ -241,6 +241,16 @@ def send(sock: socket.socket, data: bytes) -> None:
     try:
         sock.sendall(data)
     except OSError as exc:
+        # A refused peer is told why and closed at once, possibly before our request
+        # went out: the reason is waiting in the receive buffer, so report that.
+        sock.settimeout(1.0)
+        try:
+            frame = recv(sock)
+        except (ServiceUnavailable, TimeoutError) as why:
+            if isinstance(why, ServiceUnavailable) and "refused" in str(why):
+                raise why from exc
+        else:
+            raise ServiceUnavailable(f"service connection lost (got {frame.type})") from exc
         raise ServiceUnavailable(f"service connection lost: {exc}") from exc
 
 

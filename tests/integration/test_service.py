@@ -1,0 +1,325 @@
+"""The real host service as a subprocess: sd_notify, status, metrics over HTTP, config
+reload, refused peers, fuzzed frames, and real clients compiling through it.
+
+Run as a script (`python test_service.py client ...`) this file is also the client
+process of the two-replica and restart tests: a serving process with the small MLP
+attached through a `ServiceExecutor`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve()
+TESTS = HERE.parent.parent
+sys.path.insert(0, str(TESTS))  # conftest's SmallMLP, in the client subprocess too
+
+
+class NotifyListener:
+    """The test's NOTIFY_SOCKET: a thread keeps reading it (as systemd does), so the
+    service never sees a full queue, and tests wait for a message on a condition."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.messages: list[str] = []
+        self._cond = threading.Condition()
+        self._seen = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            with self._cond:
+                self.messages.append(data.decode())
+                self._cond.notify_all()
+
+    def next_message(self, prefix: str, timeout: float = 60.0) -> str:
+        """The next message (after the last one returned) with a line starting `prefix`."""
+
+        def found() -> int | None:
+            for i in range(self._seen, len(self.messages)):
+                if any(ln.startswith(prefix) for ln in self.messages[i].splitlines()):
+                    return i
+            return None
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: found() is not None, timeout):
+                raise AssertionError(f"no {prefix} from the service; got {self.messages[-5:]}")
+            i = found()
+            assert i is not None
+            self._seen = i + 1
+            return self.messages[i]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class RunningService:
+    proc: subprocess.Popen[bytes]
+    socket: str
+    store: Path
+    config: Path
+    notify: NotifyListener
+    log: Path
+    ready: str = ""
+
+    def next_message(self, prefix: str, timeout: float = 60.0) -> str:
+        return self.notify.next_message(prefix, timeout)
+
+    def status(self) -> dict[str, Any]:
+        from pwdaemon.service.protocol import MessageType, call
+
+        return dict(call(self.socket, MessageType.STATUS).get("status") or {})
+
+    def wait_status(self, cond: Any, timeout: float = 60.0) -> dict[str, Any]:
+        """Status once `cond(status)` holds (the service has no event for these)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if cond(st):
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not reached; status {st}")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_service(
+    tmp: Path,
+    *,
+    store: Path | None = None,
+    name: str = "svc",
+    args: tuple[str, ...] = (),
+    config_text: str = "",
+    env: dict[str, str] | None = None,
+    socket_path: str | None = None,
+) -> RunningService:
+    config = tmp / f"{name}.toml"
+    config.write_text(config_text)
+    sock_path = socket_path or str(tmp / f"{name}.sock")
+    notify_path = str(tmp / f"{name}.notify")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(notify_path)
+    notify = NotifyListener(notify_path)
+    store = store or tmp / "store"
+    log = tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "pwdaemon", "serve", "--socket", sock_path]
+    cmd += ["--store", str(store), "--config", str(config), "--metrics-port", "0", *args]
+    full_env = {**os.environ, "NOTIFY_SOCKET": notify_path, **(env or {})}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    svc = RunningService(proc, sock_path, store, config, notify, log)
+    try:
+        ready = svc.next_message("READY=1", timeout=120.0)
+    except BaseException:
+        proc.kill()
+        raise AssertionError(f"service did not start:\n{log.read_text()}") from None
+    svc.ready = ready
+    return svc
+
+
+@contextlib.contextmanager
+def service(tmp: Path, **kw: Any) -> Iterator[RunningService]:
+    svc = start_service(tmp, **kw)
+    try:
+        yield svc
+    finally:
+        if svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait(30)
+        svc.notify.close()
+
+
+def scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+# ---- the service process on its own ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lifecycle_notify_status_metrics_and_reload(tmp_path: Path) -> None:
+    env = {"WATCHDOG_USEC": "400000"}  # WATCHDOG=1 every 0.2 s
+    with service(tmp_path, args=("--no-prestart",), config_text="workers = 1\n", env=env) as svc:
+        ready = svc.ready
+        assert f"MAINPID={svc.proc.pid}" in ready and "STATUS=" in ready
+        svc.next_message("WATCHDOG=1", timeout=30)
+        assert os.stat(svc.socket).st_mode & 0o777 == 0o660
+
+        # `pwdaemon status` over the socket, table and JSON.
+        cli = [sys.executable, "-m", "pwdaemon", "status", "--socket", svc.socket]
+        table = subprocess.run(cli, capture_output=True, text=True, timeout=60)
+        assert table.returncode == 0, table.stderr
+        assert "concurrency limit  1" in table.stdout and "queued" in table.stdout
+        raw = subprocess.run([*cli, "--json"], capture_output=True, timeout=60, check=True)
+        status = json.loads(raw.stdout)
+        assert status["pid"] == svc.proc.pid and status["store"] == str(svc.store)
+
+        # Metrics over real HTTP, on loopback.
+        url = status["metrics_url"]
+        assert url.startswith("http://127.0.0.1:")
+        metrics = scrape(url)
+        assert metrics["pwdaemon_service_concurrency_limit"] == 1
+        assert metrics['pwdaemon_service_config_reloads_total{outcome="invalid"}'] == 0
+
+        # Hot reload through the watchdog observer: a valid change is applied...
+        tmp = svc.config.with_suffix(".new")
+        tmp.write_text("workers = 2\n")
+        os.replace(tmp, svc.config)
+        svc.wait_status(lambda s: s["concurrency_limit"] == 2)
+        # ...an invalid one is logged, counted, and changes nothing.
+        svc.config.write_text("workers = 0\n")
+        st = svc.wait_status(lambda s: s["config_reloads"]["invalid"] == 1)
+        assert st["concurrency_limit"] == 2 and "workers" in st["config_error"]
+        assert scrape(url)['pwdaemon_service_config_reloads_total{outcome="invalid"}'] == 1
+        # SIGHUP re-reads too (the file is unchanged since: counted as such).
+        before = st["config_reloads"]["unchanged"]
+        svc.proc.send_signal(signal.SIGHUP)
+        svc.wait_status(lambda s: s["config_reloads"]["unchanged"] > before)
+
+        # SIGTERM: STOPPING=1, a clean exit, the socket removed.
+        assert svc.stop() == 0
+        svc.next_message("STOPPING=1", timeout=10)
+        assert not os.path.exists(svc.socket)
+    log = svc.log.read_text()
+    assert "invalid, keeping the running configuration" in log
+
+
+def _ping_as(uid: int, path: str) -> str:
+    """Fork, drop to `uid`, ping the service; what happened, as text."""
+    from pwdaemon.service.protocol import MessageType, ServiceUnavailable, call
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no exceptions escaping
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                frame = call(path, MessageType.PING, timeout=10)
+                msg = f"answered {frame.type}"
+            except ServiceUnavailable as exc:
+                msg = f"refused {exc}"
+            os.write(w, msg.encode())
+        except BaseException as exc:
+            os.write(w, f"child error {exc!r}".encode())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_peer_with_a_disallowed_uid_is_refused(tmp_path: Path) -> None:
+    # An abstract socket has no file mode: the credential check alone decides.
+    nobody = 65534
+    abstract = f"@pwdaemon-test-{os.getpid()}-{time.monotonic_ns()}"
+    with service(tmp_path, args=("--no-prestart",), socket_path=abstract) as svc:
+        assert _ping_as(nobody, svc.socket).startswith("refused")
+        assert "credentials" in _ping_as(nobody, svc.socket)
+        svc.stop()
+    assert f"refused a connection from uid {nobody}" in svc.log.read_text()
+    # Allowed by uid: the same child gets an answer.
+    allow = ("--no-prestart", "--allow-uid", str(nobody))
+    with service(tmp_path, name="s2", args=allow, socket_path=abstract + "-2") as s2:
+        assert _ping_as(nobody, s2.socket) == "answered pong"
+        s2.stop()
+
+
+def _frames() -> Iterator[bytes]:
+    from pwdaemon.service.protocol import MessageType, request
+    from pwdaemon.workers.framing import MAGIC, encode
+
+    rng = random.Random(1234)
+    good = request(MessageType.PING)
+    yield b""
+    yield b"GET /metrics HTTP/1.1\r\n\r\n"
+    yield struct.pack(">4sHIQ", MAGIC, 1, 10, 1 << 40)  # a 1 TiB payload announced
+    yield struct.pack(">4sHIQ", MAGIC, 1, (1 << 20) + 1, 0)  # header over the limit
+    yield struct.pack(">4sHIQ", MAGIC, 9, 10, 0) + b"x" * 10  # another framing version
+    yield encode("ping", {"proto": 42})  # another service protocol
+    yield encode("launch_missiles", {"proto": 1})
+    yield encode("submit", {"proto": 1, "key": {"graph_hash": 1}}, b"x")
+    yield struct.pack(">4sHIQ", MAGIC, 1, 4, 0) + b"[1,2"  # header not JSON
+    for _ in range(60):
+        kind = rng.randrange(3)
+        if kind == 0:
+            yield rng.randbytes(rng.randrange(1, 200))
+        elif kind == 1:
+            yield good[: rng.randrange(1, len(good))]  # truncated
+        else:
+            b = bytearray(good)
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)  # one bit flipped
+            yield bytes(b)
+
+
+@pytest.mark.slow
+def test_fuzzed_frames_get_errors_and_the_service_keeps_serving(tmp_path: Path) -> None:
+    from pwdaemon.service.protocol import MessageType, call, ping
+
+    with service(tmp_path, args=("--no-prestart",)) as svc:
+        errors = 0
+        for data in _frames():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.connect(svc.socket)
+            with s:
+                with contextlib.suppress(OSError):
+                    s.sendall(data)
+                s.shutdown(socket.SHUT_WR)  # a truncated frame ends here
+                reply = b""
+                with contextlib.suppress(OSError):
+                    while chunk := s.recv(65536):
+                        reply += chunk
+            errors += b'"type":"error"' in reply
+        assert errors >= 9
+        pong = ping(svc.socket, timeout=10)
+        assert pong is not None and pong.get("pid") == svc.proc.pid
+        metrics = scrape(call(svc.socket, MessageType.STATUS).get("status")["metrics_url"])
+        refused = {k: v for k, v in metrics.items() if "frames_refused" in k}
+        for reason in ("oversized", "malformed", "version", "unknown_type", "bad_request"):
+            assert refused[f'pwdaemon_service_frames_refused_total{{reason="{reason}"}}'] >= 1
+        assert svc.stop() == 0
