@@ -55,6 +55,7 @@ class Handle:
             size_cap=options.size_cap,
             sample_bytes=options.sample_bytes,
             background=options.trace is TraceMode.BACKGROUND,
+            hot_calls=options.policy.hot_calls,
         )
         self._previous_impl: Any = None
         self.detached = False

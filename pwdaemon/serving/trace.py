@@ -351,6 +351,7 @@ class Tracer:
             why = undecided[0] if undecided else "dynamo captured no graph"
             if nothing and warnings.messages:
                 why = f"{why}: {warnings.messages[0]}"
+            attempt.record.discarded = len(new)
             self._fall_back(attempt, fallback, why)
             changed = True
         else:

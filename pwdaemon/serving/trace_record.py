@@ -32,6 +32,7 @@ class StrategyAttempt:
     strategy: ShapeStrategy
     outcome: AttemptOutcome = AttemptOutcome.ACTIVE
     reason: str = ""  # why it fell back (dynamo's words)
+    discarded: int = 0  # graphs it captured before failing, never served nor compiled
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,10 @@ def input_signature(
                     shape.append("n")
                 else:
                     shape.append(str(int(s)))
-            layout = "c" if a.is_contiguous() else f"strided{tuple(a.stride())}"
+            # The order of the strides, not their values (which scale with the size).
+            stride = a.stride()
+            order = sorted(range(a.dim()), key=lambda d: -stride[d])
+            layout = "c" if a.is_contiguous() else f"strided{tuple(order)}"
             grad = ",grad" if a.requires_grad else ""
             parts.append(f"{key}:{a.dtype}:{a.device}:[{','.join(shape)}]:{layout}{grad}")
         elif a is None or isinstance(a, bool | int | float | str):
@@ -132,11 +136,13 @@ class TorchWarnings(logging.Handler):
         super().__init__(logging.WARNING)
         self.thread = threading.get_ident()
         self.messages: list[str] = []
-        self._logger = logging.getLogger("torch")
+        self._loggers: list[logging.Logger] = []
+        self._seen: set[int] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread != self.thread:
-            return  # another thread's compile: not ours to judge
+        if record.thread != self.thread or id(record) in self._seen:
+            return  # another thread's compile (not ours to judge), or seen via a parent
+        self._seen.add(id(record))
         try:
             text = record.getMessage()
         except Exception:  # a malformed record must not break a tracing call
@@ -146,7 +152,12 @@ class TorchWarnings(logging.Handler):
         self.messages.append(" ".join(text.split())[:500])
 
     def __enter__(self) -> TorchWarnings:
-        self._logger.addHandler(self)
+        # torch._logging gives its loggers their own handlers and turns propagation
+        # off, so a handler on "torch" alone hears nothing from dynamo or fake tensors.
+        names = [n for n in logging.Logger.manager.loggerDict if n.split(".")[0] == "torch"]
+        self._loggers = [logging.getLogger(n) for n in ("torch", *names)]
+        for logger in self._loggers:
+            logger.addHandler(self)
         return self
 
     def __exit__(
@@ -155,7 +166,8 @@ class TorchWarnings(logging.Handler):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._logger.removeHandler(self)
+        for logger in self._loggers:
+            logger.removeHandler(self)
 
 
 def counter_snapshot(group: str) -> dict[str, int]:

@@ -26,7 +26,8 @@ from torch._dynamo.utils import counters
 
 import pwdaemon as pwd
 from pwdaemon import Range, Tier
-from pwdaemon.serving.trace import wrap_compiled
+from pwdaemon.serving.trace import ShapeStrategy, wrap_compiled
+from pwdaemon.serving.trace_record import AttemptOutcome, MissState, RecompileCause
 
 WIDTH = 8
 
@@ -378,3 +379,158 @@ def _first_calls_from_threads(cls: type[nn.Module], sizes: tuple[int, ...]) -> i
         return len(handle.pieces)
     finally:
         handle.detach()
+
+
+# ---- entry frame: torch.nn classes, hooks, detach ----------------------------------------
+
+
+def _encoder() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+
+
+def _sequential() -> nn.Module:
+    return nn.Sequential(nn.Linear(WIDTH, 16), nn.ReLU(), nn.Linear(16, WIDTH))
+
+
+def _double(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    return out * 2
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape", "strategy"),
+    [
+        (_sequential, (WIDTH,), ShapeStrategy.UNBACKED),
+        # The encoder's fused fast path cannot decide a size guard with an unbacked size
+        # (dynamo quietly runs it eager): the next strategy captures it.
+        (_encoder, (5, 16), ShapeStrategy.BACKED_OBLIVIOUS),
+    ],
+    ids=["Sequential", "TransformerEncoder"],
+)
+def test_torch_nn_classes_are_captured_with_their_hooks(
+    factory: Callable[[], nn.Module], shape: tuple[int, ...], strategy: ShapeStrategy
+) -> None:
+    fresh_counters()
+    torch.manual_seed(0)
+    model = factory().eval()
+    reference = copy.deepcopy(model)
+    model.register_forward_hook(_double)
+    reference.register_forward_hook(_double)
+    handle = pwd.attach(model, compile=False, store=False)
+    with torch.inference_mode():
+        for n in (1, 4, 16, 1, 7):
+            x = torch.randn(n, *shape)
+            torch.testing.assert_close(model(x), reference(x))  # the hook ran
+    tracer = handle._tracer
+    assert len(handle.pieces) == 1, tracer.attempts
+    # no retrace, size 1 included: every graph dynamo made is the piece, or one that a
+    # failed strategy made on its one tracing call (the hook, here) and was dropped
+    discarded = sum(a.discarded for a in tracer.attempts)
+    assert counters["stats"]["unique_graphs"] == 1 + discarded
+    assert not counters["recompiles"]
+    assert handle.pieces[0].strategy is strategy and tracer.strategy is strategy
+    assert handle.pieces[0].specializable
+    assert sorted(handle.pieces[0].dispatcher.histogram()) == [1, 4, 7, 16]
+    assert [a.strategy for a in tracer.attempts][-1] is strategy
+    if strategy is not ShapeStrategy.UNBACKED:
+        first = tracer.attempts[0]
+        assert first.outcome is AttemptOutcome.FELL_BACK and first.reason
+    assert tracer.settled and not tracer.misses
+    handle.detach()
+    # detached: the plain module again, hooks included, nothing counted
+    assert model._compiled_call_impl is None
+    x = torch.randn(3, *shape)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x))
+    assert 3 not in handle.pieces[0].dispatcher.histogram()
+
+
+# ---- a model that branches on its batch size ---------------------------------------------
+
+
+class Branchy(nn.Module):
+    """Does something else at batch size 1: a guard no strategy may drop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if x.shape[0] == 1:
+            return h * 0 + 1
+        return h
+
+
+@pytest.mark.parametrize("order", [[4, 7, 1, 1, 1, 1, 1, 2, 1], [1, 4, 7, 1, 2, 1]])
+def test_model_branching_on_its_batch_size_stays_correct(order: list[int]) -> None:
+    # Unbacked: `u0 == 1` cannot be decided, dynamo breaks the graph there and the
+    # branch runs as Python (the size-1 side becomes a piece of its own); nothing
+    # assumes a size. A compiled runnable installed for every size of each piece (here
+    # the piece's own graph plus zero: any size's output must still be right).
+    fresh_counters()
+    model, reference = make(Branchy)
+    with pwd.attach(model, compile=False, store=False) as handle, torch.no_grad():
+        for i, n in enumerate(order):
+            x = torch.randn(n, WIDTH)
+            out = model(x)
+            torch.testing.assert_close(out, reference(x))
+            if n == 1:
+                assert torch.equal(out, torch.ones(1, WIDTH))
+            if i == 2:  # general runnables in place from here on
+                for p in handle.pieces:
+                    eager = p.gm.forward
+                    handle.install(p.index, None, Tier.GENERAL, wrap_compiled(eager, p))
+        tracer = handle._tracer
+        assert all(p.strategy is ShapeStrategy.UNBACKED for p in handle.pieces)
+        # size 1 ran compiled once its piece existed (traced while settling or as a hot
+        # miss): misses, if any, were served eager and never more than hot_calls of them
+        assert sum(r.calls for r in tracer.misses.values()) <= tracer.hot_calls
+
+
+# ---- stray inputs earn their trace -------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["non-contiguous", "grad"])
+def test_stray_input_runs_eager_until_hot_then_is_traced_once(kind: str) -> None:
+    fresh_counters()
+    model, reference = make(Plain)
+
+    def stray(n: int) -> torch.Tensor:
+        return torch.randn(WIDTH, n).t() if kind == "non-contiguous" else torch.randn(n, WIDTH)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if kind == "grad":
+            with torch.enable_grad():
+                return model(x)
+        with torch.inference_mode():
+            return model(x)
+
+    with pwd.attach(model, compile=False, store=False) as handle:
+        with torch.inference_mode():
+            for n in (2, 3):
+                model(torch.randn(n, WIDTH))
+        tracer = handle._tracer
+        assert tracer.settled and len(handle.pieces) == 1
+        hot = tracer.hot_calls
+        for _ in range(hot):
+            x = stray(5)
+            torch.testing.assert_close(call(x), reference(x))
+            assert len(handle.pieces) == 1  # served eager: no piece, no compile
+        (record,) = tracer.misses.values()
+        assert record.calls == hot and record.state is MissState.HOT
+        assert ("strided" in record.signature) == (kind == "non-contiguous")
+        assert ("grad=1" in record.signature) == (kind == "grad")
+        x = stray(6)  # the next call of the hot signature is traced
+        torch.testing.assert_close(call(x), reference(x))
+        assert len(handle.pieces) == 2 and record.state is MissState.TRACED
+        (recompile,) = tracer.recompiles
+        assert recompile.cause is RecompileCause.HOT_SIGNATURE
+        assert recompile.pieces == (1,)
+        x = stray(7)
+        torch.testing.assert_close(call(x), reference(x))
+        assert record.calls == hot and tracer.miss_calls == hot  # served by piece 1
+        assert handle.pieces[1].dispatcher.histogram() == {6: 1, 7: 1}
+        with torch.inference_mode():  # the normal path is untouched
+            model(torch.randn(4, WIDTH))
+        assert handle.pieces[0].dispatcher.histogram() == {2: 1, 3: 1, 4: 1}
