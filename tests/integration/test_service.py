@@ -323,3 +323,154 @@ def test_fuzzed_frames_get_errors_and_the_service_keeps_serving(tmp_path: Path) 
         for reason in ("oversized", "malformed", "version", "unknown_type", "bad_request"):
             assert refused[f'pwdaemon_service_frames_refused_total{{reason="{reason}"}}'] >= 1
         assert svc.stop() == 0
+
+
+# ---- real clients compiling through the service -------------------------------------
+
+
+def client_main(argv: list[str]) -> None:
+    """A serving process: `client SOCKET STORE SIZES [LATER_SIZE]`.
+
+    Waits for "go" on stdin, serves SIZES until they are specialized, then (with
+    LATER_SIZE) waits for a second "go" and serves that size until it is specialized
+    too. Every call is checked against eager. Prints one JSON line of what happened.
+    """
+    import copy
+
+    import torch
+    from conftest import SmallMLP
+
+    import pwdaemon
+    from pwdaemon.config import CompileConfig
+    from pwdaemon.service.client import ServiceExecutor
+
+    sock, store = argv[0], argv[1]
+    sizes = [int(s) for s in argv[2].split(",")]
+    later = int(argv[3]) if len(argv) > 3 else None
+    torch.manual_seed(0)
+    model = SmallMLP().eval()
+    ref = copy.deepcopy(model)
+    compiler = CompileConfig(workers=1, general=False, retries=0)
+    executor = ServiceExecutor(sock, compiler, {"TORCHINDUCTOR_CACHE_DIR": f"{store}/inductor"})
+    report: dict[str, Any] = {"calls": 0, "errors": []}
+
+    def serve(n: int) -> None:
+        x = torch.randn(n, 16)
+        try:
+            with torch.no_grad():
+                ok = torch.allclose(model(x), ref(x), atol=1e-5)
+            if not ok:
+                report["errors"].append(f"size {n}: wrong result")
+        except Exception as exc:  # counted: the test asserts there are none
+            report["errors"].append(f"size {n}: {type(exc).__name__}: {exc}")
+        report["calls"] += 1
+
+    sys.stdin.readline()
+    h = pwdaemon.attach(model, sizes=sizes, executor=executor, store=store, compiler=compiler)
+    while not h.wait(sizes, timeout=0.05):
+        for n in sizes:
+            serve(n)
+    if later is not None:
+        print("phase1", flush=True)
+        sys.stdin.readline()
+        while not h.wait([later], timeout=0.05):
+            serve(later)
+    serve(sizes[0])
+    report.update(
+        service_jobs=executor.service_jobs,
+        embedded_jobs=executor.embedded_jobs,
+        fallbacks=executor.fallbacks,
+        done=time.time(),
+    )
+    h.detach()
+    print(json.dumps(report), flush=True)
+
+
+def start_client(svc_socket: str, store: Path, sizes: str, *more: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, str(HERE), "client", svc_socket, str(store), sizes, *more]
+    return subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(TESTS)
+    )
+
+
+def client_report(proc: subprocess.Popen[str], timeout: float = 400.0) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return report
+
+
+def go(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+@pytest.mark.slow
+def test_two_replicas_get_each_size_compiled_once(tmp_path: Path) -> None:
+    from pwdaemon.store import ArtifactStore
+
+    with service(tmp_path, args=("--workers", "1")) as svc:
+        # Replica 2 has its own store (as a replica of another user would) that shares
+        # the service's Inductor cache, so both replicas' submits reach the service and
+        # it is the service, not the store's claims, that compiles each key once.
+        own = tmp_path / "replica2-store"
+        ArtifactStore(own)
+        (own / "inductor").rmdir()
+        (own / "inductor").symlink_to(svc.store / "inductor")
+        clients = [
+            start_client(svc.socket, svc.store, "4,8"),
+            start_client(svc.socket, own, "4,8"),
+        ]
+        for c in clients:
+            go(c)
+        reports = [client_report(c) for c in clients]
+        status = svc.status()
+        assert svc.stop() == 0
+    for r in reports:
+        assert r["errors"] == [] and r["calls"] > 0
+        assert r["embedded_jobs"] == 0, r
+    # Each size compiled exactly once, for both replicas.
+    assert status["jobs"].get("ok") == 2, status
+    assert {k for k, n in status["jobs"].items() if n} <= {"ok", "stored"}, status
+    print(f"two replicas: jobs {status['jobs']}, submits {status['submits']}")
+    shared = status["submits"]["deduplicated"] + status["submits"]["stored"]
+    assert shared >= 2, status  # replica 2's submits joined replica 1's compiles
+    service_made = [m for m in ArtifactStore(svc.store).entries() if m.extra.get("service")]
+    assert sorted(m.key.target for m in service_made) == ["size:4", "size:8"]
+
+
+@pytest.mark.slow
+def test_service_killed_and_restarted_while_clients_serve(tmp_path: Path) -> None:
+    svc = start_service(tmp_path, args=("--workers", "1"))
+    client = start_client(svc.socket, svc.store, "4", "8")
+    try:
+        go(client)
+        svc.wait_status(lambda s: s["in_flight"] >= 1, timeout=300)
+        killed_at = time.time()
+        svc.proc.kill()  # mid-compile: the client's job must finish embedded
+        svc.proc.wait(30)
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "phase1"  # size 4 live, embedded
+        svc2 = start_service(tmp_path, name="svc2", store=svc.store, socket_path=svc.socket)
+        try:
+            go(client)  # size 8 gets hot now: compiled by the restarted service
+            report = client_report(client)
+            status = svc2.status()
+            assert svc2.stop() == 0
+        finally:
+            svc2.proc.kill()
+            svc2.notify.close()
+    finally:
+        client.kill()
+        svc.notify.close()
+    assert report["errors"] == [] and report["calls"] > 0
+    assert report["embedded_jobs"] >= 1 and report["service_jobs"] >= 1, report
+    assert status["jobs"].get("ok") == 1, status
+    fallback_s = report["fallbacks"][0][0] - killed_at
+    print(f"client fell back {fallback_s * 1000:.0f} ms after the service was killed")
+    assert fallback_s < 30
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["client"]:
+    client_main(sys.argv[2:])
