@@ -115,6 +115,7 @@ def input_signature(
             order = sorted(range(a.dim()), key=lambda d: -stride[d])
             layout = "c" if a.is_contiguous() else f"strided{tuple(order)}"
             grad = ",grad" if a.requires_grad else ""
+            grad += ",inference_tensor" if a.is_inference() else ""
             parts.append(f"{key}:{a.dtype}:{a.device}:[{','.join(shape)}]:{layout}{grad}")
         elif a is None or isinstance(a, bool | int | float | str):
             parts.append(f"{key}={a!r}"[:64])
