@@ -41,6 +41,7 @@ class Net(nn.Module):
 
 
 def _in_place(model: nn.Module) -> None:
+    assert isinstance(model, Net)
     with torch.no_grad():
         model.a.weight.mul_(-2)
 
