@@ -33,6 +33,9 @@ MAX_HEADER_BYTES = 1 << 20
 # leaves room for big models while bounding what one bad frame can make us allocate.
 DEFAULT_MAX_PAYLOAD_BYTES = 512 << 20
 
+ReadExact = Callable[[int], bytes]
+"""`read_exact(n)`: exactly n bytes, or fewer only at the end of the stream."""
+
 
 class FrameError(ValueError):
     """A frame that cannot be read: bad magic, version, lengths, or header."""
@@ -94,9 +97,7 @@ def _frame(doc: dict[str, Any], payload: bytes) -> Frame:
     return Frame(msg_type, doc, payload)
 
 
-def read_frame(
-    read_exact: Callable[[int], bytes], max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES
-) -> Frame:
+def read_frame(read_exact: ReadExact, max_payload: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Frame:
     """Read one frame with `read_exact(n)` (returns exactly n bytes, or fewer at EOF).
 
     Raises `PeerClosed` at a clean end of stream (before a frame starts) and
@@ -139,7 +140,7 @@ async def read_frame_async(
     return _frame(doc, payload)
 
 
-def file_reader(read: Callable[[int], bytes]) -> Callable[[int], bytes]:
+def file_reader(read: Callable[[int], bytes]) -> ReadExact:
     """`read_exact` over a file-like `read(n)` that may return short reads (a pipe)."""
 
     def read_exact(n: int) -> bytes:
