@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -195,6 +196,11 @@ def test_lifecycle_notify_status_metrics_and_reload(tmp_path: Path) -> None:
         assert url.startswith("http://127.0.0.1:")
         metrics = scrape(url)
         assert metrics["pwdaemon_service_concurrency_limit"] == 1
+        # The service dashboard queries only what this live endpoint serves.
+        dash = json.loads((TESTS.parent / "grafana/dashboards/pwdaemon-service.json").read_text())
+        queried = set(re.findall(r"\bpwdaemon_[a-z0-9_]+", json.dumps(dash)))
+        served = {k.split("{")[0] for k in metrics}
+        assert queried and queried <= served, queried - served
         assert metrics['pwdaemon_service_config_reloads_total{outcome="invalid"}'] == 0
 
         # Hot reload through the watchdog observer: a valid change is applied...

@@ -76,15 +76,46 @@ class FullSource:
         )
 
 
-@pytest.fixture(scope="module")
-def exported() -> dict[str, set[str]]:
-    """family name -> its sample names, as a scrape shows them."""
+def families(collector: Any) -> dict[str, set[str]]:
     registry = CollectorRegistry()
-    registry.register(PwdaemonCollector([FullSource()]))
+    registry.register(collector)
     text = generate_latest(registry).decode()
     out = {fam.name: {s.name for s in fam.samples} for fam in text_string_to_metric_families(text)}
     assert all(out.values()), f"families without samples: {out}"
     return out
+
+
+@pytest.fixture(scope="module")
+def exported() -> dict[str, set[str]]:
+    """family name -> its sample names, as a scrape of a serving process shows them."""
+    return families(PwdaemonCollector([FullSource()]))
+
+
+@pytest.fixture(scope="module")
+def service_exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """The same for the host service: the collector over a real `Service`'s snapshot
+    (constructed on a temporary store, not started). Every labelled counter starts at 0
+    for all its label values, so a fresh service already shows every series.
+    tests/integration/test_service.py checks this dashboard against a live scrape too."""
+    from pwdaemon.service.config import ConfigManager
+    from pwdaemon.service.metrics import ServiceCollector
+    from pwdaemon.service.server import Service
+
+    tmp = tmp_path_factory.mktemp("service")
+    svc = Service(ConfigManager(None, {"store": str(tmp / "store"), "socket": str(tmp / "s")}))
+    try:
+        return families(ServiceCollector(svc.snapshot))
+    finally:
+        svc.executor.close(1.0)
+
+
+SERVICE_DASHBOARD = "pwdaemon-service.json"
+
+
+def exports_for(
+    name: str, exported: dict[str, set[str]], service_exported: dict[str, set[str]]
+) -> dict[str, set[str]]:
+    return service_exported if name == SERVICE_DASHBOARD else exported
 
 
 # ---- what the dashboards query -----------------------------------------------------
@@ -131,12 +162,14 @@ def test_check_mode_detects_stale_and_write_mode_fixes(tmp_path: Path) -> None:
 
 
 def test_every_queried_metric_is_exported(
-    dashboards: dict[str, Json], exported: dict[str, set[str]]
+    dashboards: dict[str, Json],
+    exported: dict[str, set[str]],
+    service_exported: dict[str, set[str]],
 ) -> None:
-    sample_names = set().union(*exported.values())
     for name, dash in dashboards.items():
+        sample_names = set().union(*exports_for(name, exported, service_exported).values())
         unknown = referenced(dash) - sample_names
-        assert not unknown, f"{name} queries metrics pwdaemon does not export: {unknown}"
+        assert not unknown, f"{name} queries metrics its source does not export: {unknown}"
 
 
 def test_every_exported_family_is_on_the_serving_dashboard(
@@ -147,13 +180,14 @@ def test_every_exported_family_is_on_the_serving_dashboard(
     assert not missing, f"exported but on no panel: {missing}"
 
 
-def test_service_dashboard_is_the_compile_side(dashboards: dict[str, Json]) -> None:
-    used = referenced(dashboards["pwdaemon-service.json"])
-    assert "pwdaemon_compile_queue_depth" in used
-    assert "pwdaemon_compile_duration_seconds_bucket" in used
-    assert "pwdaemon_worker_restarts_total" in used
+def test_every_service_family_is_on_the_service_dashboard(
+    dashboards: dict[str, Json], service_exported: dict[str, set[str]]
+) -> None:
+    used = referenced(dashboards[SERVICE_DASHBOARD])
+    missing = {fam for fam, names in service_exported.items() if not names & used}
+    assert not missing, f"the service exports these but no panel shows them: {missing}"
     # Per-call serving metrics mean nothing for the service.
-    assert "pwdaemon_calls_total" not in used
+    assert not {m for m in used if not m.startswith("pwdaemon_service_")}
 
 
 KNOWN_UNITS = {"ops", "opm", "percentunit", "short", "none", "s", "bytes"}
@@ -180,9 +214,11 @@ def test_units_follow_the_metric(dashboards: dict[str, Json]) -> None:
                 continue
             names = {m for t in p["targets"] for m in METRIC_RE.findall(t["expr"])}
             unit = p["fieldConfig"]["defaults"]["unit"]
-            if any(n.startswith("pwdaemon_compile_duration") or "hot_to_swap" in n for n in names):
+            if any(
+                "compile_duration" in n or "hot_to_swap" in n or "queue_wait" in n for n in names
+            ):
                 assert unit == "s", p["title"]
-            if "pwdaemon_store_bytes" in names:
+            if names & {"pwdaemon_store_bytes", "pwdaemon_service_store_bytes"}:
                 assert unit == "bytes", p["title"]
     heat = [p for d in dashboards.values() for p in panels(d) if p["type"] == "heatmap"]
     assert heat and all(p["options"]["yAxis"]["unit"] == "s" for p in heat)
@@ -196,7 +232,9 @@ def test_datasource_is_the_template_variable(dashboards: dict[str, Json]) -> Non
         variables = {v["name"]: v for v in dash["templating"]["list"]}
         ds = variables["datasource"]
         assert (ds["type"], ds["query"]) == ("datasource", "prometheus")
-        for var in ("job", "instance", "model"):
+        wanted = ("job", "instance") if name == SERVICE_DASHBOARD else ("job", "instance", "model")
+        assert "model" in variables or name == SERVICE_DASHBOARD
+        for var in wanted:
             assert variables[var]["type"] == "query"
             assert variables[var]["datasource"]["uid"] == "${datasource}"
         for p in panels(dash):
@@ -223,7 +261,8 @@ def test_queries_filter_and_use_rate_interval(dashboards: dict[str, Json]) -> No
                     assert re.match(r"\{[^}]*\}\[\$__rate_interval\]", expr[m.end() :]), expr
                 for sel in re.findall(r"pwdaemon_[a-z0-9_]+(\{[^}]*\})?", expr):
                     assert 'job=~"$job"' in sel and 'instance=~"$instance"' in sel, expr
-                if "pwdaemon_metrics_source_errors" not in expr:
+                # Host-level metrics (the collector's errors, the service) have no model.
+                if "pwdaemon_metrics_source_errors" not in expr and "pwdaemon_service_" not in expr:
                     assert 'model=~"$model"' in expr, expr
 
 
