@@ -190,7 +190,12 @@ class ServiceExecutor:
         return make_key(fingerprint, spec.target.label, device=device, options=spec.options)
 
     def _run_on_service(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
-        key = self.key_for(spec)
+        sock = connect(self.socket_path, self._connect_timeout_s)
+        try:
+            key = self.key_for(spec)
+        except Exception as exc:  # an unkeyable graph still compiles, embedded
+            sock.close()
+            raise ServiceUnavailable(f"cannot compute the graph's key: {exc}") from exc
         request = SubmitRequest(
             key=key,
             target=spec.target,
@@ -199,7 +204,6 @@ class ServiceExecutor:
             fault=spec.fault,
             client=f"pid {os.getpid()}",
         )
-        sock = connect(self.socket_path, self._connect_timeout_s)
         with self._lock:
             self._socks.add(sock)
         try:
