@@ -74,9 +74,11 @@ class FakeExecutor:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        """Nothing to start: jobs run in the calling thread."""
         pass
 
     def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        """Run one job in-process: act out `spec.fault`, wait on the gate, fail or "compile"."""
         with self._lock:
             self.jobs.append(spec.target)
         if spec.fault == "raise":
@@ -104,8 +106,10 @@ class FakeExecutor:
         return {"runnable": runnable, "seconds": self.seconds}
 
     def pids(self) -> list[int]:
+        """No worker processes."""
         return []
 
     def close(self, timeout: float) -> None:
+        """Open the gate so no job stays blocked."""
         if self.gate is not None:
             self.gate.set()

@@ -23,6 +23,7 @@ class SwapEvent:
 
     @property
     def size(self) -> int | None:
+        """The size, when the swap published one size's runnable."""
         return self.range.start if self.range is not None and self.range.is_size else None
 
 

@@ -44,6 +44,7 @@ class PiecePolicy:
                 st.last_seen = now
 
     def threshold(self, queue_len: int) -> int:
+        """Calls that make a size hot with `queue_len` jobs queued."""
         return self.config.hot_calls * (2 ** (queue_len // self.config.queue_pressure))
 
     def hot_candidates(self, queue_len: int, now: float) -> list[int]:
@@ -61,6 +62,7 @@ class PiecePolicy:
         return hot[:room]
 
     def reserve(self, sizes: Iterable[int]) -> None:
+        """Count `sizes` against the budget (planned, queued, live or failed)."""
         self.specialized.update(sizes)
 
     def release(self, size: int) -> None:
@@ -68,15 +70,18 @@ class PiecePolicy:
         self.specialized.discard(size)
 
     def is_cold(self, size: int, now: float) -> bool:
+        """Not called for `cold_after_s` (a never-seen, configured size never is)."""
         st = self.sizes.get(size)
         if st is None:
             return False  # never seen (a configured size): never cold
         return now - st.last_seen > self.config.cold_after_s
 
     def calls(self, size: int) -> int:
+        """Calls of `size` seen so far."""
         st = self.sizes.get(size)
         return st.calls if st else 0
 
     def hot_since(self, size: int) -> float | None:
+        """When `size` first counted as hot (None: never)."""
         st = self.sizes.get(size)
         return st.first_hot if st else None

@@ -51,12 +51,14 @@ class StoreLink:
         self._devices: dict[int, str] = {}
 
     def key(self, piece: GraphPiece, target: Target) -> ArtifactKey:
+        """The store key of (piece, target): graph, target, device, torch, options."""
         device = self._devices.get(piece.index)
         if device is None:
             device = self._devices[piece.index] = piece_device(piece)
         return make_key(piece.fingerprint, target.label, device=device, options=self.options)
 
     def lookup(self, key: ArtifactKey) -> Path | None:
+        """The verified artifact for `key`, or None (also once the store is refused)."""
         if not self.enabled:
             return None
         try:
@@ -71,6 +73,7 @@ class StoreLink:
     def publish(
         self, key: ArtifactKey, src: str, seconds: float, extra: dict[str, Any]
     ) -> Path | None:
+        """Put a compiled artifact into the store; its path there, or None."""
         if not self.enabled:
             return None
         return self.store.publish(key, src, compile_seconds=seconds, extra=extra)
@@ -95,6 +98,7 @@ class StoreLink:
 
     @staticmethod
     def matches(probe: ArtifactKey, m: Manifest) -> bool:
+        """Whether manifest `m` was compiled for the same graph, device, versions, options."""
         k = m.key
         return (
             k.graph_hash == probe.graph_hash
@@ -105,9 +109,11 @@ class StoreLink:
         )
 
     def profile_id(self, piece: GraphPiece) -> str:
+        """The store id of the piece's size profile (a hash of its fingerprint)."""
         return hashlib.sha256(f"profile:{piece.fingerprint}".encode()).hexdigest()[:32]
 
     def load_profile(self, piece: GraphPiece) -> dict[int, int]:
+        """Calls per size the last run saw for this piece ({} when none or unreadable)."""
         try:
             return self.store.load_profile(self.profile_id(piece))
         except (OSError, ValueError) as exc:
@@ -115,8 +121,10 @@ class StoreLink:
             return {}
 
     def save_profile(self, piece: GraphPiece, counts: Mapping[int, int]) -> None:
+        """Save calls per size for the next run (nothing when there were no calls)."""
         if counts:
             self.store.save_profile(self.profile_id(piece), counts)
 
     def extra(self, piece: GraphPiece, model: str) -> dict[str, Any]:
+        """What a manifest records about who compiled it: graph index, model, pid."""
         return {"graph": piece.index, "model": model, "pid": os.getpid()}
