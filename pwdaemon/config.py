@@ -72,9 +72,15 @@ class CompileConfig:
     """How jobs are run: worker processes, timeouts, retries."""
 
     workers: int = field(default_factory=default_workers)
-    """Long-lived compile processes (spawned, never forked)."""
+    """Long-lived compile processes (plain subprocesses, never forked)."""
     timeout_s: float = 600.0
-    """A job running longer is killed with its worker and counted as hung."""
+    """Bounds one compile: a job running longer is killed with its worker and counted as
+    hung. It starts when the job is handed to a started worker, so a worker's start-up
+    (below) never counts against it, however loaded the machine."""
+    start_timeout_s: float = 120.0
+    """Bounds a worker's start (Python, torch and Inductor imports, a CPU probe: 2-6 s on
+    an idle 2-core machine, several times that niced under load). Past it the start
+    counts as crashed: at that point an import hangs or the environment is broken."""
     retries: int = 2
     """Failed jobs are retried this many times, with backoff, then given up."""
     backoff_s: float = 1.0
@@ -87,7 +93,6 @@ class CompileConfig:
     """Compare a candidate with the published runnable on a recorded input before a swap."""
     general: bool = True
     """Compile the general (dynamic-shape) runnable first."""
-    start_method: str = "spawn"
     switch_interval_s: float | None = 0.0005
     """While the engine loads or validates in the serving process, CPython's GIL switch
     interval is lowered to this (restored after); None leaves it alone."""
@@ -99,6 +104,7 @@ class CompileConfig:
         """Raise ValueError/TypeError naming the first bad value."""
         _check_int("workers", self.workers, 1)
         _check_seconds("timeout_s", self.timeout_s)
+        _check_seconds("start_timeout_s", self.start_timeout_s)
         _check_int("retries", self.retries, 0)
         _check_seconds("backoff_s", self.backoff_s, zero_ok=True)
         _check_int("niceness", self.niceness, 0)
@@ -106,11 +112,6 @@ class CompileConfig:
             _check_seconds("switch_interval_s", self.switch_interval_s)
         if not isinstance(self.options, Mapping):
             raise TypeError(f"options must be a mapping of Inductor options, got {self.options!r}")
-        if self.start_method not in ("spawn", "forkserver"):
-            raise ValueError(
-                f"start_method must be 'spawn' or 'forkserver', got {self.start_method!r}"
-                " (never fork a process that may have touched CUDA)"
-            )
 
 
 def parse_sizes(sizes: Sequence[int]) -> tuple[int, ...]:

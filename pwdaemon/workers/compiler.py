@@ -1,8 +1,10 @@
-"""What a worker process does with one job: rebuild the graph, compile it, save it.
+"""A compile job: shipping the graph (serving side) and compiling it (worker side).
 
-Runs in the worker, never in the serving process. The graph arrives as GraphPickler
-bytes (plain pickle would drop the fake metadata the dynamic compile needs). Weights are
-graph inputs, so fake or empty tensors stand in for them: the worker never sees a weight.
+`dump_graph` runs in the serving process: it trims a copy of a captured graph to what a
+compile needs and pickles it with GraphPickler (plain pickle would drop the fake metadata
+the dynamic compile needs). `compile_job` runs in a worker process, never in the serving
+process: it rebuilds the graph, compiles it and saves the artifact. Weights are graph
+inputs, so fake or empty tensors stand in for them: the worker never sees a weight.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from typing import Any
 import torch
 
 from pwdaemon.serving.range_table import Target, TargetKind
+from pwdaemon.workers.framing import Frame, encode
+
+FAULTS = ("raise", "crash", "hang")
 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Everything a worker needs; picklable, holds no tensors."""
+    """Everything a worker needs; holds no tensors. On the wire: `to_frame`/`from_frame`."""
 
     graph: bytes
     target: Target
@@ -28,39 +33,106 @@ class JobSpec:
     # Test hooks, exercised by the failure tests on the real worker path.
     fault: str | None = None  # "raise" | "crash" | "hang"
 
+    def to_frame(self) -> bytes:
+        """A "job" frame: the fields in the header, the graph as the payload.
 
-def dump_graph(gm: torch.fx.GraphModule) -> bytes:
-    """GraphPickler bytes of `gm`, fake metadata and symbols kept.
+        Raises TypeError (or FrameError) for options that are not JSON.
+        """
+        header = {
+            "target": self.target.label,
+            "out_path": self.out_path,
+            "options": dict(self.options),
+            "fault": self.fault,
+        }
+        return encode("job", header, self.graph)
 
-    GraphPickler cannot pickle a fake tensor that is a view (its base drags in
-    unpicklable state), and dynamo records views (a 3-D `linear` is a view of a 2-D
-    matmul). A compile needs only shape, stride, dtype and device of such values, so
-    views are swapped for fresh fake tensors of the same layout while pickling.
+    @classmethod
+    def from_frame(cls, frame: Frame) -> JobSpec:
+        """The spec of a "job" frame; ValueError names what is wrong."""
+        target = Target.parse(str(frame.get("target")))
+        out_path, options, fault = frame.get("out_path"), frame.get("options"), frame.get("fault")
+        if not isinstance(out_path, str) or not out_path:
+            raise ValueError(f"job frame has no out_path: {out_path!r}")
+        if not isinstance(options, dict):
+            raise ValueError(f"job frame options are not an object: {options!r}")
+        if fault is not None and fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
+        return cls(frame.payload, target, out_path, options, fault)
+
+
+class UnshippableGraphError(ValueError):
+    """A graph piece that cannot be sent to a worker, even with its metadata trimmed.
+
+    Retrying cannot help: the engine gives up on the piece, which serves eager.
+    """
+
+
+# What a worker compile reads from each node (measured on BERT, GPT-2, Llama, Sequential
+# and TransformerEncoder with dynamo graphs: `example_value` alone suffices for both
+# dynamic_shapes="from_graph" and concrete sizes):
+# - example_value: dynamo's fake value (shape, stride, dtype, symbols) of every node; the
+#   placeholders' values carry the size symbol "from_graph" reads back.
+# - val / tensor_meta: the same facts in graphs that went through make_fx/AOT; kept when
+#   present.
+# - stack_trace: plain text; keeps compile errors and kernel provenance readable.
+# Everything else (nn_module_stack, source_fn_stack, tensor_dict - where transformers'
+# models leave a WeakValueDictionary that does not pickle -, unbacked_bindings, ...) is
+# dropped.
+SHIPPED_META = ("example_value", "val", "tensor_meta", "stack_trace")
+
+
+def _fresh_fake(v: torch.Tensor) -> torch.Tensor:
+    # GraphPickler cannot pickle a fake tensor that is a view (its base drags in
+    # unpicklable state), and dynamo records views (a 3-D `linear` is a view of a 2-D
+    # matmul). A compile needs only the layout, so a view becomes a fresh fake tensor.
+    fake_mode = getattr(v, "fake_mode", None)
+    if v._base is None or fake_mode is None:
+        return v
+    with fake_mode:
+        return torch.empty_strided(
+            v.shape, v.stride(), dtype=v.dtype, device=v.device, requires_grad=v.requires_grad
+        )
+
+
+def _shippable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return _fresh_fake(v)
+    if isinstance(v, list | tuple) and not hasattr(v, "_fields"):
+        return type(v)(_shippable(x) for x in v)
+    return v
+
+
+def shippable_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of `gm` with only `SHIPPED_META` per node; `gm` itself is not touched.
+
+    Nodes are copied into a new graph with new meta dicts (fake values are shared or
+    replaced, never mutated), so the live graph the serving process runs is unchanged.
+    `GraphModule(gm, graph)` takes only the attributes the graph's get_attr/call_module
+    nodes name, leaving dynamo's extra attributes behind.
+    """
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        new = graph.node_copy(node, lambda n: env[n])
+        new.meta = {k: _shippable(node.meta[k]) for k in SHIPPED_META if k in node.meta}
+        env[node] = new
+    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+
+
+def dump_graph(gm: torch.fx.GraphModule, name: str = "graph") -> bytes:
+    """GraphPickler bytes of a trimmed copy of `gm` (fake metadata and symbols kept).
+
+    Raises `UnshippableGraphError` naming `name` and the reason when even the copy does
+    not pickle.
     """
     from torch.fx._graph_pickler import GraphPickler
 
-    swapped: list[tuple[torch.fx.Node, Any]] = []
     try:
-        for node in gm.graph.nodes:
-            v = node.meta.get("example_value")
-            if isinstance(v, torch.Tensor) and v._base is not None:
-                fake_mode = getattr(v, "fake_mode", None)
-                if fake_mode is None:
-                    continue
-                with fake_mode:
-                    fresh = torch.empty_strided(
-                        v.shape,
-                        v.stride(),
-                        dtype=v.dtype,
-                        device=v.device,
-                        requires_grad=v.requires_grad,
-                    )
-                swapped.append((node, v))
-                node.meta["example_value"] = fresh
-        return bytes(GraphPickler.dumps(gm))
-    finally:
-        for node, v in swapped:
-            node.meta["example_value"] = v
+        return bytes(GraphPickler.dumps(shippable_copy(gm)))
+    except Exception as exc:
+        raise UnshippableGraphError(
+            f"{name} cannot be shipped to a compile worker: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:

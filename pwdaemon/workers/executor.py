@@ -26,14 +26,14 @@ class Executor(Protocol):
 
 
 class ProcessExecutor:
-    """The real executor: a pool of spawned worker processes."""
+    """The real executor: a pool of worker subprocesses (`workers.process`)."""
 
     def __init__(self, config: CompileConfig, env: dict[str, str] | None = None) -> None:
         self._pool = WorkerPool(
             config.workers,
             niceness=config.niceness,
             env=env or {},
-            start_method=config.start_method,
+            start_timeout=config.start_timeout_s,
         )
 
     @property

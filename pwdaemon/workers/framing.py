@@ -16,6 +16,7 @@ subprocess pipe, a socket and (through `read_frame_async`) an anyio stream.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -155,3 +156,15 @@ def file_reader(read: Callable[[int], bytes]) -> ReadExact:
         return b"".join(chunks)
 
     return read_exact
+
+
+def fd_writer(fd: int) -> Callable[[bytes], None]:
+    """`write_all(data)` to a file descriptor (a pipe may take a large frame in pieces)."""
+
+    def write_all(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    return write_all

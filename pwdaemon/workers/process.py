@@ -1,169 +1,367 @@
-"""Long-lived compile worker processes: spawned, kept warm, niced, killed when stuck.
+"""Long-lived compile worker processes: plain subprocesses, kept warm, niced, killed when stuck.
 
 Compiles run in other processes, never in a thread of the serving process: dynamo holds
 a global compile lock and Inductor config patches are process-global (DESIGN.md). Each
-worker imports torch once and then serves jobs over a pipe. A job that outlives its
-timeout, or a worker that dies, costs that worker: it is killed and replaced, and the
-job fails with a reason a person can read.
+worker is `python -m pwdaemon.workers.main` started with `subprocess`, not
+multiprocessing: spawn re-runs the user's `__main__` script in the child (a script
+without a main guard never gets a worker) and leaves a resource-tracker process and
+"leaked semaphore" warnings behind. Jobs and replies travel as `framing` frames over two
+pipes of their own.
+
+A job that outlives its timeout, or a worker that dies, costs that worker: its process
+group is killed and the pool replaces it; the job fails with a reason a person can read.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
-import multiprocessing as mp
 import os
+import select
 import signal
+import subprocess
+import sys
 import threading
-import traceback
+import time
 from collections.abc import Mapping
-from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from pwdaemon.workers.compiler import JobSpec
+from pwdaemon.workers.framing import Frame, FrameError, PeerClosed, encode, fd_writer, read_frame
 
-log = logging.getLogger("pwdaemon.worker")
+log = logging.getLogger(__name__)
+
+# Lowers the priority before anything imports torch: `python -m pwdaemon.workers.main`
+# would import the `pwdaemon` package (and torch, ~2 s of CPU) at full priority first.
+# `-P`: the user's working directory is not put on the worker's import path.
+_BOOTSTRAP = """\
+import os, sys
+nice = int(sys.argv.pop(1))
+if nice:
+    try:
+        os.nice(nice)
+    except OSError:
+        pass
+import runpy
+runpy.run_module("pwdaemon.workers.main", run_name="__main__", alter_sys=True)
+"""
+
+# The directory that holds the `pwdaemon` package, put first on the worker's PYTHONPATH
+# so that it imports the same pwdaemon as this process (a checkout, a path added at run
+# time) whatever its working directory.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_STOP = encode("stop")
+
+
+class Outcome(enum.StrEnum):
+    """Why a job produced no artifact (a str: compares equal to "failed", ...)."""
+
+    FAILED = "failed"  # the compile raised in the worker
+    CRASHED = "crashed"  # the worker died (or never started)
+    TIMEOUT = "timeout"  # the compile outlived its timeout; the worker was killed
+    CANCELLED = "cancelled"  # the pool was closed (detach) while the job ran
 
 
 class CompileError(Exception):
-    """A job did not produce an artifact; `outcome` is failed | crashed | timeout."""
+    """A job did not produce an artifact; `outcome` is an `Outcome`.
 
-    def __init__(self, outcome: str, reason: str) -> None:
+    `traceback` is the worker's traceback for a failed compile ("" otherwise).
+    """
+
+    def __init__(self, outcome: Outcome | str, reason: str, traceback: str = "") -> None:
+        outcome = Outcome(outcome)
         super().__init__(f"{outcome}: {reason}")
         self.outcome = outcome
         self.reason = reason
+        self.traceback = traceback
 
 
-def _worker_main(conn: Connection, niceness: int, env: Mapping[str, str]) -> None:
-    os.environ.update(env)
-    if niceness:
-        with contextlib.suppress(OSError):
-            os.nice(niceness)
-    # A Ctrl-C in the terminal belongs to the serving process; it stops us.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Imports paid once per worker, before it says ready, not inside the first job.
-    import torch
-    import torch._inductor.compile_fx
-    import torch._inductor.standalone_compile
-    import torch.fx._graph_pickler  # noqa: F401
+class _Deadline(Exception):
+    """No complete frame arrived before the deadline."""
 
-    from pwdaemon.workers.compiler import compile_job
 
-    conn.send(("ready", os.getpid()))
-    while True:
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
         try:
-            spec = conn.recv()
-        except (EOFError, OSError):
-            return
-        if spec is None:
-            return
-        try:
-            conn.send(("ok", compile_job(spec)))
-        except BaseException as exc:
-            tb = traceback.format_exc(limit=8)
-            conn.send(("error", f"{type(exc).__name__}: {exc}", tb))
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def _stdout_target() -> int:
+    # The worker's stdout: our stderr, so a stray print in a compile shows where warnings
+    # do; /dev/null when this process has no stderr (a daemon).
+    try:
+        os.fstat(2)
+    except OSError:
+        return subprocess.DEVNULL
+    return 2
 
 
 class Worker:
-    """One worker process and its pipe. Not thread-safe: one job at a time."""
+    """One worker process and its two pipes. One job at a time (the pool ensures it).
 
-    def __init__(self, ctx: Any, niceness: int, env: Mapping[str, str]) -> None:
-        self._ctx = ctx
+    Threads: `start` and `run` are called on a job thread; `stop`/`kill` may come from
+    another thread (a detach) at any time. Only the job thread closes the pipe fds while
+    it uses them; another thread only kills the process, which the job thread then sees
+    as the end of its pipe.
+    """
+
+    def __init__(self, niceness: int, env: Mapping[str, str]) -> None:
         self._niceness = niceness
         self._env = dict(env)
-        self.process: Any = None
-        self._conn: Connection | None = None
-        self._kill_lock = threading.Lock()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._job_fd = -1  # we write jobs here
+        self._result_fd = -1  # we read replies here
+        self._lock = threading.Lock()
+        self._busy = False
+        self._closing = False
+        self.start_seconds: float | None = None
 
-    def start(self, timeout: float = 120.0) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_worker_main,
-            args=(child, self._niceness, self._env),
-            daemon=True,
-            name="pwdaemon-worker",
+    # ---- start ---------------------------------------------------------------------
+
+    def _command(self, job_fd: int, result_fd: int) -> list[str]:
+        if not sys.executable:
+            raise CompileError(
+                Outcome.CRASHED,
+                "cannot start a compile worker: sys.executable is empty (embedded Python)",
+            )
+        return [
+            sys.executable,
+            "-P",
+            "-c",
+            _BOOTSTRAP,
+            str(self._niceness),
+            "--job-fd",
+            str(job_fd),
+            "--result-fd",
+            str(result_fd),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+
+    def _environ(self) -> dict[str, str]:
+        env = {**os.environ, **self._env}
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
+        return env
+
+    def start(self, timeout: float) -> None:
+        """Start the process and wait (at most `timeout` s) for its ready frame."""
+        t0 = time.monotonic()
+        job_r, job_w = os.pipe()
+        res_r, res_w = os.pipe()
+        try:
+            with self._lock:
+                if self._closing:
+                    raise CompileError(Outcome.CANCELLED, "worker pool is closed")
+                # The lock makes "closed" and "has a process" one step for stop(): a
+                # detach during start kills what we start, never leaves it running.
+                self.process = subprocess.Popen(
+                    self._command(job_r, res_w),
+                    stdin=subprocess.DEVNULL,
+                    stdout=_stdout_target(),
+                    env=self._environ(),
+                    pass_fds=(job_r, res_w),
+                    # Own session: a Ctrl-C or hang-up of the terminal goes to the serving
+                    # process, which stops us; and one killpg also takes any processes
+                    # Inductor starts inside a worker.
+                    start_new_session=True,
+                )
+                self._job_fd, self._result_fd = job_w, res_r
+                self._busy = True
+        except BaseException as exc:
+            os.close(job_w)
+            os.close(res_r)
+            if isinstance(exc, OSError):
+                raise CompileError(
+                    Outcome.CRASHED, f"cannot start a compile worker: {exc}"
+                ) from exc
+            raise
+        finally:
+            os.close(job_r)
+            os.close(res_w)
+        try:
+            frame = self._read(time.monotonic() + timeout)
+        except _Deadline:
+            self._fail_start()
+            raise CompileError(
+                Outcome.CRASHED, f"worker did not start within {timeout:g} s"
+            ) from None
+        except (PeerClosed, FrameError, OSError) as exc:
+            code = self._fail_start()
+            if self._closing:
+                raise CompileError(Outcome.CANCELLED, "worker start interrupted") from exc
+            raise CompileError(
+                Outcome.CRASHED, f"worker exited at start ({_exit_text(code)}): {exc}"
+            ) from exc
+        if frame.type != "ready":
+            self._fail_start()
+            reason = frame.get("reason", frame.type)
+            raise CompileError(
+                Outcome.CRASHED, f"worker failed to start: {reason}", frame.get("traceback", "")
+            )
+        with self._lock:
+            self._busy = False
+        self.start_seconds = time.monotonic() - t0
+        log.debug(
+            "compile worker %s ready in %.2f s (imports and set-up %.2f s)",
+            self.pid,
+            self.start_seconds,
+            float(frame.get("start_s", 0.0)),
         )
-        proc.start()
-        child.close()
-        self.process, self._conn = proc, parent
-        # close() on another thread (a detach) may shut the pipe while we wait: that is
-        # an OSError here, reported as a failed start, never an unhandled error.
-        try:
-            started = parent.poll(timeout)
-        except OSError as exc:
-            self.kill()
-            raise CompileError("cancelled", f"worker start interrupted: {exc}") from exc
-        if not started:
-            self.kill()
-            raise CompileError("crashed", f"worker did not start within {timeout:.0f} s")
-        try:
-            parent.recv()
-        except (EOFError, OSError) as exc:
-            self.kill()
-            raise CompileError("crashed", f"worker exited at start (code {proc.exitcode})") from exc
+
+    def _fail_start(self) -> int | None:
+        code = self.kill()
+        self._close_fds()
+        return code
+
+    # ---- jobs ----------------------------------------------------------------------
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+        return self.process is not None and self.process.poll() is None
 
     def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
-        """Run one job; raises CompileError. Blocking: call from a worker thread."""
-        conn = self._conn
-        if conn is None or not self.alive():
-            raise CompileError("crashed", "worker is not running")
+        """Run one job; raises CompileError. Blocking: call from a job thread.
+
+        `timeout` bounds the compile only: the worker has started (and paid its imports)
+        before a job is given to it.
+        """
         try:
-            conn.send(spec)
-            if not conn.poll(timeout):
-                self.kill()
-                raise CompileError("timeout", f"compile did not finish within {timeout:g} s")
-            msg = conn.recv()
-        except (EOFError, OSError, BrokenPipeError) as exc:
-            code = self.process.exitcode if self.process is not None else None
-            if self.process is not None:
-                self.process.join(5)
-                code = self.process.exitcode
+            data = spec.to_frame()
+        except (TypeError, ValueError) as exc:
+            raise CompileError(Outcome.FAILED, f"job cannot be sent to a worker: {exc}") from exc
+        with self._lock:
+            if self._closing:
+                raise CompileError(Outcome.CANCELLED, "worker pool is closed")
+            if self.process is None or self._result_fd < 0 or self.process.poll() is not None:
+                raise CompileError(Outcome.CRASHED, "worker is not running")
+            self._busy = True
+        try:
+            return self._exchange(data, spec, timeout)
+        finally:
+            with self._lock:
+                self._busy = False
+            if not self.alive():
+                self._close_fds()
+
+    def _exchange(self, data: bytes, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        try:
+            fd_writer(self._job_fd)(data)
+            frame = self._read(time.monotonic() + timeout)
+        except _Deadline:
             self.kill()
-            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit {code}"
-            raise CompileError("crashed", f"worker died mid-job ({how})") from exc
-        if msg[0] == "ok":
-            result: dict[str, Any] = msg[1]
-            return result
-        raise CompileError("failed", msg[1])
+            raise CompileError(
+                Outcome.TIMEOUT, f"compile did not finish within {timeout:g} s"
+            ) from None
+        except (PeerClosed, FrameError, OSError) as exc:
+            # EOF or a broken pipe: the worker died (or was killed by a detach). A frame
+            # error means it wrote garbage on the channel: it cannot be trusted either.
+            code = self.kill()
+            if self._closing:
+                raise CompileError(Outcome.CANCELLED, "worker pool closed mid-job") from exc
+            detail = f": {exc}" if isinstance(exc, FrameError) else ""
+            raise CompileError(
+                Outcome.CRASHED, f"worker died mid-job ({_exit_text(code)}){detail}"
+            ) from exc
+        if frame.type == "result":
+            return {"path": str(frame.get("path")), "seconds": float(frame.get("seconds", 0.0))}
+        reason = str(frame.get("reason", f"unexpected reply {frame.type!r}"))
+        tb = str(frame.get("traceback", ""))
+        log.info("compile of %s failed in worker %s:\n%s", spec.target.label, self.pid, tb)
+        raise CompileError(Outcome.FAILED, reason, tb)
+
+    def _read(self, deadline: float) -> Frame:
+        fd = self._result_fd
+        poller = select.poll()  # poll, not select: fds past 1024 in a busy server
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+        def read_exact(n: int) -> bytes:
+            chunks: list[bytes] = []
+            left = n
+            while left > 0:
+                wait_ms = (deadline - time.monotonic()) * 1000
+                if wait_ms <= 0 or not poller.poll(max(1, int(wait_ms))):
+                    raise _Deadline
+                chunk = os.read(fd, left)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+
+        return read_frame(read_exact)
+
+    # ---- stop ----------------------------------------------------------------------
 
     def stop(self, timeout: float = 5.0) -> None:
-        conn, proc = self._conn, self.process
-        if conn is not None:
-            with contextlib.suppress(OSError, BrokenPipeError):
-                conn.send(None)
-        if proc is not None:
-            proc.join(timeout)
+        """Ask an idle worker to exit (kill a busy one); never leaves a process behind."""
+        with self._lock:
+            self._closing = True
+            busy, proc = self._busy, self.process
+        if proc is None:
+            return
+        if not busy and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                fd_writer(self._job_fd)(_STOP)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout)
         self.kill()
+        if not busy:
+            self._close_fds()
+        # A busy worker's job thread sees its pipe end and closes the fds itself.
 
-    def kill(self) -> None:
-        # Called from the job's thread and from close() on another: idempotent.
-        with self._kill_lock:
-            proc, conn = self.process, self._conn
-            self._conn = None
-            if proc is not None and proc.is_alive():
-                proc.kill()
-                proc.join(10)
-            if conn is not None:
+    def kill(self) -> int | None:
+        """SIGKILL the worker's process group and reap it; returns its exit code.
+
+        Safe from any thread, idempotent.
+        """
+        proc = self.process
+        if proc is None:
+            return None
+        # The whole group: processes Inductor started inside the worker go too. The
+        # group exists as long as any member does, even after the worker was reaped.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            return proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL not delivered
+            log.warning("compile worker %s did not die within 10 s of SIGKILL", proc.pid)
+            return None
+
+    def _close_fds(self) -> None:
+        with self._lock:
+            fds = (self._job_fd, self._result_fd)
+            self._job_fd = self._result_fd = -1
+        for fd in fds:
+            if fd >= 0:
                 with contextlib.suppress(OSError):
-                    conn.close()
+                    os.close(fd)
 
 
 class WorkerPool:
     """A fixed number of warm workers; a dead one is replaced on its next job."""
 
     def __init__(
-        self, size: int, *, niceness: int, env: Mapping[str, str], start_method: str = "spawn"
+        self,
+        size: int,
+        *,
+        niceness: int,
+        env: Mapping[str, str],
+        start_timeout: float = 120.0,
     ) -> None:
-        self._ctx = mp.get_context(start_method)
         self._niceness = niceness
         self._env = dict(env)
+        self._start_timeout = start_timeout
         self._idle: list[Worker] = []
         self._all: list[Worker] = []
         self._lock = threading.Lock()
@@ -172,24 +370,34 @@ class WorkerPool:
         self.closed = False
 
     def _new(self) -> Worker:
-        w = Worker(self._ctx, self._niceness, self._env)
+        w = Worker(self._niceness, self._env)
         with self._lock:
+            if self.closed:
+                raise CompileError(Outcome.CANCELLED, "worker pool is closed")
             self._all.append(w)
-        w.start()
+        try:
+            w.start(self._start_timeout)
+        except CompileError:
+            with self._lock:
+                if w in self._all:
+                    self._all.remove(w)
+            raise
         return w
 
     def checkout(self) -> Worker:
         """An idle warm worker, a restarted one, or a new one (blocking)."""
         with self._lock:
             if self.closed:
-                raise CompileError("cancelled", "worker pool is closed")
+                raise CompileError(Outcome.CANCELLED, "worker pool is closed")
             w = self._idle.pop() if self._idle else None
         if w is not None and w.alive():
             return w
         if w is not None:
             with self._lock:
                 self.restarts += 1
-                self._all.remove(w)
+                if w in self._all:
+                    self._all.remove(w)
+            w.kill()
         return self._new()
 
     def checkin(self, w: Worker) -> None:

@@ -1,0 +1,253 @@
+"""Real worker subprocesses: jobs, timeouts, crashes, scripts without a main guard, and
+graphs of real models shipped to a worker and compiled there.
+
+Compiled outputs are compared with the eager graph within atol=rtol=1e-4 (float32;
+Inductor may reorder reductions). Nothing here sleeps to synchronise: every wait is on a
+pipe, a process or a condition, with a generous bound for a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from pwdaemon.config import CompileConfig
+from pwdaemon.serving.range_table import Target
+from pwdaemon.workers.compiler import (
+    JobSpec,
+    dump_graph,
+    load_artifact,
+)
+from pwdaemon.workers.executor import ProcessExecutor
+from pwdaemon.workers.process import CompileError, Outcome
+
+TOL: dict[str, Any] = {"atol": 1e-4, "rtol": 1e-4}
+_HAS_SHAPE_ID = "shape_id" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+class Recorded:
+    """Graphs dynamo captured, and each piece's calls: (flat args, eager outputs)."""
+
+    def __init__(self) -> None:
+        self.gms: list[torch.fx.GraphModule] = []
+        self.calls: list[list[tuple[list[Any], Any]]] = []
+
+    def backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        index = len(self.gms)
+        self.gms.append(gm)
+        self.calls.append([])
+
+        def run(*args: Any) -> Any:
+            out = gm.forward(*args)
+            kept = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            self.calls[index].append((kept, out))
+            return out
+
+        return run
+
+
+def _mark(t: torch.Tensor) -> None:
+    # As pwdaemon's tracer marks the size: unbacked, one symbol for every input.
+    if _HAS_SHAPE_ID:
+        torch._dynamo.decorators.mark_unbacked(t, 0, shape_id="pwdaemon_test_size")
+    else:
+        torch._dynamo.decorators.mark_unbacked(t, 0)
+
+
+def capture(fn: Callable[..., Any], calls: list[dict[str, torch.Tensor]]) -> Recorded:
+    rec = Recorded()
+    compiled = torch.compile(fn, backend=rec.backend)
+    for kwargs in calls:
+        for t in kwargs.values():
+            _mark(t)
+        compiled(**kwargs)
+    return rec
+
+
+def _flat(o: Any) -> list[torch.Tensor]:
+    if isinstance(o, torch.Tensor):
+        return [o]
+    if isinstance(o, list | tuple):
+        return [t for x in o for t in _flat(x)]
+    return []
+
+
+def assert_matches(got: Any, expected: Any) -> None:
+    got_t, exp_t = _flat(got), _flat(expected)
+    assert len(got_t) == len(exp_t) > 0
+    for g, e in zip(got_t, exp_t, strict=True):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.lin(x)))
+
+
+@pytest.fixture
+def mlp_graph() -> Recorded:
+    torch.manual_seed(0)
+    model = MLP().eval()
+    return capture(lambda x: model(x), [{"x": torch.randn(4, 16)}, {"x": torch.randn(7, 16)}])
+
+
+@pytest.fixture
+def executor() -> Iterator[ProcessExecutor]:
+    ex = ProcessExecutor(CompileConfig(workers=1, start_timeout_s=300))
+    ex.start()
+    try:
+        yield ex
+    finally:
+        pids = ex.pids()
+        ex.close(5.0)
+        for pid in pids:
+            assert not _running(pid), f"worker {pid} outlived close()"
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def _size_of(args: list[Any]) -> int:
+    # The size symbol is a graph input of its own (an int at call time).
+    (size,) = {a for a in args if isinstance(a, int)}
+    return size
+
+
+def _job(graph: bytes, target: Target, tmp: Path, fault: str | None = None) -> JobSpec:
+    return JobSpec(graph, target, str(tmp / f"{target.label.replace(':', '_')}.bin"), {}, fault)
+
+
+# ---- the worker protocol on real processes ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_jobs_compile_in_a_worker_and_match_eager(
+    executor: ProcessExecutor, mlp_graph: Recorded, tmp_path: Path
+) -> None:
+    (gm,) = mlp_graph.gms
+    graph = dump_graph(gm, "MLP graph 0")
+    (pid,) = executor.pids()
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    for target in (Target.size(7), Target.general()):
+        result = executor.run(_job(graph, target, tmp_path), timeout=600)
+        assert result["seconds"] > 0 and Path(result["path"]).is_file()
+        runnable = load_artifact(result["path"])
+        for args, expected in mlp_graph.calls[0]:
+            if target.kind.value == "size" and _size_of(args) != 7:
+                continue
+            assert_matches(runnable(*args), expected)
+    assert executor.pids() == [pid] and executor.restarts == 0
+
+
+@pytest.mark.slow
+def test_a_timeout_kills_the_worker_and_the_pool_replaces_it(
+    executor: ProcessExecutor, mlp_graph: Recorded, tmp_path: Path
+) -> None:
+    graph = dump_graph(mlp_graph.gms[0])
+    (old,) = executor.pids()
+    # An injected hang never finishes, so the timeout fires however fast the machine is.
+    with pytest.raises(CompileError) as info:
+        executor.run(_job(graph, Target.size(4), tmp_path, "hang"), timeout=1.5)
+    assert info.value.outcome is Outcome.TIMEOUT and info.value.outcome == "timeout"
+    assert info.value.reason == "compile did not finish within 1.5 s"
+    assert not _running(old)
+    (new,) = executor.pids()  # replaced at once, started before the next job
+    assert new != old and _running(new) and executor.restarts == 1
+    result = executor.run(_job(graph, Target.size(4), tmp_path), timeout=600)
+    assert Path(result["path"]).is_file() and executor.pids() == [new]
+
+
+@pytest.mark.slow
+def test_a_crash_and_a_raise_are_reported_with_reasons(
+    executor: ProcessExecutor, mlp_graph: Recorded, tmp_path: Path
+) -> None:
+    graph = dump_graph(mlp_graph.gms[0])
+    (first,) = executor.pids()
+    with pytest.raises(CompileError) as info:
+        executor.run(_job(graph, Target.size(4), tmp_path, "raise"), timeout=600)
+    assert info.value.outcome is Outcome.FAILED
+    assert info.value.reason == "RuntimeError: injected compile failure"
+    assert "compile_job" in info.value.traceback
+    assert executor.pids() == [first]  # a compile that raises costs no worker
+    with pytest.raises(CompileError) as info:
+        executor.run(_job(graph, Target.size(4), tmp_path, "crash"), timeout=600)
+    assert info.value.outcome is Outcome.CRASHED
+    assert info.value.reason == "worker died mid-job (killed by signal 9 (SIGKILL))"
+    assert not _running(first)
+    assert len(executor.pids()) == 1 and executor.pids() != [first]
+    assert executor.restarts == 1
+
+
+@pytest.mark.slow
+def test_stray_output_in_the_worker_does_not_break_the_channel(
+    mlp_graph: Recorded, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # A sitecustomize that writes to stdout (fd 1 and sys.stdout) at start and from a
+    # thread throughout the worker's life, as a chatty library would.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        textwrap.dedent(
+            """
+            import os, sys, threading
+            print("noise at start")
+            os.write(1, b"PWDF raw noise\\n")
+            stop = threading.Event()
+            def chatter():
+                while not stop.wait(0.005):
+                    os.write(1, b"PWDF\\x00\\x01 noise from a thread\\n")
+            threading.Thread(target=chatter, daemon=True).start()
+            """
+        )
+    )
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    ex = ProcessExecutor(CompileConfig(workers=1, start_timeout_s=300), env)
+    try:
+        ex.start()
+        result = ex.run(_job(dump_graph(mlp_graph.gms[0]), Target.size(4), tmp_path), 600)
+        assert_matches(
+            load_artifact(result["path"])(*mlp_graph.calls[0][0][0]), mlp_graph.calls[0][0][1]
+        )
+        assert ex.restarts == 0
+    finally:
+        ex.close(5.0)
+    # The noise was really written (to the worker's stdout, which is our stderr).
+    err = capfd.readouterr().err
+    assert "noise at start" in err and "noise from a thread" in err
