@@ -9,7 +9,10 @@ pipe, a process or a condition, with a generous bound for a loaded 2-core machin
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import subprocess
+import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -251,3 +254,86 @@ def test_stray_output_in_the_worker_does_not_break_the_channel(
     # The noise was really written (to the worker's stdout, which is our stderr).
     err = capfd.readouterr().err
     assert "noise at start" in err and "noise from a thread" in err
+
+
+# ---- scripts without a main guard ------------------------------------------------------
+
+# Top-level code only, as in most scripts and quick tests: with multiprocessing's spawn,
+# every worker re-ran this file and never reported ready.
+_SCRIPT = """\
+import copy, json, os, sys
+import torch
+import pwdaemon as pwd
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+        self.norm = torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.lin(x)))
+
+def children():
+    out = []
+    for e in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                if e.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    out.append(int(e))
+        except OSError:
+            pass
+    return out
+
+torch.manual_seed(0)
+model = MLP().eval()
+reference = copy.deepcopy(model)
+compiler = pwd.CompileConfig(workers=1, general=False, start_timeout_s=300)
+h = pwd.attach(model, sizes=[3], compiler=compiler, store=False)
+x = torch.randn(3, 16)
+with torch.no_grad():
+    model(x)
+    specialized = h.wait(sizes=[3], timeout=500)
+    tier = str(h.table().lookup(3).tier.value)
+    max_diff = float((model(x) - reference(x)).abs().max())
+workers = list(h.status().worker_pids)
+h.detach()
+print(json.dumps({"specialized": specialized, "tier": tier, "max_diff": max_diff,
+                  "workers": workers, "children": children(), "pid": os.getpid()}))
+"""
+
+
+def _worker_processes_of(parent: int) -> list[int]:
+    # Any pwdaemon worker started by `parent`, wherever it was reparented to.
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"pwdaemon.workers.main" in b" ".join(argv) and str(parent).encode() in argv:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["script", "python -c"])
+def test_a_script_without_a_main_guard_gets_workers_and_leaves_nothing(
+    how: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "serve.py"
+    script.write_text(_SCRIPT)
+    argv = [sys.executable, str(script)] if how == "script" else [sys.executable, "-c", _SCRIPT]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=590)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["specialized"] is True and report["tier"] == "size", proc.stderr[-4000:]
+    assert report["max_diff"] <= 1e-4  # atol of the other comparisons here
+    assert len(report["workers"]) == 1
+    assert report["children"] == []  # nothing left after detach, not even a zombie
+    assert _worker_processes_of(report["pid"]) == []  # nor reparented after exit
+    for noise in ("leaked semaphore", "resource_tracker", "Traceback", "Exception ignored"):
+        assert noise not in proc.stderr, proc.stderr[-4000:]
