@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 _RECV_CHUNK = 1 << 16
 _STORE_STATS_EVERY_S = 10.0
+_RELOAD_DEBOUNCE_S = 0.3
 
 
 @dataclass(eq=False)
@@ -190,6 +191,7 @@ class Service:
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self._listener: anyio.abc.SocketListener | None = None
         self._accept_scope: anyio.CancelScope | None = None
+        self._reload_generation = 0
 
     @staticmethod
     def _allow_list(config: ServiceConfig) -> AllowList:
@@ -313,8 +315,16 @@ class Service:
             return None
 
     def _schedule_reload(self) -> None:
+        # Debounced: one save is several events (truncate, write, close), and reading
+        # between them would see a half-written file.
+        self._reload_generation += 1
         if self._tg is not None:
-            self._tg.start_soon(self.reload)
+            self._tg.start_soon(self._reload_when_quiet, self._reload_generation)
+
+    async def _reload_when_quiet(self, generation: int) -> None:
+        await anyio.sleep(_RELOAD_DEBOUNCE_S)
+        if generation == self._reload_generation:
+            await self.reload()
 
     async def reload(self) -> ReloadOutcome:
         outcome, config = await anyio.to_thread.run_sync(self.configs.reload)
