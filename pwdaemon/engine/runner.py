@@ -29,7 +29,7 @@ from pwdaemon.engine.switch_interval import gil_friendly
 from pwdaemon.serving.range_table import TargetKind
 from pwdaemon.serving.trace import wrap_compiled
 from pwdaemon.store import ArtifactKey
-from pwdaemon.workers.compiler import JobSpec, dump_graph, load_artifact
+from pwdaemon.workers.compiler import JobSpec, UnshippableGraphError, dump_graph, load_artifact
 from pwdaemon.workers.executor import Executor
 from pwdaemon.workers.process import CompileError
 
@@ -95,6 +95,8 @@ class Runner:
         self._tg: anyio.abc.TaskGroup | None = None
         self._executor_ready: anyio.Event | None = None
         self._executor_starting = False
+        # Pieces whose graph cannot be shipped to a worker, and why (tried once each).
+        self._unshippable: dict[int, str] = {}
 
     # ---- workers -------------------------------------------------------------------
 
@@ -192,8 +194,14 @@ class Runner:
         job.state, job.reason = JobState.COMPILING, None
         job.attempts += 1
         name = f"g{job.piece.index}-{job.target.label.replace(':', '_')}-{job.attempts}.bin"
+        try:
+            graph = await self._graph_bytes(st)
+        except UnshippableGraphError as exc:
+            # No retry can ship it: give the job up now, with the reason.
+            self.publisher.fail(job, "failed", str(exc), retry=False)
+            return
         spec = JobSpec(
-            await self._graph_bytes(st),
+            graph,
             job.target,
             str(self.workdir / name),
             dict(self.config.options),
@@ -233,7 +241,17 @@ class Runner:
     async def _graph_bytes(self, st: PieceState) -> bytes:
         # Pickled once per piece, on a thread (GraphPickler takes a while on big graphs).
         if st.graph_bytes is None:
-            st.graph_bytes = await anyio.to_thread.run_sync(dump_graph, st.piece.gm)
+            index = st.piece.index
+            if index in self._unshippable:
+                raise UnshippableGraphError(self._unshippable[index])
+            try:
+                st.graph_bytes = await anyio.to_thread.run_sync(
+                    dump_graph, st.piece.gm, f"graph piece {index} of {self.name}"
+                )
+            except UnshippableGraphError as exc:
+                self._unshippable[index] = str(exc)
+                log.warning("pwdaemon: %s; it keeps serving as it does now", exc)
+                raise
         return st.graph_bytes
 
 
