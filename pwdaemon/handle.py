@@ -66,6 +66,10 @@ class Handle:
         # Samples are recorded for output validation; caller-owned tensors are told
         # apart from the model's own state by identity.
         piece.dispatcher.record_samples = self.options.compiler.validate
+        if not self.options.compiler.validate:
+            # The tracer may hand a piece over after calls ran through its dispatcher;
+            # inputs recorded meanwhile serve no validation: free them.
+            piece.dispatcher.samples.clear()
         piece.dispatcher.state_ids = frozenset(
             id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())
         )

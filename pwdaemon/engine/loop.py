@@ -21,6 +21,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
@@ -125,6 +126,7 @@ class Engine:
         self._main_future: Any = None
         self._closing: anyio.Event | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        self._loop_thread: int | None = None
 
     # ---- counters read by tests, the bench and the metrics (same objects) -----------
 
@@ -214,6 +216,7 @@ class Engine:
             self._closing.set()
 
     async def _main(self) -> None:
+        self._loop_thread = threading.get_ident()
         self._closing = anyio.Event()
         self.queue.bind()
         async with anyio.create_task_group() as tg:
@@ -314,6 +317,12 @@ class Engine:
 
     def status(self) -> HandleStatus:
         """Per graph piece: table version and every entry's tier, state, hits, timings."""
+        if self._new_pieces and threading.get_ident() != self._loop_thread:
+            # Traced but not planned yet (the next tick would): plan them now, so a status
+            # taken right after a call shows the pieces that call traced. Not on the loop
+            # thread (a callback asking for status), where a portal call would deadlock.
+            with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                self.flush()
         return report.status(
             self.name,
             self._pieces,

@@ -350,3 +350,25 @@ def test_inject_fault_rejects_what_would_inject_nothing(
             inject_fault(h, label, fault, times=times)
     finally:
         h.detach()
+
+
+def test_status_right_after_the_first_call_shows_its_pieces(mlp: nn.Module) -> None:
+    # Pieces are planned by the engine's tick; a slow tick must not hide them from a
+    # status taken as soon as the call that traced them returns.
+    gate = threading.Event()
+    slow = pwd.PolicyConfig(hot_calls=2, tick_s=3600)  # no tick after the first one
+    h = pwd.attach(
+        mlp,
+        sizes=[5],
+        policy=slow,
+        compiler=_compiler(),
+        executor=FakeExecutor(gate=gate),
+        store=False,
+    )
+    try:
+        _call_sizes(mlp, [5])
+        entries = {e.target: e for e in h.status().pieces[0].entries}
+        assert entries["size:5"].state in ("queued", "compiling")
+    finally:
+        gate.set()
+        h.detach()
