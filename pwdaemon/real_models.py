@@ -192,3 +192,32 @@ def model_spec(name: str, preset: str = "tiny") -> ModelSpec:
         return _SPECS[name](preset)
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_NAMES)}") from None
+
+
+# Importable factories for the command line (`pwdaemon doctor pwdaemon.real_models:bert
+# --inputs pwdaemon.real_models:bert_inputs`, `pwdaemon warm ...`): CPU, float32, tiny.
+_CPU = torch.device("cpu")
+
+
+def _factory(name: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        return model_spec(name).build(_CPU, torch.float32)
+
+    build.__name__ = name
+    return build
+
+
+def _inputs(name: str) -> Callable[[int], Inputs]:
+    def make(batch: int) -> Inputs:
+        return model_spec(name).inputs(batch, _CPU, torch.float32)
+
+    make.__name__ = f"{name}_inputs"
+    return make
+
+
+bert, bert_inputs = _factory("bert"), _inputs("bert")
+gpt2, gpt2_inputs = _factory("gpt2"), _inputs("gpt2")
+llama, llama_inputs = _factory("llama"), _inputs("llama")
+sequential, sequential_inputs = _factory("sequential"), _inputs("sequential")
+transformer_encoder = _factory("transformer_encoder")
+transformer_encoder_inputs = _inputs("transformer_encoder")

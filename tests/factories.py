@@ -14,3 +14,14 @@ def small_mlp() -> nn.Module:
 
 def small_inputs(n: int) -> torch.Tensor:
     return torch.randn(n, 16)
+
+
+class Identity(nn.Module):
+    """Does no tensor work: dynamo has nothing to trace (the doctor must say so)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def identity() -> nn.Module:
+    return Identity()

@@ -1,4 +1,4 @@
-"""The `pwdaemon` command line: `demo`, `cache ls|verify|gc|clear`, `warm`, `--version`.
+"""The `pwdaemon` command line: `demo`, `cache`, `warm`, `doctor`, the service, `--version`.
 
 Each subcommand registers itself on the parser and sets `func`, which takes the parsed
 namespace and returns the exit code.
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from pwdaemon import __version__
 from pwdaemon.cli.cache import add_cache_parser
+from pwdaemon.cli.doctor import add_doctor_parser
 from pwdaemon.cli.service import add_service_parsers
 from pwdaemon.cli.warm import add_warm_parser
 from pwdaemon.demo.args import add_demo_parser
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(subparsers)
     add_cache_parser(subparsers)
     add_warm_parser(subparsers)
+    add_doctor_parser(subparsers)
     add_service_parsers(subparsers)
     return parser
 
