@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 _SOURCE = "def {name}(*args, **kwargs):\n    return model._call_impl(*args, **kwargs)\n"
-# The entry's globals say it is not torch's: dynamo's skip rules look at the module name.
-_MODULE = "pwdaemon_entry"
+# The entry's globals name this module: not torch's (dynamo's skip rules look at the
+# module name), and importable (torch 2.11's dynamo imports the module a traced frame's
+# globals name; a made-up name raised ModuleNotFoundError there and every call ran eager).
+_MODULE = __name__
 _ids = itertools.count()
 
 
