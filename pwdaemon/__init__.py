@@ -20,9 +20,8 @@ from pwdaemon.handle import AlreadyAttachedError, Handle, attach
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import Dispatcher
 from pwdaemon.serving.range_table import Entry, Range, RangeTable, Target, Tier
+from pwdaemon.version import __version__ as __version__
 from pwdaemon.workers.prewarm import prewarm
-
-__version__ = "0.1.0"
 
 __all__ = (
     "AlreadyAttachedError",

@@ -10,12 +10,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pwdaemon import __version__
 from pwdaemon.cli.cache import add_cache_parser
 from pwdaemon.cli.doctor import add_doctor_parser
 from pwdaemon.cli.service import add_service_parsers
 from pwdaemon.cli.warm import add_warm_parser
 from pwdaemon.demo.args import add_demo_parser
+from pwdaemon.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,6 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
-from pwdaemon import __version__
 from pwdaemon.config import CompileConfig
 from pwdaemon.service.config import ConfigManager, ConfigWatcher, ReloadOutcome, ServiceConfig
 from pwdaemon.service.credentials import AllowList, check_peer
@@ -56,6 +55,7 @@ from pwdaemon.service.protocol import (
 )
 from pwdaemon.service.queue import JobQueue, ServiceJob
 from pwdaemon.store import ArtifactStore, UnsafeStoreError
+from pwdaemon.version import __version__
 from pwdaemon.workers.compiler import JobSpec
 from pwdaemon.workers.executor import Executor, ProcessExecutor
 from pwdaemon.workers.framing import Frame, FrameError, PeerClosed, read_frame_async

@@ -21,7 +21,7 @@ PACKAGE = REPO / "pwdaemon"
 README = REPO / "README.md"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("serving", "metrics", "models", "real_models"),  # call path; metric data; models
+    ("serving", "metrics", "models", "real_models", "version"),  # call path; data; models
     ("config",),  # typed, validated knobs
     ("store", "workers"),  # artifacts on disk; compile processes
     ("engine", "service"),  # per-model background loop; the host compile service
