@@ -23,6 +23,7 @@ from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
 from pwdaemon.engine.options import AttachOptions, TraceMode
 from pwdaemon.engine.store_link import StoreLink
+from pwdaemon.service.client import ServiceChoice, executor_for
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
@@ -208,6 +209,7 @@ def attach(
     watch_store: bool = True,
     graphs: GraphConfig | None = None,
     trace: str = "inline",
+    service: ServiceChoice = "auto",
 ) -> Handle:
     """Serve `model` through pwdaemon; callers keep calling `model(...)`.
 
@@ -228,6 +230,10 @@ def attach(
       it) or "background" (calls run the plain module until dynamo has traced a copy of
       the first call's inputs on another thread: the first request costs what eager
       costs).
+    - `service`: where compiles run. "auto" (default): the host's `pwdaemon serve` when
+      its socket (`PWDAEMON_SOCKET`, else /run/pwdaemon/pwdaemon.sock) answers now, else
+      embedded worker processes; a socket path or True: that service, compiling embedded
+      while it is away; False: embedded only. Ignored when `executor` is given.
 
     Every argument is parsed and checked here, into one `AttachOptions`, before the
     model or the store is touched: a bad value raises and changes nothing.
@@ -258,6 +264,10 @@ def attach(
     link = _store_link(store, compiler)
     if link is not None:
         options = dataclasses.replace(options, store=link)
+    if executor is None and compile:
+        # One connect() to the service's socket at most: a missing socket fails at once.
+        env = link.store.inductor_env() if link is not None else {}
+        options = dataclasses.replace(options, executor=executor_for(service, compiler, env))
     handle = Handle(model, options)
     handle._attach()
     if metrics_port is not None:

@@ -31,7 +31,7 @@ from pwdaemon.serving.trace import wrap_compiled
 from pwdaemon.store import ArtifactKey
 from pwdaemon.workers.compiler import JobSpec, UnshippableGraphError, dump_graph, load_artifact
 from pwdaemon.workers.executor import Executor
-from pwdaemon.workers.process import CompileError
+from pwdaemon.workers.process import CompileError, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,9 @@ class Runner:
         try:
             await anyio.to_thread.run_sync(self.executor.start, abandon_on_cancel=True)
         except CompileError as exc:
-            log.warning("pwdaemon: compile workers did not start: %s", exc)
+            # A detach while workers start closes the pool under them: expected, not news.
+            level = logging.DEBUG if exc.outcome == Outcome.CANCELLED else logging.WARNING
+            log.log(level, "pwdaemon: compile workers did not start: %s", exc)
         finally:
             self._executor_ready.set()
 

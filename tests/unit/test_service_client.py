@@ -127,3 +127,44 @@ def test_auto_uses_a_service_that_answers(tmp_path: Path, monkeypatch: pytest.Mo
     t.join(10)
     server.close()
     assert isinstance(chosen, ServiceExecutor) and chosen.socket_path == path
+
+
+def test_attach_uses_the_service_that_answers_and_embedded_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import pwdaemon as pwd
+
+    path = str(tmp_path / "s.sock")
+    monkeypatch.setenv("PWDAEMON_SOCKET", path)
+    h = pwd.attach(torch.nn.Linear(4, 4), store=False)  # "auto", nobody listening
+    try:
+        assert isinstance(h.engine.executor, ProcessExecutor)
+    finally:
+        h.detach()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+
+    def pong() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(reply(MessageType.PONG, pid=1, store=str(tmp_path)))
+
+    t = threading.Thread(target=pong)
+    t.start()
+    h = pwd.attach(torch.nn.Linear(4, 4), store=False)
+    t.join(10)
+    server.close()
+    try:
+        assert isinstance(h.engine.executor, ServiceExecutor)
+        assert h.engine.executor.socket_path == path
+    finally:
+        h.detach()
+    h = pwd.attach(torch.nn.Linear(4, 4), store=False, service=False)
+    try:
+        assert isinstance(h.engine.executor, ProcessExecutor)
+    finally:
+        h.detach()
