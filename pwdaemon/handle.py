@@ -123,12 +123,20 @@ class Handle:
         """Call `callback(event)` once every planned compile has ended (live or failed)."""
         self.engine.on_plan_complete(callback)
 
-    def wait(self, sizes: Iterable[int] | None = None, timeout: float | None = None) -> bool:
-        """Block until `sizes` serve specialized (or, without sizes, the plan completes).
+    def wait(
+        self,
+        sizes: Iterable[int] | None = None,
+        timeout: float | None = None,
+        tier: Tier | None = None,
+    ) -> bool:
+        """Block until `sizes` serve at `tier` (or, without sizes, the plan completes).
 
-        True when done; False on timeout or when a wanted size failed or was dropped.
+        `tier`: `Tier.SIZE` (compiled for the size), `Tier.GRAPH` (its CUDA graph), or
+        None (default) for the best tier the device supports: the CUDA graph on a GPU
+        with graphs enabled, else the compiled size. True when done; False on timeout,
+        or at once when a wanted size was given up at that tier.
         """
-        return self.engine.wait(sizes, timeout)
+        return self.engine.wait(sizes, timeout, tier)
 
     def status(self) -> HandleStatus:
         """Per graph piece: table version and every entry's tier, state, hits, timings."""

@@ -9,6 +9,7 @@ thread, and the loop waits for it on a worker thread (never blocking the loop).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -19,14 +20,21 @@ import torch
 from pwdaemon.engine.jobs import Job, JobSource, JobState, PieceState
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import piece_device
-from pwdaemon.serving.cudagraph import GraphConfig, GraphPool
+from pwdaemon.serving.cudagraph import (
+    CudaGraphRunnable,
+    GraphConfig,
+    GraphPool,
+    NothingToCapture,
+)
 from pwdaemon.serving.cudagraph import capture as capture_graph
 from pwdaemon.serving.inputs import is_caller_tensor
-from pwdaemon.serving.range_table import Range, TargetKind, Tier
+from pwdaemon.serving.range_table import Range, Target, TargetKind, Tier
 from pwdaemon.serving.trace import GraphPiece
 
 if TYPE_CHECKING:  # publish.py imports `wants_graph` from here
     from pwdaemon.engine.publish import Publisher
+
+log = logging.getLogger(__name__)
 
 # How long a queued capture waits for a serving call before it is withdrawn and retried.
 _HANDOFF_WAIT_S = 5.0
@@ -46,6 +54,42 @@ class GraphCapture:
         self.publisher = publisher
         self.pool: GraphPool | None = None  # made on the first capture, on its device
         self.pauses: list[float] = []  # seconds a serving thread spent capturing
+        # Live graphs, for the budget's LRU eviction (loop thread only).
+        self.live: list[tuple[Job, CudaGraphRunnable]] = []
+
+    @property
+    def graph_bytes(self) -> int:
+        """Pool memory the live graphs took when captured (what the budget counts)."""
+        return sum(r.nbytes for _, r in self.live)
+
+    def _evict_for_budget(self) -> bool:
+        """Evict the live graph with the fewest replays (LRU by hits); False if none.
+
+        Its size goes back to its tier-2 runnable in one table swap. The memory stays in
+        the model's pool, where the next capture reuses it, so the budget is counted
+        from what live graphs took, not from what the pool holds.
+        """
+        if not self.live:
+            return False
+        victim = min(self.live, key=lambda item: item[1].replays)
+        self.live.remove(victim)
+        job, graph = victim
+        n = job.target.start
+        job.piece.dispatcher.install(
+            Range.of(n), Tier.SIZE, graph.fallback, {"label": Target.size(n).label}
+        )
+        if self.pool is not None:
+            self.pool.bytes -= graph.nbytes
+            self.pool.graphs -= 1
+        with self.publisher.waiters.changing():
+            job.state = JobState.DROPPED
+            job.reason = (
+                f"evicted after {graph.replays} replays: graph memory budget "
+                f"({self.config.memory_budget_bytes} bytes) reached"
+            )
+        log.info("pwdaemon: %s of graph %d evicted: %s", job.target.label, job.piece.index,
+                 job.reason)  # fmt: skip
+        return True
 
     async def run(self, st: PieceState, job: Job) -> None:
         """Capture, validate and publish the graph of `job`'s size (loop thread)."""
@@ -62,7 +106,9 @@ class GraphCapture:
             device = next(a.device for a in sample[1] if isinstance(a, torch.Tensor))
             self.pool = GraphPool(device)
         pool = self.pool
-        if pool.bytes >= self.config.memory_budget_bytes:
+        while self.graph_bytes >= self.config.memory_budget_bytes and self._evict_for_budget():
+            pass
+        if self.graph_bytes >= self.config.memory_budget_bytes:  # a budget of 0: no graphs
             self.publisher.fail(
                 job,
                 "skipped",
@@ -115,14 +161,27 @@ class GraphCapture:
             await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
         if "error" in box:
             exc = box["error"]
+            if isinstance(exc, NothingToCapture):
+                self.publisher.fail(job, "skipped", str(exc), retry=False)
+                return
+            # A capture that failed midway may leave its private pool in a state later
+            # captures trip over (seen on an H200: "use_count > 0 INTERNAL ASSERT FAILED
+            # at CUDACachingAllocator.cpp"). Later captures get a fresh pool; graphs
+            # already live keep theirs alive. One retry, then tier 2 stays with a reason.
+            self.pool = None
             self.publisher.fail(
-                job, "failed", f"CUDA graph capture: {type(exc).__name__}: {exc}", retry=False
+                job,
+                "failed",
+                f"CUDA graph capture: {type(exc).__name__}: {exc}",
+                retry=job.attempts == 1,
             )
             return
         runnable = box["runnable"]
         self.pauses.append(box["pause"])
         seconds = time.monotonic() - started
         await self.publisher.publish(st, job, runnable, seconds, JobSource.CAPTURED)
+        if job.state is JobState.LIVE:
+            self.live.append((job, runnable))
         if self.config.pad and job.state is JobState.LIVE:
             # Sizes between the next smaller captured size and n pad up to n's graph.
             below = [s for s in captured_sizes(st) if s < n]

@@ -35,7 +35,7 @@ import anyio.to_thread
 
 from pwdaemon.engine import report
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
-from pwdaemon.engine.graphs import GraphCapture
+from pwdaemon.engine.graphs import GraphCapture, wants_graph
 from pwdaemon.engine.jobs import (
     Counters,
     Job,
@@ -53,6 +53,7 @@ from pwdaemon.engine.runner import Runner
 from pwdaemon.engine.store_link import parse_target
 from pwdaemon.engine.waiters import Waiters
 from pwdaemon.metrics.stats import ModelMetrics
+from pwdaemon.serving.range_table import Tier
 from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.workers.executor import Executor, ProcessExecutor
 from pwdaemon.workers.prewarm import prewarm
@@ -90,6 +91,7 @@ class Engine:
             self._pieces,
             planning=lambda: bool(self._new_pieces),
             call_soon=self._call_soon,
+            wants_graph=lambda st: wants_graph(self.graphs, st.piece),
         )
         self.planner = Planner(
             self.policy,
@@ -311,9 +313,11 @@ class Engine:
         """Call `cb(event)` once every planned job has ended (on the loop thread)."""
         self.waiters.on_plan_complete(cb)
 
-    def wait(self, sizes: Iterable[int] | None, timeout: float | None) -> bool:
+    def wait(
+        self, sizes: Iterable[int] | None, timeout: float | None, tier: Tier | None = None
+    ) -> bool:
         """See `Waiters.wait` (never call it on the loop thread: it blocks)."""
-        return self.waiters.wait(sizes, timeout)
+        return self.waiters.wait(sizes, timeout, tier)
 
     def status(self) -> HandleStatus:
         """Per graph piece: table version and every entry's tier, state, hits, timings."""

@@ -19,7 +19,7 @@ from typing import Any
 
 from pwdaemon.engine.events import PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.jobs import JobState, PieceState
-from pwdaemon.serving.range_table import Target
+from pwdaemon.serving.range_table import Target, Tier
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,12 @@ class Waiters:
         *,
         planning: Callable[[], bool],
         call_soon: Callable[[Callable[[], None]], None],
+        wants_graph: Callable[[PieceState], bool] = lambda st: False,
     ) -> None:
         """`pieces` is the engine's list (read, never changed, here); `planning()` says
-        whether traced pieces wait to be planned; `call_soon(fn)` runs `fn` on the loop."""
+        whether traced pieces wait to be planned; `call_soon(fn)` runs `fn` on the loop;
+        `wants_graph(st)` says whether a piece's sizes go on to a CUDA graph (tier 3)."""
+        self._wants_graph = wants_graph
         self.name = name
         self.attached_at = time.monotonic()
         self._pieces = pieces
@@ -99,11 +102,15 @@ class Waiters:
 
     # ---- blocking waits (any thread but the loop's) ----------------------------------
 
-    def wait(self, sizes: Iterable[int] | None, timeout: float | None) -> bool:
-        """Block until `sizes` serve specialized (None: until the plan completes).
+    def wait(
+        self, sizes: Iterable[int] | None, timeout: float | None, tier: Tier | None = None
+    ) -> bool:
+        """Block until `sizes` serve at `tier` (None: until the plan completes).
 
-        True when done; False on timeout or when a wanted size failed, was dropped or
-        cancelled.
+        `tier` None means the best tier the device supports for each piece: `Tier.GRAPH`
+        for a piece whose sizes get CUDA graphs, else `Tier.SIZE`. True when done; False
+        on timeout, or as soon as a wanted size was given up at that tier (failed,
+        dropped or cancelled), never later.
         """
         wanted = None if sizes is None else list(sizes)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -111,7 +118,7 @@ class Waiters:
         def done() -> bool | None:
             if wanted is None:
                 return True if self.plan_done else None
-            states = [self.size_state(s) for s in wanted]
+            states = [self.size_state(s, tier) for s in wanted]
             if all(s == JobState.LIVE for s in states):
                 return True
             if any(s in _GAVE_UP for s in states):
@@ -129,16 +136,26 @@ class Waiters:
                 # Woken by `changing()`; the 1 s cap re-checks pieces planned meanwhile.
                 self.cond.wait(left if left is not None else 1.0)
 
-    def size_state(self, size: int) -> str:
-        """One size across the specializable pieces: "none" (no job), "pending", or the
-        first of failed/dropped/cancelled any piece reached, or "live" when all are."""
-        label = Target.size(size).label
+    def size_state(self, size: int, tier: Tier | None = None) -> str:
+        """One size at `tier` across the specializable pieces: "none" (no job),
+        "pending", the first of failed/dropped/cancelled any piece reached, or "live"
+        when all are. A CUDA-graph wait needs the size's compile too: a size whose
+        compile was given up can never get a graph."""
         states: list[str] = []
         for st in self._pieces:
             if not st.piece.specializable:
                 continue
-            job = st.jobs.get(label)
-            states.append(job.state if job is not None else "none")
+            if tier is Tier.GRAPH and not self._wants_graph(st):
+                states.append(JobState.FAILED)  # no CUDA graphs here: it will never come
+                continue
+            graph = tier is Tier.GRAPH or (tier is None and self._wants_graph(st))
+            size_job = st.jobs.get(Target.size(size).label)
+            state: str = size_job.state if size_job is not None else "none"
+            if graph and state == JobState.LIVE:
+                graph_job = st.jobs.get(Target.graph(size).label)
+                # No graph job yet: publishing the size queues one (pending till then).
+                state = graph_job.state if graph_job is not None else "pending"
+            states.append(state)
         if not states:
             return "none"
         for s in _GAVE_UP:

@@ -48,6 +48,11 @@ class GraphConfig:
             raise ValueError(f"warmup_iters must be >= 1, got {self.warmup_iters}")
 
 
+class NothingToCapture(RuntimeError):
+    """The runnable does no CUDA work a graph could replay (its outputs are not on a
+    GPU): capturing would give an empty graph whose replays return stale outputs."""
+
+
 class GraphPool:
     """One CUDA memory pool for a model's graphs, the lock that serialises their use,
     and the pool memory they hold (for the budget)."""
@@ -58,6 +63,28 @@ class GraphPool:
         self.lock = threading.Lock()
         self.bytes = 0
         self.graphs = 0
+
+
+def _static_copy(t: torch.Tensor) -> torch.Tensor:
+    """A graph's input slot: a normal tensor even when `t` is an inference tensor.
+
+    Servers call models under `torch.inference_mode()`, so recorded inputs are inference
+    tensors, and torch refuses an in-place write to one outside inference mode ("Inplace
+    update to inference tensor outside InferenceMode"): validation replays on the
+    engine's thread, outside it. A normal tensor may be written in either mode.
+    """
+    with torch.inference_mode(False):
+        slot = torch.empty_like(t)
+        slot.copy_(t)
+    return slot
+
+
+def _has_cuda_tensor(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return out.is_cuda
+    if isinstance(out, tuple | list):
+        return any(_has_cuda_tensor(o) for o in out)
+    return False
 
 
 class CudaGraphRunnable:
@@ -84,6 +111,7 @@ class CudaGraphRunnable:
         self.pool = pool
         self.replays = 0
         self.fallbacks = 0
+        self.nbytes = 0  # pool memory this graph took at capture (for the budget)
         self._busy = pool.lock
 
     def __call__(self, *args: Any) -> Any:
@@ -146,7 +174,7 @@ def capture(
     device = next(a.device for a in sample if isinstance(a, torch.Tensor))
     static_args = list(sample)
     for i in copy_indices:
-        static_args[i] = sample[i].clone()
+        static_args[i] = _static_copy(sample[i])
     stream = torch.cuda.Stream(device=device)
     stream.wait_stream(torch.cuda.current_stream(device))
     before = torch.cuda.memory_reserved(device)
@@ -164,8 +192,12 @@ def capture(
         ):
             static_out = runnable(*static_args)
         stream.synchronize()
-    pool.bytes += max(0, torch.cuda.memory_reserved(device) - before)
-    pool.graphs += 1
-    return CudaGraphRunnable(
+    if not _has_cuda_tensor(static_out):
+        raise NothingToCapture("the piece's outputs are not on a GPU: nothing to replay")
+    replayer = CudaGraphRunnable(
         graph, size, size_index, static_args, copy_indices, static_out, runnable, pool
     )
+    replayer.nbytes = max(0, torch.cuda.memory_reserved(device) - before)
+    pool.bytes += replayer.nbytes
+    pool.graphs += 1
+    return replayer

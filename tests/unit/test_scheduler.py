@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -371,4 +372,18 @@ def test_status_right_after_the_first_call_shows_its_pieces(mlp: nn.Module) -> N
         assert entries["size:5"].state in ("queued", "compiling")
     finally:
         gate.set()
+        h.detach()
+
+
+def test_wait_for_a_tier_the_device_cannot_give_returns_false_at_once(mlp: nn.Module) -> None:
+    ex = FakeExecutor()
+    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [4])
+        assert h.wait(sizes=[4], timeout=20)  # default: the best tier here, a compiled size
+        assert h.wait(sizes=[4], timeout=20, tier=pwd.Tier.SIZE)
+        started = time.monotonic()
+        assert h.wait(sizes=[4], timeout=60, tier=pwd.Tier.GRAPH) is False  # no GPU
+        assert time.monotonic() - started < 30  # answered, not timed out
+    finally:
         h.detach()
