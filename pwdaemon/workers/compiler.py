@@ -88,10 +88,15 @@ def _fresh_fake(v: torch.Tensor) -> torch.Tensor:
     fake_mode = getattr(v, "fake_mode", None)
     if v._base is None or fake_mode is None:
         return v
-    with fake_mode:
-        return torch.empty_strided(
-            v.shape, v.stride(), dtype=v.dtype, device=v.device, requires_grad=v.requires_grad
-        )
+    # Built without entering the fake mode: this runs on an engine thread while serving
+    # threads may be tracing, and a FakeTensorMode is not made to be entered from two
+    # threads (an H200 run on torch 2.11 failed to ship BERT with an AssertionError here
+    # under traffic, and shipped it when idle). FakeTensor(mode, meta, device) is what
+    # entering the mode would have built.
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    meta = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+    return FakeTensor(fake_mode, meta, v.device)
 
 
 def _shippable(v: Any) -> Any:
