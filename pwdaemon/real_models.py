@@ -16,6 +16,7 @@ GPU issues measured: BERT MiniLM-shaped, Llama 8 layers of 1024 with GQA).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,79 +70,66 @@ def _dense_inputs(*shape: int) -> Callable[..., Inputs]:
     return make
 
 
-def _bert(preset: str) -> ModelSpec:
+# transformers model class, its config class, and config fields per preset (tiny, issue).
+_TRANSFORMERS: dict[str, tuple[str, str, dict[str, tuple[Any, Any]]]] = {
+    "bert": (
+        "BertModel",
+        "BertConfig",
+        {
+            "hidden_size": (64, 384),  # issue: MiniLM-shaped
+            "num_hidden_layers": (2, 6),
+            "num_attention_heads": (4, 12),
+            "intermediate_size": (128, 1536),
+        },
+    ),
+    "gpt2": (
+        "GPT2Model",
+        "GPT2Config",
+        {
+            "n_embd": (64, 256),
+            "n_layer": (2, 4),
+            "n_head": (4, 4),
+            # GPT-2's default token ids (50256) lie outside this vocabulary.
+            "bos_token_id": (0, 0),
+            "eos_token_id": (0, 0),
+        },
+    ),
+    "llama": (
+        "LlamaModel",
+        "LlamaConfig",
+        {
+            "hidden_size": (64, 1024),
+            "intermediate_size": (128, 2816),
+            "num_hidden_layers": (2, 8),
+            "num_attention_heads": (4, 16),
+            "num_key_value_heads": (2, 4),  # grouped-query attention
+        },
+    ),
+}
+_VOCAB = 1000
+_MAX_POSITIONS = 512  # GPT-2 names it n_positions, the others max_position_embeddings
+
+
+def _transformers(name: str, preset: str) -> ModelSpec:
+    model_cls, config_cls, fields = _TRANSFORMERS[name]
     big = preset == "issue"
 
     def build() -> nn.Module:
-        from transformers import BertConfig, BertModel
+        import transformers
 
-        config = BertConfig(
-            vocab_size=1000,
-            hidden_size=384 if big else 64,
-            num_hidden_layers=6 if big else 2,
-            num_attention_heads=12 if big else 4,
-            intermediate_size=1536 if big else 128,
-            max_position_embeddings=512,
+        values = {k: v[big] for k, v in fields.items()}
+        positions = "n_positions" if name == "gpt2" else "max_position_embeddings"
+        config = getattr(transformers, config_cls)(
+            vocab_size=_VOCAB, **{positions: _MAX_POSITIONS}, **values
         )
-        return BertModel(config, add_pooling_layer=False)
+        extra = {"add_pooling_layer": False} if name == "bert" else {}
+        model: nn.Module = getattr(transformers, model_cls)(config, **extra)
+        return model
 
-    seq = 128 if big else 16
     return ModelSpec(
-        "bert",
+        name,
         lambda d, t: _seeded(build, d, t),
-        _token_inputs(1000, seq, mask=True),
-        needs_transformers=True,
-    )
-
-
-def _gpt2(preset: str) -> ModelSpec:
-    big = preset == "issue"
-
-    def build() -> nn.Module:
-        from transformers import GPT2Config, GPT2Model
-
-        config = GPT2Config(
-            vocab_size=1000,
-            n_positions=512,
-            n_embd=256 if big else 64,
-            n_layer=4 if big else 2,
-            n_head=4,
-            bos_token_id=0,  # GPT-2's default ids (50256) lie outside this vocabulary
-            eos_token_id=0,
-        )
-        return GPT2Model(config)
-
-    seq = 128 if big else 16
-    return ModelSpec(
-        "gpt2",
-        lambda d, t: _seeded(build, d, t),
-        _token_inputs(1000, seq, mask=True),
-        needs_transformers=True,
-    )
-
-
-def _llama(preset: str) -> ModelSpec:
-    big = preset == "issue"
-
-    def build() -> nn.Module:
-        from transformers import LlamaConfig, LlamaModel
-
-        config = LlamaConfig(
-            vocab_size=1000,
-            hidden_size=1024 if big else 64,
-            intermediate_size=2816 if big else 128,
-            num_hidden_layers=8 if big else 2,
-            num_attention_heads=16 if big else 4,
-            num_key_value_heads=4 if big else 2,
-            max_position_embeddings=512,
-        )
-        return LlamaModel(config)
-
-    seq = 128 if big else 16
-    return ModelSpec(
-        "llama",
-        lambda d, t: _seeded(build, d, t),
-        _token_inputs(1000, seq, mask=True),
+        _token_inputs(_VOCAB, 128 if big else 16, mask=True),
         needs_transformers=True,
     )
 
@@ -177,9 +165,7 @@ def _transformer_encoder(preset: str) -> ModelSpec:
 _SPECS: dict[str, Callable[[str], ModelSpec]] = {
     "sequential": _sequential,
     "transformer_encoder": _transformer_encoder,
-    "bert": _bert,
-    "gpt2": _gpt2,
-    "llama": _llama,
+    **{name: functools.partial(_transformers, name) for name in _TRANSFORMERS},
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_SPECS)
 

@@ -108,23 +108,32 @@ def test_executor_for_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         executor_for(3, config)  # type: ignore[arg-type]
 
 
-def test_auto_uses_a_service_that_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = str(tmp_path / "s.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen()
+class PongServer:
+    """A socket that answers one ping the way the service does (on its own thread)."""
 
-    def pong() -> None:
-        conn, _ = server.accept()
+    def __init__(self, path: str, store: Path) -> None:
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen()
+        self.thread = threading.Thread(target=self._pong, args=(str(store),))
+        self.thread.start()
+
+    def _pong(self, store: str) -> None:
+        conn, _ = self.server.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(reply(MessageType.PONG, pid=1, store=str(tmp_path)))
+            conn.sendall(reply(MessageType.PONG, pid=1, store=store))
 
-    t = threading.Thread(target=pong)
-    t.start()
+    def close(self) -> None:
+        self.thread.join(10)
+        self.server.close()
+
+
+def test_auto_uses_a_service_that_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "s.sock")
+    server = PongServer(path, tmp_path)
     monkeypatch.setenv("PWDAEMON_SOCKET", path)
     chosen = executor_for("auto", CompileConfig(workers=1))
-    t.join(10)
     server.close()
     assert isinstance(chosen, ServiceExecutor) and chosen.socket_path == path
 
@@ -143,20 +152,8 @@ def test_attach_uses_the_service_that_answers_and_embedded_otherwise(
         assert isinstance(h.engine.executor, ProcessExecutor)
     finally:
         h.detach()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen()
-
-    def pong() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(reply(MessageType.PONG, pid=1, store=str(tmp_path)))
-
-    t = threading.Thread(target=pong)
-    t.start()
+    server = PongServer(path, tmp_path)
     h = pwd.attach(torch.nn.Linear(4, 4), store=False)
-    t.join(10)
     server.close()
     try:
         assert isinstance(h.engine.executor, ServiceExecutor)
