@@ -227,6 +227,74 @@ def size_overflow() -> Json:
     )
 
 
+def graph_pieces() -> Json:
+    return timeseries(
+        "Graph pieces by strategy",
+        "Graph pieces dynamo captured, by the shape strategy each was captured with. "
+        "More than one piece per model means graph breaks (see 'Graph breaks and "
+        "recompiles'; status() and the log give each break's reason).",
+        "short",
+        [(f"sum by (model, strategy) (pwdaemon_graph_pieces{{{SEL}}})", "{{model}} {{strategy}}")],
+        stacked=True,
+    )
+
+
+def pieces_on_eager() -> Json:
+    return timeseries(
+        "Pieces left on eager",
+        "Graph pieces with no compiled runnable after their planned compiles ended "
+        "(general failed or gave up, general tier off...). Should be 0; status() and a "
+        "WARNING log line say why for each piece.",
+        "short",
+        [(f"sum by (model) (pwdaemon_pieces_on_eager{{{SEL}}})", "{{model}}")],
+    )
+
+
+def trace_events() -> Json:
+    return timeseries(
+        "Graph breaks and recompiles",
+        "Per minute: graph breaks dynamo reported, tracing calls that captured new "
+        "pieces (by cause), and shape strategies that failed and fell back to the next. "
+        "All should stop once the model has settled.",
+        "opm",
+        [
+            (
+                f"{PER_MIN}sum by (model) (rate(pwdaemon_graph_breaks_total{{{SEL}}}[{RI}]))",
+                "breaks {{model}}",
+            ),
+            (
+                f"{PER_MIN}sum by (model, cause) (rate(pwdaemon_recompiles_total{{{SEL}}}[{RI}]))",
+                "recompiles {{model}} {{cause}}",
+            ),
+            (
+                f"{PER_MIN}sum by (model, strategy) "
+                f"(rate(pwdaemon_strategy_fallbacks_total{{{SEL}}}[{RI}]))",
+                "fallbacks {{model}} {{strategy}}",
+            ),
+        ],
+    )
+
+
+def eager_calls() -> Json:
+    return timeseries(
+        "Calls served eager by the tracer",
+        "Calls per second whose input no captured piece served (a new dtype, rank, grad "
+        "mode or layout: a trace miss), and calls that raised on pwdaemon's path and "
+        "were re-run eager. A steady miss rate means a stray input that is not hot yet.",
+        "ops",
+        [
+            (
+                f"sum by (model) (rate(pwdaemon_trace_misses_total{{{SEL}}}[{RI}]))",
+                "misses {{model}}",
+            ),
+            (
+                f"sum by (model) (rate(pwdaemon_error_fallback_calls_total{{{SEL}}}[{RI}]))",
+                "errors {{model}}",
+            ),
+        ],
+    )
+
+
 def queue_and_in_flight() -> Json:
     return timeseries(
         "Compile queue and in flight",
@@ -538,6 +606,11 @@ def serving_dashboard() -> Json:
             table_versions(),
             distinct_sizes(),
             size_overflow(),
+            row("Tracing"),
+            graph_pieces(),
+            pieces_on_eager(),
+            trace_events(),
+            eager_calls(),
             row("Compiles"),
             queue_and_in_flight(),
             jobs_by_outcome(),

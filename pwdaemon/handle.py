@@ -48,7 +48,6 @@ class Handle:
         self.options = options
         self.name = options.name
         self.store = options.store.store if options.store is not None else None
-        self.engine = Engine(options)
         self._tracer = Tracer(
             model,
             dynamic=dict(options.dynamic) if options.dynamic is not None else None,
@@ -58,6 +57,11 @@ class Handle:
             background=options.trace is TraceMode.BACKGROUND,
             hot_calls=options.policy.hot_calls,
         )
+        # The engine reads the tracer's records for status and metrics (read-only: the
+        # engine sits below the handle and knows the tracer only as `TraceRecords`).
+        # Created after the tracer, which calls `_on_piece` (and so the engine) only
+        # once the model is called.
+        self.engine = Engine(options, trace=self._tracer)
         self._previous_impl: Any = None
         self.detached = False
         self._metrics_server: Any = None
@@ -139,7 +143,10 @@ class Handle:
         return self.engine.wait(sizes, timeout, tier)
 
     def status(self) -> HandleStatus:
-        """Per graph piece: table version and every entry's tier, state, hits, timings."""
+        """Per graph piece: shape strategy, table version, every entry's tier, state,
+        hits and timings, and why it is still on eager after its plan (`on_eager_reason`);
+        for the model (`trace`): strategies tried, graph breaks with dynamo's reasons,
+        recompiles, misses and error fall-backs. `print()` it for a readable report."""
         return self.engine.status()
 
     def serve_metrics(self, port: int = 0, addr: str = "127.0.0.1") -> Any:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from pwdaemon.engine.jobs import JobReason, JobSource, JobState
 from pwdaemon.serving.range_table import Range, Tier
+from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.trace_record import (
+    AttemptOutcome,
+    GraphBreak,
+    MissState,
+    Recompile,
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,86 @@ class PieceStatus:
     note: str | None
     sizes_seen: int
     entries: Sequence[EntryStatus]
+    strategy: ShapeStrategy | None = None  # the shape strategy it was captured with
+    # Set once the piece's planned jobs ended with no compiled runnable serving it
+    # (general failed, general off and not specializable...): why it serves eager.
+    on_eager_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AttemptStatus:
+    """One shape strategy tried for the model (a copy of the tracer's record)."""
+
+    strategy: ShapeStrategy
+    outcome: AttemptOutcome
+    reason: str  # why it fell back, in dynamo's words; "" while active
+    discarded: int  # graphs it captured before failing (never served)
+
+
+@dataclass(frozen=True)
+class MissStatus:
+    """Calls with one input signature that no captured piece served (run eager)."""
+
+    signature: str
+    calls: int
+    state: MissState
+
+
+# Lines of dynamo's graph-break text that point elsewhere rather than say what broke.
+_NOISE = ("Developer debug context:", "For more details")
+
+
+def one_line(reason: str) -> str:
+    """Dynamo's multi-line reason (what, Explanation, Hint...) as one line for a table;
+    the records keep the full text."""
+    kept = [ln.strip() for ln in reason.splitlines() if ln.strip()]
+    return " ".join(ln for ln in kept if not ln.startswith(_NOISE))
+
+
+@dataclass(frozen=True)
+class TraceStatus:
+    """What dynamo's tracing did: strategies, graph breaks, recompiles, misses, errors."""
+
+    settled: bool = False  # a whole call captured nothing new: the pieces are known
+    strategy: ShapeStrategy | None = None  # the strategy serving now
+    attempts: Sequence[AttemptStatus] = ()
+    graph_breaks: Sequence[GraphBreak] = ()
+    recompiles: Sequence[Recompile] = ()
+    misses: Sequence[MissStatus] = ()
+    miss_calls: int = 0  # calls no piece served, all signatures together
+    error_calls: int = 0  # calls that raised on pwdaemon's path and were re-run eager
+    errors_by_type: Mapping[str, int] = field(default_factory=dict)
+    trace_error: str | None = None  # a background capture that failed
+
+    def lines(self, pieces: int) -> list[str]:
+        """The readable form `HandleStatus.__str__` prints (indented two spaces)."""
+        head = "settled" if self.settled else "settling"
+        strategy = self.strategy.value if self.strategy is not None else "-"
+        out = [f"  trace: {head}, {pieces} piece(s), strategy {strategy}"]
+        if self.settled and not pieces:
+            out.append("    no graph captured: the model serves eager")
+        for a in self.attempts:
+            if a.outcome is AttemptOutcome.FELL_BACK:
+                dropped = f", {a.discarded} graph(s) dropped" if a.discarded else ""
+                reason = one_line(a.reason)
+                out.append(f"    strategy {a.strategy.value}: fell back{dropped}: {reason}")
+        for b in self.graph_breaks:
+            where = f" (pieces {', '.join(map(str, b.pieces))})" if b.pieces else ""
+            out.append(f"    graph break x{b.count}{where}: {one_line(b.reason)}")
+        for r in self.recompiles:
+            detail = f" {r.detail}" if r.detail else ""
+            pieces_ = ", ".join(map(str, r.pieces))
+            out.append(f"    recompile ({r.cause.value}{detail}): pieces {pieces_}")
+        if self.miss_calls:
+            out.append(f"    {self.miss_calls} call(s) no piece served (ran eager):")
+            for m in self.misses:
+                out.append(f"      {m.calls} x {m.signature} [{m.state.value}]")
+        if self.error_calls:
+            kinds = ", ".join(f"{k} x{n}" for k, n in sorted(self.errors_by_type.items()))
+            out.append(f"    {self.error_calls} call(s) raised and were re-run eager: {kinds}")
+        if self.trace_error:
+            out.append(f"    background capture failed: {self.trace_error}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -75,17 +162,27 @@ class HandleStatus:
     in_flight: int
     plan_complete: bool
     worker_pids: Sequence[int]
+    trace: TraceStatus = field(default_factory=TraceStatus)
+
+    @property
+    def on_eager(self) -> Mapping[int, str]:
+        """Graph index -> why it still serves eager after its plan completed."""
+        return {p.graph: p.on_eager_reason for p in self.pieces if p.on_eager_reason}
 
     def __str__(self) -> str:
         lines = [
             f"pwdaemon model {self.model}: queue {self.queue_depth}, in flight "
             f"{self.in_flight}, plan {'complete' if self.plan_complete else 'running'}"
         ]
+        lines.extend(self.trace.lines(len(self.pieces)))
         for p in self.pieces:
+            strategy = f" [{p.strategy.value}]" if p.strategy is not None else ""
             lines.append(
-                f"  graph {p.graph}: table v{p.table_version}, {p.sizes_seen} sizes seen"
+                f"  graph {p.graph}{strategy}: table v{p.table_version}, {p.sizes_seen} sizes seen"
                 + (f" ({p.note})" if p.note else "")
             )
+            if p.on_eager_reason:
+                lines.append(f"    ON EAGER after its plan: {p.on_eager_reason}")
             for e in p.entries:
                 secs = f"{e.compile_seconds:.1f}s" if e.compile_seconds is not None else "-"
                 extra = f"  {e.reason}" if e.reason else ""

@@ -68,8 +68,11 @@ class Engine:
     """Background compilation for the graph pieces of one attached model: the life
     cycle, the loop and its tick; the parts do the rest."""
 
-    def __init__(self, options: AttachOptions) -> None:
+    def __init__(self, options: AttachOptions, trace: report.TraceRecords | None = None) -> None:
+        """`trace`: the tracer's records, read-only, for status and metrics (the handle
+        passes its tracer; the engine never changes it)."""
         self.options = options
+        self.trace = trace
         self.name = options.name
         self.policy = options.policy
         self.config = options.compiler
@@ -129,6 +132,9 @@ class Engine:
         self._closing: anyio.Event | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._loop_thread: int | None = None
+        # Pieces judged for "on eager after the plan" (loop thread): each warned once.
+        self._eager_checked: set[int] = set()
+        self.waiters.on_plan_complete(self._log_plan_complete)
 
     # ---- counters read by tests, the bench and the metrics (same objects) -----------
 
@@ -257,10 +263,21 @@ class Engine:
             self.planner.plan(self._new_pieces.popleft(), self._tg)
         self.planner.tick(now)
         self.waiters.check_plan_complete()
+        if self.waiters.plan_done:
+            report.warn_on_eager(self.name, self._pieces, self._eager_checked)
         if self.store is not None and now - self._store_stats_at > _STORE_STATS_EVERY_S:
             self._store_stats_at = now
             with contextlib.suppress(OSError):
                 self._store_stats = self.store.store.stats()
+
+    def _log_plan_complete(self, event: PlanCompleteEvent) -> None:
+        log.info(
+            "pwdaemon: %s: plan complete after %.1f s: %d live, %d failed",
+            self.name,
+            event.seconds_since_attach,
+            event.live,
+            event.failed,
+        )
 
     def _call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the loop thread soon (from any thread); dropped once closed."""
@@ -334,6 +351,7 @@ class Engine:
             in_flight=self.counters.in_flight,
             plan_complete=self.waiters.plan_done,
             worker_pids=self.executor.pids(),
+            trace=self.trace,
         )
 
     def metrics_snapshot(self) -> ModelMetrics:
@@ -346,4 +364,6 @@ class Engine:
             worker_restarts=self.executor.restarts,
             store_stats=self._store_stats,
             store_write_errors=self.store.store.write_errors if self.store is not None else 0,
+            plan_complete=self.waiters.plan_done,
+            trace=self.trace,
         )

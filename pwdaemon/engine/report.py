@@ -1,20 +1,76 @@
 """What the engine reports: `handle.status()` and the metrics a scrape reads.
 
 Both run on the caller's thread (a user's, or the metrics server's) while the loop
-thread goes on changing jobs: they read without a lock and copy what they read, so a
-report can be a moment old, never torn within one field.
+thread goes on changing jobs and serving threads go on tracing: they read without a
+lock and copy what they read, so a report can be a moment old, never torn within one
+field.
+
+What dynamo's tracing did comes from the tracer's records, read through `TraceRecords`:
+the engine sits below the handle (which owns the tracer) and must not import it, so the
+handle hands the engine its tracer typed as this read-only protocol.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
-from pwdaemon.engine.events import EntryStatus, HandleStatus, PieceStatus
+from pwdaemon.engine.events import (
+    AttemptStatus,
+    EntryStatus,
+    HandleStatus,
+    MissStatus,
+    PieceStatus,
+    TraceStatus,
+)
 from pwdaemon.engine.jobs import Counters, JobReason, JobState, PieceState
-from pwdaemon.metrics.stats import ModelMetrics, PieceMetrics
-from pwdaemon.serving.range_table import Tier
+from pwdaemon.metrics.stats import ModelMetrics, PieceMetrics, TraceMetrics
+from pwdaemon.serving.range_table import Target, Tier
+from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.trace import GraphPiece
+from pwdaemon.serving.trace_record import (
+    AttemptOutcome,
+    ErrorFallbacks,
+    GraphBreak,
+    MissRecord,
+    Recompile,
+    RecompileCause,
+    StrategyAttempt,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TraceRecords(Protocol):
+    """The tracer's records, read-only (`pwdaemon.serving.trace.Tracer` is one).
+
+    Lists only grow and records are written on slow paths (tracing calls, misses,
+    errors) by serving threads; readers copy what they read.
+    """
+
+    @property
+    def pieces(self) -> Sequence[GraphPiece]: ...
+    @property
+    def strategy(self) -> ShapeStrategy: ...
+    @property
+    def attempts(self) -> Sequence[StrategyAttempt]: ...
+    @property
+    def graph_breaks(self) -> Sequence[GraphBreak]: ...
+    @property
+    def recompiles(self) -> Sequence[Recompile]: ...
+    @property
+    def misses(self) -> Mapping[str, MissRecord]: ...
+    @property
+    def miss_calls(self) -> int: ...
+    @property
+    def errors(self) -> ErrorFallbacks: ...
+    @property
+    def settled(self) -> bool: ...
+    @property
+    def trace_error(self) -> BaseException | None: ...
 
 
 def status(
@@ -25,34 +81,140 @@ def status(
     in_flight: int,
     plan_complete: bool,
     worker_pids: Sequence[int],
+    trace: TraceRecords | None = None,
 ) -> HandleStatus:
-    """Per graph piece: table version, and each entry's tier, state, hits and timings."""
+    """Per graph piece: strategy, table version, each entry's tier, state, hits and
+    timings, and why it is on eager after the plan; for the model, what tracing did.
+
+    Pieces the engine has not planned (compile=False, or traced a moment ago) are shown
+    from the tracer alone, with their eager entry.
+    """
+    planned = {st.piece.index: st for st in list(pieces)}
+    traced = list(trace.pieces) if trace is not None else []
+    out = [_piece_status(st, plan_complete) for st in planned.values()]
+    out += [_unplanned_status(p) for p in traced if p.index not in planned]
+    out.sort(key=lambda p: p.graph)
     return HandleStatus(
         name,
-        tuple(_piece_status(st) for st in list(pieces)),
+        tuple(out),
         queue_depth,
         in_flight,
         plan_complete,
         tuple(worker_pids),
+        trace=trace_status(trace) if trace is not None else TraceStatus(),
     )
 
 
-def _piece_status(st: PieceState) -> PieceStatus:
-    d = st.piece.dispatcher
-    entries = [
-        EntryStatus(
-            target="eager",
-            range=None,
-            tier=Tier.EAGER,
-            state=JobState.LIVE,
-            why=JobReason.TRACE,
-            hits=st.calls_by_tier.get("eager", 0),
-            compile_seconds=None,
-            attempts=0,
-            reason=None,
-            source=None,
+def trace_status(trace: TraceRecords) -> TraceStatus:
+    """A copy of the tracer's records, frozen."""
+    errors = trace.errors
+    error = trace.trace_error
+    return TraceStatus(
+        settled=trace.settled,
+        strategy=trace.strategy,
+        attempts=tuple(
+            AttemptStatus(a.strategy, a.outcome, a.reason, a.discarded)
+            for a in list(trace.attempts)
+        ),
+        graph_breaks=tuple(trace.graph_breaks),
+        recompiles=tuple(trace.recompiles),
+        misses=tuple(
+            MissStatus(m.signature, m.calls, m.state) for m in list(trace.misses.values())
+        ),
+        miss_calls=trace.miss_calls,
+        error_calls=errors.calls,
+        errors_by_type=dict(errors.by_type),
+        trace_error=None if error is None else f"{type(error).__name__}: {error}",
+    )
+
+
+def on_eager_reason(st: PieceState, plan_complete: bool) -> str | None:
+    """Why a piece serves eager once the plan completed and its own planned jobs ended
+    with no compiled runnable in its table; None while it has one or is still planned."""
+    if not plan_complete:
+        return None
+    jobs = list(st.jobs.values())
+    planned = [j for j in jobs if j.why.planned]
+    if not all(j.terminal for j in planned):
+        return None
+    if any(e.tier is not Tier.EAGER for e in st.piece.dispatcher.table.entries()):
+        return None
+    given_up = sorted(
+        (j for j in planned if j.state is not JobState.LIVE), key=lambda j: j.priority
+    )
+    if given_up:
+        return "; ".join(
+            f"{j.target.label} {j.state.value}: {j.reason or 'no reason recorded'}"
+            for j in given_up
         )
-    ]
+    if Target.general().label not in st.jobs:
+        off = "general tier off (CompileConfig.general=False)"
+        note = _note(st.piece)
+        if note is not None:
+            return f"{off}; {note}: nothing will compile it"
+        return f"{off}; no size compiled yet (sizes compile once hot)"
+    return None  # planned jobs live, yet nothing in the table: a moment before publish
+
+
+def warn_on_eager(name: str, pieces: Sequence[PieceState], checked: set[int]) -> None:
+    """Log one WARNING per piece found on eager once its plan ended (loop thread, after
+    the plan completed). `checked` holds the pieces already judged, warned or not."""
+    for st in list(pieces):
+        index = st.piece.index
+        if index in checked or not all(j.terminal for j in st.jobs.values() if j.why.planned):
+            continue
+        checked.add(index)
+        reason = on_eager_reason(st, True)
+        if reason is not None:
+            log.warning(
+                "pwdaemon: %s: graph %d stays on eager after its plan: %s", name, index, reason
+            )
+
+
+def _note(piece: GraphPiece) -> str | None:
+    if piece.size_index is None:
+        return "no dynamic size: general tier only"
+    if piece.extra_symbols:
+        return f"more than one dynamic size ({', '.join(piece.extra_symbols)}): general tier only"
+    return None
+
+
+def _eager_entry(hits: int) -> EntryStatus:
+    return EntryStatus(
+        target="eager",
+        range=None,
+        tier=Tier.EAGER,
+        state=JobState.LIVE,
+        why=JobReason.TRACE,
+        hits=hits,
+        compile_seconds=None,
+        attempts=0,
+        reason=None,
+        source=None,
+    )
+
+
+def _unplanned_status(piece: GraphPiece) -> PieceStatus:
+    d = piece.dispatcher
+    # No engine tick folds this piece's calls by tier; while eager is all its table
+    # holds, every counted call was an eager one.
+    only_eager = all(e.tier is Tier.EAGER for e in d.table.entries())
+    hits = sum(list(d.counts.values())) + d.overflow_calls if only_eager else 0
+    note = _note(piece)
+    return PieceStatus(
+        piece.index,
+        d.table.version,
+        piece.specializable,
+        "not planned for compiles" + (f"; {note}" if note else ""),
+        len(d.counts),
+        (_eager_entry(hits),),
+        strategy=piece.strategy,
+    )
+
+
+def _piece_status(st: PieceState, plan_complete: bool) -> PieceStatus:
+    d = st.piece.dispatcher
+    entries = [_eager_entry(st.calls_by_tier.get("eager", 0))]
     for job in sorted(list(st.jobs.values()), key=lambda j: j.priority):
         entries.append(
             EntryStatus(
@@ -68,20 +230,15 @@ def _piece_status(st: PieceState) -> PieceStatus:
                 source=job.source,
             )
         )
-    note = None
-    if st.piece.size_index is None:
-        note = "no dynamic size: general tier only"
-    elif st.piece.extra_symbols:
-        note = (
-            f"more than one dynamic size ({', '.join(st.piece.extra_symbols)}): general tier only"
-        )
     return PieceStatus(
         st.piece.index,
         d.table.version,
         st.piece.specializable,
-        note,
+        _note(st.piece),
         len(d.counts),
         tuple(entries),
+        strategy=st.piece.strategy,
+        on_eager_reason=on_eager_reason(st, plan_complete),
     )
 
 
@@ -94,6 +251,8 @@ def metrics_snapshot(
     worker_restarts: int,
     store_stats: tuple[int, int],
     store_write_errors: int,
+    plan_complete: bool = False,
+    trace: TraceRecords | None = None,
 ) -> ModelMetrics:
     """The model's metrics now (`store_stats`: bytes and artifacts, as last read)."""
     out = []
@@ -127,4 +286,34 @@ def metrics_snapshot(
         store_bytes=store_stats[0],
         store_artifacts=store_stats[1],
         store_write_errors=store_write_errors,
+        trace=trace_metrics(trace, pieces, plan_complete),
+    )
+
+
+def trace_metrics(
+    trace: TraceRecords | None, pieces: Sequence[PieceState], plan_complete: bool
+) -> TraceMetrics:
+    """Tracing as counts. Every strategy and cause is present from the start (at 0),
+    so rate() has a baseline before the first event."""
+    on_eager = sum(on_eager_reason(st, plan_complete) is not None for st in list(pieces))
+    if trace is None:
+        return TraceMetrics(pieces_on_eager=on_eager)
+    by_strategy = dict.fromkeys((s.value for s in ShapeStrategy), 0)
+    for p in list(trace.pieces):
+        by_strategy[p.strategy.value] += 1
+    causes = dict.fromkeys((c.value for c in RecompileCause), 0)
+    for r in list(trace.recompiles):
+        causes[r.cause.value] += 1
+    fallbacks = dict.fromkeys((s.value for s in ShapeStrategy), 0)
+    for a in list(trace.attempts):
+        if a.outcome is AttemptOutcome.FELL_BACK:
+            fallbacks[a.strategy.value] += 1
+    return TraceMetrics(
+        pieces_by_strategy=by_strategy,
+        graph_breaks=sum(b.count for b in list(trace.graph_breaks)),
+        recompiles_by_cause=causes,
+        miss_calls=trace.miss_calls,
+        error_calls=trace.errors.calls,
+        fallbacks_by_strategy=fallbacks,
+        pieces_on_eager=on_eager,
     )

@@ -193,6 +193,54 @@ METRIC_FAMILIES: tuple[MetricFamilySpec, ...] = (
         _M,
     ),
     MetricFamilySpec(
+        "pwdaemon_graph_pieces",
+        "gauge",
+        "Graph pieces dynamo captured for the model, by the shape strategy each was "
+        "captured with; more than one piece means graph breaks.",
+        ("model", "strategy"),
+    ),
+    MetricFamilySpec(
+        "pwdaemon_graph_breaks",
+        "counter",
+        "Graph breaks dynamo reported while tracing the model (status() and the log "
+        "give each one's reason).",
+        _M,
+    ),
+    MetricFamilySpec(
+        "pwdaemon_recompiles",
+        "counter",
+        "Tracing calls after the first that captured new pieces, by cause (settling: "
+        "a first call still discovering pieces; hot_signature: a stray input got hot).",
+        ("model", "cause"),
+    ),
+    MetricFamilySpec(
+        "pwdaemon_trace_misses",
+        "counter",
+        "Calls whose input no captured piece served (new dtype, rank, grad mode or "
+        "layout): they ran eager.",
+        _M,
+    ),
+    MetricFamilySpec(
+        "pwdaemon_error_fallback_calls",
+        "counter",
+        "Calls that raised on pwdaemon's path and were answered by eager instead.",
+        _M,
+    ),
+    MetricFamilySpec(
+        "pwdaemon_strategy_fallbacks",
+        "counter",
+        "Shape strategies that failed on their first tracing call and handed over to "
+        "the next, by the strategy that failed.",
+        ("model", "strategy"),
+    ),
+    MetricFamilySpec(
+        "pwdaemon_pieces_on_eager",
+        "gauge",
+        "Graph pieces with no compiled runnable after their planned compiles ended "
+        "(status() says why for each).",
+        _M,
+    ),
+    MetricFamilySpec(
         "pwdaemon_metrics_source_errors",
         "counter",
         "Scrapes that skipped a registered source, by reason "
@@ -247,6 +295,17 @@ def _add_model(fams: dict[str, Metric], m: ModelMetrics) -> None:
     add("pwdaemon_store_bytes", (model,), m.store_bytes)
     add("pwdaemon_store_artifacts", (model,), m.store_artifacts)
     add("pwdaemon_store_write_errors", (model,), m.store_write_errors)
+    t = m.trace
+    for strategy, n in sorted(t.pieces_by_strategy.items()):
+        add("pwdaemon_graph_pieces", (model, strategy), n)
+    add("pwdaemon_graph_breaks", (model,), t.graph_breaks)
+    for cause, n in sorted(t.recompiles_by_cause.items()):
+        add("pwdaemon_recompiles", (model, cause), n)
+    add("pwdaemon_trace_misses", (model,), t.miss_calls)
+    add("pwdaemon_error_fallback_calls", (model,), t.error_calls)
+    for strategy, n in sorted(t.fallbacks_by_strategy.items()):
+        add("pwdaemon_strategy_fallbacks", (model, strategy), n)
+    add("pwdaemon_pieces_on_eager", (model,), t.pieces_on_eager)
 
 
 class PwdaemonCollector:

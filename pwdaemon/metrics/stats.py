@@ -73,6 +73,20 @@ class PieceMetrics:
 
 
 @dataclass(frozen=True)
+class TraceMetrics:
+    """What dynamo's tracing did for one model, as counts with low-cardinality keys only
+    (strategy and cause names: never a reason string or an input signature)."""
+
+    pieces_by_strategy: Mapping[str, int] = field(default_factory=dict)  # strategy -> pieces
+    graph_breaks: int = 0  # graph breaks dynamo counted during tracing calls
+    recompiles_by_cause: Mapping[str, int] = field(default_factory=dict)  # cause -> count
+    miss_calls: int = 0  # calls no captured piece served (ran eager)
+    error_calls: int = 0  # calls that raised on pwdaemon's path and were re-run eager
+    fallbacks_by_strategy: Mapping[str, int] = field(default_factory=dict)  # failed strategy
+    pieces_on_eager: int = 0  # pieces with no compiled runnable after their plan
+
+
+@dataclass(frozen=True)
 class ModelMetrics:
     """Everything one attached model exports; `model` is its label value."""
 
@@ -90,6 +104,7 @@ class ModelMetrics:
     store_bytes: int
     store_artifacts: int
     store_write_errors: int
+    trace: TraceMetrics = field(default_factory=TraceMetrics)
 
 
 class MetricsSource(Protocol):

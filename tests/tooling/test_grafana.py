@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pwdaemon.metrics.exposition import PwdaemonCollector
-from pwdaemon.metrics.stats import HistogramCounts, ModelMetrics, PieceMetrics
+from pwdaemon.metrics.stats import HistogramCounts, ModelMetrics, PieceMetrics, TraceMetrics
 
 GRAFANA = Path(__file__).resolve().parents[2] / "grafana"
 Json = dict[str, Any]
@@ -73,6 +73,15 @@ class FullSource:
             store_bytes=1,
             store_artifacts=1,
             store_write_errors=1,
+            trace=TraceMetrics(
+                pieces_by_strategy={"unbacked": 1},
+                graph_breaks=1,
+                recompiles_by_cause={"settling": 1},
+                miss_calls=1,
+                error_calls=1,
+                fallbacks_by_strategy={"unbacked": 1},
+                pieces_on_eager=1,
+            ),
         )
 
 

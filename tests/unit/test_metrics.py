@@ -32,6 +32,7 @@ from pwdaemon.metrics.stats import (
     HistogramCounts,
     ModelMetrics,
     PieceMetrics,
+    TraceMetrics,
 )
 
 Key = tuple[str, frozenset[tuple[str, str]]]
@@ -65,6 +66,13 @@ class FakeSource:
     store_bytes: int = 0
     store_artifacts: int = 0
     store_write_errors: int = 0
+    trace: TraceMetrics = field(
+        default_factory=lambda: TraceMetrics(
+            pieces_by_strategy={"unbacked": 1, "backed_oblivious": 0},
+            recompiles_by_cause={"settling": 0, "hot_signature": 0},
+            fallbacks_by_strategy={"unbacked": 0, "backed_oblivious": 0},
+        )
+    )
 
     def metrics_snapshot(self) -> ModelMetrics:
         # A copy, as the engine must hand out: the scrape thread reads it later.
@@ -93,6 +101,7 @@ class FakeSource:
             store_bytes=self.store_bytes,
             store_artifacts=self.store_artifacts,
             store_write_errors=self.store_write_errors,
+            trace=self.trace,
         )
 
 
@@ -421,3 +430,30 @@ def test_promtool_accepts_the_exposition(server: MetricsServer, sources: list[ob
     # promtool prints lint problems and exits 1; a clean exposition prints nothing.
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "" and proc.stderr.strip() == ""
+
+
+def test_trace_families_carry_counts_with_low_cardinality_labels(
+    server: MetricsServer, sources: list[object]
+) -> None:
+    src = FakeSource(unique_model())
+    src.trace = TraceMetrics(
+        pieces_by_strategy={"unbacked": 2, "backed_oblivious": 1},
+        graph_breaks=3,
+        recompiles_by_cause={"settling": 1, "hot_signature": 2},
+        miss_calls=7,
+        error_calls=4,
+        fallbacks_by_strategy={"unbacked": 1, "backed_oblivious": 0},
+        pieces_on_eager=1,
+    )
+    add(sources, src)
+    got = samples(fetch(server.url), src.model)
+    m = src.model
+    assert got[key("pwdaemon_graph_pieces", model=m, strategy="unbacked")] == 2
+    assert got[key("pwdaemon_graph_pieces", model=m, strategy="backed_oblivious")] == 1
+    assert got[key("pwdaemon_graph_breaks_total", model=m)] == 3
+    assert got[key("pwdaemon_recompiles_total", model=m, cause="settling")] == 1
+    assert got[key("pwdaemon_recompiles_total", model=m, cause="hot_signature")] == 2
+    assert got[key("pwdaemon_trace_misses_total", model=m)] == 7
+    assert got[key("pwdaemon_error_fallback_calls_total", model=m)] == 4
+    assert got[key("pwdaemon_strategy_fallbacks_total", model=m, strategy="unbacked")] == 1
+    assert got[key("pwdaemon_pieces_on_eager", model=m)] == 1

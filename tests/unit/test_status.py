@@ -1,0 +1,232 @@
+"""Never silent: `status()`, the metrics and the log say what tracing and the plan did.
+
+Proves: status shows every graph piece with its shape strategy, each graph break with
+dynamo's reason, recompiles with their cause, misses with their signature, calls and
+state, and strategy fall-backs with their reason; `str(status)` prints them; a piece
+left with no compiled runnable after its plan says why (status, one WARNING line, the
+`pwdaemon_pieces_on_eager` gauge); and the trace families of a real engine's scrape
+carry the tracer's counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from torch import nn
+
+import pwdaemon as pwd
+from pwdaemon.engine.events import one_line
+from pwdaemon.metrics.exposition import PwdaemonCollector
+from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.trace_record import AttemptOutcome, MissState, RecompileCause
+from pwdaemon.testing import FakeExecutor
+
+WIDTH = 8
+FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
+
+
+class Broken(nn.Module):
+    """One graph break in the middle: two pieces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(WIDTH, WIDTH)
+        self.b = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(h) * 2
+
+
+def _model(cls: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return cls().eval()
+
+
+def _scrape(handle: pwd.Handle) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    registry = CollectorRegistry()
+    registry.register(PwdaemonCollector([handle.engine]))
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, frozenset((k, v) for k, v in s.labels.items() if k != "model")): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.labels.get("model") == handle.name
+    }
+
+
+def _key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return (name, frozenset(labels.items()))
+
+
+def test_status_shows_pieces_strategy_breaks_and_metrics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch._dynamo.reset()
+    model = _model(Broken)
+    with (
+        caplog.at_level(logging.INFO, logger="pwdaemon"),
+        pwd.attach(model, compile=False, store=False) as handle,
+        torch.no_grad(),
+    ):
+        for n in (2, 5, 9):
+            model(torch.randn(n, WIDTH))
+        st = handle.status()
+        assert [p.graph for p in st.pieces] == [0, 1]
+        assert all(p.strategy is ShapeStrategy.UNBACKED for p in st.pieces)
+        assert all(p.on_eager_reason is None for p in st.pieces)  # no plan: not judged
+        assert st.trace.settled and st.trace.strategy is ShapeStrategy.UNBACKED
+        (brk,) = st.trace.graph_breaks
+        assert brk.reason and brk.count >= 1
+        assert brk.reason == handle._tracer.graph_breaks[0].reason  # dynamo's words
+        assert [a.outcome for a in st.trace.attempts] == [AttemptOutcome.ACTIVE]
+        assert st.pieces[0].entries[0].target == "eager"
+        assert st.pieces[0].entries[0].hits == 3  # every call of the piece ran eager
+        text = str(st)
+        assert "2 piece(s), strategy unbacked" in text
+        assert f"graph break x{brk.count} (pieces 0, 1): {one_line(brk.reason)}" in text
+        assert "\n  Explanation" not in text  # dynamo's lines joined into one
+        assert "graph 1 [unbacked]" in text
+        got = _scrape(handle)
+    # one log line per event: the break (with its reason) and each piece
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("graph break" in m and brk.reason in m for m in messages)
+    assert sum("captured (strategy unbacked" in m for m in messages) == 2
+    assert got[_key("pwdaemon_graph_pieces", strategy="unbacked")] == 2
+    assert got[_key("pwdaemon_graph_pieces", strategy="backed_oblivious")] == 0
+    assert got[_key("pwdaemon_graph_breaks_total")] == brk.count
+    assert got[_key("pwdaemon_recompiles_total", cause="settling")] == 0
+    assert got[_key("pwdaemon_trace_misses_total")] == 0
+    assert got[_key("pwdaemon_strategy_fallbacks_total", strategy="unbacked")] == 0
+    assert got[_key("pwdaemon_pieces_on_eager")] == 0
+
+
+class Plain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
+def test_status_shows_misses_and_the_recompile_they_earn() -> None:
+    torch._dynamo.reset()
+    model = _model(Plain)
+    with pwd.attach(model, compile=False, store=False, policy=FAST) as handle:
+        with torch.inference_mode():
+            for n in (2, 3):
+                model(torch.randn(n, WIDTH))
+        with torch.enable_grad():  # a grad-mode call no piece's guards accept
+            for _ in range(2):
+                model(torch.randn(4, WIDTH))
+        st = handle.status()
+        (miss,) = st.trace.misses
+        assert (miss.calls, miss.state) == (2, MissState.HOT) and "grad=1" in miss.signature
+        assert st.trace.miss_calls == 2 and not st.trace.recompiles
+        assert f"2 x {miss.signature} [hot]" in str(st)
+        assert _scrape(handle)[_key("pwdaemon_trace_misses_total")] == 2
+        with torch.enable_grad():  # the hot signature's next call is traced
+            model(torch.randn(5, WIDTH))
+        st = handle.status()
+        (rec,) = st.trace.recompiles
+        assert rec.cause is RecompileCause.HOT_SIGNATURE and rec.pieces == (1,)
+        assert st.trace.misses[0].state is MissState.TRACED
+        assert [p.graph for p in st.pieces] == [0, 1]
+        assert "recompile (hot_signature" in str(st)
+        got = _scrape(handle)
+        assert got[_key("pwdaemon_recompiles_total", cause="hot_signature")] == 1
+        assert got[_key("pwdaemon_graph_pieces", strategy="unbacked")] == 2
+
+
+def _encoder() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+
+
+def test_status_shows_a_strategy_fall_back_with_its_reason() -> None:
+    # The encoder's fast path cannot decide a guard on an unbacked size: the next
+    # strategy captures it (see test_trace.py).
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _encoder().eval()
+    with pwd.attach(model, compile=False, store=False) as handle, torch.inference_mode():
+        for n in (1, 4):
+            model(torch.randn(n, 5, 16))
+        st = handle.status()
+        first, last = st.trace.attempts
+        assert first.strategy is ShapeStrategy.UNBACKED
+        assert first.outcome is AttemptOutcome.FELL_BACK and first.reason
+        assert last.outcome is AttemptOutcome.ACTIVE
+        assert st.pieces[0].strategy is ShapeStrategy.BACKED_OBLIVIOUS
+        assert f"strategy unbacked: fell back: {one_line(first.reason)}" in str(st)
+        got = _scrape(handle)
+        assert got[_key("pwdaemon_strategy_fallbacks_total", strategy="unbacked")] == 1
+        assert got[_key("pwdaemon_graph_pieces", strategy="backed_oblivious")] == 1
+
+
+def _compiler(**kw: Any) -> pwd.CompileConfig:
+    return pwd.CompileConfig(workers=1, backoff_s=0.01, **kw)
+
+
+def test_piece_on_eager_after_its_plan_says_why(
+    mlp: nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    ex = FakeExecutor(fail={"general": "failed"})
+    with (
+        caplog.at_level(logging.WARNING, logger="pwdaemon.engine"),
+        pwd.attach(
+            mlp, policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False
+        ) as handle,
+    ):
+        mlp(torch.randn(3, 16))
+        assert handle.wait(timeout=20)  # the plan completes: general given up
+        handle.engine.flush()  # the tick that completed the plan has finished
+        st = handle.status()
+        assert st.plan_complete
+        reason = st.pieces[0].on_eager_reason
+        assert reason is not None and reason.startswith("general failed: failed")
+        assert st.on_eager == {0: reason}
+        assert f"ON EAGER after its plan: {reason}" in str(st)
+        assert _scrape(handle)[_key("pwdaemon_pieces_on_eager")] == 1
+        handle.engine.flush()  # warned once, not at every tick
+    warnings = [r.getMessage() for r in caplog.records if "stays on eager" in r.getMessage()]
+    assert warnings == [f"pwdaemon: {handle.name}: graph 0 stays on eager after its plan: {reason}"]
+
+
+def test_general_tier_off_is_reported_as_the_reason(mlp: nn.Module) -> None:
+    with pwd.attach(
+        mlp,
+        policy=FAST,
+        compiler=_compiler(general=False),
+        executor=FakeExecutor(),
+        store=False,
+    ) as handle:
+        mlp(torch.randn(3, 16))
+        assert handle.wait(timeout=20)
+        reason = handle.status().pieces[0].on_eager_reason
+        assert reason is not None and "general tier off" in reason
+        for _ in range(2):  # size 3 gets hot and compiles: no longer on eager
+            mlp(torch.randn(3, 16))
+        assert handle.wait(sizes=[3], timeout=20)
+        assert handle.status().pieces[0].on_eager_reason is None
+
+
+def test_a_live_general_is_not_on_eager(mlp: nn.Module) -> None:
+    reference = copy.deepcopy(mlp)
+    with pwd.attach(
+        mlp, policy=FAST, compiler=_compiler(), executor=FakeExecutor(), store=False
+    ) as handle:
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(mlp(x), reference(x))
+        assert handle.wait(timeout=20)
+        st = handle.status()
+        assert st.on_eager == {} and "ON EAGER" not in str(st)
+        assert _scrape(handle)[_key("pwdaemon_pieces_on_eager")] == 0
