@@ -132,6 +132,11 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     def settled() -> bool:
         if handle is None:
             return True
+        # The plan done and nothing queued or compiling: a busy worker would share the
+        # CPU with the calls being timed.
+        status = handle.status()
+        if not status.plan_complete or status.queue_depth or status.in_flight:
+            return False
         want = "graph" if device.type == "cuda" else None
         for p in handle.pieces:
             if not p.specializable:
