@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import anyio.to_thread
-
 from pwdaemon.config import CompileConfig
 from pwdaemon.engine.events import SwapEvent
 from pwdaemon.engine.graphs import wants_graph
@@ -29,6 +27,7 @@ from pwdaemon.engine.jobs import (
 )
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.switch_interval import gil_friendly
+from pwdaemon.engine.torch_thread import run_torch_work
 from pwdaemon.engine.validation import reject_category, validate
 from pwdaemon.engine.waiters import Waiters
 from pwdaemon.serving.cudagraph import GraphConfig
@@ -74,7 +73,7 @@ class Publisher:
                 # comparison must run the graph itself, so it waits for the pool instead.
                 candidate = getattr(runnable, "replay_exclusive", runnable)
                 with gil_friendly(self.config.switch_interval_s):
-                    why = await anyio.to_thread.run_sync(validate, candidate, current, args)
+                    why = await run_torch_work(validate, candidate, current, args)
                 if why is not None:
                     self.counters.rejects_by_reason[reject_category(why)] += 1
                     self.fail(job, "rejected", f"validation on size {size}: {why}", retry=False)

@@ -26,6 +26,7 @@ from pwdaemon.engine.publish import Publisher
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.engine.switch_interval import gil_friendly
+from pwdaemon.engine.torch_thread import run_torch_work
 from pwdaemon.serving.range_table import TargetKind
 from pwdaemon.serving.trace import wrap_compiled
 from pwdaemon.store import ArtifactKey
@@ -185,7 +186,7 @@ class Runner:
         seconds = manifest.compile_seconds if manifest is not None else 0.0
         try:
             with gil_friendly(self.config.switch_interval_s):
-                runnable = await anyio.to_thread.run_sync(load_artifact, str(path))
+                runnable = await run_torch_work(load_artifact, str(path))
         except Exception as exc:
             reason = f"stored artifact did not load: {type(exc).__name__}: {exc}"
             self.publisher.fail(job, "failed", reason)
@@ -232,7 +233,7 @@ class Runner:
                 result = {**result, "path": str(stored)}
         try:
             with gil_friendly(self.config.switch_interval_s):
-                runnable = await anyio.to_thread.run_sync(_load, result)
+                runnable = await run_torch_work(_load, result)
         except Exception as exc:
             reason = f"artifact did not load: {type(exc).__name__}: {exc}"
             self.publisher.fail(job, "failed", reason)

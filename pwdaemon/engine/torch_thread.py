@@ -1,0 +1,41 @@
+"""Torch work of the engine (validation, loads) on a thread that ends when it returns.
+
+Why not anyio's worker threads: a thread that ran a CPU torch op keeps its own OpenMP
+thread team for as long as it lives, and anyio keeps its worker threads alive between
+jobs. While such a thread lived, the serving thread's CPU kernels ran slower on a 2-core
+machine: an idle thread that had run one `addmm` took the main thread's `addmm` from
+1.59 to 2.12 ms, and the engine's two validation threads took a compiled BERT call
+(size 16) from 0.46 to 2.0 ms until the engine closed. A thread that exits releases its
+team, so each piece of torch work gets a thread of its own (starting one costs ~0.1 ms,
+nothing beside a compile).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio.to_thread
+
+T = TypeVar("T")
+
+
+async def run_torch_work(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` on a fresh thread that exits afterwards; its result or its exception."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="pwdaemon-torch-work", daemon=True)
+    thread.start()
+    # Joined from anyio's pool: that thread only waits, it runs no torch op.
+    await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+    if "error" in box:
+        raise box["error"]
+    value: T = box["value"]
+    return value
