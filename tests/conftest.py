@@ -31,6 +31,20 @@ class SmallMLP(nn.Module):
         return torch.relu(self.norm(self.lin(x)))
 
 
+class Broken(nn.Module):
+    """One graph break in the middle: two pieces (8 wide, as the trace tests use)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(h) * 2
+
+
 @pytest.fixture
 def mlp() -> nn.Module:
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Broken
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
@@ -29,20 +30,6 @@ from pwdaemon.testing import FakeExecutor
 
 WIDTH = 8
 FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
-
-
-class Broken(nn.Module):
-    """One graph break in the middle: two pieces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(WIDTH, WIDTH)
-        self.b = nn.Linear(WIDTH, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.a(x))
-        torch._dynamo.graph_break()
-        return self.b(h) * 2
 
 
 def _model(cls: type[nn.Module]) -> nn.Module:

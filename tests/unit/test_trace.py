@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import Broken
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -39,20 +40,6 @@ class Plain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.lin(x))
-
-
-class Broken(nn.Module):
-    """One graph break in the middle: two pieces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(WIDTH, WIDTH)
-        self.b = nn.Linear(WIDTH, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.a(x))
-        torch._dynamo.graph_break()
-        return self.b(h) * 2
 
 
 class TwoInputs(nn.Module):
