@@ -18,6 +18,7 @@ import torch
 
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
+from pwdaemon.workers.prewarm import prewarm
 
 FAULTS = ("raise", "crash", "hang")
 
@@ -238,4 +239,10 @@ def load_artifact(path: str) -> Any:
     """Load a saved artifact in this process (the serving side; off the serving thread)."""
     from torch._inductor import CompiledArtifact
 
+    # Wait for the pre-warm to finish its CPU vector-ISA probe first. The probe is not
+    # thread-safe: `VecAVX512.__bool__` appends -mavx512bf16 to the shared ISA object's
+    # flags while it test-builds, so a kernel whose build key is computed meanwhile on
+    # another thread gets a different key and is rebuilt (a warm restart then compiled
+    # C++ again: seen in CI). Joining costs nothing once the probe is done.
+    prewarm().join()
     return CompiledArtifact.load(path=path, format="binary")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-log = logging.getLogger("pwdaemon")
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None

@@ -1,0 +1,37 @@
+"""The loader's pre-warm: artifact loads wait for it (torch's ISA probe is not thread-safe)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from torch._inductor import CompiledArtifact
+
+from pwdaemon.workers import compiler, prewarm
+
+
+def test_artifact_load_waits_until_the_isa_probe_is_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    probing, release, loaded = threading.Event(), threading.Event(), threading.Event()
+
+    def probe() -> None:  # stands in for pick_vec_isa(): held until the test says so
+        probing.set()
+        release.wait(30)
+
+    def load(**kwargs: Any) -> str:
+        loaded.set()
+        return "runnable"
+
+    monkeypatch.setattr(prewarm, "_thread", None)  # a process that has not pre-warmed yet
+    monkeypatch.setattr(prewarm, "_work", probe)
+    monkeypatch.setattr(CompiledArtifact, "load", staticmethod(load))
+    results: list[Any] = []
+    loader = threading.Thread(target=lambda: results.append(compiler.load_artifact("a")))
+    loader.start()
+    assert probing.wait(10)
+    # While the probe runs, the load must not start (it would build kernels under the
+    # probe's temporary -mavx512bf16 flag and miss the store's cache keys).
+    assert not loaded.wait(0.3)
+    release.set()
+    loader.join(10)
+    assert loaded.is_set() and results == ["runnable"]
