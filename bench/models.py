@@ -16,9 +16,13 @@ Systems:
 - dynamic: `torch.compile(model, dynamic=True)`;
 - static: `torch.compile(model, dynamic=False)`, one compile per size on the request that
   brings it (on CUDA: `mode="reduce-overhead"`, per-size CUDA graphs);
+- async: `static` with `TORCHINDUCTOR_FX_COMPILE_MODE=async+SUBPROCESS` (and the FX graph
+  cache off, which that mode needs): Inductor compiles in a subprocess and serves a
+  fallback meanwhile;
 - specialize_on: torch's own per-size peer, `mark_dynamic(x, 0, specialize_on=[n == s])`;
-- pwdaemon: `pwd.attach(model, sizes=...)`; settled when every size serves specialized
-  (on CUDA: from its CUDA graph).
+- pwdaemon: `pwd.attach(model, sizes=...)` with a fresh store; settled when every size
+  serves specialized (on CUDA: from its CUDA graph);
+- pwdaemon_warm: the same after a first pwdaemon run filled the store (a restart).
 
     python bench/models.py [--device cpu|cuda] [--models ...] [--sizes 1,4,16,64]
                            [--preset tiny|issue] [--dtype fp32|fp16|bf16] [--iters 50]
@@ -41,7 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("eager", "dynamic", "static", "specialize_on", "pwdaemon")
+SYSTEMS = ("eager", "dynamic", "static", "async", "specialize_on", "pwdaemon", "pwdaemon_warm")
 DEFAULT_MODELS = ("demo", "sequential", "transformer_encoder", "bert", "gpt2", "llama")
 RESULTS = Path(__file__).resolve().parent / "results" / "models"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -106,12 +110,12 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     t_setup = time.perf_counter()
     if system == "dynamic":
         fn = torch.compile(model, dynamic=True)
-    elif system == "static":
+    elif system in ("static", "async"):  # async: the environment selects the mode
         mode = "reduce-overhead" if device.type == "cuda" else None
         fn = torch.compile(model, dynamic=False, mode=mode)
     elif system == "specialize_on":
         fn = torch.compile(model)
-    elif system == "pwdaemon":
+    elif system in ("pwdaemon", "pwdaemon_warm"):
         import pwdaemon as pwd
 
         handle = pwd.attach(model, sizes=sizes, store=opts.store)
@@ -218,18 +222,32 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
 def _run_one(opts: argparse.Namespace, model: str, system: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pwdaemon-bench-") as tmp:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor"}
-        cmd = [
-            sys.executable, __file__, "--child", "--model", model, "--system", system,
-            "--device", opts.device, "--dtype", opts.dtype, "--sizes", opts.sizes,
-            "--preset", opts.preset, "--iters", str(opts.iters),
-            "--settle-timeout", str(opts.settle_timeout), "--store", f"{tmp}/store",
-        ]  # fmt: skip
-        try:
-            proc = subprocess.run(
-                cmd, env=env, capture_output=True, text=True, timeout=opts.run_timeout
-            )
-        except subprocess.TimeoutExpired:
-            return {"model": model, "system": system, "error": "timed out"}
+        if system == "async":
+            env.update(TORCHINDUCTOR_FX_COMPILE_MODE="async+SUBPROCESS",
+                       TORCHINDUCTOR_FX_GRAPH_CACHE="0")  # fmt: skip
+        if system == "pwdaemon_warm":  # a first run fills the store the measured one uses
+            first = _child(opts, model, "pwdaemon", tmp, env)
+            if "error" in first:
+                return {"model": model, "system": system, "error": "first run: " + first["error"]}
+        result = _child(opts, model, system, tmp, env)
+    return {**result, "system": system} if "error" not in result else result
+
+
+def _child(
+    opts: argparse.Namespace, model: str, system: str, tmp: str, env: dict[str, str]
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable, __file__, "--child", "--model", model, "--system", system,
+        "--device", opts.device, "--dtype", opts.dtype, "--sizes", opts.sizes,
+        "--preset", opts.preset, "--iters", str(opts.iters),
+        "--settle-timeout", str(opts.settle_timeout), "--store", f"{tmp}/store",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=opts.run_timeout
+        )
+    except subprocess.TimeoutExpired:
+        return {"model": model, "system": system, "error": "timed out"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -319,7 +337,8 @@ def main() -> None:
     header = (
         f"{stamp}, {device}, torch {torch.__version__}, preset {opts.preset}, {opts.dtype}, "
         f"`python bench/models.py --device {opts.device} --models {opts.models} "
-        f"--sizes {opts.sizes} --preset {opts.preset} --dtype {opts.dtype}`"
+        f"--systems {opts.systems} --sizes {opts.sizes} --preset {opts.preset} "
+        f"--dtype {opts.dtype}`"
     )
     text = report(results, opts.sizes.split(","), header)
     print(text)

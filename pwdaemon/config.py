@@ -87,6 +87,10 @@ class CompileConfig:
     """First retry delay; doubles per attempt."""
     niceness: int = 10
     """Workers run at lower CPU priority than serving (os.nice increment)."""
+    idle_priority: bool = True
+    """Workers run under Linux's SCHED_IDLE policy: only on CPU time serving leaves idle.
+    Under traffic that saturates every core, compiles wait (their timeout still counts);
+    False gives them a nice-`niceness` share instead."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Inductor options passed to every compile (part of the artifact key)."""
     validate: bool = True
@@ -108,6 +112,8 @@ class CompileConfig:
         _check_int("retries", self.retries, 0)
         _check_seconds("backoff_s", self.backoff_s, zero_ok=True)
         _check_int("niceness", self.niceness, 0)
+        if not isinstance(self.idle_priority, bool):
+            raise TypeError(f"idle_priority must be a bool, got {self.idle_priority!r}")
         if self.switch_interval_s is not None:
             _check_seconds("switch_interval_s", self.switch_interval_s)
         if not isinstance(self.options, Mapping):

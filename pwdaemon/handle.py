@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ from pwdaemon.config import (
     parse_ranges,
     parse_sizes,
 )
+from pwdaemon.engine.cpu_budget import check_cpu_budget
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
 from pwdaemon.engine.options import AttachOptions, TraceMode
@@ -29,7 +31,9 @@ from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Di
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
 from pwdaemon.serving.trace import GraphPiece, Tracer
 from pwdaemon.store import ArtifactStore
-from pwdaemon.workers.executor import Executor
+from pwdaemon.workers.executor import Executor, ProcessExecutor
+
+log = logging.getLogger(__name__)
 
 _names = itertools.count()
 _attach_lock = threading.Lock()
@@ -187,6 +191,9 @@ class Handle:
             self.model._compiled_call_impl = self._previous_impl  # type: ignore[assignment]
             with contextlib.suppress(AttributeError):
                 del self.model._pwdaemon_handle
+        if not self._tracer.stop(timeout):
+            log.warning("pwdaemon: %s: the background trace did not end within %.0f s of "
+                        "detach; it finishes on its own thread", self.name, timeout)  # fmt: skip
         if self._metrics_server is not None:
             from pwdaemon.metrics import exposition as _metrics
 
@@ -223,7 +230,7 @@ def attach(
     store: ArtifactStore | str | os.PathLike[str] | bool | None = None,
     watch_store: bool = True,
     graphs: GraphConfig | None = None,
-    trace: str = "inline",
+    trace: str = "background",
     service: ServiceChoice = "auto",
 ) -> Handle:
     """Serve `model` through pwdaemon; callers keep calling `model(...)`.
@@ -241,10 +248,11 @@ def attach(
       compiled artifacts persist (a restart is warm), the size profile of a run primes the
       next, and `watch_store` picks up artifacts other processes compile.
     - `graphs`: the CUDA-graph tier (GPU models only): see `GraphConfig`.
-    - `trace`: "inline" (dynamo traces the model on the first call, which waits for
-      it) or "background" (calls run the plain module until dynamo has traced a copy of
-      the first call's inputs on another thread: the first request costs what eager
-      costs).
+    - `trace`: "background" (default: calls run the plain module until dynamo has
+      traced a copy of the first call's inputs on another thread, which parks while
+      serving calls run: the first request costs what eager costs) or "inline" (dynamo
+      traces on the first call, which waits for it; tests and notebooks that want the
+      pieces right after one call).
     - `service`: where compiles run. "auto" (default): the host's `pwdaemon serve` when
       its socket (`PWDAEMON_SOCKET`, else /run/pwdaemon/pwdaemon.sock) answers now, else
       embedded worker processes; a socket path or True: that service, compiling embedded
@@ -283,6 +291,8 @@ def attach(
         # One connect() to the service's socket at most: a missing socket fails at once.
         env = link.store.inductor_env() if link is not None else {}
         options = dataclasses.replace(options, executor=executor_for(service, compiler, env))
+        if isinstance(options.executor, ProcessExecutor):
+            check_cpu_budget(compiler)  # the workers share this host's CPUs with serving
     handle = Handle(model, options)
     handle._attach()
     if metrics_port is not None:

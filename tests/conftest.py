@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,44 @@ from torch import nn
 # session, never the user's ~/.cache/pwdaemon (spawned workers inherit it too).
 os.environ["PWDAEMON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pwdaemon-test-store-")
 atexit.register(shutil.rmtree, os.environ["PWDAEMON_CACHE_DIR"], ignore_errors=True)
+
+UNIT = Path(__file__).resolve().parent / "unit"
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests by cost: everything under tests/integration runs real compiles (or needs a
+    # GPU), so `-m "not slow"` must leave it all out. A test there without either mark
+    # belongs in tests/unit.
+    unmarked = [
+        item.nodeid
+        for item in items
+        if INTEGRATION in Path(item.path).resolve().parents
+        and item.get_closest_marker("slow") is None
+        and item.get_closest_marker("gpu") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "integration tests without a slow or gpu mark: " + ", ".join(unmarked)
+        )
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_trace_inline(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # attach() traces in the background by default (the first request costs what eager
+    # costs); a unit test checks what one traced call produces, right after it, and would
+    # race that trace. So tests/unit traces inline unless a test passes trace= itself;
+    # the default is exercised by the trace="background" unit tests and by every test
+    # under tests/integration.
+    if UNIT not in Path(request.node.path).resolve().parents:
+        return
+    import pwdaemon as pwd
+
+    defaults = pwd.attach.__kwdefaults__
+    assert defaults is not None and defaults["trace"] == "background"
+    monkeypatch.setitem(defaults, "trace", "inline")
 
 
 class SmallMLP(nn.Module):

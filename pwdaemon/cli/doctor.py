@@ -168,7 +168,7 @@ def diagnose(
         eager = {n: model(*c[0], **c[1]) for n, c in calls.items()}
     report: dict[str, Any] = {"explain": _explain(model, calls[sizes[0]])}
     t0 = time.monotonic()
-    handle = pwd.attach(model, compile=False, store=False)
+    handle = pwd.attach(model, compile=False, store=False, trace="inline")  # no traffic to serve
     mismatches: list[str] = []
     try:
         with torch.inference_mode():

@@ -113,6 +113,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         compiler=compiler,
         store=args.dir if args.dir else None,
         watch_store=False,
+        trace="inline",  # nothing to serve meanwhile: trace on the first call, ungated
     )
     rows: list[tuple[str, str, float]] = []
     done = threading.Event()

@@ -165,13 +165,18 @@ class Engine:
         self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"pwdaemon-{self.name}")
         self._portal = self._portal_cm.__enter__()
         self._main_future = self._portal.start_task_soon(self._main)
-        if self.options.watch_store and self.store is not None:
-            try:
-                self._watcher = self.store.store.watch(
-                    self._on_store_event, polling=self.options.watch_polling
-                )
-            except OSError as exc:
-                log.warning("pwdaemon: not watching the artifact store: %s", exc)
+
+    def _start_watcher(self) -> None:
+        # On a loop worker thread, not in attach(): importing watchdog and starting its
+        # observer thread cost ~30 ms, a third of attach()'s whole budget.
+        if not (self.options.watch_store and self.store is not None) or self.closed:
+            return
+        try:
+            self._watcher = self.store.store.watch(
+                self._on_store_event, polling=self.options.watch_polling
+            )
+        except OSError as exc:
+            log.warning("pwdaemon: not watching the artifact store: %s", exc)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop everything: watcher, workers, loop; unfinished jobs end cancelled."""
@@ -191,6 +196,8 @@ class Engine:
                 log.warning("pwdaemon engine did not stop cleanly: %s", exc)
             assert self._portal_cm is not None
             self._portal_cm.__exit__(None, None, None)
+        if self._watcher is not None:  # started by the loop while this close began
+            self._watcher.stop(timeout)
         # The loop is gone: this thread is the only one left changing jobs.
         with self.waiters.changing():
             for st in self._pieces:
@@ -204,7 +211,7 @@ class Engine:
             return
         for st in list(self._pieces):
             try:
-                self.store.save_profile(st.piece, st.piece.dispatcher.histogram())
+                self.store.save_profile(st.piece, st.piece.histogram())
             except OSError as exc:
                 log.warning("pwdaemon: could not save the size profile: %s", exc)
 
@@ -233,6 +240,7 @@ class Engine:
             # Started at attach: it overlaps dynamo's trace of the first call (the
             # one-time work is mostly a compiler subprocess and file hashing).
             tg.start_soon(self._prewarm_loader)
+            tg.start_soon(anyio.to_thread.run_sync, self._start_watcher)
             if self.store is None:
                 # With a store, workers start on the first compile actually needed, so a
                 # warm restart spends no CPU on starting processes it will not use.

@@ -23,8 +23,8 @@ from pwdaemon.workers.executor import Executor
 class TraceMode(enum.StrEnum):
     """When dynamo traces the model (`attach(trace=...)`)."""
 
+    BACKGROUND = "background"  # on a copy of the first call's inputs, on a gated thread
     INLINE = "inline"  # on the first call, which waits for it
-    BACKGROUND = "background"  # on a copy of the first call's inputs, on another thread
 
     @classmethod
     def parse(cls, value: str) -> TraceMode:
@@ -55,7 +55,7 @@ class AttachOptions:
     watch_polling: bool = False
     """Watch the store by polling instead of inotify (for file systems without it)."""
     graphs: GraphConfig = field(default_factory=GraphConfig)
-    trace: TraceMode = TraceMode.INLINE
+    trace: TraceMode = TraceMode.BACKGROUND
 
     def __post_init__(self) -> None:
         self.check()

@@ -133,7 +133,7 @@ class Planner:
 
     def _account(self, st: PieceState, now: float) -> None:
         # Calls since the last tick, credited to the tier and the job that served them.
-        hist = st.piece.dispatcher.histogram()
+        hist = st.piece.histogram()
         st.policy.observe(hist, now)
         table = st.piece.dispatcher.table
         for size, calls in hist.items():

@@ -1,7 +1,7 @@
 """How a job ends: validated and published into its piece's table, or failed.
 
 Runs on the engine's loop thread. Validation runs the candidate and the runnable it
-would replace on a worker thread (the serving process's CPU, hence `gil_friendly`);
+would replace on a worker thread (the serving process's CPU, hence gated: `serving.gate`);
 publishing is one `Dispatcher.install`, an atomic swap that serving threads see on
 their next call. A failure is retried with exponential backoff, then given up.
 """
@@ -26,7 +26,6 @@ from pwdaemon.engine.jobs import (
     PriorityBand,
 )
 from pwdaemon.engine.queue import JobQueue
-from pwdaemon.engine.switch_interval import gil_friendly
 from pwdaemon.engine.torch_thread import run_torch_work
 from pwdaemon.engine.validation import reject_category, validate
 from pwdaemon.engine.waiters import Waiters
@@ -72,8 +71,13 @@ class Publisher:
                 # A captured graph falls back to tier 2 while a sibling replays; the
                 # comparison must run the graph itself, so it waits for the pool instead.
                 candidate = getattr(runnable, "replay_exclusive", runnable)
-                with gil_friendly(self.config.switch_interval_s):
-                    why = await run_torch_work(validate, candidate, current, args)
+                why = await run_torch_work(
+                    validate,
+                    candidate,
+                    current,
+                    args,
+                    switch_interval=self.config.switch_interval_s,
+                )
                 if why is not None:
                     self.counters.rejects_by_reason[reject_category(why)] += 1
                     self.fail(job, "rejected", f"validation on size {size}: {why}", retry=False)

@@ -25,7 +25,6 @@ from pwdaemon.engine.jobs import Counters, Job, JobSource, JobState, PieceState
 from pwdaemon.engine.publish import Publisher
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import StoreLink
-from pwdaemon.engine.switch_interval import gil_friendly
 from pwdaemon.engine.torch_thread import run_torch_work
 from pwdaemon.serving.range_table import TargetKind
 from pwdaemon.serving.trace import wrap_compiled
@@ -185,8 +184,9 @@ class Runner:
         manifest = await anyio.to_thread.run_sync(self.store.store.manifest, key)
         seconds = manifest.compile_seconds if manifest is not None else 0.0
         try:
-            with gil_friendly(self.config.switch_interval_s):
-                runnable = await run_torch_work(load_artifact, str(path))
+            runnable = await run_torch_work(
+                load_artifact, str(path), switch_interval=self.config.switch_interval_s
+            )
         except Exception as exc:
             reason = f"stored artifact did not load: {type(exc).__name__}: {exc}"
             self.publisher.fail(job, "failed", reason)
@@ -232,8 +232,9 @@ class Runner:
             if stored is not None:
                 result = {**result, "path": str(stored)}
         try:
-            with gil_friendly(self.config.switch_interval_s):
-                runnable = await run_torch_work(_load, result)
+            runnable = await run_torch_work(
+                _load, result, switch_interval=self.config.switch_interval_s
+            )
         except Exception as exc:
             reason = f"artifact did not load: {type(exc).__name__}: {exc}"
             self.publisher.fail(job, "failed", reason)
@@ -248,8 +249,11 @@ class Runner:
             if index in self._unshippable:
                 raise UnshippableGraphError(self._unshippable[index])
             try:
-                st.graph_bytes = await anyio.to_thread.run_sync(
-                    dump_graph, st.piece.gm, f"graph piece {index} of {self.name}"
+                st.graph_bytes = await run_torch_work(
+                    dump_graph,
+                    st.piece.gm,
+                    f"graph piece {index} of {self.name}",
+                    switch_interval=self.config.switch_interval_s,
                 )
             except UnshippableGraphError as exc:
                 self._unshippable[index] = str(exc)

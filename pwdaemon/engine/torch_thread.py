@@ -1,4 +1,6 @@
-"""Torch work of the engine (validation, loads) on a thread that ends when it returns.
+"""Torch work of the engine (validation, loads) on a gated thread that ends when it returns.
+
+Gated (`pwdaemon.serving.gate`): the work parks while serving calls are in progress.
 
 Why not anyio's worker threads: a thread that ran a CPU torch op keeps its own OpenMP
 thread team for as long as it lives, and anyio keeps its worker threads alive between
@@ -18,16 +20,22 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 
+from pwdaemon.serving.gate import GATE
+
 T = TypeVar("T")
 
 
-async def run_torch_work(fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)` on a fresh thread that exits afterwards; its result or its exception."""
+async def run_torch_work(fn: Callable[..., T], *args: Any, switch_interval: float | None) -> T:
+    """`fn(*args)` on a fresh gated thread that exits afterwards; its result or exception.
+
+    `switch_interval`: CPython's switch interval while it runs (None: leave it).
+    """
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["value"] = fn(*args)
+            with GATE.background(switch_interval):
+                box["value"] = fn(*args)
         except BaseException as exc:  # handed to the awaiting task below
             box["error"] = exc
 

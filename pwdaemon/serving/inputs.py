@@ -29,3 +29,19 @@ def copy_input(a: Any, state_ids: Set[int] = frozenset()) -> Any:
     if is_caller_tensor(a, state_ids):
         return a.detach().clone()
     return a
+
+
+def copy_for_trace(a: Any) -> Any:
+    """A private copy of a caller's tensor that dynamo's guards cannot tell from it.
+
+    Dynamo guards on whether a tensor is an inference tensor and on `requires_grad`: a
+    piece traced on a copy made inside `inference_mode` from a normal tensor would not
+    serve the normal tensors of later calls (each of them a miss, traced again).
+    """
+    if not isinstance(a, torch.Tensor) or isinstance(a, torch.nn.Parameter):
+        return a
+    with torch.inference_mode(a.is_inference()):
+        c = a.detach().clone()
+    if a.requires_grad:
+        c.requires_grad_(True)
+    return c

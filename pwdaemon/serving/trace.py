@@ -30,10 +30,12 @@ from typing import Any
 import torch
 import torch.fx
 
+from pwdaemon.serving.background import BackgroundTrace
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.entry import call_eager, make_entry
+from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
-from pwdaemon.serving.inputs import copy_input
+from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.strategy import (
     ORDER,
     TRACE_LOCK,
@@ -88,10 +90,21 @@ class GraphPiece:
     strategy: ShapeStrategy = ShapeStrategy.UNBACKED
     size_indices: tuple[int, ...] = ()  # every SymInt placeholder that is the size
     size_symbols: tuple[str, ...] = ()
+    # Calls per size served by the plain module while a background trace ran (shared by
+    # the tracer's pieces; it stops changing once traced). They count as traffic: sizes
+    # that came before the trace was done are as hot as the ones after.
+    calls_before_trace: dict[int, int] = field(default_factory=dict)
 
     @property
     def specializable(self) -> bool:
         return self.size_index is not None and not self.extra_symbols
+
+    def histogram(self) -> dict[int, int]:
+        """Calls per size of this piece, those before the trace included."""
+        hist = self.dispatcher.histogram()
+        for size, calls in list(self.calls_before_trace.items()):
+            hist[size] = hist.get(size, 0) + calls
+        return hist
 
 
 class _Attempt:
@@ -109,17 +122,38 @@ class _Attempt:
             t = ref()
             return gm.forward if t is None else t._capture(self, gm)
 
-        # No isolate_recompiles: its region id is a process-global that every compiled
-        # call sets on entry and restores on exit, so with threads one call's exit reset
-        # it under another call still inside, whose resumed frame then missed its cache
-        # and traced a duplicate piece (issue 15). The fresh entry code object gives
-        # each attempt its own cache bucket instead.
-        self.compiled = torch.compile(self.entry, backend=backend)
+        self._backend = backend
+        self._compiled: Callable[..., Any] | None = None
         # Run-only mode: cached entries serve, a miss runs the frame eager, nothing is
         # compiled. Per thread, unlike torch.compiler.set_stance (a process global).
-        self.run: Callable[..., Any] = torch._dynamo.run(self.compiled)
+        # Set with `compiled`; until then the first call builds both.
+        self.run: Callable[..., Any] = self._compile_then_run
         self.captured: list[GraphPiece] = []  # by the tracing call under way
         self.published = False  # some piece of this attempt was handed to on_piece
+
+    @property
+    def compiled(self) -> Callable[..., Any]:
+        """The torch.compile wrapper of the entry frame (traces; under TRACE_LOCK).
+
+        Built on first use, not at attach: the first torch.compile() in a process imports
+        dynamo's backends (aot_autograd, networkx: ~0.25 s), which belongs on the trace
+        thread, not in attach() on the caller's.
+        """
+        if self._compiled is None:
+            # No isolate_recompiles: its region id is a process-global that every
+            # compiled call sets on entry and restores on exit, so with threads one call's
+            # exit reset it under another call still inside, whose resumed frame then
+            # missed its cache and traced a duplicate piece (issue 15). The fresh entry
+            # code object gives each attempt its own cache bucket instead.
+            compiled = torch.compile(self.entry, backend=self._backend)
+            self.run = torch._dynamo.run(compiled)
+            self._compiled = compiled
+        return self._compiled
+
+    def _compile_then_run(self, *args: Any, **kwargs: Any) -> Any:
+        with TRACE_LOCK:
+            self.compiled  # noqa: B018 - builds `run`
+        return self.run(*args, **kwargs)
 
 
 class Tracer:
@@ -142,13 +176,9 @@ class Tracer:
         hot_calls: int = DEFAULT_HOT_CALLS,
     ) -> None:
         self.model = model
-        # Background capture: until dynamo has captured the model (on another thread, from
-        # a copy of the first call's inputs), calls run the plain module, so the first
-        # request costs what eager costs instead of dynamo's one-time trace.
+        # trace="background": see `serving.background`.
         self.background = background
-        self._traced = threading.Event()
-        self._capture_thread: threading.Thread | None = None
-        self.trace_error: BaseException | None = None
+        self._background = BackgroundTrace(self._settle_step, size_cap) if background else None
         self.shape_id = f"pwdaemon_size_{id(self):x}"
         self.hot_calls = hot_calls
         self.pieces: list[GraphPiece] = []
@@ -156,6 +186,8 @@ class Tracer:
         self.graph_breaks: list[GraphBreak] = []
         self.recompiles: list[Recompile] = []
         self.misses: dict[str, MissRecord] = {}
+        # Shared with every piece: see GraphPiece.calls_before_trace.
+        self.calls_before_trace = self._background.calls_before if self._background else {}
         self.miss_calls = 0
         self.errors = ErrorFallbacks()
         self.trace_warnings: list[str] = []
@@ -166,7 +198,7 @@ class Tracer:
         self._on_piece = on_piece
         self._size_cap = size_cap
         self._sample_bytes = sample_bytes
-        self._lock = threading.Lock()  # background-trace start; miss and error records
+        self._lock = threading.Lock()  # miss and error records
         # Each dispatcher writes itself here when it runs: after a call, the calling
         # thread sees whether any piece served it (no: a miss) and which ran last.
         self._served = threading.local()
@@ -174,19 +206,7 @@ class Tracer:
         # serving path reads it without a lock; empty almost always.
         self._hot: frozenset[str] = frozenset()
         self._hot_window = 0
-        self._dynamic = dict(dynamic) if dynamic else None
-        self._positions: dict[str, int] = {}
-        if self._dynamic:
-            import inspect
-
-            params = list(inspect.signature(model.forward).parameters)
-            unknown = [name for name in self._dynamic if name not in params]
-            if unknown:
-                raise ValueError(
-                    f"dynamic names {unknown} are not arguments of "
-                    f"{type(model).__name__}.forward{tuple(params)}"
-                )
-            self._positions = {name: params.index(name) for name in self._dynamic}
+        self.marks = SizeMarks(model, dynamic, self.shape_id)
         self._attempt = _Attempt(self, ORDER[0])
         self.attempts.append(self._attempt.record)
 
@@ -202,19 +222,33 @@ class Tracer:
     # ---- the call path (installed as model._compiled_call_impl) ---------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if GATE.working:
+            # pwdaemon runs Python work in this process (a trace, a load): it parks
+            # while this call runs, so the call does not wait for the GIL per torch op.
+            with GATE.call():
+                return self._call(args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.settled:
             if self._hot:
                 return self._serve_hot_window(args, kwargs)
             return self._serve(args, kwargs)
-        if self.background and not self._traced.is_set():
-            self._start_background_trace(args, kwargs)
+        background = self._background
+        if background is not None and not background.traced.is_set():
+            background.count(self.marks.size(args, kwargs))
+            if background.start(args, kwargs):
+                # This call checked `GATE.working` before the trace existed: gate it
+                # now, or the new trace thread would take the GIL from it per torch op.
+                with GATE.call():
+                    return call_eager(self.model, args, kwargs)
             return call_eager(self.model, args, kwargs)
         return self._first_call(args, kwargs)
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # The settled path: no lock. `_attempt` no longer changes once settled.
         attempt = self._attempt
-        self._mark_inputs(args, kwargs, attempt.strategy)
+        self.marks.mark(args, kwargs, attempt.strategy)
         served = self._served
         served.last = None
         try:
@@ -233,20 +267,24 @@ class Tracer:
             if not self.settled:
                 out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
                 if not changed:
-                    self.settled = True
-                    log.info(
-                        "pwdaemon: %s settled: %d piece(s), strategy %s",
-                        self.name,
-                        len(self.pieces),
-                        self.strategy.value,
-                    )
+                    self._settle()
                 return out
         return self._serve(args, kwargs)
+
+    def _settle(self) -> None:
+        # Under TRACE_LOCK: a whole call captured nothing new.
+        self.settled = True
+        log.info(
+            "pwdaemon: %s settled: %d piece(s), strategy %s",
+            self.name,
+            len(self.pieces),
+            self.strategy.value,
+        )
 
     # ---- misses: inputs no captured piece serves -------------------------------------
 
     def _miss(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        sig = input_signature(args, kwargs, self._size_dims(args, kwargs))
+        sig = input_signature(args, kwargs, self.marks.dims(args, kwargs))
         with self._lock:  # the miss path only; a hit never takes it
             self.miss_calls += 1
             rec = self.misses.get(sig)
@@ -275,7 +313,7 @@ class Tracer:
 
     def _serve_hot_window(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Only while some stray signature is hot: every call computes its signature.
-        sig = input_signature(args, kwargs, self._size_dims(args, kwargs))
+        sig = input_signature(args, kwargs, self.marks.dims(args, kwargs))
         if sig in self._hot:
             return self._trace_hot(sig, args, kwargs)
         self._hot_window += 1  # a lost update under a race only delays the expiry
@@ -325,7 +363,7 @@ class Tracer:
         a strategy that fell back).
         """
         attempt = self._attempt
-        self._mark_inputs(args, kwargs, attempt.strategy)
+        self.marks.mark(args, kwargs, attempt.strategy)
         breaks_before = counter_snapshot("graph_break")
         served = self._served
         served.last = None
@@ -448,95 +486,30 @@ class Tracer:
             )
         return call_eager(self.model, args, kwargs)
 
-    # ---- background tracing ----------------------------------------------------------
+    # ---- background tracing (serving.background) -----------------------------------
 
-    def _start_background_trace(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        with self._lock:
-            if self._capture_thread is not None:
-                return
-            # Copies: the caller may reuse or mutate its tensors after the call returns.
-            args_copy = tuple(copy_input(a) for a in args)
-            kwargs_copy = {k: copy_input(v) for k, v in kwargs.items()}
-            grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-            self._capture_thread = threading.Thread(
-                target=self._trace_in_background,
-                args=(args_copy, kwargs_copy, grad, inference),
-                name="pwdaemon-trace",
-                daemon=True,
-            )
-            self._capture_thread.start()
+    def _settle_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        # On the trace thread: one tracing call; True once settled.
+        with TRACE_LOCK:
+            if not self.settled:
+                _, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
+                if not changed:
+                    self._settle()
+            return self.settled
 
-    def _trace_in_background(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
-    ) -> None:
-        # The caller's grad/inference mode, so dynamo's guards hold on the serving thread.
-        try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad), TRACE_LOCK:
-                if not self.settled:
-                    _, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
-                    if not changed:
-                        self.settled = True
-        except BaseException as exc:
-            self.trace_error = exc
-            log.warning("pwdaemon: background capture failed; capturing on the next call: %s", exc)
-        finally:
-            self._traced.set()
+    @property
+    def trace_error(self) -> BaseException | None:
+        """Why the background trace failed (then the next call traces inline)."""
+        return self._background.error if self._background is not None else None
+
+    def stop(self, timeout: float) -> bool:
+        """Detach: wait up to `timeout` for a background trace under way; False if it
+        is still running."""
+        return self._background.stop(timeout) if self._background is not None else True
 
     def wait_traced(self, timeout: float | None = None) -> bool:
         """Background capture only: block until dynamo captured the model."""
-        return self._traced.wait(timeout)
-
-    # ---- marks -----------------------------------------------------------------------
-
-    def _mark_inputs(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], strategy: ShapeStrategy
-    ) -> None:
-        shape_id = self.shape_id
-        if self._dynamic is None:
-            # Default: dim 0 of every tensor argument whose dim 0 equals the first one's.
-            size = -1
-            for a in (*args, *kwargs.values()):
-                if isinstance(a, torch.Tensor) and a.dim() > 0:
-                    if size < 0:
-                        size = a.shape[0]
-                    if a.shape[0] == size:
-                        mark_size(a, 0, strategy, shape_id)
-            return
-        for t, d in self._dynamic_dims(args, kwargs):
-            mark_size(t, d, strategy, shape_id)
-
-    def _dynamic_dims(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> list[tuple[torch.Tensor, int]]:
-        assert self._dynamic is not None
-        out: list[tuple[torch.Tensor, int]] = []
-        for name, dim in self._dynamic.items():
-            t = kwargs.get(name)
-            if t is None:
-                pos = self._positions[name]
-                t = args[pos] if pos < len(args) else None
-            if isinstance(t, torch.Tensor):
-                # A negative dim counts from the end, as everywhere in torch; dynamo's
-                # mark ignores one, which would trace static and retrace every size.
-                ndim = t.dim()
-                d = dim + ndim if dim < 0 else dim
-                if 0 <= d < ndim:
-                    out.append((t, d))
-        return out
-
-    def _size_dims(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
-        """id(tensor) -> its size dimension, as `_mark_inputs` marks them (slow paths)."""
-        if self._dynamic is not None:
-            return {id(t): d for t, d in self._dynamic_dims(args, kwargs)}
-        dims: dict[int, int] = {}
-        size = -1
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.dim() > 0:
-                if size < 0:
-                    size = a.shape[0]
-                if a.shape[0] == size:
-                    dims[id(a)] = 0
-        return dims
+        return self._background.traced.wait(timeout) if self._background is not None else True
 
     # ---- the backend -----------------------------------------------------------------
 
@@ -566,6 +539,7 @@ class Tracer:
             strategy=attempt.strategy,
             size_indices=facts.size_indices,
             size_symbols=facts.size_symbols,
+            calls_before_trace=self.calls_before_trace,
         )
         if piece.output_marks:
             # Outputs of a piece followed by another (a graph break) must carry the size

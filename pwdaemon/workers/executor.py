@@ -34,6 +34,7 @@ class ProcessExecutor:
             niceness=config.niceness,
             env=env or {},
             start_timeout=config.start_timeout_s,
+            idle_priority=config.idle_priority,
         )
 
     @property

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 
+from pwdaemon.serving.gate import GATE
+
 log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
@@ -19,16 +21,22 @@ _thread: threading.Thread | None = None
 
 
 def _work() -> None:
+    # Gated: it parks while serving calls are in progress (`pwdaemon.serving.gate`).
     try:
-        import torch._inductor.codecache as codecache
-        import torch._inductor.compile_fx
-        import torch._inductor.standalone_compile  # noqa: F401
-        from torch._inductor import cpu_vec_isa
-
-        cpu_vec_isa.pick_vec_isa()
-        codecache.torch_key()
+        with GATE.background():
+            _set_up()
     except Exception:
         log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
+
+
+def _set_up() -> None:
+    import torch._inductor.codecache as codecache
+    import torch._inductor.compile_fx
+    import torch._inductor.standalone_compile  # noqa: F401
+    from torch._inductor import cpu_vec_isa
+
+    cpu_vec_isa.pick_vec_isa()
+    codecache.torch_key()
 
 
 def prewarm() -> threading.Thread:

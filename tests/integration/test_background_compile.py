@@ -180,6 +180,7 @@ def test_failed_crashed_and_hung_compiles_leave_serving_working(
     try:
         x5 = torch.randn(5, 16)
         torch.testing.assert_close(mlp(x5), reference(x5), **TOL)
+        assert h.wait_traced(120)  # the plan's jobs exist once the model is traced
         # Wait until size:5 is compiling (hung in the worker), then kill that worker. Its
         # hang has the default timeout, so the kill always comes first.
         deadline = time.monotonic() + 300

@@ -125,14 +125,18 @@ def dynamic_true_pieces(name: str) -> int:
     return len(graphs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_real_model_is_captured_with_no_retrace(name: str) -> None:
     counters.clear()
     model = build(name)
     reference = copy.deepcopy(model)
-    handle = pwd.attach(model, compile=False, store=False)
+    handle = pwd.attach(model, compile=False, store=False)  # traced in the background
     try:
         with torch.inference_mode():
+            args, kwargs = inputs(name, SIZES[0])
+            model(*args, **kwargs)  # served by the plain module; starts the trace
+            assert handle.wait_traced(300)
             for n in SIZES:
                 args, kwargs = inputs(name, n)
                 got = main_output(model(*args, **kwargs))

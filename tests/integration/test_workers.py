@@ -8,110 +8,39 @@ pipe, a process or a condition, with a generous bound for a loaded 2-core machin
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from recorded import Recorded, assert_matches, capture, meta_snapshot, record_mlp
 from torch import nn
 
 from pwdaemon.config import CompileConfig
 from pwdaemon.serving.range_table import Target
 from pwdaemon.workers.compiler import (
-    SHIPPED_META,
     JobSpec,
-    UnshippableGraphError,
     dump_graph,
     load_artifact,
 )
 from pwdaemon.workers.executor import ProcessExecutor
 from pwdaemon.workers.process import CompileError, Outcome
 
-TOL: dict[str, Any] = {"atol": 1e-4, "rtol": 1e-4}
-_HAS_SHAPE_ID = "shape_id" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
 REPO = Path(__file__).resolve().parents[2]
 
 
 # ---- helpers ---------------------------------------------------------------------------
 
 
-class Recorded:
-    """Graphs dynamo captured, and each piece's calls: (flat args, eager outputs)."""
-
-    def __init__(self) -> None:
-        self.gms: list[torch.fx.GraphModule] = []
-        self.calls: list[list[tuple[list[Any], Any]]] = []
-
-    def backend(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        index = len(self.gms)
-        self.gms.append(gm)
-        self.calls.append([])
-
-        def run(*args: Any) -> Any:
-            out = gm.forward(*args)
-            kept = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-            self.calls[index].append((kept, out))
-            return out
-
-        return run
-
-
-def _mark(t: torch.Tensor) -> None:
-    # As pwdaemon's tracer marks the size: unbacked, one symbol for every input.
-    if _HAS_SHAPE_ID:
-        torch._dynamo.decorators.mark_unbacked(t, 0, shape_id="pwdaemon_test_size")
-    else:
-        torch._dynamo.decorators.mark_unbacked(t, 0)
-
-
-def capture(fn: Callable[..., Any], calls: list[dict[str, torch.Tensor]]) -> Recorded:
-    rec = Recorded()
-    compiled = torch.compile(fn, backend=rec.backend)
-    for kwargs in calls:
-        for t in kwargs.values():
-            _mark(t)
-        compiled(**kwargs)
-    return rec
-
-
-def _flat(o: Any) -> list[torch.Tensor]:
-    if isinstance(o, torch.Tensor):
-        return [o]
-    if isinstance(o, list | tuple):
-        return [t for x in o for t in _flat(x)]
-    return []
-
-
-def assert_matches(got: Any, expected: Any) -> None:
-    got_t, exp_t = _flat(got), _flat(expected)
-    assert len(got_t) == len(exp_t) > 0
-    for g, e in zip(got_t, exp_t, strict=True):
-        torch.testing.assert_close(g, e, **TOL)
-
-
-class MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(16, 16)
-        self.norm = nn.LayerNorm(16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.norm(self.lin(x)))
-
-
 @pytest.fixture
 def mlp_graph() -> Recorded:
-    torch.manual_seed(0)
-    model = MLP().eval()
-    return capture(lambda x: model(x), [{"x": torch.randn(4, 16)}, {"x": torch.randn(7, 16)}])
+    return record_mlp()
 
 
 @pytest.fixture
@@ -171,6 +100,7 @@ def test_jobs_compile_in_a_worker_and_match_eager(
     graph = dump_graph(gm, "MLP graph 0")
     (pid,) = executor.pids()
     assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # CompileConfig.idle_priority
     for target in (Target.size(7), Target.general()):
         result = executor.run(_job(graph, target, tmp_path), timeout=600)
         assert result["seconds"] > 0 and Path(result["path"]).is_file()
@@ -342,99 +272,6 @@ def test_a_script_without_a_main_guard_gets_workers_and_leaves_nothing(
         assert noise not in proc.stderr, proc.stderr[-4000:]
 
 
-# ---- shipping graphs -------------------------------------------------------------------
-
-
-def _meta_snapshot(gm: torch.fx.GraphModule) -> list[dict[str, int]]:
-    return [{k: id(v) for k, v in n.meta.items()} for n in gm.graph.nodes]
-
-
-def test_unpicklable_metadata_is_dropped_and_the_live_graph_is_untouched(
-    mlp_graph: Recorded,
-) -> None:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx._graph_pickler import GraphPickler
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    (gm,) = mlp_graph.gms
-    for node in gm.graph.nodes:  # what transformers' models leave in node metadata
-        node.meta["tensor_dict"] = {"cache": weakref.WeakValueDictionary()}
-    with pytest.raises(Exception, match="pickle"):
-        GraphPickler.dumps(gm)
-    before = _meta_snapshot(gm)
-    code_before = gm.code
-    data = dump_graph(gm, "MLP graph 0")
-    assert _meta_snapshot(gm) == before and gm.code == code_before
-    shipped = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
-    assert isinstance(shipped, torch.fx.GraphModule)
-    live_nodes, shipped_nodes = list(gm.graph.nodes), list(shipped.graph.nodes)
-    assert [n.op for n in shipped_nodes] == [n.op for n in live_nodes]
-    assert [str(n.target) for n in shipped_nodes] == [str(n.target) for n in live_nodes]
-    for live, ship in zip(live_nodes, shipped_nodes, strict=True):
-        assert set(ship.meta) == {k for k in SHIPPED_META if k in live.meta}
-        v, w = live.meta.get("example_value"), ship.meta.get("example_value")
-        if isinstance(v, torch.Tensor):
-            assert isinstance(w, torch.Tensor)
-            assert (str(w.shape), w.stride(), w.dtype) == (str(v.shape), v.stride(), v.dtype)
-
-
-class _Hooked(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        # A submodule attribute that does not pickle.
-        object.__setattr__(self.lin, "callback", lambda: None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def test_a_graph_that_cannot_be_shipped_is_named_with_the_reason() -> None:
-    gm = torch.fx.symbolic_trace(_Hooked())  # call_module: the submodule ships with it
-    with pytest.raises(UnshippableGraphError) as info:
-        dump_graph(gm, "graph piece 3 of hooked-1")
-    message = str(info.value)
-    assert message.startswith("graph piece 3 of hooked-1 cannot be shipped to a compile worker")
-    assert "pickle" in message and "lambda" in message
-
-
-def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import pwdaemon as pwd
-    from pwdaemon.engine import runner
-    from pwdaemon.testing import FakeExecutor
-
-    dumps: list[str] = []
-
-    def refuse(gm: torch.fx.GraphModule, name: str = "graph") -> bytes:
-        dumps.append(name)
-        raise UnshippableGraphError(f"{name} cannot be shipped to a compile worker: test")
-
-    monkeypatch.setattr(runner, "dump_graph", refuse)
-    torch.manual_seed(0)
-    model, ex = MLP().eval(), FakeExecutor()
-    policy = pwd.PolicyConfig(hot_calls=1, tick_s=0.01)
-    h = pwd.attach(model, sizes=[2, 4], policy=policy, executor=ex, store=False)
-    try:
-        x = torch.randn(2, 16)
-        expected = model._call_impl(x)
-        torch.testing.assert_close(model(x), expected)
-        # Given up, not retried: with no timeout, wait() returns only because every
-        # wanted size was given up (were it still pending, pytest's timeout would fail).
-        assert h.wait(sizes=[2, 4], timeout=None) is False
-        entries = {e.target: e for e in h.status().pieces[0].entries}
-        for label in ("general", "size:2", "size:4"):
-            assert entries[label].state == "failed", h.status()
-            assert entries[label].attempts == 1
-            assert "cannot be shipped to a compile worker" in (entries[label].reason or "")
-        assert len(dumps) == 1 and dumps[0].startswith("graph piece 0 of ")
-        assert ex.jobs == []  # nothing reached the executor
-        torch.testing.assert_close(model(x), expected)  # serving goes on, eager
-    finally:
-        h.detach()
-
-
 def _transformer(name: str) -> nn.Module:
     import transformers as tf
 
@@ -498,9 +335,9 @@ def test_real_model_graphs_ship_and_compile_in_a_worker(
             # The failure of issue 11, still there in the live graph's metadata.
             with pytest.raises(Exception, match="pickle"):
                 GraphPickler.dumps(gm)
-        before = _meta_snapshot(gm)
+        before = meta_snapshot(gm)
         graph = dump_graph(gm, f"{name} piece {index}")
-        assert _meta_snapshot(gm) == before
+        assert meta_snapshot(gm) == before
         for target in (Target.general(), Target.size(5)):
             job = JobSpec(graph, target, str(tmp_path / f"{index}-{target.kind.value}.bin"))
             runnable = load_artifact(shared_executor.run(job, timeout=600)["path"])

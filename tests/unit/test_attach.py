@@ -219,6 +219,47 @@ def test_background_trace_serves_eagerly_until_dynamo_has_traced(
         handle.detach()
 
 
+def test_background_trace_settles_off_the_serving_thread_for_tensors_made_outside_inference(
+    pair: tuple[nn.Module, nn.Module],
+) -> None:
+    # Servers make inputs outside inference_mode and call inside it: the background
+    # copy must be the same kind of tensor, or the traced piece never serves a call
+    # (each a miss) and the serving thread traces again.
+    from torch._dynamo.utils import counters
+
+    model, ref = pair
+    torch._dynamo.reset()
+    xs = {n: torch.randn(n, 8) for n in (1, 3, 7)}
+    handle = pwd.attach(model, compile=False, trace="background")
+    try:
+        with torch.inference_mode():
+            model(xs[3])
+            assert handle.wait_traced(60)
+            assert handle._tracer.settled  # settled on the trace thread, not by a call
+            frames = counters["frames"]["ok"]
+            for x in xs.values():
+                torch.testing.assert_close(model(x), ref(x))
+        assert counters["frames"]["ok"] == frames  # no call traced anything
+        assert handle._tracer.miss_calls == 0
+        assert sum(handle.pieces[0].dispatcher.counts.values()) >= len(xs)
+    finally:
+        handle.detach()
+
+
+def test_detach_waits_for_a_background_trace_under_way(pair: tuple[nn.Module, nn.Module]) -> None:
+    model, ref = pair
+    torch._dynamo.reset()
+    handle = pwd.attach(model, compile=False, trace="background")
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(model(x), ref(x))
+    assert handle._tracer._background is not None
+    thread = handle._tracer._background.thread
+    assert thread is not None
+    handle.detach()
+    assert not thread.is_alive()
+    torch.testing.assert_close(model(x), ref(x))  # the plain module again
+
+
 def test_trace_mode_is_validated(pair: tuple[nn.Module, nn.Module]) -> None:
     model, _ = pair
     with pytest.raises(ValueError, match="trace must be 'inline' or 'background'"):

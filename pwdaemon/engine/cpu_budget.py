@@ -1,0 +1,68 @@
+"""Do serving threads and compile workers fit the CPUs this process may use?
+
+On 2 vCPUs, 2 torch threads serving and one busy compile worker at a nice level took
+compiled calls from ~1 ms to 100-300 ms: OpenMP's threads wait for each other at every
+parallel region, and one of them was always waiting for the CPU the worker held. Workers
+under SCHED_IDLE (`CompileConfig.idle_priority`, the default on Linux) only take CPU time
+serving leaves idle, so there it is no longer a latency problem, only a slower plan
+under saturating traffic; with any other priority it is worth a warning at attach.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+from pwdaemon.config import CompileConfig
+
+log = logging.getLogger(__name__)
+
+_warned = False  # once per process: every attach would say the same
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def idle_priority_works(config: CompileConfig) -> bool:
+    """Whether the workers really run under SCHED_IDLE (asked for, and Linux has it)."""
+    return config.idle_priority and sys.platform == "linux" and hasattr(os, "SCHED_IDLE")
+
+
+def oversubscription(config: CompileConfig) -> str | None:
+    """A sentence naming the overlap, or None when serving threads + workers fit."""
+    threads, workers, cpus = torch.get_num_threads(), config.workers, usable_cpus()
+    if threads + workers <= cpus:
+        return None
+    return (
+        f"{threads} torch threads serving + {workers} compile worker(s) > {cpus} CPUs: "
+        f"calls wait for a CPU whenever a worker compiles"
+    )
+
+
+def check_cpu_budget(config: CompileConfig) -> None:
+    """Warn (once per process) when compile workers would slow serving down."""
+    global _warned
+    overlap = oversubscription(config)
+    if overlap is None:
+        return
+    if idle_priority_works(config):
+        log.info("pwdaemon: %s; workers run under SCHED_IDLE, so compiles only take "
+                 "idle CPU time (a saturated machine compiles slowly)", overlap)  # fmt: skip
+        return
+    if _warned:
+        return
+    _warned = True
+    log.warning(
+        "pwdaemon: %s. Use CompileConfig(idle_priority=True) on Linux, fewer workers, or "
+        "torch.set_num_threads(%d) in the serving process.",
+        overlap,
+        max(1, usable_cpus() - config.workers),
+    )

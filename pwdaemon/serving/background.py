@@ -1,0 +1,107 @@
+"""`attach(trace="background")` (the default): dynamo traces on a thread of its own.
+
+Until the model is traced, calls run the plain module, so the first request costs what
+eager costs instead of dynamo's one-time trace (seconds on a transformers model). The
+trace runs from private copies of the first call's inputs, under that call's grad and
+inference mode (dynamo's guards must hold for the calls it will serve), *gated*
+(`serving.gate`): it parks whenever a serving call is in progress. It also settles there,
+tracing again until one whole call captures nothing new, so that no serving call traces.
+
+Calls served before the trace is done still count as traffic: `calls_before` holds their
+sizes, and the pieces credit them (`GraphPiece.histogram`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pwdaemon.serving.gate import GATE
+from pwdaemon.serving.inputs import copy_for_trace
+
+log = logging.getLogger(__name__)
+
+# Tracing calls a background trace makes to settle (one call that captures nothing new);
+# each extra one is a shape-strategy fallback or a piece a resumed frame first reached.
+# Past this, the serving thread settles it inline as in trace="inline".
+MAX_SETTLING_CALLS = 4
+
+SettleStep = Callable[[tuple[Any, ...], dict[str, Any]], bool]
+"""One tracing call on the given inputs; True once the model is settled."""
+
+
+class BackgroundTrace:
+    """The trace thread of one attached model: started by its first call, once."""
+
+    def __init__(self, step: SettleStep, size_cap: int) -> None:
+        self._step = step
+        self._size_cap = size_cap
+        self.traced = threading.Event()  # set when the thread is done, settled or not
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.calls_before: dict[int, int] = {}  # size -> calls served before traced
+        self._stopping = False  # set by detach: no further settling call
+        self._lock = threading.Lock()
+
+    def count(self, size: int | None) -> None:
+        """Count one call served before the trace was done (serving thread)."""
+        if size is None:
+            return
+        with self._lock:  # warm-up only: cheap next to the plain module's call
+            counts = self.calls_before
+            if size in counts or len(counts) < self._size_cap:
+                counts[size] = counts.get(size, 0) + 1
+
+    def start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Start tracing from copies of this call's inputs; False if already started."""
+        with self._lock:
+            if self.thread is not None:
+                return False
+            # Copies: the caller may reuse or mutate its tensors after the call returns.
+            args_copy = tuple(copy_for_trace(a) for a in args)
+            kwargs_copy = {k: copy_for_trace(v) for k, v in kwargs.items()}
+            modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+            self.thread = threading.Thread(
+                target=self._run,
+                args=(args_copy, kwargs_copy, *modes),
+                name="pwdaemon-trace",
+                daemon=True,
+            )
+            self.thread.start()
+            return True
+
+    def _run(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
+    ) -> None:
+        try:
+            with GATE.background(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                for _ in range(MAX_SETTLING_CALLS):
+                    if self._stopping:
+                        break
+                    # Fresh copies per call: a shape strategy marks the tensors it traces
+                    # with, and a fallback strategy must not inherit those marks (a
+                    # TransformerEncoder then failed on the unbacked size left by the
+                    # first attempt).
+                    fresh_args = tuple(copy_for_trace(a) for a in args)
+                    fresh_kwargs = {k: copy_for_trace(v) for k, v in kwargs.items()}
+                    if self._step(fresh_args, fresh_kwargs):
+                        break
+        except BaseException as exc:
+            self.error = exc
+            log.warning("pwdaemon: background capture failed; capturing on the next call: %s", exc)
+        finally:
+            self.traced.set()
+
+    def stop(self, timeout: float) -> bool:
+        """Detach: no further settling call; wait up to `timeout` for a trace under way
+        (dynamo cannot be interrupted mid-trace). False if it is still running."""
+        self._stopping = True
+        thread = self.thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()

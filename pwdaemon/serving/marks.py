@@ -1,0 +1,96 @@
+"""Which dimension of which argument carries a call's size, and marking it for dynamo.
+
+Default: dim 0 of every tensor argument whose dim 0 equals the first tensor argument's.
+`attach(dynamic={"name": dim})` names the argument and dim instead. The same answer
+serves three places: marking inputs before a tracing call, the miss signature of a call
+no piece served, and the size a call brings while the model is still being traced.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pwdaemon.serving.strategy import ShapeStrategy, mark_size
+
+
+class SizeMarks:
+    """The size dimensions of one model's calls (`dynamic` as given to attach)."""
+
+    def __init__(
+        self, model: torch.nn.Module, dynamic: Mapping[str, int] | None, shape_id: str
+    ) -> None:
+        self.shape_id = shape_id  # one shared id: every marked dim is the same size
+        self._dynamic = dict(dynamic) if dynamic else None
+        self._positions: dict[str, int] = {}
+        if self._dynamic:
+            params = list(inspect.signature(model.forward).parameters)
+            unknown = [name for name in self._dynamic if name not in params]
+            if unknown:
+                raise ValueError(
+                    f"dynamic names {unknown} are not arguments of "
+                    f"{type(model).__name__}.forward{tuple(params)}"
+                )
+            self._positions = {name: params.index(name) for name in self._dynamic}
+
+    def mark(self, args: tuple[Any, ...], kwargs: dict[str, Any], strategy: ShapeStrategy) -> None:
+        """Mark each size dimension of this call's tensors for dynamo, per `strategy`."""
+        shape_id = self.shape_id
+        if self._dynamic is None:
+            size = -1
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor) and a.dim() > 0:
+                    if size < 0:
+                        size = a.shape[0]
+                    if a.shape[0] == size:
+                        mark_size(a, 0, strategy, shape_id)
+            return
+        for t, d in self._named_dims(args, kwargs):
+            mark_size(t, d, strategy, shape_id)
+
+    def dims(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
+        """id(tensor) -> its size dimension, as `mark` marks them (slow paths)."""
+        if self._dynamic is not None:
+            return {id(t): d for t, d in self._named_dims(args, kwargs)}
+        dims: dict[int, int] = {}
+        size = -1
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                if size < 0:
+                    size = a.shape[0]
+                if a.shape[0] == size:
+                    dims[id(a)] = 0
+        return dims
+
+    def size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+        """The size this call brings; None when no argument carries one."""
+        if self._dynamic is not None:
+            for t, d in self._named_dims(args, kwargs):
+                return int(t.shape[d])
+            return None
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and a.dim() > 0:
+                return int(a.shape[0])
+        return None
+
+    def _named_dims(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[tuple[torch.Tensor, int]]:
+        assert self._dynamic is not None
+        out: list[tuple[torch.Tensor, int]] = []
+        for name, dim in self._dynamic.items():
+            t = kwargs.get(name)
+            if t is None:
+                pos = self._positions[name]
+                t = args[pos] if pos < len(args) else None
+            if isinstance(t, torch.Tensor):
+                # A negative dim counts from the end, as everywhere in torch; dynamo's
+                # mark ignores one, which would trace static and retrace every size.
+                ndim = t.dim()
+                d = dim + ndim if dim < 0 else dim
+                if 0 <= d < ndim:
+                    out.append((t, d))
+        return out

@@ -1,0 +1,47 @@
+"""The attach-time check that serving threads and compile workers fit the CPUs."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from pwdaemon.config import CompileConfig
+from pwdaemon.engine import cpu_budget
+
+
+@pytest.fixture
+def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_budget, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu_budget, "_warned", False)
+
+
+@pytest.mark.usefixtures("two_cpus")
+def test_oversubscribed_workers_at_normal_priority_warn_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = CompileConfig(workers=1, idle_priority=False)
+    with caplog.at_level(logging.INFO, logger=cpu_budget.__name__):
+        cpu_budget.check_cpu_budget(config)
+        cpu_budget.check_cpu_budget(config)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "2 torch threads serving + 1 compile worker(s) > 2 CPUs" in warnings[0].message
+    assert "torch.set_num_threads(1)" in warnings[0].message
+
+
+@pytest.mark.usefixtures("two_cpus")
+def test_idle_priority_workers_are_only_noted(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=cpu_budget.__name__):
+        cpu_budget.check_cpu_budget(CompileConfig(workers=1, idle_priority=True))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("SCHED_IDLE" in r.message for r in caplog.records)
+
+
+def test_threads_and_workers_that_fit_say_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_budget, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert cpu_budget.oversubscription(CompileConfig(workers=2, idle_priority=False)) is None
+    assert cpu_budget.oversubscription(CompileConfig(workers=5, idle_priority=False)) is not None

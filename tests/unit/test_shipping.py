@@ -1,0 +1,104 @@
+"""Shipping a graph piece to a worker: node metadata that does not pickle is dropped,
+a graph that cannot be pickled is named with the reason, and the engine gives it up."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from recorded import MLP, Recorded, meta_snapshot, record_mlp
+from torch import nn
+
+from pwdaemon.workers.compiler import SHIPPED_META, UnshippableGraphError, dump_graph
+
+
+@pytest.fixture
+def mlp_graph() -> Recorded:
+    return record_mlp()
+
+
+def test_unpicklable_metadata_is_dropped_and_the_live_graph_is_untouched(
+    mlp_graph: Recorded,
+) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    (gm,) = mlp_graph.gms
+    for node in gm.graph.nodes:  # what transformers' models leave in node metadata
+        node.meta["tensor_dict"] = {"cache": weakref.WeakValueDictionary()}
+    with pytest.raises(Exception, match="pickle"):
+        GraphPickler.dumps(gm)
+    before = meta_snapshot(gm)
+    code_before = gm.code
+    data = dump_graph(gm, "MLP graph 0")
+    assert meta_snapshot(gm) == before and gm.code == code_before
+    shipped = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
+    assert isinstance(shipped, torch.fx.GraphModule)
+    live_nodes, shipped_nodes = list(gm.graph.nodes), list(shipped.graph.nodes)
+    assert [n.op for n in shipped_nodes] == [n.op for n in live_nodes]
+    assert [str(n.target) for n in shipped_nodes] == [str(n.target) for n in live_nodes]
+    for live, ship in zip(live_nodes, shipped_nodes, strict=True):
+        assert set(ship.meta) == {k for k in SHIPPED_META if k in live.meta}
+        v, w = live.meta.get("example_value"), ship.meta.get("example_value")
+        if isinstance(v, torch.Tensor):
+            assert isinstance(w, torch.Tensor)
+            assert (str(w.shape), w.stride(), w.dtype) == (str(v.shape), v.stride(), v.dtype)
+
+
+class _Hooked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        # A submodule attribute that does not pickle.
+        object.__setattr__(self.lin, "callback", lambda: None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_a_graph_that_cannot_be_shipped_is_named_with_the_reason() -> None:
+    gm = torch.fx.symbolic_trace(_Hooked())  # call_module: the submodule ships with it
+    with pytest.raises(UnshippableGraphError) as info:
+        dump_graph(gm, "graph piece 3 of hooked-1")
+    message = str(info.value)
+    assert message.startswith("graph piece 3 of hooked-1 cannot be shipped to a compile worker")
+    assert "pickle" in message and "lambda" in message
+
+
+def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pwdaemon as pwd
+    from pwdaemon.engine import runner
+    from pwdaemon.testing import FakeExecutor
+
+    dumps: list[str] = []
+
+    def refuse(gm: torch.fx.GraphModule, name: str = "graph") -> bytes:
+        dumps.append(name)
+        raise UnshippableGraphError(f"{name} cannot be shipped to a compile worker: test")
+
+    monkeypatch.setattr(runner, "dump_graph", refuse)
+    torch.manual_seed(0)
+    model, ex = MLP().eval(), FakeExecutor()
+    policy = pwd.PolicyConfig(hot_calls=1, tick_s=0.01)
+    h = pwd.attach(model, sizes=[2, 4], policy=policy, executor=ex, store=False)
+    try:
+        x = torch.randn(2, 16)
+        expected = model._call_impl(x)
+        torch.testing.assert_close(model(x), expected)
+        # Given up, not retried: with no timeout, wait() returns only because every
+        # wanted size was given up (were it still pending, pytest's timeout would fail).
+        assert h.wait(sizes=[2, 4], timeout=None) is False
+        entries = {e.target: e for e in h.status().pieces[0].entries}
+        for label in ("general", "size:2", "size:4"):
+            assert entries[label].state == "failed", h.status()
+            assert entries[label].attempts == 1
+            assert "cannot be shipped to a compile worker" in (entries[label].reason or "")
+        assert len(dumps) == 1 and dumps[0].startswith("graph piece 0 of ")
+        assert ex.jobs == []  # nothing reached the executor
+        torch.testing.assert_close(model(x), expected)  # serving goes on, eager
+    finally:
+        h.detach()
