@@ -118,7 +118,7 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     elif system in ("pwdaemon", "pwdaemon_warm"):
         import pwdaemon as pwd
 
-        handle = pwd.attach(model, sizes=sizes, store=opts.store)
+        handle = pwd.attach(model, sizes=sizes, store=opts.store, trace=opts.trace)
     setup_s = time.perf_counter() - t_setup
 
     def call(n: int) -> Any:
@@ -191,9 +191,14 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
             for n in sizes
         }
     ratios = []
-    for n, t, s in warmup[1:]:
+    worst: dict[str, Any] = {}
+    worst_by_tier: dict[str, float] = {}
+    for i, (n, t, s) in enumerate(warmup[1:], start=1):
         base = steady[n] if t == tiers[n] else eager_median[n]
         ratios.append(s / base)
+        worst_by_tier[t] = max(worst_by_tier.get(t, 0.0), ratios[-1])
+        if ratios[-1] == max(ratios):
+            worst = {"call": i, "size": n, "tier": t, "ms": s * 1e3, "median_ms": base * 1e3}
     out: dict[str, Any] = {
         "model": opts.model,
         "system": system,
@@ -205,6 +210,8 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         "settled": settled(),
         "warmup_calls": len(warmup),
         "warmup_worst_ratio": max(ratios) if ratios else None,
+        "warmup_worst": worst,
+        "warmup_worst_by_tier": worst_by_tier,
         "steady_ms": {str(n): v * 1e3 for n, v in steady.items()},
         "eager_ms": {str(n): v * 1e3 for n, v in eager_median.items()},
         "tiers": {str(n): t for n, t in tiers.items()},
@@ -241,6 +248,7 @@ def _child(
         "--device", opts.device, "--dtype", opts.dtype, "--sizes", opts.sizes,
         "--preset", opts.preset, "--iters", str(opts.iters),
         "--settle-timeout", str(opts.settle_timeout), "--store", f"{tmp}/store",
+        "--trace", opts.trace,
     ]  # fmt: skip
     try:
         proc = subprocess.run(
@@ -311,6 +319,8 @@ def main() -> None:
     p.add_argument("--settle-timeout", type=float, default=300.0)
     p.add_argument("--run-timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--trace", default="background", choices=("background", "inline"),
+                   help="pwdaemon's attach(trace=...)")  # fmt: skip
     # One (model, system) in this process; used by the parent, not by people.
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
