@@ -99,7 +99,7 @@ class Handle:
 
     def wait_traced(self, timeout: float | None = None) -> bool:
         """With trace="background": block until dynamo traced the model."""
-        return self._tracer.wait_traced(timeout) if self._tracer.background else True
+        return self._tracer.wait_traced(timeout)
 
     def table(self, graph: int = 0) -> RangeTable:
         """The range table piece `graph` serves from now."""

@@ -70,6 +70,17 @@ class SmallMLP(nn.Module):
         return torch.relu(self.norm(self.lin(x)))
 
 
+class Plain(nn.Module):
+    """One linear layer and a ReLU: one piece, no graph break (8 wide, as Broken)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
 class Broken(nn.Module):
     """One graph break in the middle: two pieces (8 wide, as the trace tests use)."""
 

@@ -38,7 +38,7 @@ def copy_for_trace(a: Any) -> Any:
     piece traced on a copy made inside `inference_mode` from a normal tensor would not
     serve the normal tensors of later calls (each of them a miss, traced again).
     """
-    if not isinstance(a, torch.Tensor) or isinstance(a, torch.nn.Parameter):
+    if not is_caller_tensor(a):
         return a
     with torch.inference_mode(a.is_inference()):
         c = a.detach().clone()

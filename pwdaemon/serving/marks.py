@@ -38,43 +38,34 @@ class SizeMarks:
 
     def mark(self, args: tuple[Any, ...], kwargs: dict[str, Any], strategy: ShapeStrategy) -> None:
         """Mark each size dimension of this call's tensors for dynamo, per `strategy`."""
-        shape_id = self.shape_id
-        if self._dynamic is None:
-            size = -1
-            for a in (*args, *kwargs.values()):
-                if isinstance(a, torch.Tensor) and a.dim() > 0:
-                    if size < 0:
-                        size = a.shape[0]
-                    if a.shape[0] == size:
-                        mark_size(a, 0, strategy, shape_id)
-            return
-        for t, d in self._named_dims(args, kwargs):
-            mark_size(t, d, strategy, shape_id)
+        for t, d in self._size_dims(args, kwargs):
+            mark_size(t, d, strategy, self.shape_id)
 
     def dims(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
         """id(tensor) -> its size dimension, as `mark` marks them (slow paths)."""
+        return {id(t): d for t, d in self._size_dims(args, kwargs)}
+
+    def size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+        """The size this call brings; None when no argument carries one."""
+        for t, d in self._size_dims(args, kwargs):
+            return int(t.shape[d])
+        return None
+
+    def _size_dims(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[tuple[torch.Tensor, int]]:
         if self._dynamic is not None:
-            return {id(t): d for t, d in self._named_dims(args, kwargs)}
-        dims: dict[int, int] = {}
+            return self._named_dims(args, kwargs)
+        # Default: dim 0 of every tensor argument whose dim 0 equals the first one's.
+        out: list[tuple[torch.Tensor, int]] = []
         size = -1
         for a in (*args, *kwargs.values()):
             if isinstance(a, torch.Tensor) and a.dim() > 0:
                 if size < 0:
                     size = a.shape[0]
                 if a.shape[0] == size:
-                    dims[id(a)] = 0
-        return dims
-
-    def size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-        """The size this call brings; None when no argument carries one."""
-        if self._dynamic is not None:
-            for t, d in self._named_dims(args, kwargs):
-                return int(t.shape[d])
-            return None
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.dim() > 0:
-                return int(a.shape[0])
-        return None
+                    out.append((a, 0))
+        return out
 
     def _named_dims(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -176,8 +176,7 @@ class Tracer:
         hot_calls: int = DEFAULT_HOT_CALLS,
     ) -> None:
         self.model = model
-        # trace="background": see `serving.background`.
-        self.background = background
+        # trace="background": see `serving.background`; None traces inline.
         self._background = BackgroundTrace(self._settle_step, size_cap) if background else None
         self.shape_id = f"pwdaemon_size_{id(self):x}"
         self.hot_calls = hot_calls
@@ -186,8 +185,6 @@ class Tracer:
         self.graph_breaks: list[GraphBreak] = []
         self.recompiles: list[Recompile] = []
         self.misses: dict[str, MissRecord] = {}
-        # Shared with every piece: see GraphPiece.calls_before_trace.
-        self.calls_before_trace = self._background.calls_before if self._background else {}
         self.miss_calls = 0
         self.errors = ErrorFallbacks()
         self.trace_warnings: list[str] = []
@@ -265,14 +262,15 @@ class Tracer:
         # configuration a strategy patches is process-global.
         with TRACE_LOCK:
             if not self.settled:
-                out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
-                if not changed:
-                    self._settle()
-                return out
+                return self._settling_call(args, kwargs)
         return self._serve(args, kwargs)
 
-    def _settle(self) -> None:
-        # Under TRACE_LOCK: a whole call captured nothing new.
+    def _settling_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # Under TRACE_LOCK, not yet settled: one tracing call; settled once a whole call
+        # captured nothing new.
+        out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
+        if changed:
+            return out
         self.settled = True
         log.info(
             "pwdaemon: %s settled: %d piece(s), strategy %s",
@@ -280,6 +278,7 @@ class Tracer:
             len(self.pieces),
             self.strategy.value,
         )
+        return out
 
     # ---- misses: inputs no captured piece serves -------------------------------------
 
@@ -492,9 +491,7 @@ class Tracer:
         # On the trace thread: one tracing call; True once settled.
         with TRACE_LOCK:
             if not self.settled:
-                _, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
-                if not changed:
-                    self._settle()
+                self._settling_call(args, kwargs)
             return self.settled
 
     @property
@@ -539,7 +536,8 @@ class Tracer:
             strategy=attempt.strategy,
             size_indices=facts.size_indices,
             size_symbols=facts.size_symbols,
-            calls_before_trace=self.calls_before_trace,
+            # Shared with every piece: see GraphPiece.calls_before_trace.
+            calls_before_trace=self._background.calls_before if self._background else {},
         )
         if piece.output_marks:
             # Outputs of a piece followed by another (a graph break) must carry the size

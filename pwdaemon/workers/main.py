@@ -53,20 +53,14 @@ _PARENT_POLL_S = 1.0
 def _warm_up() -> None:
     # What every first compile in a process pays, paid before "ready" so that a job's
     # timeout bounds its compile, not this process's start (CompileConfig.start_timeout_s
-    # bounds this part): Inductor's imports, the CPU vector-ISA probe (a compiler
-    # subprocess) and the hash of torch's sources used in cache keys.
+    # bounds this part): Inductor's set-up, and the graph unpickler.
     import torch
-    import torch._inductor.codecache as codecache
-    import torch._inductor.compile_fx
-    import torch._inductor.standalone_compile
     import torch.fx._graph_pickler
-    from torch._inductor import cpu_vec_isa
 
     import pwdaemon.workers.compiler  # noqa: F401
+    from pwdaemon.workers.prewarm import set_up_inductor
 
-    if not torch.cuda.is_available():
-        cpu_vec_isa.pick_vec_isa()
-    codecache.torch_key()
+    set_up_inductor(probe_cpu=not torch.cuda.is_available())
 
 
 def _watch_parent(parent_pid: int) -> None:

@@ -24,18 +24,22 @@ def _work() -> None:
     # Gated: it parks while serving calls are in progress (`pwdaemon.serving.gate`).
     try:
         with GATE.background():
-            _set_up()
+            set_up_inductor(probe_cpu=True)
     except Exception:
         log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
 
 
-def _set_up() -> None:
+def set_up_inductor(*, probe_cpu: bool) -> None:
+    """Inductor's one-time set-up, here and in compile workers: its imports, the CPU
+    vector-ISA probe (a compiler subprocess; `probe_cpu`) and the hash of torch's
+    sources used in cache keys."""
     import torch._inductor.codecache as codecache
     import torch._inductor.compile_fx
     import torch._inductor.standalone_compile  # noqa: F401
     from torch._inductor import cpu_vec_isa
 
-    cpu_vec_isa.pick_vec_isa()
+    if probe_cpu:
+        cpu_vec_isa.pick_vec_isa()
     codecache.torch_key()
 
 

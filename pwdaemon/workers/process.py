@@ -121,9 +121,11 @@ class Worker:
     as the end of its pipe.
     """
 
-    def __init__(self, niceness: int, env: Mapping[str, str], *, idle: bool = False) -> None:
+    def __init__(
+        self, niceness: int, env: Mapping[str, str], *, idle_priority: bool = False
+    ) -> None:
         self._niceness = niceness
-        self._idle_priority = idle
+        self._idle_priority = idle_priority
         self._env = dict(env)
         self.process: subprocess.Popen[bytes] | None = None
         self._job_fd = -1  # we write jobs here
@@ -383,7 +385,7 @@ class WorkerPool:
         self.closed = False
 
     def _new(self) -> Worker:
-        w = Worker(self._niceness, self._env, idle=self._idle_priority)
+        w = Worker(self._niceness, self._env, idle_priority=self._idle_priority)
         with self._lock:
             if self.closed:
                 raise CompileError(Outcome.CANCELLED, "worker pool is closed")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Broken
+from conftest import Broken, Plain
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
@@ -93,15 +93,6 @@ def test_status_shows_pieces_strategy_breaks_and_metrics(
     assert got[_key("pwdaemon_trace_misses_total")] == 0
     assert got[_key("pwdaemon_strategy_fallbacks_total", strategy="unbacked")] == 0
     assert got[_key("pwdaemon_pieces_on_eager")] == 0
-
-
-class Plain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(WIDTH, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.lin(x))
 
 
 def test_status_shows_misses_and_the_recompile_they_earn() -> None:

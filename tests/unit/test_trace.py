@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Broken
+from conftest import Broken, Plain
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -31,15 +31,6 @@ from pwdaemon.serving.trace import ShapeStrategy, wrap_compiled
 from pwdaemon.serving.trace_record import AttemptOutcome, MissState, RecompileCause
 
 WIDTH = 8
-
-
-class Plain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(WIDTH, WIDTH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.lin(x))
 
 
 class TwoInputs(nn.Module):
