@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch.no_grad():
             torch.testing.assert_close(ours(x), theirs(x))
+            assert handle.wait_traced(60)  # attach traces in the background by default
             assert len(handle.pieces) == 1
             rows.append(
                 Row(
