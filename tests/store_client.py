@@ -56,6 +56,13 @@ def main() -> None:
             max_err = max(max_err, float((model(x) - ref(x)).abs().max()))
     tiers = {n: h.table().lookup(n).tier.value for n in sizes}
     sources = dict(h.engine.loads_by_source)
+    # Every entry's state and reason, so a failed run says why (a CI log is all we get).
+    entries = [
+        f"{e.target}: {e.state} ({e.reason})"
+        for p in h.status().pieces
+        for e in p.entries
+        if e.target != "eager"
+    ]
     h.detach()
     print(
         json.dumps(
@@ -66,6 +73,7 @@ def main() -> None:
                 "tiers": tiers,
                 "loads": sources,
                 "max_err": max_err,
+                "entries": entries,
             }
         )
     )
