@@ -85,12 +85,15 @@ class CompileConfig:
     """Failed jobs are retried this many times, with backoff, then given up."""
     backoff_s: float = 1.0
     """First retry delay; doubles per attempt."""
-    niceness: int = 10
-    """Workers run at lower CPU priority than serving (os.nice increment)."""
+    niceness: int = 5
+    """The nice increment of workers not under SCHED_IDLE (below). 5: beside one busy
+    nice-0 process on a core, such a worker gets about a quarter of it (10 gave a
+    tenth: a 30 s compile took 5 minutes on a busy host)."""
     idle_priority: bool = True
     """Workers run under Linux's SCHED_IDLE policy: only on CPU time serving leaves idle.
-    Under traffic that saturates every core, compiles wait (their timeout still counts);
-    False gives them a nice-`niceness` share instead."""
+    A worker that gets no CPU for 10 s (every core busy) is replaced by one at
+    `niceness` while the host stays busy, so compiles still progress
+    (`pwdaemon.workers.starvation`); False: always at `niceness`."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Inductor options passed to every compile (part of the artifact key)."""
     validate: bool = True

@@ -110,6 +110,7 @@ class ServiceExecutor:
         # Figures for status and tests.
         self.service_jobs = 0
         self.embedded_jobs = 0
+        self.store_pickups = 0  # artifacts found in the service's store after a failed call
         self.fallbacks: list[tuple[float, str]] = []  # (wall time, why)
 
     # ---- Executor protocol
@@ -264,6 +265,8 @@ class ServiceExecutor:
             return None
         if path is None:
             return None
+        with self._lock:
+            self.store_pickups += 1
         return {"path": str(path), "seconds": 0.0, "source": "service-store"}
 
     # ---- the embedded path

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from pwdaemon.config import CompileConfig
 from pwdaemon.workers.compiler import JobSpec
-from pwdaemon.workers.process import WorkerPool
+from pwdaemon.workers.process import CompileError, Outcome, WorkerPool, WorkerStarved
 
 
 class Executor(Protocol):
@@ -45,11 +45,18 @@ class ProcessExecutor:
         self._pool.warm_up()
 
     def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
-        worker = self._pool.checkout()
-        try:
-            return worker.run(spec, timeout)
-        finally:
-            self._pool.checkin(worker)
+        # A job whose SCHED_IDLE worker starved runs again, on the worker the pool starts
+        # in its place at its niceness; the timeout starts again too (a starved job
+        # used almost no CPU). Bounded: each starvation retires one idle worker.
+        for _ in range(self._pool.size + 1):
+            worker = self._pool.checkout()
+            try:
+                return worker.run(spec, timeout)
+            except WorkerStarved:
+                self._pool.starved_now(worker.pid)
+            finally:
+                self._pool.checkin(worker)
+        raise CompileError(Outcome.CRASHED, "compile workers got no CPU time (host busy)")
 
     def pids(self) -> list[int]:
         return self._pool.pids()

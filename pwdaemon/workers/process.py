@@ -28,8 +28,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pwdaemon.workers import starvation
 from pwdaemon.workers.compiler import JobSpec
 from pwdaemon.workers.framing import Frame, FrameError, PeerClosed, encode, fd_writer, read_frame
+from pwdaemon.workers.starvation import CHECK_S, StarvationWatch
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ runpy.run_module("pwdaemon.workers.main", run_name="__main__", alter_sys=True)
 # time) whatever its working directory.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _STOP = encode("stop")
+# After a worker starved, new workers start at the pool's niceness instead of SCHED_IDLE
+# for this long: a host that stayed busy for a whole starvation window is likely to stay
+# busy, and every idle worker that starves again costs a window and a start.
+BOOST_HOLD_S = 300.0
 
 
 class Outcome(enum.StrEnum):
@@ -91,6 +97,13 @@ class _Deadline(Exception):
     """No complete frame arrived before the deadline."""
 
 
+class WorkerStarved(Exception):
+    """An idle-priority worker got (almost) no CPU for a whole window; it was killed.
+
+    Never leaves the pool: the job runs again on a worker at the pool's niceness.
+    """
+
+
 def _exit_text(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -110,6 +123,24 @@ def _stdout_target() -> int:
     except OSError:
         return subprocess.DEVNULL
     return 2
+
+
+def _lift_out_of_idle(pid: int) -> None:
+    """Best effort: move a SCHED_IDLE worker's threads to SCHED_OTHER before a kill.
+
+    A killed task still needs CPU time to exit; starved under SCHED_IDLE, a worker took
+    ~10 s to die on a busy host. Only a privileged process may lift another out of
+    SCHED_IDLE (RLIMIT_NICE); otherwise nothing changes and the kill just takes longer.
+    """
+    if not hasattr(os, "SCHED_OTHER"):
+        return
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
 
 
 class Worker:
@@ -134,6 +165,18 @@ class Worker:
         self._busy = False
         self._closing = False
         self.start_seconds: float | None = None
+
+    @property
+    def idle_priority(self) -> bool:
+        """Runs under SCHED_IDLE (and is watched for starvation)."""
+        return self._idle_priority
+
+    def _watch(self) -> StarvationWatch | None:
+        # Only SCHED_IDLE workers can starve for good; a niced one always gets a share.
+        proc = self.process
+        if not self._idle_priority or proc is None:
+            return None
+        return StarvationWatch(proc.pid)  # its own process group: process_group=0
 
     # ---- start ---------------------------------------------------------------------
 
@@ -181,10 +224,13 @@ class Worker:
                     stdout=_stdout_target(),
                     env=self._environ(),
                     pass_fds=(job_r, res_w),
-                    # Own session: a Ctrl-C or hang-up of the terminal goes to the serving
-                    # process, which stops us; and one killpg also takes any processes
-                    # Inductor starts inside a worker.
-                    start_new_session=True,
+                    # Own process group: a Ctrl-C at the terminal goes to the serving
+                    # process (the foreground group), which stops us; one killpg also
+                    # takes any processes Inductor starts inside a worker. Not a session
+                    # of its own: with the kernel's autogroup scheduling (sessions share
+                    # CPU as groups) a worker in its own session got a fair half of the
+                    # CPU beside the serving process, SCHED_IDLE or not.
+                    process_group=0,
                 )
                 self._job_fd, self._result_fd = job_w, res_r
                 self._busy = True
@@ -200,7 +246,10 @@ class Worker:
             os.close(job_r)
             os.close(res_w)
         try:
-            frame = self._read(time.monotonic() + timeout)
+            frame = self._read(time.monotonic() + timeout, self._watch())
+        except WorkerStarved:
+            self._fail_start()
+            raise
         except _Deadline:
             self._fail_start()
             raise CompileError(
@@ -270,7 +319,10 @@ class Worker:
     def _exchange(self, data: bytes, spec: JobSpec, timeout: float) -> dict[str, Any]:
         try:
             fd_writer(self._job_fd)(data)
-            frame = self._read(time.monotonic() + timeout)
+            frame = self._read(time.monotonic() + timeout, self._watch())
+        except WorkerStarved:
+            self.kill()
+            raise
         except _Deadline:
             self.kill()
             raise CompileError(
@@ -293,18 +345,29 @@ class Worker:
         log.info("compile of %s failed in worker %s:\n%s", spec.target.label, self.pid, tb)
         raise CompileError(Outcome.FAILED, reason, tb)
 
-    def _read(self, deadline: float) -> Frame:
+    def _read(self, deadline: float, watch: StarvationWatch | None = None) -> Frame:
         fd = self._result_fd
         poller = select.poll()  # poll, not select: fds past 1024 in a busy server
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+        def wait_readable() -> None:
+            # In slices of CHECK_S: between them, a watched worker is checked for
+            # starvation (reading /proc, a few ms), raised as WorkerStarved.
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _Deadline
+                slice_s = left if watch is None else min(left, CHECK_S)
+                if poller.poll(max(1, int(slice_s * 1000))):
+                    return
+                if watch is not None and watch.starved():
+                    raise WorkerStarved
 
         def read_exact(n: int) -> bytes:
             chunks: list[bytes] = []
             left = n
             while left > 0:
-                wait_ms = (deadline - time.monotonic()) * 1000
-                if wait_ms <= 0 or not poller.poll(max(1, int(wait_ms))):
-                    raise _Deadline
+                wait_readable()
                 chunk = os.read(fd, left)
                 if not chunk:
                     break
@@ -341,6 +404,8 @@ class Worker:
         proc = self.process
         if proc is None:
             return None
+        if self._idle_priority:
+            _lift_out_of_idle(proc.pid)
         # The whole group: processes Inductor started inside the worker go too. The
         # group exists as long as any member does, even after the worker was reaped.
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -362,7 +427,13 @@ class Worker:
 
 
 class WorkerPool:
-    """A fixed number of warm workers; a dead one is replaced on its next job."""
+    """A fixed number of warm workers; a dead one is replaced on its next job.
+
+    With `idle_priority`, workers run under SCHED_IDLE until one starves (`starvation`);
+    then new workers start at `niceness` for `BOOST_HOLD_S`, and go back to SCHED_IDLE
+    as they are replaced after that. A worker is unprivileged: it cannot leave
+    SCHED_IDLE itself (RLIMIT_NICE), so a starved one is killed and started again.
+    """
 
     def __init__(
         self,
@@ -382,22 +453,48 @@ class WorkerPool:
         self._lock = threading.Lock()
         self.size = size
         self.restarts = 0
+        self.starved = 0  # workers killed for getting no CPU (each also a restart)
+        self._boost_until = 0.0
         self.closed = False
 
-    def _new(self) -> Worker:
-        w = Worker(self._niceness, self._env, idle_priority=self._idle_priority)
+    def _idle_now(self) -> bool:
+        return self._idle_priority and time.monotonic() >= self._boost_until
+
+    def starved_now(self, pid: int | None) -> None:
+        """Worker `pid` starved (and was killed): start the next ones at `niceness`."""
         with self._lock:
-            if self.closed:
-                raise CompileError(Outcome.CANCELLED, "worker pool is closed")
-            self._all.append(w)
-        try:
-            w.start(self._start_timeout)
-        except CompileError:
+            first = time.monotonic() >= self._boost_until
+            self.starved += 1
+            self._boost_until = time.monotonic() + BOOST_HOLD_S
+        (log.warning if first else log.debug)(
+            "pwdaemon: compile worker %s got no CPU time for %g s under SCHED_IDLE (every "
+            "core busy); compiles run at nice %d for the next %g s",
+            pid,
+            starvation.STARVED_WINDOW_S,
+            self._niceness,
+            BOOST_HOLD_S,
+        )
+
+    def _new(self) -> Worker:
+        while True:
+            w = Worker(self._niceness, self._env, idle_priority=self._idle_now())
             with self._lock:
-                if w in self._all:
-                    self._all.remove(w)
-            raise
-        return w
+                if self.closed:
+                    raise CompileError(Outcome.CANCELLED, "worker pool is closed")
+                self._all.append(w)
+            try:
+                w.start(self._start_timeout)
+            except (CompileError, WorkerStarved) as exc:
+                with self._lock:
+                    if w in self._all:
+                        self._all.remove(w)
+                if isinstance(exc, CompileError):
+                    raise
+                with self._lock:
+                    self.restarts += 1
+                self.starved_now(w.pid)
+                continue  # the next one is not SCHED_IDLE: it never starves
+            return w
 
     def checkout(self) -> Worker:
         """An idle warm worker, a restarted one, or a new one (blocking)."""
@@ -419,13 +516,16 @@ class WorkerPool:
         """Return a worker after a job; a dead one is replaced at once, kept warm."""
         with self._lock:
             closed = self.closed
-            if not closed and w.alive():
+            retire = not w.idle_priority and self._idle_now()  # the busy spell is over
+            if not closed and w.alive() and not retire:
                 self._idle.append(w)
                 return
             if w in self._all:
                 self._all.remove(w)
-            if not closed:
+            if not closed and not retire:
                 self.restarts += 1
+        if retire:
+            w.stop()
         w.kill()
         if closed:
             return

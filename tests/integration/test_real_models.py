@@ -209,6 +209,7 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the script's own bound; Llama took > 300 s beside a CPU burner
 @pytest.mark.parametrize("name", MODELS)
 def test_real_model_from_an_unguarded_script_gets_specialized(name: str, tmp_path: Path) -> None:
     script = tmp_path / "serve.py"

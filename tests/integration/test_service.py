@@ -396,6 +396,7 @@ def client_main(argv: list[str]) -> None:
     report.update(
         service_jobs=executor.service_jobs,
         embedded_jobs=executor.embedded_jobs,
+        store_pickups=executor.store_pickups,
         fallbacks=executor.fallbacks,
         done=time.time(),
     )
@@ -452,7 +453,11 @@ def test_two_replicas_get_each_size_compiled_once(tmp_path: Path) -> None:
     assert {k for k, n in status["jobs"].items() if n} <= {"ok", "stored"}, status
     print(f"two replicas: jobs {status['jobs']}, submits {status['submits']}")
     shared = status["submits"]["deduplicated"] + status["submits"]["stored"]
-    assert shared >= 2, status  # replica 2's submits joined replica 1's compiles
+    # Replica 2's submits joined replica 1's compiles, or (a call to the service that
+    # timed out on a loaded machine: seen in CI) its artifact was picked up from the
+    # service's store. Either way nothing was compiled twice (jobs ok == 2 above).
+    pickups = sum(r["store_pickups"] for r in reports)
+    assert shared + pickups >= 2, (status, reports)
     # One artifact per key in the shared store (replica 1 republishes the same key in
     # place, which is why the manifest's origin is not checked).
     assert sorted(m.key.target for m in ArtifactStore(svc.store).entries()) == [

@@ -8,6 +8,7 @@ pipe, a process or a condition, with a generous bound for a loaded 2-core machin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from torch import nn
 
 from pwdaemon.config import CompileConfig
 from pwdaemon.serving.range_table import Target
+from pwdaemon.workers import starvation
 from pwdaemon.workers.compiler import (
     JobSpec,
     dump_graph,
@@ -99,7 +101,8 @@ def test_jobs_compile_in_a_worker_and_match_eager(
     (gm,) = mlp_graph.gms
     graph = dump_graph(gm, "MLP graph 0")
     (pid,) = executor.pids()
-    assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + 10
+    niceness = CompileConfig().niceness
+    assert os.getpriority(os.PRIO_PROCESS, pid) >= os.getpriority(os.PRIO_PROCESS, 0) + niceness
     assert os.sched_getscheduler(pid) == os.SCHED_IDLE  # CompileConfig.idle_priority
     for target in (Target.size(7), Target.general()):
         result = executor.run(_job(graph, target, tmp_path), timeout=600)
@@ -128,6 +131,59 @@ def test_a_timeout_kills_the_worker_and_the_pool_replaces_it(
     assert new != old and _running(new) and executor.restarts == 1
     result = executor.run(_job(graph, Target.size(4), tmp_path), timeout=600)
     assert Path(result["path"]).is_file() and executor.pids() == [new]
+
+
+@contextlib.contextmanager
+def every_core_busy() -> Iterator[None]:
+    """A normal-priority busy loop per core: SCHED_IDLE tasks then get ~0.3 % of one."""
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 2)
+    ]
+    try:
+        yield
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.slow
+def test_a_starved_idle_worker_is_replaced_and_its_job_still_compiles(
+    mlp_graph: Recorded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the floor, neither the compile (phase 1) nor a worker's start (phase 2)
+    # would ever end while every core is busy. A short window keeps the test quick.
+    monkeypatch.setattr(starvation, "STARVED_WINDOW_S", 3.0)
+    graph = dump_graph(mlp_graph.gms[0])
+    config = CompileConfig(workers=1, niceness=0, start_timeout_s=300)
+    busy_started = ProcessExecutor(config)
+    busy_started.start()  # started on a quiet machine, SCHED_IDLE
+    (idle_pid,) = busy_started.pids()
+    assert os.sched_getscheduler(idle_pid) == os.SCHED_IDLE
+    cold = ProcessExecutor(config)
+    results: list[dict[str, Any]] = []
+    try:
+        with every_core_busy():
+            # Phase 1: the idle worker starves mid-job; the job runs again on a worker
+            # started at `niceness`.
+            results.append(busy_started.run(_job(graph, Target.size(7), tmp_path), timeout=600))
+            # Phase 2: a new pool's first worker starves while it starts.
+            results.append(cold.run(_job(graph, Target.general(), tmp_path), timeout=600))
+        for ex in (busy_started, cold):
+            assert ex._pool.starved >= 1
+            (pid,) = ex.pids()
+            assert os.sched_getscheduler(pid) == os.SCHED_OTHER
+        assert not _running(idle_pid)
+    finally:
+        busy_started.close(5.0)
+        cold.close(5.0)
+    for result, target in zip(results, (Target.size(7), Target.general()), strict=True):
+        runnable = load_artifact(result["path"])
+        for args, expected in mlp_graph.calls[0]:
+            if target.kind.value == "size" and _size_of(args) != 7:
+                continue
+            assert_matches(runnable(*args), expected)
 
 
 @pytest.mark.slow
