@@ -438,6 +438,27 @@ def store_write_errors() -> Json:
     )
 
 
+def cuda_graph_memory() -> Json:
+    return timeseries(
+        "CUDA graph memory",
+        "GPU memory each model's live CUDA graphs (tier 3) took in its graph pool. At "
+        "GraphConfig.memory_budget_bytes the graph with the fewest replays is evicted "
+        "before a new one is captured. Empty on CPU hosts.",
+        "bytes",
+        [(f"max by (model) (pwdaemon_cuda_graph_memory_bytes{{{SEL}}})", "{{model}}")],
+    )
+
+
+def cuda_graphs() -> Json:
+    return timeseries(
+        "Live CUDA graphs",
+        "CUDA graphs (tier 3) live per model: one per hot size once its tier-2 "
+        "runnable is live on a GPU, fewer after evictions. Empty on CPU hosts.",
+        "short",
+        [(f"max by (model) (pwdaemon_cuda_graphs{{{SEL}}})", "{{model}}")],
+    )
+
+
 def worker_restarts() -> Json:
     return timeseries(
         "Worker restarts",
@@ -622,6 +643,8 @@ def serving_dashboard() -> Json:
             row("Artifacts and workers"),
             loads_by_source(),
             worker_restarts(),
+            cuda_graph_memory(),
+            cuda_graphs(),
             store_size(),
             store_artifacts(),
             store_write_errors(),

@@ -58,6 +58,7 @@ class EntryStatus:
     attempts: int
     reason: str | None  # a wait, failure, rejection or drop, in words
     source: JobSource | None  # where the live runnable came from
+    graph_bytes: int | None = None  # a live CUDA graph's memory in the model's pool
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,11 @@ class HandleStatus:
     trace: TraceStatus = field(default_factory=TraceStatus)
 
     @property
+    def graph_memory_bytes(self) -> int:
+        """Pool memory the live CUDA graphs of the model took when captured."""
+        return sum(e.graph_bytes or 0 for p in self.pieces for e in p.entries)
+
+    @property
     def on_eager(self) -> Mapping[int, str]:
         """Graph index -> why it still serves eager after its plan completed."""
         return {p.graph: p.on_eager_reason for p in self.pieces if p.on_eager_reason}
@@ -174,6 +180,8 @@ class HandleStatus:
             f"pwdaemon model {self.model}: queue {self.queue_depth}, in flight "
             f"{self.in_flight}, plan {'complete' if self.plan_complete else 'running'}"
         ]
+        if self.graph_memory_bytes:
+            lines.append(f"  CUDA graphs: {self.graph_memory_bytes / 2**20:.1f} MiB")
         lines.extend(self.trace.lines(len(self.pieces)))
         for p in self.pieces:
             strategy = f" [{p.strategy.value}]" if p.strategy is not None else ""
@@ -186,6 +194,8 @@ class HandleStatus:
             for e in p.entries:
                 secs = f"{e.compile_seconds:.1f}s" if e.compile_seconds is not None else "-"
                 extra = f"  {e.reason}" if e.reason else ""
+                if e.graph_bytes is not None:
+                    extra = f"  graph {e.graph_bytes / 2**20:.1f} MiB{extra}"
                 lines.append(
                     f"    {e.target:<16} {e.tier.value:<8} {e.state:<10} hits={e.hits:<8}"
                     f" compile={secs}{extra}"

@@ -82,6 +82,7 @@ class GraphCapture:
             self.pool.bytes -= graph.nbytes
             self.pool.graphs -= 1
         with self.publisher.waiters.changing():
+            job.graph_bytes = None
             job.state = JobState.DROPPED
             job.reason = (
                 f"evicted after {graph.replays} replays: graph memory budget "
@@ -181,6 +182,7 @@ class GraphCapture:
         seconds = time.monotonic() - started
         await self.publisher.publish(st, job, runnable, seconds, JobSource.CAPTURED)
         if job.state is JobState.LIVE:
+            job.graph_bytes = runnable.nbytes
             self.live.append((job, runnable))
         if self.config.pad and job.state is JobState.LIVE:
             # Sizes between the next smaller captured size and n pad up to n's graph.

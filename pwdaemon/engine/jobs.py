@@ -95,6 +95,7 @@ class Job:
     source: JobSource | None = None
     hot_since: float | None = None
     hits: int = 0  # calls its published runnable served
+    graph_bytes: int | None = None  # a live CUDA graph's pool memory (graph jobs only)
 
     @property
     def terminal(self) -> bool:

@@ -28,7 +28,7 @@ from pwdaemon.engine.events import (
 )
 from pwdaemon.engine.jobs import Counters, JobReason, JobState, PieceState
 from pwdaemon.metrics.stats import ModelMetrics, PieceMetrics, TraceMetrics
-from pwdaemon.serving.range_table import Target, Tier
+from pwdaemon.serving.range_table import Target, TargetKind, Tier
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.serving.trace_record import (
@@ -228,6 +228,7 @@ def _piece_status(st: PieceState, plan_complete: bool) -> PieceStatus:
                 attempts=job.attempts,
                 reason=job.reason,
                 source=job.source,
+                graph_bytes=job.graph_bytes,
             )
         )
     return PieceStatus(
@@ -255,6 +256,12 @@ def metrics_snapshot(
     trace: TraceRecords | None = None,
 ) -> ModelMetrics:
     """The model's metrics now (`store_stats`: bytes and artifacts, as last read)."""
+    graphs = [
+        j
+        for st in list(pieces)
+        for j in list(st.jobs.values())
+        if j.target.kind is TargetKind.GRAPH and j.graph_bytes is not None
+    ]
     out = []
     for st in list(pieces):
         d = st.piece.dispatcher
@@ -287,6 +294,8 @@ def metrics_snapshot(
         store_artifacts=store_stats[1],
         store_write_errors=store_write_errors,
         trace=trace_metrics(trace, pieces, plan_complete),
+        cuda_graphs=len(graphs),
+        cuda_graph_bytes=sum(j.graph_bytes or 0 for j in graphs),
     )
 
 

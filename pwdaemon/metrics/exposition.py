@@ -187,6 +187,19 @@ METRIC_FAMILIES: tuple[MetricFamilySpec, ...] = (
         _M,
     ),
     MetricFamilySpec(
+        "pwdaemon_cuda_graphs",
+        "gauge",
+        "Live CUDA graphs (tier 3) of the model.",
+        _M,
+    ),
+    MetricFamilySpec(
+        "pwdaemon_cuda_graph_memory_bytes",
+        "gauge",
+        "GPU memory the model's live CUDA graphs took in its graph pool when captured "
+        "(what GraphConfig.memory_budget_bytes counts).",
+        _M,
+    ),
+    MetricFamilySpec(
         "pwdaemon_store_write_errors",
         "counter",
         "Failed writes to the artifact store.",
@@ -295,6 +308,8 @@ def _add_model(fams: dict[str, Metric], m: ModelMetrics) -> None:
     add("pwdaemon_store_bytes", (model,), m.store_bytes)
     add("pwdaemon_store_artifacts", (model,), m.store_artifacts)
     add("pwdaemon_store_write_errors", (model,), m.store_write_errors)
+    add("pwdaemon_cuda_graphs", (model,), m.cuda_graphs)
+    add("pwdaemon_cuda_graph_memory_bytes", (model,), m.cuda_graph_bytes)
     t = m.trace
     for strategy, n in sorted(t.pieces_by_strategy.items()):
         add("pwdaemon_graph_pieces", (model, strategy), n)

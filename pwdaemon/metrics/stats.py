@@ -105,6 +105,8 @@ class ModelMetrics:
     store_artifacts: int
     store_write_errors: int
     trace: TraceMetrics = field(default_factory=TraceMetrics)
+    cuda_graphs: int = 0  # live CUDA graphs (tier 3)
+    cuda_graph_bytes: int = 0  # their memory in the model's graph pool
 
 
 class MetricsSource(Protocol):

@@ -219,6 +219,9 @@ def test_transformers_models_reach_tier3_under_inference_mode(name: str) -> None
             assert done.is_set(), str(h.status())  # wait() gave up: a size failed
             for n in sizes:
                 assert h.table().lookup(n).tier is pwd.Tier.GRAPH, (n, str(h.status()))
+            status = h.status()
+            graph_mem = {e.target: e.graph_bytes for p in status.pieces for e in p.entries}
+            assert status.graph_memory_bytes > 0, str(status)  # the pool grew for them
             first = model(*calls[4][0], **calls[4][1])
             kept = [t.clone() for t in _flat(first)]
             model(*calls[16][0], **calls[16][1])  # another replay of the shared pool
@@ -231,6 +234,7 @@ def test_transformers_models_reach_tier3_under_inference_mode(name: str) -> None
                 for a, b in zip(got, want, strict=True):
                     torch.testing.assert_close(a, b, **fp16)
             print(name, "capture pauses (s):", [round(p, 4) for p in h.engine.capture_pauses])
+            print(name, "graph memory (bytes):", graph_mem)
         finally:
             h.detach()
 

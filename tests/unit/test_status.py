@@ -208,3 +208,30 @@ def test_a_live_general_is_not_on_eager(mlp: nn.Module) -> None:
         st = handle.status()
         assert st.on_eager == {} and "ON EAGER" not in str(st)
         assert _scrape(handle)[_key("pwdaemon_pieces_on_eager")] == 0
+
+
+def test_cuda_graph_memory_is_in_status_and_metrics(mlp: nn.Module) -> None:
+    # No GPU here: a live graph job is stood in the way `GraphCapture` leaves one (state
+    # LIVE, its pool memory on the job); tests/integration/test_cudagraph.py checks the
+    # real figure on a GPU. What is proved here is the path to status and the scrape.
+    from pwdaemon.engine.jobs import Job, PriorityBand
+    from pwdaemon.serving.range_table import Target
+
+    with pwd.attach(
+        mlp, policy=FAST, compiler=_compiler(), executor=FakeExecutor(), store=False
+    ) as handle:
+        mlp(torch.randn(3, 16))
+        assert handle.wait(timeout=20)
+        assert handle.status().graph_memory_bytes == 0
+        assert _scrape(handle)[_key("pwdaemon_cuda_graph_memory_bytes")] == 0
+        st = handle.engine._pieces[0]
+        job = Job(st.piece, Target.graph(3), pwd.JobReason.HOT, (PriorityBand.HOT, 0))
+        job.state, job.graph_bytes = pwd.JobState.LIVE, 3 * 2**20
+        st.jobs[job.target.label] = job
+        status = handle.status()
+        entry = next(e for e in status.pieces[0].entries if e.target == "graph:3")
+        assert entry.graph_bytes == 3 * 2**20 and status.graph_memory_bytes == 3 * 2**20
+        assert "graph 3.0 MiB" in str(status) and "CUDA graphs: 3.0 MiB" in str(status)
+        scraped = _scrape(handle)
+        assert scraped[_key("pwdaemon_cuda_graphs")] == 1
+        assert scraped[_key("pwdaemon_cuda_graph_memory_bytes")] == 3 * 2**20
