@@ -34,7 +34,11 @@ if mode == "warm-prewarmed":  # a server that calls prewarm() first and then loa
 model = demo_model()
 swapped = {}
 t0 = time.monotonic()
-h = pwd.attach(model, store=store, policy=pwd.PolicyConfig(hot_calls=2, tick_s=0.02))
+# cold_after_s: the cold run calls each size 3 times, then waits; on a loaded machine
+# its sizes stayed queued behind the general compile past the default 60 s, went cold
+# and were dropped, and the warm run had nothing to load.
+h = pwd.attach(model, store=store,
+               policy=pwd.PolicyConfig(hot_calls=2, tick_s=0.02, cold_after_s=3600))
 h.on_swap(lambda e: swapped.setdefault(e.size, (time.monotonic() - t0, e.source))
           if e.size is not None else None)
 with torch.no_grad():
