@@ -35,10 +35,12 @@ def _get(values: dict, name: str, **labels: str) -> float:
 
 
 def test_metrics_move_with_traffic_and_compiles(mlp: nn.Module) -> None:
+    # cold_after_s: size 3, called and then waited on, must not go cold while it queues
+    # behind the general compile (past 60 s on a loaded machine it was dropped).
     h = pwd.attach(
         mlp,
         name="e2e",
-        policy=pwd.PolicyConfig(hot_calls=2, tick_s=0.02),
+        policy=pwd.PolicyConfig(hot_calls=2, tick_s=0.02, cold_after_s=3600),
         compiler=pwd.CompileConfig(workers=1),
         metrics_port=0,
         store=False,

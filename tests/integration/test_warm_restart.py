@@ -75,7 +75,8 @@ def test_profile_of_last_run_is_prepared_before_traffic(tmp_path: Path) -> None:
     store = tmp_path / "store"
     torch.manual_seed(0)
     model = SmallMLP().eval()
-    policy = pwd.PolicyConfig(hot_calls=2, tick_s=0.02)
+    # cold_after_s: size 9 must not go cold while it queues behind the general compile.
+    policy = pwd.PolicyConfig(hot_calls=2, tick_s=0.02, cold_after_s=3600)
     h = pwd.attach(model, store=store, policy=policy, compiler=pwd.CompileConfig(workers=1))
     with torch.no_grad():
         for _ in range(3):
