@@ -226,11 +226,18 @@ class Worker:
                     pass_fds=(job_r, res_w),
                     # Own process group: a Ctrl-C at the terminal goes to the serving
                     # process (the foreground group), which stops us; one killpg also
-                    # takes any processes Inductor starts inside a worker. Not a session
-                    # of its own: with the kernel's autogroup scheduling (sessions share
-                    # CPU as groups) a worker in its own session got a fair half of the
-                    # CPU beside the serving process, SCHED_IDLE or not.
-                    process_group=0,
+                    # takes any processes Inductor starts inside a worker. Session: with
+                    # the kernel's autogroup scheduling, sessions share the CPU as
+                    # groups, whatever the policies inside them. A SCHED_IDLE worker
+                    # stays in the serving session, so it really yields to serving; any
+                    # other worker (one replacing a starved worker, or idle_priority
+                    # off) gets a session of its own, hence a fair share: inside the
+                    # serving session a nice-5 worker got ~14 % of a core beside a busy
+                    # demo and compiled nothing in 150 s.
+                    # (A new session is a new process group too; asking for both
+                    # fails with EPERM.)
+                    process_group=0 if self._idle_priority else None,
+                    start_new_session=not self._idle_priority,
                 )
                 self._job_fd, self._result_fd = job_w, res_r
                 self._busy = True

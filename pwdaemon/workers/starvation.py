@@ -8,6 +8,10 @@ Compiled code is what such a host needs most, so a worker that made almost no pr
 for `STARVED_WINDOW_S` is replaced by one at the pool's niceness (a small, real share)
 for as long as the host stays busy (`process.WorkerPool`).
 
+The replacement also gets a session of its own: with autogroup scheduling (sessions
+share the CPU as groups) that is what gives it a fair share beside a busy serving
+process, whose session it would otherwise share at nice 5.
+
 Progress is the CPU time of the worker's process group (its own: `process_group=0`), so
 the compiler subprocesses and Inductor's compile pool that it starts count too.
 """
