@@ -404,22 +404,29 @@ def loads_by_source() -> Json:
     )
 
 
-def store_size() -> Json:
+def model_gauge(title: str, description: str, unit: str, metric: str) -> Json:
+    """A panel of one per-model gauge, one line per model."""
     return timeseries(
+        title, description, unit, [(f"max by (model) ({metric}{{{SEL}}})", "{{model}}")]
+    )
+
+
+def store_size() -> Json:
+    return model_gauge(
         "Artifact store size",
         "Bytes in the artifact store each model uses. Models sharing one store report "
         "the same store, so do not add them up.",
         "bytes",
-        [(f"max by (model) (pwdaemon_store_bytes{{{SEL}}})", "{{model}}")],
+        "pwdaemon_store_bytes",
     )
 
 
 def store_artifacts() -> Json:
-    return timeseries(
+    return model_gauge(
         "Artifacts in store",
         "Artifacts in the artifact store each model uses (shared stores repeat).",
         "short",
-        [(f"max by (model) (pwdaemon_store_artifacts{{{SEL}}})", "{{model}}")],
+        "pwdaemon_store_artifacts",
     )
 
 
@@ -439,23 +446,23 @@ def store_write_errors() -> Json:
 
 
 def cuda_graph_memory() -> Json:
-    return timeseries(
+    return model_gauge(
         "CUDA graph memory",
         "GPU memory each model's live CUDA graphs (tier 3) took in its graph pool. At "
         "GraphConfig.memory_budget_bytes the graph with the fewest replays is evicted "
         "before a new one is captured. Empty on CPU hosts.",
         "bytes",
-        [(f"max by (model) (pwdaemon_cuda_graph_memory_bytes{{{SEL}}})", "{{model}}")],
+        "pwdaemon_cuda_graph_memory_bytes",
     )
 
 
 def cuda_graphs() -> Json:
-    return timeseries(
+    return model_gauge(
         "Live CUDA graphs",
         "CUDA graphs (tier 3) live per model: one per hot size once its tier-2 "
         "runnable is live on a GPU, fewer after evictions. Empty on CPU hosts.",
         "short",
-        [(f"max by (model) (pwdaemon_cuda_graphs{{{SEL}}})", "{{model}}")],
+        "pwdaemon_cuda_graphs",
     )
 
 

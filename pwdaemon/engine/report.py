@@ -28,7 +28,7 @@ from pwdaemon.engine.events import (
 )
 from pwdaemon.engine.jobs import Counters, JobReason, JobState, PieceState
 from pwdaemon.metrics.stats import ModelMetrics, PieceMetrics, TraceMetrics
-from pwdaemon.serving.range_table import Target, TargetKind, Tier
+from pwdaemon.serving.range_table import Target, Tier
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.serving.trace_record import (
@@ -256,14 +256,10 @@ def metrics_snapshot(
     trace: TraceRecords | None = None,
 ) -> ModelMetrics:
     """The model's metrics now (`store_stats`: bytes and artifacts, as last read)."""
-    graphs = [
-        j
-        for st in list(pieces)
-        for j in list(st.jobs.values())
-        if j.target.kind is TargetKind.GRAPH and j.graph_bytes is not None
-    ]
     out = []
+    graph_bytes: list[int] = []  # one per live CUDA graph (only they carry a size)
     for st in list(pieces):
+        graph_bytes += [j.graph_bytes for j in list(st.jobs.values()) if j.graph_bytes is not None]
         d = st.piece.dispatcher
         live: collections.Counter[str] = collections.Counter(
             e.tier.value for e in d.table.entries()
@@ -294,8 +290,8 @@ def metrics_snapshot(
         store_artifacts=store_stats[1],
         store_write_errors=store_write_errors,
         trace=trace_metrics(trace, pieces, plan_complete),
-        cuda_graphs=len(graphs),
-        cuda_graph_bytes=sum(j.graph_bytes or 0 for j in graphs),
+        cuda_graphs=len(graph_bytes),
+        cuda_graph_bytes=sum(graph_bytes),
     )
 
 

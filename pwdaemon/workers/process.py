@@ -482,6 +482,14 @@ class WorkerPool:
             BOOST_HOLD_S,
         )
 
+    def _drop(self, w: Worker, *, restart: bool) -> None:
+        """Forget a worker that is gone (or going); `restart`: count its replacement."""
+        with self._lock:
+            if w in self._all:
+                self._all.remove(w)
+            if restart:
+                self.restarts += 1
+
     def _new(self) -> Worker:
         while True:
             w = Worker(self._niceness, self._env, idle_priority=self._idle_now())
@@ -491,14 +499,11 @@ class WorkerPool:
                 self._all.append(w)
             try:
                 w.start(self._start_timeout)
-            except (CompileError, WorkerStarved) as exc:
-                with self._lock:
-                    if w in self._all:
-                        self._all.remove(w)
-                if isinstance(exc, CompileError):
-                    raise
-                with self._lock:
-                    self.restarts += 1
+            except CompileError:
+                self._drop(w, restart=False)
+                raise
+            except WorkerStarved:
+                self._drop(w, restart=True)
                 self.starved_now(w.pid)
                 continue  # the next one is not SCHED_IDLE: it never starves
             return w
@@ -512,10 +517,7 @@ class WorkerPool:
         if w is not None and w.alive():
             return w
         if w is not None:
-            with self._lock:
-                self.restarts += 1
-                if w in self._all:
-                    self._all.remove(w)
+            self._drop(w, restart=True)
             w.kill()
         return self._new()
 
