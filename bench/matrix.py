@@ -88,15 +88,23 @@ def child(name: str, device_name: str, dtype_name: str, preset: str, timeout: fl
             out["recompiles"] = len(tracer.recompiles)
             out["graph_breaks"] = sum(b.count for b in tracer.graph_breaks)
             out["misses"] = tracer.miss_calls
-            ok = handle.wait(sizes=list(SPECIALIZE), timeout=timeout)
+            # Tier 2 first: a CUDA graph is captured at the start of a serving call, so
+            # waiting for tier 3 with no traffic would wait out the timeout.
+            ok = handle.wait(sizes=list(SPECIALIZE), timeout=timeout, tier=pwd.Tier.SIZE)
             out["specialized"] = ok
             # Serve a few calls so a GPU gets its CUDA graphs captured (at call start).
             deadline = time.monotonic() + (60 if device.type == "cuda" else 0)
             while True:
                 for n in SPECIALIZE:
                     model(*calls[n][0], **calls[n][1])
-                tiers = {
-                    n: sorted({p.dispatcher.table.lookup(n).tier.value for p in handle.pieces})
+                tiers = {  # the pieces that serve n (guards may split sizes between pieces)
+                    n: sorted(
+                        {
+                            p.dispatcher.table.lookup(n).tier.value
+                            for p in handle.pieces
+                            if n in p.dispatcher.counts
+                        }
+                    )
                     for n in SPECIALIZE
                 }
                 done = all(t == ["graph"] for t in tiers.values())
@@ -104,6 +112,9 @@ def child(name: str, device_name: str, dtype_name: str, preset: str, timeout: fl
                     break
                 time.sleep(0.05)  # pacing while the engine captures; the loop re-checks
             out["tiers"] = {str(n): ",".join(t) for n, t in tiers.items()}
+            out["pieces"] = len(handle.pieces)  # again: a hot signature may have added one
+            if not ok or (device.type == "cuda" and not done):
+                out["status"] = str(handle.status())
             out["max_diff"] = max(
                 _max_diff(model(*calls[n][0], **calls[n][1]), eager[n]) for n in SPECIALIZE
             )
@@ -137,7 +148,12 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", name, "--device", a.device, "--dtype",
                    a.dtype, "--preset", a.preset, "--timeout", str(a.timeout)]  # fmt: skip
             t0 = time.monotonic()
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            try:
+                r = subprocess.run(
+                    cmd, env=env, capture_output=True, text=True, timeout=a.timeout + 300
+                )
+            except subprocess.TimeoutExpired:
+                r = subprocess.CompletedProcess(cmd, 1, "", "timed out")
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
             row = json.loads(lines[-1]) if lines else {"model": name, "error": r.stderr[-300:]}
             row["wall_s"] = time.monotonic() - t0

@@ -20,6 +20,10 @@ Systems:
   cache off, which that mode needs): Inductor compiles in a subprocess and serves a
   fallback meanwhile;
 - specialize_on: torch's own per-size peer, `mark_dynamic(x, 0, specialize_on=[n == s])`;
+- whole_graph (CUDA only): one CUDA graph across the whole call per size, captured by
+  hand around `torch.compile(model, dynamic=False)` (Inductor, no cudagraphs of its own),
+  the caller's inputs copied into the graph's static inputs each call: the "one graph
+  across the call" that pwdaemon's per-piece graphs are measured against;
 - pwdaemon: `pwd.attach(model, sizes=...)` with a fresh store; settled when every size
   serves specialized (on CUDA: from its CUDA graph);
 - pwdaemon_warm: the same after a first pwdaemon run filled the store (a restart).
@@ -27,7 +31,9 @@ Systems:
     python bench/models.py [--device cpu|cuda] [--models ...] [--sizes 1,4,16,64]
                            [--preset tiny|issue] [--dtype fp32|fp16|bf16] [--iters 50]
 
-Prints markdown tables; JSON per run lands in bench/results/models/.
+Prints markdown tables; JSON per run lands in bench/results/models/, and each result is
+appended to `--jsonl FILE` as it finishes (a run cut short keeps what it measured).
+`--merge FILE [FILE ...]` prints the tables of results from earlier runs, in one.
 """
 
 from __future__ import annotations
@@ -45,7 +51,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SYSTEMS = ("eager", "dynamic", "static", "async", "specialize_on", "pwdaemon", "pwdaemon_warm")
+SYSTEMS = (
+    "eager",
+    "dynamic",
+    "static",
+    "async",
+    "specialize_on",
+    "whole_graph",
+    "pwdaemon",
+    "pwdaemon_warm",
+)
 DEFAULT_MODELS = ("demo", "sequential", "transformer_encoder", "bert", "gpt2", "llama")
 RESULTS = Path(__file__).resolve().parent / "results" / "models"
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -96,6 +111,42 @@ def _mark(args: Any, kwargs: Any, sizes: list[int]) -> None:
             torch._dynamo.mark_dynamic(t, 0, specialize_on=preds)
 
 
+def _whole_graph(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """One CUDA graph per input shape across the whole call of `compiled`."""
+    import torch
+
+    pool = torch.cuda.graph_pool_handle()
+    graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        flat = [*args, *kwargs.values()]
+        key = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in flat)
+        if key not in graphs:
+            static = [t.clone() if isinstance(t, torch.Tensor) else t for t in flat]
+            s_args, s_kwargs = (
+                static[: len(args)],
+                dict(zip(kwargs, static[len(args) :], strict=True)),
+            )
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm-up outside capture, as torch's docs ask
+                    compiled(*s_args, **s_kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = compiled(*s_args, **s_kwargs)
+            graphs[key] = (graph, static, out)
+        graph, static, out = graphs[key]
+        for dst, src in zip(static, flat, strict=True):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return out  # graph-owned, as reduce-overhead's outputs are
+
+    return call
+
+
 def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -115,6 +166,8 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         fn = torch.compile(model, dynamic=False, mode=mode)
     elif system == "specialize_on":
         fn = torch.compile(model)
+    elif system == "whole_graph":
+        fn = _whole_graph(torch.compile(model, dynamic=False))
     elif system in ("pwdaemon", "pwdaemon_warm"):
         import pwdaemon as pwd
 
@@ -130,7 +183,12 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     def tier(n: int) -> str:
         if handle is None:
             return system
-        tiers = {p.dispatcher.table.lookup(n).tier.value for p in handle.pieces}
+        # The pieces that serve this size (pieces told apart by guards see only theirs).
+        tiers = {
+            p.dispatcher.table.lookup(n).tier.value
+            for p in handle.pieces
+            if n in p.dispatcher.counts
+        }
         return ",".join(sorted(tiers)) or "untraced"
 
     def settled() -> bool:
@@ -146,6 +204,8 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
             if not p.specializable:
                 continue
             for n in sizes:
+                if n not in p.dispatcher.counts:
+                    continue  # this piece does not serve n
                 t = p.dispatcher.table.lookup(n).tier.value
                 if t in ("eager", "general") or (want is not None and t != want):
                     return False
@@ -219,6 +279,16 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     }
     if handle is not None:
         out["pieces"] = len(handle.pieces)
+        status = handle.status()
+        out["graph_mib"] = {
+            e.target: e.graph_bytes / 2**20
+            for p in status.pieces
+            for e in p.entries
+            if e.graph_bytes is not None
+        }
+        out["capture_pause_ms"] = [s * 1e3 for s in handle.engine.capture_pauses]
+        if not out["settled"]:
+            out["status"] = str(status)
         handle.detach()
     return out
 
@@ -258,7 +328,7 @@ def _child(
         return {"model": model, "system": system, "error": "timed out"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-40:]
         return {"model": model, "system": system, "error": " | ".join(tail)}
     result: dict[str, Any] = json.loads(lines[-1])
     return result
@@ -319,6 +389,8 @@ def main() -> None:
     p.add_argument("--settle-timeout", type=float, default=300.0)
     p.add_argument("--run-timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--jsonl", type=Path, help="append each result here as it finishes")
+    p.add_argument("--merge", type=Path, nargs="+", help="print tables of earlier --jsonl files")
     p.add_argument("--trace", default="background", choices=("background", "inline"),
                    help="pwdaemon's attach(trace=...)")  # fmt: skip
     # One (model, system) in this process; used by the parent, not by people.
@@ -330,6 +402,11 @@ def main() -> None:
     if opts.child:
         print(json.dumps(run_child(opts)), flush=True)
         return
+    if opts.merge:
+        merged = [json.loads(ln) for f in opts.merge for ln in f.read_text().splitlines() if ln]
+        header = f"Merged from {', '.join(f.name for f in opts.merge)}"
+        print(report(merged, opts.sizes.split(","), header))
+        return
     results = []
     for model in opts.models.split(","):
         for system in opts.systems.split(","):
@@ -338,6 +415,9 @@ def main() -> None:
             print(f"{model:>20} {system:>14}: {time.perf_counter() - t0:6.1f} s "
                   f"{r.get('error', '')}", file=sys.stderr, flush=True)  # fmt: skip
             results.append(r)
+            if opts.jsonl:
+                with opts.jsonl.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
     import torch
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

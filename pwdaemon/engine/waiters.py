@@ -142,6 +142,11 @@ class Waiters:
         when all are. A CUDA-graph wait needs the size's compile too: a size whose
         compile was given up can never get a graph."""
         states: list[str] = []
+        # Pieces that served a call of this size. A graph is captured by replaying such a
+        # call, so a piece that never sees the size (pieces told apart by their guards,
+        # e.g. size 1 and n > 1 under a backed strategy) cannot get its graph: for the
+        # graph tier it counts as done once compiled, while another piece serves the size.
+        seen = [st for st in self._pieces if size in st.piece.dispatcher.counts]
         for st in self._pieces:
             if not st.piece.specializable:
                 continue
@@ -151,7 +156,9 @@ class Waiters:
             graph = tier is Tier.GRAPH or (tier is None and self._wants_graph(st))
             size_job = st.jobs.get(Target.size(size).label)
             state: str = size_job.state if size_job is not None else "none"
-            if graph and state == JobState.LIVE:
+            if graph and state == JobState.LIVE and seen and st not in seen:
+                pass  # compiled; its graph never comes on this piece (see `seen`)
+            elif graph and state == JobState.LIVE:
                 graph_job = st.jobs.get(Target.graph(size).label)
                 # No graph job yet: publishing the size queues one (pending till then).
                 state = graph_job.state if graph_job is not None else "pending"

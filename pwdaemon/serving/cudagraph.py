@@ -11,12 +11,15 @@ replaying it) runs the tier-2 runnable instead of waiting.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 Runnable = Callable[..., Any]
 
@@ -154,6 +157,28 @@ def _copy_out(out: Any, n: int, size: int) -> Any:
     return out
 
 
+def _clear_broken_capture(device: torch.device) -> None:
+    """After a capture that failed midway: leave the CUDA generator usable again.
+
+    torch marks the default CUDA generator as capturing when a capture begins and unmarks
+    it when the capture ends well; a capture that fails midway leaves it marked, and
+    every later CUDA random op in the process then raises "Offset increment outside
+    graph capture encountered unexpectedly" (seen on an H200, torch 2.11). One tiny
+    capture that ends well runs that begin/end pair again and clears the mark.
+    """
+    try:
+        scratch = torch.zeros(1, device=device)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.graph(
+            torch.cuda.CUDAGraph(), stream=side, capture_error_mode="thread_local"
+        ):
+            scratch.add_(1)
+        side.synchronize()
+    except Exception as exc:  # the original failure is what the caller reports
+        log.warning("pwdaemon: could not clear a failed CUDA graph capture: %s", exc)
+
+
 def capture(
     runnable: Runnable,
     sample: Sequence[Any],
@@ -184,13 +209,17 @@ def capture(
     stream.synchronize()
     graph = torch.cuda.CUDAGraph()
     with pool.lock:  # no replay of a sibling graph while this one takes pool memory
-        with (
-            torch.no_grad(),
-            torch.cuda.graph(
-                graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"
-            ),
-        ):
-            static_out = runnable(*static_args)
+        try:
+            with (
+                torch.no_grad(),
+                torch.cuda.graph(
+                    graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"
+                ),
+            ):
+                static_out = runnable(*static_args)
+        except BaseException:
+            _clear_broken_capture(device)
+            raise
         stream.synchronize()
     if not _has_cuda_tensor(static_out):
         raise NothingToCapture("the piece's outputs are not on a GPU: nothing to replay")

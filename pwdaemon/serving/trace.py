@@ -37,6 +37,7 @@ from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.strategy import (
+    OBLIVIOUS_TRACE_SIZE,
     ORDER,
     TRACE_LOCK,
     ShapeStrategy,
@@ -268,7 +269,21 @@ class Tracer:
     def _settling_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Under TRACE_LOCK, not yet settled: one tracing call; settled once a whole call
         # captured nothing new.
-        out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
+        size = self.marks.size(args, kwargs)
+        if (
+            self._attempt.strategy is ShapeStrategy.BACKED_OBLIVIOUS
+            and size is not None
+            and 0 < size < OBLIVIOUS_TRACE_SIZE
+        ):
+            # Traced at size 1, backed_size_oblivious let values computed from the hint
+            # (1) into the graph with no guard: BERT's graph then answered batch 1 for a
+            # batch of 2 (seen on torch 2.11 CUDA and 2.13 CPU). Trace a copy of this
+            # call widened to a size that no 0/1 rule touches; serve the call itself.
+            wide_args, wide_kwargs = self.marks.widened(args, kwargs, OBLIVIOUS_TRACE_SIZE)
+            _, changed = self._trace_call(wide_args, wide_kwargs, RecompileCause.SETTLING, "")
+            out = self._serve(args, kwargs) if self.pieces else call_eager(self.model, args, kwargs)
+        else:
+            out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
         if changed:
             return out
         self.settled = True

@@ -121,10 +121,14 @@ def test_capture_while_other_threads_call_the_model(
         compiler=pwd.CompileConfig(workers=1),
     )
     h.on_swap(lambda e: live[e.size].set() if e.tier is pwd.Tier.GRAPH and e.size in live else None)
-    # Dynamo's first capture of the model happens before the threads start, as a
-    # server's warm-up request would: the CUDA-graph captures then happen while they run.
-    for n in (4, 16):
-        model(torch.randn(n, 256, generator=torch.Generator().manual_seed(0)).cuda())
+    # Dynamo's trace of the model happens before the threads start, as after a server's
+    # warm-up request: the CUDA-graph captures then happen while they run. Under
+    # no_grad as the threads call (grad mode is in dynamo's guards: another mode would
+    # be another piece), and waited for (the trace runs in the background).
+    with torch.no_grad():
+        for n in (4, 16):
+            model(torch.randn(n, 256, generator=torch.Generator().manual_seed(0)).cuda())
+    assert h.wait_traced(60)
     assert len(h.pieces) == 1
     threads = [threading.Thread(target=serve, args=(n,)) for n in (4, 4, 16)]
     for t in threads:

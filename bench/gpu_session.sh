@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One lease on the GPU machine, as few calls as possible (device time is scarce): the
+# GPU tests, the real-model matrix and the model tables, logs and results under $OUT.
+#
+#   bash bench/gpu_session.sh check            # tests + matrix (parallel), then BERT table
+#   bash bench/gpu_session.sh models M [SYS]   # the model table for model M
+#
+# Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
+# in .whl/ (watchdog, pytest-timeout; see bench/README.md). Every step is bounded by
+# `timeout` so that a call ends inside the device's 600 s limit with its logs.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH="/tmp/site:$PWD"
+start=$(date +%s)
+left() { echo $(( ${BUDGET_S:-570} - ($(date +%s) - start) )); }
+
+models_table() {  # model, systems
+    timeout "$(left)" python3 bench/models.py --device cuda --dtype fp16 --preset issue \
+        --models "$1" --systems "$2" --sizes 1,4,16,64 --iters 50 --settle-timeout 240 \
+        --run-timeout 300 --jsonl "$OUT/models.jsonl" --out "$OUT/results" \
+        2>&1 | tee -a "$OUT/models.log"
+}
+
+case "${1:-check}" in
+check)
+    { nvidia-smi -L; python3 -c 'import torch, transformers, triton;
+print(torch.__version__, torch.version.cuda, transformers.__version__, triton.__version__)'
+    nproc; } 2>&1 | tee "$OUT/env.txt"
+    timeout 330 python3 -m pytest tests/integration/test_cudagraph.py -v -s -p no:cacheprovider \
+        -o addopts="--strict-markers" >"$OUT/gpu_tests.log" 2>&1 &
+    timeout 330 python3 bench/matrix.py --device cuda --dtype fp16 --preset issue \
+        --timeout 200 >"$OUT/matrix.log" 2>&1 &
+    wait
+    tail -5 "$OUT/gpu_tests.log"
+    tail -9 "$OUT/matrix.log"
+    models_table bert "${2:-eager,static,whole_graph,pwdaemon}"
+    ;;
+diag)  # the GPU tests with stacks on timeout and the engine's log, beside the matrix
+    timeout 280 python3 -m pytest tests/integration/test_cudagraph.py -v -s -rA --tb=short \
+        -p no:cacheprovider -o addopts="--strict-markers" --timeout "${TEST_TIMEOUT:-80}" \
+        -o log_cli=true --log-cli-level=INFO -k "${TESTS:-not padding}" \
+        >"$OUT/gpu_tests.log" 2>&1 &
+    timeout 280 python3 bench/matrix.py --device cuda --dtype fp16 --preset issue \
+        --models "${MATRIX:-sequential,bert}" --timeout 150 >"$OUT/matrix.log" 2>&1 &
+    wait
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -12
+    tail -6 "$OUT/matrix.log"
+    [ -n "${2:-}" ] && models_table "$2" "${3:-pwdaemon}"
+    ;;
+final)  # the model tables for BERT and Llama, with the GPU tests beside them
+    timeout "$(left)" python3 -m pytest tests/integration/test_cudagraph.py -v -s -rA \
+        --tb=short -p no:cacheprovider -o addopts="--strict-markers" --timeout 100 \
+        >"$OUT/gpu_tests.log" 2>&1 &
+    models_table bert,llama "${2:-eager,static,pwdaemon}"
+    wait
+    grep -E "PASSED|FAILED|ERROR|passed|failed|capture pauses|graph memory" \
+        "$OUT/gpu_tests.log" | tail -14
+    ;;
+models)
+    models_table "$2" "${3:-eager,dynamic,static,whole_graph,pwdaemon,pwdaemon_warm}"
+    ;;
+esac
+echo "call took $(( $(date +%s) - start )) s"
