@@ -60,6 +60,7 @@ class Handle:
             sample_bytes=options.sample_bytes,
             background=options.trace is TraceMode.BACKGROUND,
             hot_calls=options.policy.hot_calls,
+            configured_sizes=frozenset(options.sizes),
         )
         # The engine reads the tracer's records for status and metrics (read-only: the
         # engine sits below the handle and knows the tracer only as `TraceRecords`).

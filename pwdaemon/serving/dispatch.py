@@ -153,6 +153,19 @@ class Dispatcher:
                 return size, args
         return None
 
+    def samples_for(self, range_: Range | None) -> list[tuple[int, tuple[Any, ...]]]:
+        """Recorded real inputs in `range_` (any size for None): the smallest and the
+        largest size there (one sample when they are the same size)."""
+        found = sorted(
+            (
+                (size, args)
+                for size, args in list(self.samples.items())
+                if range_ is None or size in range_
+            ),
+            key=lambda item: item[0],
+        )
+        return found[:1] + found[-1:] if len(found) > 1 else found
+
     def histogram(self) -> dict[int, int]:
         # dict.copy runs in C under the GIL: a consistent snapshot even while serving
         # threads insert new sizes.

@@ -51,22 +51,6 @@ class SizeMarks:
             return int(t.shape[d])
         return None
 
-    def widened(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], size: int
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Copies of this call's inputs whose size dimensions are `size` long (rows
-        repeated): a call of the same kind at another size, for tracing only."""
-        swap: dict[int, torch.Tensor] = {}
-        for t, d in self._size_dims(args, kwargs):
-            reps = -(-size // max(1, t.shape[d]))
-            with torch.inference_mode(t.is_inference()):
-                wide = torch.cat([t.detach()] * reps, dim=d).narrow(d, 0, size).clone()
-            swap[id(t)] = wide.requires_grad_(t.requires_grad) if t.is_leaf else wide
-        return (
-            tuple(swap.get(id(a), a) for a in args),
-            {k: swap.get(id(v), v) for k, v in kwargs.items()},
-        )
-
     def _size_dims(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> list[tuple[torch.Tensor, int]]:

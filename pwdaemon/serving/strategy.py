@@ -11,10 +11,7 @@
   `torch.fx.experimental._config.backed_size_oblivious` is on during the tracing call
   only: framework code (broadcasting, contiguity) no longer specialises sizes 0/1, so no
   retrace at size 1 either. Captures all five models above as one piece; inputs may get
-  separate symbols (each marked dim is the size: see graph_facts). Never traced at size
-  1: values computed from a hint of 1 enter the graph unguarded (BERT's graph answered
-  batch 1 for a batch of 2), so a size-1 call is traced on a copy widened to
-  `OBLIVIOUS_TRACE_SIZE`.
+  separate symbols (each marked dim is the size: see graph_facts).
 
 A piece records the strategy it was traced with. What keeps every size correct is not
 the strategy: dynamo keeps every guard it installed (a branch on the size routes other
@@ -56,12 +53,6 @@ ORDER: tuple[ShapeStrategy, ...] = (
     if _HAS_OBLIVIOUS
     else (ShapeStrategy.UNBACKED,)
 )
-
-# The size a BACKED_OBLIVIOUS trace runs at when the call that traces brings 0 < size < 2:
-# traced at 1, values computed from the hint leak into the graph unguarded (BERT's
-# graph answered batch 1 for a batch of 2), so the tracer widens a copy of the inputs
-# (rows repeated) to this size and traces that. 2 is the smallest size no 0/1 rule touches.
-OBLIVIOUS_TRACE_SIZE = 2
 
 # A tracing call may need more cache entries than dynamo's default recompile limit (8)
 # on code objects that every attach shares: the `forward` of a model class with a graph

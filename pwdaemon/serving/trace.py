@@ -37,7 +37,6 @@ from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.strategy import (
-    OBLIVIOUS_TRACE_SIZE,
     ORDER,
     TRACE_LOCK,
     ShapeStrategy,
@@ -175,12 +174,17 @@ class Tracer:
         sample_bytes: int,
         background: bool = False,
         hot_calls: int = DEFAULT_HOT_CALLS,
+        configured_sizes: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
         # trace="background": see `serving.background`; None traces inline.
         self._background = BackgroundTrace(self._settle_step, size_cap) if background else None
         self.shape_id = f"pwdaemon_size_{id(self):x}"
         self.hot_calls = hot_calls
+        # attach(sizes=...): the user named these sizes, so a call of one that no piece
+        # serves is hot at its first miss (under a backed strategy size 1 is a piece
+        # of its own, and would otherwise wait for `hot_calls` misses).
+        self.configured_sizes = configured_sizes
         self.pieces: list[GraphPiece] = []
         self.attempts: list[StrategyAttempt] = []
         self.graph_breaks: list[GraphBreak] = []
@@ -269,21 +273,7 @@ class Tracer:
     def _settling_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Under TRACE_LOCK, not yet settled: one tracing call; settled once a whole call
         # captured nothing new.
-        size = self.marks.size(args, kwargs)
-        if (
-            self._attempt.strategy is ShapeStrategy.BACKED_OBLIVIOUS
-            and size is not None
-            and 0 < size < OBLIVIOUS_TRACE_SIZE
-        ):
-            # Traced at size 1, backed_size_oblivious let values computed from the hint
-            # (1) into the graph with no guard: BERT's graph then answered batch 1 for a
-            # batch of 2 (seen on torch 2.11 CUDA and 2.13 CPU). Trace a copy of this
-            # call widened to a size that no 0/1 rule touches; serve the call itself.
-            wide_args, wide_kwargs = self.marks.widened(args, kwargs, OBLIVIOUS_TRACE_SIZE)
-            _, changed = self._trace_call(wide_args, wide_kwargs, RecompileCause.SETTLING, "")
-            out = self._serve(args, kwargs) if self.pieces else call_eager(self.model, args, kwargs)
-        else:
-            out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
+        out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
         if changed:
             return out
         self.settled = True
@@ -314,7 +304,10 @@ class Tracer:
                         sig,
                     )
             rec.calls += 1
-            if rec.state is MissState.COUNTING and rec.calls >= self.hot_calls and sig != _OTHER:
+            hot_at = self.hot_calls
+            if self.configured_sizes and self.marks.size(args, kwargs) in self.configured_sizes:
+                hot_at = 1
+            if rec.state is MissState.COUNTING and rec.calls >= hot_at and sig != _OTHER:
                 rec.state = MissState.HOT
                 self._hot_window = 0
                 self._hot = self._hot | {sig}

@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,38 @@ def test_real_model_from_an_unguarded_script_gets_specialized(name: str, tmp_pat
     assert result["worst"] <= 1e-4, result  # float32; Inductor reorders reductions
     for index, tiers in result["tiers"].items():
         assert set(tiers.values()) == {"size"}, f"piece {index} left on {tiers}"
+
+
+@pytest.mark.slow
+def test_a_general_compile_wrong_at_other_sizes_is_rejected_not_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # BERT under the fallback strategy (what torch 2.11 CUDA ends on) has one symbol per
+    # input; its general compile answers a batch of 2 with a batch of 1 (seen on an H200
+    # and on this CPU). Validated at the one size it gets right, it went live and served
+    # wrong shapes; validated at the smallest and largest recorded sizes, it is rejected
+    # and every size keeps what eager gives.
+    from pwdaemon.real_models import model_spec
+    from pwdaemon.serving import trace as trace_module
+
+    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    torch._dynamo.reset()
+    spec = model_spec("bert", "tiny")
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        model = spec.build(cpu, torch.float32)
+        reference = copy.deepcopy(model)
+        calls = {n: spec.inputs(n, cpu, torch.float32) for n in (1, 2, 3)}
+        with pwd.attach(model, store=False) as handle:
+            # Traffic of sizes 1 and 2 until the plan (the general compile) completes.
+            deadline = time.monotonic() + 600
+            while not handle.wait(timeout=0.05):
+                assert time.monotonic() < deadline, str(handle.status())
+                for n in (1, 2):
+                    model(*calls[n][0], **calls[n][1])
+            general = str(handle.status())
+            for n in (1, 2, 3):
+                got = model(*calls[n][0], **calls[n][1]).last_hidden_state
+                want = reference(*calls[n][0], **calls[n][1]).last_hidden_state
+                assert got.shape == want.shape, (n, general)
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

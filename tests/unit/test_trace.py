@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 
 import pwdaemon as pwd
 from pwdaemon import Range, Tier
+from pwdaemon.serving import trace as trace_module
 from pwdaemon.serving.trace import ShapeStrategy, wrap_compiled
 from pwdaemon.serving.trace_record import AttemptOutcome, MissState, RecompileCause
 
@@ -464,6 +465,57 @@ def test_model_branching_on_its_batch_size_stays_correct(order: list[int]) -> No
         # size 1 ran compiled once its piece existed (traced while settling or as a hot
         # miss): misses, if any, were served eager and never more than hot_calls of them
         assert sum(r.calls for r in tracer.misses.values()) <= tracer.hot_calls
+
+
+def test_backed_oblivious_serves_bert_right_at_size_1_and_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fallback strategy, on its own, on the model it falls back for on torch 2.11
+    # CUDA (transformers' BERT): traced from a size-1 call, then sizes 2, 3 and 1 again,
+    # every output equal to eager's (shape included: a graph that kept the hint 1 as a
+    # constant would answer a batch of 2 with a batch of 1).
+    pytest.importorskip("transformers")
+    from pwdaemon.real_models import model_spec
+
+    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    fresh_counters()
+    spec = model_spec("bert", "tiny")
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        model = spec.build(cpu, torch.float32)
+        reference = copy.deepcopy(model)
+        with pwd.attach(model, compile=False, store=False) as handle:
+            for n in (1, 2, 3, 1):
+                args, kwargs = spec.inputs(n, cpu, torch.float32)
+                got = model(*args, **kwargs).last_hidden_state
+                want = reference(*args, **kwargs).last_hidden_state
+                assert got.shape == want.shape, n
+                torch.testing.assert_close(got, want)
+            assert handle.pieces
+            assert all(p.strategy is ShapeStrategy.BACKED_OBLIVIOUS for p in handle.pieces)
+
+
+def test_a_configured_size_that_no_piece_serves_is_traced_at_its_first_miss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under a backed strategy size 1 guards apart from the other sizes (Branchy's own
+    # branch here, 0/1 specialisation in general): a size the user configured must not
+    # wait for `hot_calls` misses to get its piece.
+    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    fresh_counters()
+    model, reference = make(Branchy)
+    policy = pwd.PolicyConfig(hot_calls=10**9)
+    with (
+        pwd.attach(model, sizes=[1], compile=False, store=False, policy=policy) as handle,
+        torch.no_grad(),
+    ):
+        for n in (4, 4, 1, 1, 1):  # traced at 4, settled by the second call: then 1 misses
+            x = torch.randn(n, WIDTH)
+            torch.testing.assert_close(model(x), reference(x))
+        tracer = handle._tracer
+        assert len(handle.pieces) == 2, str(handle.status())
+        assert sum(r.calls for r in tracer.misses.values()) == 1  # then traced, then served
+        assert all(1 in p.dispatcher.counts or 4 in p.dispatcher.counts for p in handle.pieces)
 
 
 # ---- stray inputs earn their trace -------------------------------------------------------
