@@ -168,6 +168,29 @@ def _inference_fakes(gm: torch.fx.GraphModule, fake_mode: Any) -> list[Any]:
     return inputs
 
 
+def _unify_size_symbols(gm: torch.fx.GraphModule, fake_mode: Any) -> None:
+    """Tell the worker's shape env that every size symbol of the graph is one size.
+
+    Under the backed strategy each marked input gets a symbol of its own (BERT: one for
+    input_ids, one for attention_mask). The serving process knows they are equal; a
+    fresh shape env here does not, and Inductor then resolved an `expand` between them
+    by taking one of them as 1: the general compile answered a batch of 2 with a batch
+    of 1 (torch 2.11 CUDA and 2.13 CPU). Every symbol of a specializable piece is the
+    size (checked at capture), so all of them are replaced by the first.
+    """
+    symbols = [
+        v.node.expr
+        for v in (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
+        if isinstance(v, torch.SymInt)
+    ]
+    shape_env = fake_mode.shape_env
+    for sym in symbols[1:]:
+        if sym != symbols[0]:
+            # private API (torch 2.11-2.13); the replacement is what dynamo's own
+            # equality guards record
+            shape_env._set_replacement(sym, symbols[0], "pwdaemon: every size symbol is the size")
+
+
 def _concrete_inputs(gm: torch.fx.GraphModule, size: int) -> list[Any]:
     # Every symbol of a specializable piece is the size symbol (checked at capture).
     def concrete(s: Any) -> int:
@@ -223,6 +246,7 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
                 gm, inputs, dynamic_shapes="from_example_inputs", options=dict(spec.options)
             )
         else:
+            _unify_size_symbols(gm, fake_mode)
             if target.kind is TargetKind.RANGE:
                 _constrain_range(gm, target.start, target.end)
             inputs = _inference_fakes(gm, fake_mode)

@@ -128,6 +128,33 @@ def test_validation_rejects_wrong_runnable_and_keeps_old_tier(mlp: nn.Module) ->
         h.detach()
 
 
+def test_a_general_runnable_is_validated_at_its_smallest_and_largest_sizes(
+    mlp: nn.Module, reference: nn.Module
+) -> None:
+    # Right at small sizes, wrong past 2 (as a general compile that kept one size as a
+    # constant was): checked at the first size recorded alone, it went live and served
+    # wrong outputs at the others.
+    def wrong_past_2(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if target.kind is not TargetKind.GENERAL:
+            return fn
+        return lambda *a: tuple(o + (o.shape[0] > 2) for o in fn(*a))
+
+    gate = threading.Event()
+    ex = FakeExecutor(transform=wrong_past_2, gate=gate)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [2, 7])  # both recorded before the general compile finishes
+        gate.set()
+        assert h.wait(timeout=20)  # the plan (the general) ended
+        entry = next(e for e in h.status().pieces[0].entries if e.target == "general")
+        assert entry.state == "failed", str(entry)
+        assert "validation on size 7" in (entry.reason or "")
+        x = torch.randn(7, 16)
+        torch.testing.assert_close(mlp(x), reference(x))
+    finally:
+        h.detach()
+
+
 def test_validation_can_be_turned_off(mlp: nn.Module) -> None:
     def off_by_one(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
         return (lambda *a: tuple(o + 1 for o in fn(*a))) if target.kind is TargetKind.SIZE else fn
