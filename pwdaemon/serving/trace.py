@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.entry import call_eager, make_entry
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
+from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.strategy import (
     ORDER,
@@ -185,6 +187,10 @@ class Tracer:
         # serves is hot at its first miss (under a backed strategy size 1 is a piece
         # of its own, and would otherwise wait for `hot_calls` misses).
         self.configured_sizes = configured_sizes
+        # Set when the last background trace of a hot signature ended (for waiters).
+        self.hot_traced = threading.Event()
+        self.hot_traced.set()
+        self._hot_thread: threading.Thread | None = None
         self.pieces: list[GraphPiece] = []
         self.attempts: list[StrategyAttempt] = []
         self.graph_breaks: list[GraphBreak] = []
@@ -334,6 +340,9 @@ class Tracer:
         return self._serve(args, kwargs)
 
     def _trace_hot(self, sig: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._background is not None:
+            self._trace_hot_in_background(sig, args, kwargs)
+            return self._serve(args, kwargs)
         with TRACE_LOCK:
             if sig in self._hot:  # not traced by another thread meanwhile
                 with self._lock:
@@ -354,6 +363,51 @@ class Tracer:
                     )
                 return out
         return self._serve(args, kwargs)
+
+    def _trace_hot_in_background(
+        self, sig: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        # trace="background": a hot signature is traced as the first call was, from
+        # private copies on a thread of its own, gated; the call that found it hot is
+        # served as before (eager). Inline, that call paid dynamo's whole trace: 2.6 s
+        # for BERT's size-1 piece on an H200, the worst call of its warm-up.
+        with self._lock:
+            if sig not in self._hot:
+                return  # another thread took it
+            self._hot = self._hot - {sig}
+        rec = self.misses[sig]  # stays HOT until traced: no second trace meanwhile
+        args_copy = tuple(copy_for_trace(a) for a in args)
+        kwargs_copy = {k: copy_for_trace(v) for k, v in kwargs.items()}
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+
+        def run() -> None:
+            changed = False
+            try:
+                with (
+                    GATE.background(),
+                    torch.inference_mode(modes[1]),
+                    torch.set_grad_enabled(modes[0]),
+                    TRACE_LOCK,
+                ):
+                    _, changed = self._trace_call(
+                        args_copy, kwargs_copy, RecompileCause.HOT_SIGNATURE, sig
+                    )
+            except BaseException as exc:  # a thread of ours: log, never raise
+                log.warning("pwdaemon: %s: tracing input %s failed: %s", self.name, sig, exc)
+            finally:
+                rec.state = MissState.TRACED if changed else MissState.NOT_CAPTURED
+                self.hot_traced.set()
+            if not changed:
+                log.warning(
+                    "pwdaemon: %s: input %s was traced but dynamo captured no piece; "
+                    "it stays eager",
+                    self.name,
+                    sig,
+                )
+
+        self.hot_traced.clear()
+        self._hot_thread = threading.Thread(target=run, name="pwdaemon-trace-hot", daemon=True)
+        self._hot_thread.start()
 
     # ---- tracing calls ---------------------------------------------------------------
 
@@ -510,7 +564,15 @@ class Tracer:
     def stop(self, timeout: float) -> bool:
         """Detach: wait up to `timeout` for a background trace under way; False if it
         is still running."""
-        return self._background.stop(timeout) if self._background is not None else True
+        if self._background is None:
+            return True
+        deadline = time.monotonic() + timeout
+        done = self._background.stop(timeout)
+        hot = self._hot_thread
+        if hot is not None and hot is not threading.current_thread():
+            hot.join(max(0.0, deadline - time.monotonic()))
+            done = done and not hot.is_alive()
+        return done
 
     def wait_traced(self, timeout: float | None = None) -> bool:
         """Background capture only: block until dynamo captured the model."""

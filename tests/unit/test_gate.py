@@ -67,6 +67,9 @@ def test_gated_work_still_progresses_under_calls_that_never_pause() -> None:
 
 
 def test_the_switch_interval_is_lowered_only_while_gated_work_runs() -> None:
+    # Gated work of an earlier test's engine may still be ending (a loaded machine):
+    # this test's own work must leave the count where it found it, or lower.
+    working_before = GATE.working
     before = sys.getswitchinterval()
     seen: list[float] = []
 
@@ -79,4 +82,4 @@ def test_the_switch_interval_is_lowered_only_while_gated_work_runs() -> None:
     thread.join(10)
     assert seen == [min(GATED_SWITCH_INTERVAL_S, before)]
     assert sys.getswitchinterval() == before
-    assert GATE.working == 0
+    assert GATE.working <= working_before

@@ -521,6 +521,40 @@ def test_a_configured_size_that_no_piece_serves_is_traced_at_its_first_miss(
 # ---- stray inputs earn their trace -------------------------------------------------------
 
 
+def test_with_background_trace_a_hot_input_is_traced_off_the_serving_call() -> None:
+    # trace="background": the call that makes a signature hot is served eager and the
+    # trace runs on a thread of pwdaemon's (inline, that call paid the whole trace).
+    fresh_counters()
+    model, reference = make(Plain)
+    with pwd.attach(model, compile=False, store=False, trace="background") as handle:
+        with torch.inference_mode():
+            model(torch.randn(2, WIDTH))
+        assert handle.wait_traced(60)
+        tracer = handle._tracer
+        serving = threading.current_thread()
+        traced_on: list[threading.Thread] = []
+        real_trace_call = tracer._trace_call
+
+        def spy(*a: Any, **kw: Any) -> Any:
+            traced_on.append(threading.current_thread())
+            return real_trace_call(*a, **kw)
+
+        tracer._trace_call = spy  # type: ignore[method-assign]
+        for _ in range(tracer.hot_calls + 1):  # grad mode on: another signature
+            with torch.enable_grad():
+                x = torch.randn(3, WIDTH)
+                torch.testing.assert_close(model(x), reference(x))
+        assert tracer.hot_traced.wait(60)
+        (record,) = tracer.misses.values()
+        assert record.state is MissState.TRACED, record
+        assert traced_on and serving not in traced_on
+        assert len(handle.pieces) == 2
+        with torch.enable_grad():
+            x = torch.randn(5, WIDTH)
+            torch.testing.assert_close(model(x), reference(x))
+        assert record.calls == tracer.hot_calls + 1  # served by the new piece since
+
+
 @pytest.mark.parametrize("kind", ["non-contiguous", "grad"])
 def test_stray_input_runs_eager_until_hot_then_is_traced_once(kind: str) -> None:
     fresh_counters()
