@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import anyio
-
 from pwdaemon.config import CompileConfig
 from pwdaemon.engine.events import SwapEvent
 from pwdaemon.engine.graphs import wants_graph
@@ -35,14 +33,6 @@ from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.range_table import Target, TargetKind
 
 log = logging.getLogger(__name__)
-
-# How long a general or range runnable waits for traffic to bring a second size to
-# validate it at, when one size is recorded: mixed traffic brings one within a few
-# calls; a model called at one size only gets its general this much later (and it is
-# then checked at that one size alone: a known gap, see the real-model test).
-SECOND_SIZE_WAIT_S = 3.0
-# How often that wait looks at the recorded sizes (the loop thread is free meanwhile).
-SECOND_SIZE_POLL_S = 0.1
 
 
 class Publisher:
@@ -74,14 +64,10 @@ class Publisher:
         range_ = job.target.range
         validated = False
         # A general or range runnable is checked at two sizes, the smallest and largest
-        # recorded in its range: compiled wrong for all but one size (seen: a general
-        # compile of a two-symbol backed graph answered batch 1 for every batch), it
-        # would pass a check at the one size it got right. No recorded input in the
-        # range yet: nothing to run, and the swap is not counted as validated.
-        if self.config.validate and job.target.kind is not TargetKind.SIZE:
-            deadline = time.monotonic() + SECOND_SIZE_WAIT_S
-            while len(dispatcher.samples_for(range_)) == 1 and time.monotonic() < deadline:
-                await anyio.sleep(SECOND_SIZE_POLL_S)
+        # recorded in its range so far: compiled wrong for all but one size (seen: a
+        # general compile of a two-symbol backed graph answered batch 1 for every
+        # batch), it would pass a check at the one size it got right. No recorded input
+        # in the range yet: nothing to run, and the swap is not counted as validated.
         for size, args in dispatcher.samples_for(range_) if self.config.validate else ():
             current = dispatcher.table.lookup(size).runnable
             # A captured graph falls back to tier 2 while a sibling replays; the

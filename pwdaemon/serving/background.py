@@ -14,8 +14,10 @@ sizes, and the pieces credit them (`GraphPiece.histogram`).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 import torch
@@ -32,6 +34,26 @@ MAX_SETTLING_CALLS = 4
 
 SettleStep = Callable[[tuple[Any, ...], dict[str, Any]], bool]
 """One tracing call on the given inputs; True once the model is settled."""
+
+
+def importing_module() -> bool:
+    """Whether the calling thread is executing a module's import (its top-level code).
+
+    Dynamo resolves a traced function's globals with `importlib.import_module` of the
+    function's module. A model defined in a module being imported (a gunicorn app that
+    builds and warms its model at import) is then locked for every other thread until
+    that import ends: a trace on pwdaemon's thread waits for the import, and an import
+    that waits for the trace (`wait()` at import time) never ends (seen: a gunicorn
+    worker waited out its timeout). Walks the stack: only the first call pays it.
+    """
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>":
+            spec = frame.f_globals.get("__spec__")
+            if spec is not None and getattr(spec, "_initializing", False):
+                return True
+        frame = frame.f_back
+    return False
 
 
 class BackgroundTrace:

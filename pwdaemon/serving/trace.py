@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from pwdaemon.serving.background import BackgroundTrace
+from pwdaemon.serving.background import BackgroundTrace, importing_module
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.entry import call_eager, make_entry
 from pwdaemon.serving.gate import GATE
@@ -243,7 +243,11 @@ class Tracer:
                 return self._serve_hot_window(args, kwargs)
             return self._serve(args, kwargs)
         background = self._background
-        if background is not None and not background.traced.is_set():
+        if (
+            background is not None
+            and not background.traced.is_set()
+            and (background.thread is not None or not importing_module())
+        ):
             background.count(self.marks.size(args, kwargs))
             if background.start(args, kwargs):
                 # This call checked `GATE.working` before the trace existed: gate it
@@ -340,7 +344,7 @@ class Tracer:
         return self._serve(args, kwargs)
 
     def _trace_hot(self, sig: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._background is not None:
+        if self._background is not None and not importing_module():
             self._trace_hot_in_background(sig, args, kwargs)
             return self._serve(args, kwargs)
         with TRACE_LOCK:
@@ -575,8 +579,13 @@ class Tracer:
         return done
 
     def wait_traced(self, timeout: float | None = None) -> bool:
-        """Background capture only: block until dynamo captured the model."""
-        return self._background.traced.wait(timeout) if self._background is not None else True
+        """Background capture only: block until dynamo captured the model (a model
+        first called while its module is imported is traced inline: True at once)."""
+        if self._background is None or self.settled:
+            return True
+        if self._background.thread is None and self.pieces:
+            return True  # traced inline: first called while its module was imported
+        return self._background.traced.wait(timeout)
 
     # ---- the backend -----------------------------------------------------------------
 

@@ -328,6 +328,76 @@ def test_a_script_without_a_main_guard_gets_workers_and_leaves_nothing(
         assert noise not in proc.stderr, proc.stderr[-4000:]
 
 
+_KERNEL = {"argv": ["{python}", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+           "display_name": "pwdaemon test", "language": "python"}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_notebook_kernel_gets_workers_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Jupyter kernel: no __main__ file, stdout and stderr are the kernel's streams.
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    spec_dir = tmp_path / "jupyter" / "kernels" / "pwdaemon-test"
+    spec_dir.mkdir(parents=True)
+    kernel = {**_KERNEL, "argv": [a.replace("{python}", sys.executable) for a in _KERNEL["argv"]]}
+    (spec_dir / "kernel.json").write_text(json.dumps(kernel))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))  # this venv's python only
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(_SCRIPT)])
+    client = nbclient.NotebookClient(nb, timeout=590, kernel_name="pwdaemon-test")
+    client.execute()
+    outputs = nb.cells[0]["outputs"]
+    text = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
+    errors = [o for o in outputs if o.get("output_type") == "error" or o.get("name") == "stderr"]
+    assert not [e for e in errors if "Traceback" in str(e)], errors
+    report = json.loads(text.strip().splitlines()[-1])
+    assert report["specialized"] is True and report["tier"] == "size", outputs
+    assert report["max_diff"] <= 1e-4
+    assert len(report["workers"]) == 1
+    assert report["children"] == []  # nothing left after detach in the kernel
+    assert _worker_processes_of(report["pid"]) == []
+
+
+_WSGI_APP = """
+
+def app(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"ok"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the worker's compile, beside a busy CI machine
+def test_a_gunicorn_worker_gets_workers_and_leaves_nothing(tmp_path: Path) -> None:
+    # The model attached while gunicorn's worker imports the app (as serving code does);
+    # gunicorn's own worker timeout (heartbeat) raised so the compile can finish.
+    pytest.importorskip("gunicorn")
+    (tmp_path / "app.py").write_text(_SCRIPT + _WSGI_APP)
+    argv = [sys.executable, "-m", "gunicorn", "--workers", "1", "--timeout", "600",
+            "--bind", f"unix:{tmp_path / 'gunicorn.sock'}", "app:app"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the report must not wait in a buffer
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the worker prints its report, then serves
+        while line and not line.startswith("{"):
+            line = proc.stdout.readline()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert line.startswith("{"), err[-4000:]
+    report = json.loads(line)
+    assert report["specialized"] is True and report["tier"] == "size", err[-4000:]
+    assert report["max_diff"] <= 1e-4
+    assert report["children"] == []
+    assert _worker_processes_of(report["pid"]) == []
+    for noise in ("leaked semaphore", "resource_tracker", "Traceback", "Exception ignored"):
+        assert noise not in err, err[-4000:]
+
+
 def _transformer(name: str) -> nn.Module:
     import transformers as tf
 

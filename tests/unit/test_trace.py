@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -598,3 +599,43 @@ def test_stray_input_runs_eager_until_hot_then_is_traced_once(kind: str) -> None
         with torch.inference_mode():  # the normal path is untouched
             model(torch.randn(4, WIDTH))
         assert handle.pieces[0].dispatcher.histogram() == {2: 1, 3: 1, 4: 1}
+
+
+_IMPORTED_APP = """
+import torch
+from torch import nn
+import pwdaemon as pwd
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+model = Net().eval()
+handle = pwd.attach(model, compile=False, store=False, trace="background")
+with torch.no_grad():
+    model(torch.randn(3, 8))
+TRACED = handle.wait_traced(20)  # at import time, as a gunicorn app's warm-up may
+PIECES = len(handle.pieces)
+handle.detach()
+"""
+
+
+def test_a_model_warmed_up_while_its_module_imports_is_traced_without_deadlock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dynamo imports the traced code's module on the trace thread: while the module is
+    # being imported that blocks, so a wait at import time deadlocked (a gunicorn worker
+    # waited out its timeout). The first call at import time traces inline instead.
+    (tmp_path / "imported_app.py").write_text(_IMPORTED_APP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fresh_counters()
+    import importlib
+
+    app = importlib.import_module("imported_app")
+    assert app.TRACED is True and app.PIECES == 1
