@@ -156,9 +156,9 @@ class Waiters:
             graph = tier is Tier.GRAPH or (tier is None and self._wants_graph(st))
             size_job = st.jobs.get(Target.size(size).label)
             state: str = size_job.state if size_job is not None else "none"
-            if graph and state == JobState.LIVE and seen and st not in seen:
-                pass  # compiled; its graph never comes on this piece (see `seen`)
-            elif graph and state == JobState.LIVE:
+            # A compiled size waits for its graph only on a piece that serves the size
+            # (see `seen`); on another piece the compiled size is all there will be.
+            if graph and state == JobState.LIVE and (not seen or st in seen):
                 graph_job = st.jobs.get(Target.graph(size).label)
                 # No graph job yet: publishing the size queues one (pending till then).
                 state = graph_job.state if graph_job is not None else "pending"

@@ -352,19 +352,13 @@ class Tracer:
                 with self._lock:
                     self._hot = self._hot - {sig}
                 rec = self.misses[sig]
-                changed = False
                 try:
                     out, changed = self._trace_call(args, kwargs, RecompileCause.HOT_SIGNATURE, sig)
-                finally:
+                except BaseException:
                     # A traced call that raised (eager raised too) is not traced again.
-                    rec.state = MissState.TRACED if changed else MissState.NOT_CAPTURED
-                if not changed:
-                    log.warning(
-                        "pwdaemon: %s: input %s was traced but dynamo captured no piece; "
-                        "it stays eager",
-                        self.name,
-                        sig,
-                    )
+                    rec.state = MissState.NOT_CAPTURED
+                    raise
+                self._hot_trace_ended(rec, changed)
                 return out
         return self._serve(args, kwargs)
 
@@ -398,20 +392,24 @@ class Tracer:
                     )
             except BaseException as exc:  # a thread of ours: log, never raise
                 log.warning("pwdaemon: %s: tracing input %s failed: %s", self.name, sig, exc)
+            try:
+                self._hot_trace_ended(rec, changed)
             finally:
-                rec.state = MissState.TRACED if changed else MissState.NOT_CAPTURED
                 self.hot_traced.set()
-            if not changed:
-                log.warning(
-                    "pwdaemon: %s: input %s was traced but dynamo captured no piece; "
-                    "it stays eager",
-                    self.name,
-                    sig,
-                )
 
         self.hot_traced.clear()
         self._hot_thread = threading.Thread(target=run, name="pwdaemon-trace-hot", daemon=True)
         self._hot_thread.start()
+
+    def _hot_trace_ended(self, rec: MissRecord, changed: bool) -> None:
+        """Record how the trace of a hot signature ended: traced, or left eager."""
+        rec.state = MissState.TRACED if changed else MissState.NOT_CAPTURED
+        if not changed:
+            log.warning(
+                "pwdaemon: %s: input %s was traced but dynamo captured no piece; it stays eager",
+                self.name,
+                rec.signature,
+            )
 
     # ---- tracing calls ---------------------------------------------------------------
 
