@@ -3,6 +3,7 @@
 # GPU tests, the real-model matrix and the model tables, logs and results under $OUT.
 #
 #   bash bench/gpu_session.sh check            # tests + matrix (parallel), then BERT table
+#   bash bench/gpu_session.sh matrix [M [SYS]] # all GPU tests beside the full matrix, then M
 #   bash bench/gpu_session.sh models M [SYS]   # the model table for model M
 #
 # Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
@@ -59,6 +60,19 @@ final)  # the model tables for BERT and Llama, with the GPU tests beside them
     wait
     grep -E "PASSED|FAILED|ERROR|passed|failed|capture pauses|graph memory" \
         "$OUT/gpu_tests.log" | tail -14
+    ;;
+matrix)  # every GPU test (transformers ones included) beside the full model matrix
+    timeout 500 python3 -m pytest tests/integration/test_cudagraph.py -v -s -rA --tb=short \
+        -p no:cacheprovider -o addopts="--strict-markers" --timeout "${TEST_TIMEOUT:-240}" \
+        >"$OUT/gpu_tests.log" 2>&1 &
+    OMP_NUM_THREADS=2 timeout 520 python3 bench/matrix.py --device cuda --dtype fp16 \
+        --preset issue --models "${MATRIX:-sequential,transformer_encoder,bert,gpt2,llama}" \
+        --jobs 5 --timeout 200 >"$OUT/matrix.log" 2>&1 &
+    wait
+    grep -E "PASSED|FAILED|ERROR|passed|failed|capture pauses|graph memory" \
+        "$OUT/gpu_tests.log" | tail -14
+    tail -9 "$OUT/matrix.log"
+    [ -n "${2:-}" ] && models_table "$2" "${3:-eager,static,pwdaemon}"
     ;;
 models)
     models_table "$2" "${3:-eager,dynamic,static,whole_graph,pwdaemon,pwdaemon_warm}"

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 SIZES = (1, 2, 8, 1, 5)
@@ -121,7 +122,11 @@ def child(name: str, device_name: str, dtype_name: str, preset: str, timeout: fl
             on_eager = [
                 f"piece {p.index}"
                 for p in handle.pieces
-                if any(p.dispatcher.table.lookup(n).tier.value == "eager" for n in SPECIALIZE)
+                if any(
+                    p.dispatcher.table.lookup(n).tier.value == "eager"
+                    for n in SPECIALIZE
+                    if n in p.dispatcher.counts  # the sizes this piece serves
+                )
             ]
             out["on_eager"] = on_eager
         finally:
@@ -136,13 +141,14 @@ def main() -> None:
     p.add_argument("--preset", default="tiny", choices=("tiny", "issue"))
     p.add_argument("--models", default="sequential,transformer_encoder,bert,gpt2,llama")
     p.add_argument("--timeout", type=float, default=400.0)
+    p.add_argument("--jobs", type=int, default=1, help="models run side by side")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         child(a.child, a.device, a.dtype, a.preset, a.timeout)
         return
-    rows = []
-    for name in a.models.split(","):
+
+    def run(name: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="pwdaemon-matrix-") as tmp:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tmp}
             cmd = [sys.executable, __file__, "--child", name, "--device", a.device, "--dtype",
@@ -158,7 +164,12 @@ def main() -> None:
             row = json.loads(lines[-1]) if lines else {"model": name, "error": r.stderr[-300:]}
             row["wall_s"] = time.monotonic() - t0
             print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
+            return row
+
+    # --jobs > 1 runs the models side by side (a GPU host has the cores; device time is
+    # scarce); each child is its own process with its own Inductor cache either way.
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        rows = list(pool.map(run, a.models.split(",")))
     print(f"\n{a.device}, {a.dtype}, preset {a.preset}, sizes {SIZES}, specialized {SPECIALIZE}\n")
     print(
         "| model | pieces (torch.compile dynamic) | strategy | unique graphs | recompiles "

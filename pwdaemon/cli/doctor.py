@@ -209,13 +209,18 @@ def diagnose(
             {"cause": r.cause.value, "detail": r.detail} for r in tracer.recompiles
         ]
         report["mismatches"] = mismatches
-        jobs = len(pieces) + len(sizes) * sum(1 for p in handle.pieces if p.specializable)
+        jobs = len(pieces) + sum(
+            1 for p in handle.pieces if p.specializable for n in sizes if p.admits(n)
+        )
         report["planned_compiles"] = jobs
         if compile_ and handle.pieces:
             with tempfile.TemporaryDirectory(prefix="pwdaemon-doctor-") as tmp:
-                first = next((p for p in handle.pieces if p.specializable), handle.pieces[0])
+                first = next(
+                    (p for p in handle.pieces if p.specializable and p.admits(sizes[-1])),
+                    handle.pieces[0],
+                )
                 runs = [_compile_piece(first, None, tmp)]
-                if first.specializable:
+                if first.specializable and first.admits(sizes[-1]):
                     runs.append(_compile_piece(first, sizes[-1], tmp))
             report["compiles"] = runs
             ok = [r["seconds"] for r in runs if "seconds" in r]

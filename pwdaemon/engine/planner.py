@@ -77,11 +77,15 @@ class Planner:
             self.enqueue(st, Job(piece, Target.general(), JobReason.GENERAL, general))
         if not piece.specializable:
             return
-        for size in self.sizes[: self.policy.budget]:
+        # Only the sizes that can reach this piece (`GraphPiece.admits`): guards may give
+        # size 1 a piece of its own, whose graph cannot be compiled for any other size.
+        for size in [s for s in self.sizes[: self.policy.budget] if piece.admits(s)]:
             st.policy.reserve([size])
             prio = (PriorityBand.CONFIGURED, next(order))
             self.enqueue(st, Job(piece, Target.size(size), JobReason.CONFIGURED, prio))
         for r in self.ranges:
+            if not (piece.admits(r.start) and piece.admits(r.end)):
+                continue
             prio = (PriorityBand.CONFIGURED, next(order))
             self.enqueue(st, Job(piece, Target.of_range(r), JobReason.CONFIGURED, prio))
 
@@ -110,7 +114,8 @@ class Planner:
             return
         profile = await anyio.to_thread.run_sync(self.store.load_profile, st.piece)
         hot = sorted(
-            (s for s, c in profile.items() if c >= self.policy.hot_calls), key=lambda s: -profile[s]
+            (s for s, c in profile.items() if c >= self.policy.hot_calls and st.piece.admits(s)),
+            key=lambda s: -profile[s],
         )
         room = self.policy.budget - len(st.policy.specialized)
         for size in [s for s in hot if s not in st.policy.specialized][: max(room, 0)]:
@@ -149,6 +154,10 @@ class Planner:
 
     def _queue_hot(self, st: PieceState, queue_len: int, now: float) -> None:
         for size in st.policy.hot_candidates(queue_len, now):
+            if not st.piece.admits(size):
+                # Calls made before the trace are shared by every piece (see
+                # GraphPiece.calls_before_trace): a size another piece serves.
+                continue
             job = Job(st.piece, Target.size(size), JobReason.HOT, self._hot_rank(st, size))
             job.hot_since = st.policy.hot_since(size)
             st.policy.reserve([size])

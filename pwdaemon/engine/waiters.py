@@ -148,8 +148,8 @@ class Waiters:
         # graph tier it counts as done once compiled, while another piece serves the size.
         seen = [st for st in self._pieces if size in st.piece.dispatcher.counts]
         for st in self._pieces:
-            if not st.piece.specializable:
-                continue
+            if not st.piece.specializable or not st.piece.admits(size):
+                continue  # no size jobs here, or none for this size (guards)
             if tier is Tier.GRAPH and not self._wants_graph(st):
                 states.append(JobState.FAILED)  # no CUDA graphs here: it will never come
                 continue

@@ -6,6 +6,13 @@ unbacked strategy they are one symbol (one shape id), with the backed strategy e
 input may get its own (`s52`, `s92`), and both count as the size. Any other symbol (a
 dimension dynamo made dynamic after a recompile, say a sequence length) leaves the piece
 to the general tier.
+
+Guards can also tell pieces apart by size: under the backed strategy a model that branches
+on `batch == 1` (GPT-2's SDPA path on CUDA, say) gets one piece traced at size 1, with
+the 1 baked into its graph (`view(1, 128, 256)`), and another for every other size. Such
+a piece cannot be compiled for any other size (the compile fails, three times, and
+`wait()` gave up on a size another piece serves fine), so the guards on the size decide
+which sizes a piece is planned for (`GraphFacts.admits`).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 import torch.fx
 
@@ -29,6 +37,13 @@ class GraphFacts:
     output_marks: tuple[tuple[int, int], ...]  # (output index, dim) carrying the size
     fingerprint: str
     placeholder_specs: tuple[str, ...]
+    # Dynamo's guards on the size alone (sympy booleans over the size symbols), recorded
+    # when the graph was captured: the sizes a call can bring to this piece.
+    size_guards: tuple[Any, ...] = ()
+
+    def admits(self, size: int) -> bool:
+        """Whether a call of `size` can reach this piece (its size guards hold)."""
+        return admits(self.size_guards, self.size_symbols, size)
 
     def __getitem__(self, name: str) -> Any:
         # Older callers read the facts as a dict (`analyse_graph(gm)["fingerprint"]`).
@@ -68,6 +83,48 @@ def _size_symbols(placeholders: list[torch.fx.Node]) -> set[Any]:
                 if isinstance(s, torch.SymInt) and s.node.expr.is_symbol:
                     symbols.add(s.node.expr)
     return symbols
+
+
+def admits(guards: tuple[Any, ...], symbols: tuple[str, ...], size: int) -> bool:
+    """Whether every guard in `guards` holds with each of `symbols` set to `size`.
+
+    A guard that does not reduce to true or false (a torch version's sympy function that
+    does not evaluate) counts as holding: at worst a compile is tried and fails.
+    """
+    if not guards:
+        return True
+    value = sympy.Integer(size)
+    for guard in guards:
+        subs = {sym: value for sym in guard.free_symbols if str(sym) in symbols}
+        try:
+            result = guard.xreplace(subs)
+        except Exception:  # sympy raised on an odd function: do not exclude the size
+            continue
+        if result is sympy.false:
+            return False
+    return True
+
+
+def _size_guards(placeholders: list[torch.fx.Node], size_exprs: list[Any]) -> tuple[Any, ...]:
+    # The shape env the graph was traced in holds every guard dynamo installed so far for
+    # this frame; keep those that only speak about the size.
+    shape_env = next(
+        (
+            v.node.shape_env
+            for v in (n.meta.get("example_value") for n in placeholders)
+            if isinstance(v, torch.SymInt)
+        ),
+        None,
+    )
+    if shape_env is None or not size_exprs:
+        return ()
+    wanted = set(size_exprs)
+    out = []
+    for guard in getattr(shape_env, "guards", ()):
+        expr = getattr(guard, "expr", None)
+        if isinstance(expr, sympy.Basic) and expr.free_symbols and expr.free_symbols <= wanted:
+            out.append(expr)
+    return tuple(out)
 
 
 def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
@@ -113,4 +170,5 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
         output_marks=tuple(marks),
         fingerprint=fingerprint,
         placeholder_specs=specs,
+        size_guards=_size_guards(placeholders, size_exprs),
     )

@@ -35,7 +35,7 @@ from pwdaemon.serving.background import BackgroundTrace, importing_module
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.entry import call_eager, make_entry
 from pwdaemon.serving.gate import GATE
-from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
+from pwdaemon.serving.graph_facts import GraphFacts, admits, analyse_graph
 from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.strategy import (
@@ -96,10 +96,16 @@ class GraphPiece:
     # the tracer's pieces; it stops changing once traced). They count as traffic: sizes
     # that came before the trace was done are as hot as the ones after.
     calls_before_trace: dict[int, int] = field(default_factory=dict)
+    size_guards: tuple[Any, ...] = ()  # see GraphFacts.size_guards
 
     @property
     def specializable(self) -> bool:
         return self.size_index is not None and not self.extra_symbols
+
+    def admits(self, size: int) -> bool:
+        """Whether a call of `size` can reach this piece: its guards on the size hold
+        (a piece traced at size 1 behind a `batch == 1` guard admits 1 alone)."""
+        return admits(self.size_guards, self.size_symbols, size)
 
     def histogram(self) -> dict[int, int]:
         """Calls per size of this piece, those before the trace included."""
@@ -613,6 +619,7 @@ class Tracer:
             strategy=attempt.strategy,
             size_indices=facts.size_indices,
             size_symbols=facts.size_symbols,
+            size_guards=facts.size_guards,
             # Shared with every piece: see GraphPiece.calls_before_trace.
             calls_before_trace=self._background.calls_before if self._background else {},
         )

@@ -268,3 +268,56 @@ def test_detach_while_workers_start_is_clean(
     h.detach()  # the worker is still importing torch: its start is cut short
     assert _worker_children() == []
     assert "did not stop cleanly" not in caplog.text
+
+
+class ReshapesAtBatch1(nn.Module):
+    """Bakes the batch size into a view at size 1 only (as GPT-2's CUDA SDPA path does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if x.shape[0] == 1:
+            return y.reshape(1, 2, 4).sum(1) * 2
+        return y.reshape(x.shape[0], 2, 4).sum(1)
+
+
+def test_a_piece_guarded_to_batch_1_is_compiled_for_batch_1_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under the backed strategy the size-1 call gets a piece of its own with the 1 baked
+    # into its graph. Compiling that piece for the other configured sizes failed three
+    # times each ("shape '[1, 2, 4]' is invalid for input of size 16"), and `wait()` gave
+    # up on sizes the other piece served fine (GPT-2 on an H200). Each piece is now
+    # planned for the sizes its guards admit.
+    from pwdaemon.serving import trace as trace_module
+    from pwdaemon.serving.strategy import ShapeStrategy
+
+    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    torch.manual_seed(0)
+    model = ReshapesAtBatch1()
+    reference = ReshapesAtBatch1()
+    reference.load_state_dict(model.state_dict())
+    sizes = [1, 2, 8]
+    inputs = {n: torch.randn(n, 8) for n in (1, 2, 5, 8)}
+    with torch.inference_mode(), pwd.attach(model, sizes=sizes, store=False) as h:
+        model(inputs[1])
+        assert h.wait_traced(120)
+        for n in (1, 2, 8, 1, 5):
+            model(inputs[n])
+        assert h.wait(sizes=sizes, timeout=300, tier=pwd.Tier.SIZE), str(h.status())
+        assert h.wait(timeout=300), str(h.status())  # the whole plan, generals included
+        assert len(h.pieces) == 2, str(h.status())
+        planned = {
+            s.graph: sorted(int(e.target[5:]) for e in s.entries if e.target.startswith("size:"))
+            for s in h.status().pieces
+        }
+        one = next(p.index for p in h.pieces if 1 in p.dispatcher.counts)
+        other = next(p.index for p in h.pieces if p.index != one)
+        assert planned == {one: [1], other: [2, 8]}, str(h.status())
+        failed = [e for s in h.status().pieces for e in s.entries if e.state == "failed"]
+        assert not failed, str(h.status())
+        for x in inputs.values():
+            torch.testing.assert_close(model(x), reference(x), **TOL)

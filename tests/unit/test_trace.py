@@ -496,6 +496,40 @@ def test_backed_oblivious_serves_bert_right_at_size_1_and_after(
             assert all(p.strategy is ShapeStrategy.BACKED_OBLIVIOUS for p in handle.pieces)
 
 
+def test_each_piece_admits_the_sizes_its_guards_let_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Branchy under a backed strategy: the size-1 piece's guard pins the size to 1, the
+    # other piece's excludes 1. The planner and wait() go by `admits`.
+    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    fresh_counters()
+    model, reference = make(Branchy)
+    policy = pwd.PolicyConfig(hot_calls=1)
+    with pwd.attach(model, compile=False, store=False, policy=policy) as handle:
+        with torch.no_grad():
+            for n in (1, 4, 4, 1):
+                x = torch.randn(n, WIDTH)
+                torch.testing.assert_close(model(x), reference(x))
+        one = next(p for p in handle.pieces if 1 in p.dispatcher.counts)
+        many = next(p for p in handle.pieces if 4 in p.dispatcher.counts)
+        assert one is not many, str(handle.status())
+        assert [n for n in (1, 2, 4, 9) if one.admits(n)] == [1]
+        assert [n for n in (1, 2, 4, 9) if many.admits(n)] == [2, 4, 9]
+
+
+def test_a_guard_that_does_not_evaluate_admits_the_size() -> None:
+    import sympy
+
+    from pwdaemon.serving.graph_facts import admits
+
+    s = sympy.Symbol("s0", integer=True, positive=True)
+    odd = sympy.Function("Opaque")(s) > 3  # stays symbolic after substitution
+    assert admits((sympy.Eq(s, 1),), ("s0",), 1)
+    assert not admits((sympy.Eq(s, 1),), ("s0",), 2)
+    assert admits((odd,), ("s0",), 2)
+    assert admits((), ("s0",), 5)
+
+
 def test_a_configured_size_that_no_piece_serves_is_traced_at_its_first_miss(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
