@@ -68,7 +68,11 @@ matrix)  # every GPU test (transformers ones included) beside the full model mat
     OMP_NUM_THREADS=2 timeout 520 python3 bench/matrix.py --device cuda --dtype fp16 \
         --preset issue --models "${MATRIX:-sequential,transformer_encoder,bert,gpt2,llama}" \
         --jobs 5 --timeout 200 >"$OUT/matrix.log" 2>&1 &
+    MHA_FASTPATH=off OMP_NUM_THREADS=2 timeout 520 python3 bench/matrix.py --device cuda \
+        --dtype fp16 --preset issue --models transformer_encoder --timeout 200 \
+        >"$OUT/matrix_te_no_fastpath.log" 2>&1 &
     wait
+    tail -2 "$OUT/matrix_te_no_fastpath.log"
     grep -E "PASSED|FAILED|ERROR|passed|failed|capture pauses|graph memory" \
         "$OUT/gpu_tests.log" | tail -14
     tail -9 "$OUT/matrix.log"

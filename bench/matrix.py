@@ -58,6 +58,10 @@ def child(name: str, device_name: str, dtype_name: str, preset: str, timeout: fl
     from pwdaemon.real_models import model_spec
 
     device, dtype = torch.device(device_name), getattr(torch, DTYPES[dtype_name])
+    if os.environ.get("MHA_FASTPATH") == "off":
+        # torch's fused TransformerEncoderLayer/MultiheadAttention kernels have no fake
+        # tensor support on CUDA: nothing is captured unless the fast path is off.
+        torch.backends.mha.set_fastpath_enabled(False)
     spec = model_spec(name, preset)
     out: dict[str, Any] = {"model": name}
     with torch.inference_mode():
