@@ -79,3 +79,50 @@ def test_quick_run_writes_a_row_per_system(tmp_path: Path) -> None:
     for system in ("pwdaemon-cold", "pwdaemon-warm"):
         tiers = {q["tier"] for q in raw[system]["requests"]}
         assert "compile" not in tiers and raw[system]["dynamo_frames"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_models_repeat_reports_the_median_of_its_runs(tmp_path: Path) -> None:
+    # bench/models.py --repeat: each (model, system) runs twice in fresh processes and
+    # the table quotes the median of the two runs' steady-state medians.
+    jsonl = tmp_path / "runs.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "models.py"),
+            "--models",
+            "sequential",
+            "--systems",
+            "eager,pwdaemon",
+            "--sizes",
+            "1,2",
+            "--iters",
+            "10",
+            "--repeat",
+            "2",
+            "--settle-timeout",
+            "120",
+            "--out",
+            str(tmp_path / "results"),
+            "--jsonl",
+            str(jsonl),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=390,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert sorted(r["system"] for r in runs) == ["eager", "eager", "pwdaemon", "pwdaemon"]
+    assert all("error" not in r for r in runs), runs
+    saved = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
+    combined = {r["system"]: r for r in saved}
+    for system in ("eager", "pwdaemon"):
+        mine = [r for r in runs if r["system"] == system]
+        for n in ("1", "2"):
+            want = sum(r["steady_ms"][n] for r in mine) / 2  # the median of two runs
+            assert abs(combined[system]["steady_ms"][n] - want) < 1e-9
+        assert combined[system]["runs"] == 2
+    assert "medians of 2 runs" in proc.stdout
