@@ -45,7 +45,9 @@ appended to `--jsonl FILE` as it finishes (a run cut short keeps what it measure
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
+import faulthandler
 import json
 import os
 import statistics
@@ -164,6 +166,7 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     calls = {n: inputs(n) for n in sizes}
     system, handle = opts.system, None
     fn: Callable[..., Any] = model
+    plain = model  # the module eager's medians are measured on
     t_setup = time.perf_counter()
     if system == "dynamic":
         fn = torch.compile(model, dynamic=True)
@@ -177,6 +180,9 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     elif system in ("pwdaemon", "pwdaemon_warm"):
         import pwdaemon as pwd
 
+        # Eager's medians below need the plain module: the attached one serves through
+        # pwdaemon (a copy made before attach shares nothing with it).
+        plain = copy.deepcopy(model)
         handle = pwd.attach(model, sizes=sizes, store=opts.store, trace=opts.trace)
     setup_s = time.perf_counter() - t_setup
 
@@ -255,7 +261,7 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         # median of that size, measured here once.
         eager_median = {
             n: statistics.median(
-                timed(lambda n=n: model(*calls[n][0], **calls[n][1]))  # type: ignore[misc]
+                timed(lambda n=n: plain(*calls[n][0], **calls[n][1]))  # type: ignore[misc]
                 for _ in range(max(5, opts.iters // 5))
             )
             for n in sizes
@@ -299,6 +305,11 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         out["capture_pause_ms"] = [s * 1e3 for s in handle.engine.capture_pauses]
         if not out["settled"]:
             out["status"] = str(status)
+            # Where every thread is (a capture or a validation that never ends shows here).
+            with tempfile.TemporaryFile("w+") as f:
+                faulthandler.dump_traceback(file=f, all_threads=True)
+                f.seek(0)
+                out["stacks"] = f.read()
         handle.detach()
     return out
 
