@@ -37,13 +37,13 @@ class GraphFacts:
     output_marks: tuple[tuple[int, int], ...]  # (output index, dim) carrying the size
     fingerprint: str
     placeholder_specs: tuple[str, ...]
-    # Dynamo's guards on the size alone (sympy booleans over the size symbols), recorded
+    # Dynamo's guards on the size alone (sympy booleans over `SIZE`), recorded
     # when the graph was captured: the sizes a call can bring to this piece.
     size_guards: tuple[Any, ...] = ()
 
     def admits(self, size: int) -> bool:
         """Whether a call of `size` can reach this piece (its size guards hold)."""
-        return admits(self.size_guards, self.size_symbols, size)
+        return admits(self.size_guards, size)
 
     def __getitem__(self, name: str) -> Any:
         # Older callers read the facts as a dict (`analyse_graph(gm)["fingerprint"]`).
@@ -85,19 +85,21 @@ def _size_symbols(placeholders: list[torch.fx.Node]) -> set[Any]:
     return symbols
 
 
-def admits(guards: tuple[Any, ...], symbols: tuple[str, ...], size: int) -> bool:
-    """Whether every guard in `guards` holds with each of `symbols` set to `size`.
+# The size in a piece's size guards: every size symbol of the graph stands for it (they
+# are all equal at run time, see the module docstring).
+SIZE = sympy.Symbol("size", integer=True, positive=True)
+
+
+def admits(guards: tuple[Any, ...], size: int) -> bool:
+    """Whether every guard in `guards` (over `SIZE`) holds at `size`.
 
     A guard that does not reduce to true or false (a torch version's sympy function that
     does not evaluate) counts as holding: at worst a compile is tried and fails.
     """
-    if not guards:
-        return True
     value = sympy.Integer(size)
     for guard in guards:
-        subs = {sym: value for sym in guard.free_symbols if str(sym) in symbols}
         try:
-            result = guard.xreplace(subs)
+            result = guard.xreplace({SIZE: value})
         except Exception:  # sympy raised on an odd function: do not exclude the size
             continue
         if result is sympy.false:
@@ -107,7 +109,9 @@ def admits(guards: tuple[Any, ...], symbols: tuple[str, ...], size: int) -> bool
 
 def _size_guards(placeholders: list[torch.fx.Node], size_exprs: list[Any]) -> tuple[Any, ...]:
     # The shape env the graph was traced in holds every guard dynamo installed so far for
-    # this frame; keep those that only speak about the size.
+    # this frame; keep those that only speak about the size, over `SIZE`. The size's
+    # symbols are those of the SymInt placeholders and of the marked input dimensions
+    # (an attention mask's own symbol under the backed strategy may have no placeholder).
     shape_env = next(
         (
             v.node.shape_env
@@ -116,14 +120,20 @@ def _size_guards(placeholders: list[torch.fx.Node], size_exprs: list[Any]) -> tu
         ),
         None,
     )
-    if shape_env is None or not size_exprs:
+    symbols = set(size_exprs) | _size_symbols(placeholders)
+    if shape_env is None or not symbols:
         return ()
-    wanted = set(size_exprs)
-    out = []
+    out: list[Any] = []
+    for sym in symbols:
+        # A symbol the shape env replaced by a number (a guard `s == 1` can do that) is
+        # pinned to it.
+        replaced = getattr(shape_env, "replacements", {}).get(sym)
+        if replaced is not None and getattr(replaced, "is_Integer", False):
+            out.append(sympy.Eq(SIZE, replaced))
     for guard in getattr(shape_env, "guards", ()):
         expr = getattr(guard, "expr", None)
-        if isinstance(expr, sympy.Basic) and expr.free_symbols and expr.free_symbols <= wanted:
-            out.append(expr)
+        if isinstance(expr, sympy.Basic) and expr.free_symbols and expr.free_symbols <= symbols:
+            out.append(expr.xreplace({sym: SIZE for sym in expr.free_symbols}))
     return tuple(out)
 
 

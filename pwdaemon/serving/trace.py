@@ -105,7 +105,7 @@ class GraphPiece:
     def admits(self, size: int) -> bool:
         """Whether a call of `size` can reach this piece: its guards on the size hold
         (a piece traced at size 1 behind a `batch == 1` guard admits 1 alone)."""
-        return admits(self.size_guards, self.size_symbols, size)
+        return admits(self.size_guards, size)
 
     def histogram(self) -> dict[int, int]:
         """Calls per size of this piece, those before the trace included."""

@@ -520,14 +520,14 @@ def test_each_piece_admits_the_sizes_its_guards_let_through(
 def test_a_guard_that_does_not_evaluate_admits_the_size() -> None:
     import sympy
 
-    from pwdaemon.serving.graph_facts import admits
+    from pwdaemon.serving.graph_facts import SIZE, admits
 
-    s = sympy.Symbol("s0", integer=True, positive=True)
-    odd = sympy.Function("Opaque")(s) > 3  # stays symbolic after substitution
-    assert admits((sympy.Eq(s, 1),), ("s0",), 1)
-    assert not admits((sympy.Eq(s, 1),), ("s0",), 2)
-    assert admits((odd,), ("s0",), 2)
-    assert admits((), ("s0",), 5)
+    odd = sympy.Function("Opaque")(SIZE) > 3  # stays symbolic after substitution
+    assert admits((sympy.Eq(SIZE, 1),), 1)
+    assert not admits((sympy.Eq(SIZE, 1),), 2)
+    assert not admits((sympy.Ne(SIZE, 1), SIZE <= 8), 9)
+    assert admits((odd,), 2)
+    assert admits((), 5)
 
 
 def test_a_configured_size_that_no_piece_serves_is_traced_at_its_first_miss(
