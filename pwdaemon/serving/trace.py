@@ -255,12 +255,13 @@ class Tracer:
             and (background.thread is not None or not importing_module())
         ):
             background.count(self.marks.size(args, kwargs))
-            if background.start(args, kwargs):
-                # This call checked `GATE.working` before the trace existed: gate it
-                # now, or the new trace thread would take the GIL from it per torch op.
-                with GATE.call():
-                    return call_eager(self.model, args, kwargs)
-            return call_eager(self.model, args, kwargs)
+            thread = background.prepare(args, kwargs)
+            if thread is None:
+                return call_eager(self.model, args, kwargs)
+            try:
+                return call_eager(self.model, args, kwargs)
+            finally:
+                thread.start()  # after this call: see BackgroundTrace.prepare
         return self._first_call(args, kwargs)
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
