@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # How long a queued capture waits for a serving call before it is withdrawn and retried.
 _HANDOFF_WAIT_S = 5.0
+# How soon a capture that found its piece's hand-off slot taken looks again: a capture
+# pauses one serving call for ~10-30 ms, so the slot frees within a call or two.
+_SLOT_RETRY_S = 0.1
 
 
 def wants_graph(config: GraphConfig, piece: GraphPiece) -> bool:
@@ -117,6 +120,15 @@ class GraphCapture:
                 retry=False,
             )
             return
+        if dispatcher.pending is not None:
+            # Another capture of this piece waits for its serving call (the engine runs
+            # one job per worker at once). One slot per dispatcher: taking it over left
+            # the other capture waiting forever, "compiling" (seen on an H200: sizes 2
+            # and 8 of nn.Sequential, size 16 of Llama never got their graphs).
+            job.reason = "waiting for another capture of this piece"
+            job.not_before = time.monotonic() + _SLOT_RETRY_S
+            self.queue.push(job)
+            return
         tier2 = dispatcher.table.lookup(n).runnable
         args = sample[1]
         size_index = job.piece.size_index
@@ -160,6 +172,7 @@ class GraphCapture:
                 self.queue.push(job)
                 return
             await anyio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
+        job.reason = None  # taken: no longer waiting (a live entry kept saying it was)
         if "error" in box:
             exc = box["error"]
             if isinstance(exc, NothingToCapture):

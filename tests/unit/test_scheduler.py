@@ -414,3 +414,58 @@ def test_wait_for_a_tier_the_device_cannot_give_returns_false_at_once(mlp: nn.Mo
         assert time.monotonic() - started < 30  # answered, not timed out
     finally:
         h.detach()
+
+
+class _ReplayedCapture:
+    """What the engine keeps of a capture, minus the GPU: the tier-2 runnable, called."""
+
+    def __init__(self, runnable: Callable[..., Any]) -> None:
+        self.runnable = runnable
+        self.nbytes = 0
+        self.replays = 0
+
+    def __call__(self, *args: Any) -> Any:
+        self.replays += 1
+        return self.runnable(*args)
+
+
+def test_two_captures_of_one_piece_both_get_their_graph(
+    mlp: nn.Module, reference: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two workers run two graph jobs of one piece at once. Each handed its capture to
+    # the piece's next serving call through one slot; the second took the slot over and
+    # the first waited forever, "compiling" (H200: nn.Sequential sizes 2 and 8). The GPU
+    # is faked (capture = the tier-2 runnable), the engine's hand-off is real.
+    from pwdaemon.engine import graphs, loop, publish
+
+    class Pool:
+        def __init__(self, device: torch.device) -> None:
+            self.device, self.lock, self.bytes, self.graphs = device, threading.Lock(), 0, 0
+
+    def capture(runnable: Callable[..., Any], *rest: Any) -> _ReplayedCapture:
+        time.sleep(0.05)  # a capture pauses its serving call: the other job comes meanwhile
+        return _ReplayedCapture(runnable)
+
+    for module in (graphs, loop, publish):
+        monkeypatch.setattr(module, "wants_graph", lambda config, piece: True)
+    monkeypatch.setattr(graphs, "GraphPool", Pool)
+    monkeypatch.setattr(graphs, "capture_graph", capture)
+    compiler = pwd.CompileConfig(workers=2, backoff_s=0.01)
+    h = pwd.attach(
+        mlp, sizes=[2, 8], policy=FAST, compiler=compiler, executor=FakeExecutor(), store=False
+    )
+    try:
+        _call_sizes(mlp, [2, 8])
+        assert h.wait(sizes=[2, 8], tier=pwd.Tier.SIZE, timeout=30), str(h.status())
+        # Sparse traffic (a call per 0.3 s): both graph jobs get to the slot before a
+        # serving call takes either.
+        deadline = time.monotonic() + 30
+        while not h.wait(sizes=[2, 8], tier=pwd.Tier.GRAPH, timeout=0.3):
+            assert time.monotonic() < deadline, str(h.status())
+            _call_sizes(mlp, [2])  # serving calls: captures run at their start
+        for n in (2, 8):
+            assert h.pieces[0].dispatcher.table.lookup(n).tier is pwd.Tier.GRAPH
+            x = torch.randn(n, 16)
+            torch.testing.assert_close(mlp(x), reference(x))
+    finally:
+        h.detach()
