@@ -126,3 +126,38 @@ def test_models_repeat_reports_the_median_of_its_runs(tmp_path: Path) -> None:
             assert abs(combined[system]["steady_ms"][n] - want) < 1e-9
         assert combined[system]["runs"] == 2
     assert "medians of 2 runs" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_paired_times_every_system_in_one_process() -> None:
+    # bench/paired.py: one process per model, every system warmed and timed in rounds;
+    # the table has a row per size with pwdaemon at its specialized tier.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "paired.py"),
+            "--models",
+            "sequential",
+            "--sizes",
+            "1,2",
+            "--rounds",
+            "2",
+            "--block",
+            "2",
+            "--timeout",
+            "120",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=290,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| sequential |")]
+    assert len(rows) == 2, proc.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert [float(c) > 0 for c in cells[2:6]] == [True] * 4, row  # four systems timed
+        assert cells[6] == "size", row  # pwdaemon served specialized
+        assert float(cells[7]) > 0, row
