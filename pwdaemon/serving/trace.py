@@ -103,9 +103,10 @@ class GraphPiece:
         return self.size_index is not None and not self.extra_symbols
 
     def admits(self, size: int) -> bool:
-        """Whether a call of `size` can reach this piece: its guards on the size hold
-        (a piece traced at size 1 behind a `batch == 1` guard admits 1 alone)."""
-        return admits(self.size_guards, size)
+        """Whether a call of `size` can reach this piece: it served one, or its guards
+        on the size hold (a piece traced at size 1 behind a `batch == 1` guard admits 1
+        alone). A size served wins over the guards as read here: dynamo let it through."""
+        return size in self.dispatcher.counts or admits(self.size_guards, size)
 
     def histogram(self) -> dict[int, int]:
         """Calls per size of this piece, those before the trace included."""
