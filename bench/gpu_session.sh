@@ -21,7 +21,7 @@ left() { echo $(( ${BUDGET_S:-570} - ($(date +%s) - start) )); }
 
 models_table() {  # model, systems
     timeout "$(left)" python3 bench/models.py --device cuda --dtype fp16 --preset issue \
-        --models "$1" --systems "$2" --sizes 1,4,16,64 --iters 50 --settle-timeout 240 \
+        --models "$1" --systems "$2" --sizes 1,4,16,64 --iters 50 --settle-timeout "${SETTLE_S:-240}" \
         --run-timeout 300 --jsonl "$OUT/models.jsonl" --out "$OUT/results" \
         2>&1 | tee -a "$OUT/models.log"
 }
