@@ -9,6 +9,7 @@ from pwdaemon.engine.jobs import JobReason, JobSource, JobState
 from pwdaemon.serving.range_table import Range, Tier
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace_record import (
+    FASTPATH_HINT,
     AttemptOutcome,
     GraphBreak,
     MissState,
@@ -129,6 +130,8 @@ class TraceStatus:
         out = [f"  trace: {head}, {pieces} piece(s), strategy {strategy}"]
         if self.settled and not pieces:
             out.append("    no graph captured: the model serves eager")
+            if any(b.fake_tensor_break for b in self.graph_breaks):
+                out.append(f"    hint: {FASTPATH_HINT}")
         for a in self.attempts:
             if a.outcome is AttemptOutcome.FELL_BACK:
                 dropped = f", {a.discarded} graph(s) dropped" if a.discarded else ""

@@ -48,6 +48,7 @@ from pwdaemon.serving.strategy import (
     tracing,
 )
 from pwdaemon.serving.trace_record import (
+    FASTPATH_HINT,
     AttemptOutcome,
     ErrorFallbacks,
     GraphBreak,
@@ -474,10 +475,12 @@ class Tracer:
                     undecided[0],
                 )
             if nothing:
+                fake = any(b.fake_tensor_break for b in self.graph_breaks)
                 log.warning(
                     "pwdaemon: %s: dynamo captured no graph with any strategy; the model "
-                    "serves eager",
+                    "serves eager%s",
                     self.name,
+                    f" ({FASTPATH_HINT})" if fake else "",
                 )
         self.trace_warnings.extend(warnings.messages[:8])
         if error is not None:

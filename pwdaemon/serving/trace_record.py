@@ -44,6 +44,20 @@ class GraphBreak:
     strategy: ShapeStrategy
     pieces: tuple[int, ...]  # pieces captured by the call in which it happened
 
+    @property
+    def fake_tensor_break(self) -> bool:
+        """An operator without a fake-tensor kernel broke the graph (see FASTPATH_HINT)."""
+        return "does not support running with fake tensors" in self.reason
+
+
+# What to do when a fake-tensor graph break left nothing captured: on CUDA that is
+# nn.TransformerEncoder's fused fast path, which torch.compile cannot capture either.
+FASTPATH_HINT = (
+    "torch's fused attention fast path (nn.TransformerEncoderLayer, nn.MultiheadAttention) "
+    "cannot be traced on this device; torch.backends.mha.set_fastpath_enabled(False) "
+    "before attach, and left off, lets dynamo trace those layers"
+)
+
 
 class RecompileCause(enum.Enum):
     SETTLING = "settling"  # a first call still discovering pieces

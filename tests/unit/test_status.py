@@ -235,3 +235,17 @@ def test_cuda_graph_memory_is_in_status_and_metrics(mlp: nn.Module) -> None:
         scraped = _scrape(handle)
         assert scraped[_key("pwdaemon_cuda_graphs")] == 1
         assert scraped[_key("pwdaemon_cuda_graph_memory_bytes")] == 3 * 2**20
+
+
+def test_status_hints_at_the_attention_fast_path_when_a_fake_tensor_break_left_nothing() -> None:
+    # nn.TransformerEncoder on CUDA (H200): its fused kernel has no fake-tensor support,
+    # dynamo captures nothing; the status names the switch that lets it trace.
+    from pwdaemon.engine.events import TraceStatus
+    from pwdaemon.serving.trace_record import FASTPATH_HINT, GraphBreak
+
+    reason = "Operator does not support running with fake tensors\n  Explanation: ..."
+    broke = GraphBreak(reason, 1, ShapeStrategy.UNBACKED, ())
+    lines = TraceStatus(settled=True, graph_breaks=(broke,)).lines(pieces=0)
+    assert f"    hint: {FASTPATH_HINT}" in lines
+    assert not any("hint" in ln for ln in TraceStatus(settled=True).lines(pieces=0))
+    assert not any("hint" in ln for ln in TraceStatus(settled=True, graph_breaks=(broke,)).lines(1))
