@@ -165,7 +165,10 @@ def test_real_model_is_captured_with_no_retrace(name: str) -> None:
 SCRIPT = textwrap.dedent(
     """
     # No `if __name__ == "__main__":` guard on purpose (issue 11, item 2).
-    import copy, json, sys
+    import copy, faulthandler, json, sys
+    # A run that hangs shows where every thread is (CI once saw this script wait with no
+    # worker started and nothing compiled; it did not come back in 6 runs here).
+    faulthandler.dump_traceback_later(420, repeat=True)
     import torch
     sys.path.insert(0, {test_dir!r})
     from test_real_models import build, inputs, main_output
@@ -227,7 +230,7 @@ def test_real_model_from_an_unguarded_script_gets_specialized(name: str, tmp_pat
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     result = json.loads(lines[-1][len("RESULT ") :])
-    assert result["specialized"], result
+    assert result["specialized"], (result, proc.stderr[-12000:])
     assert result["plan_done"], result
     assert result["worst"] <= 1e-4, result  # float32; Inductor reorders reductions
     for index, tiers in result["tiers"].items():
