@@ -106,6 +106,12 @@ class ServingGate:
                 return
             if run_until and monotonic() < run_until:
                 return  # inside a slice taken after a long pause
+            if _importing(frame):
+                # Never park holding an import lock: a serving call that needs the module
+                # would wait for it, while we ran 5 ms per 50 ms (a demo call took 4.2 s
+                # right after the trace thread started). Run on for a slice instead.
+                run_until = monotonic() + SLICE_S
+                return
             # Park, GIL released, until no serving call is in progress. Checked again
             # on waking, with the GIL held (calls are counted under it): back-to-back
             # calls leave gaps of microseconds, and going on into the C function this
@@ -121,6 +127,15 @@ class ServingGate:
             run_until = 0.0
 
         return hook
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside an import (importlib's frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _skip_in_dynamo(code: CodeType) -> None:
