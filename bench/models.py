@@ -110,6 +110,15 @@ def _timer(device: Any) -> Callable[[Callable[[], Any]], float]:
     return timed
 
 
+def serving_tiers(handle: Any, n: int) -> str:
+    """The tiers size `n` is served from, over the pieces that serve it (pieces told
+    apart by guards see only their sizes); "" while no piece has served it."""
+    tiers = {
+        p.dispatcher.table.lookup(n).tier.value for p in handle.pieces if n in p.dispatcher.counts
+    }
+    return ",".join(sorted(tiers))
+
+
 def _mark(args: Any, kwargs: Any, sizes: list[int]) -> None:
     import torch
 
@@ -195,13 +204,7 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     def tier(n: int) -> str:
         if handle is None:
             return system
-        # The pieces that serve this size (pieces told apart by guards see only theirs).
-        tiers = {
-            p.dispatcher.table.lookup(n).tier.value
-            for p in handle.pieces
-            if n in p.dispatcher.counts
-        }
-        return ",".join(sorted(tiers)) or "untraced"
+        return serving_tiers(handle, n) or "untraced"
 
     def settled() -> bool:
         if handle is None:
@@ -365,7 +368,7 @@ def combine(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in by.values():
         ok = [r for r in group if "error" not in r]
         if len(group) == 1 or not ok:
-            out.append(group[0] if ok or len(group) == 1 else group[-1])
+            out.append(ok[0] if ok else group[-1])  # one run, or only errors
             continue
         first = dict(ok[0])
         first["runs"] = len(ok)

@@ -32,7 +32,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from models import DEFAULT_MODELS, DTYPES, _build, _timer  # noqa: E402
+from models import DEFAULT_MODELS, DTYPES, _build, _timer, serving_tiers  # noqa: E402
 
 SYSTEMS = ("eager", "dynamic", "static", "pwdaemon")
 
@@ -80,18 +80,7 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
                         timed(lambda: fn(*args, **kwargs))  # noqa: B023 (called at once)
                         for _ in range(opts.block)
                     ]
-        tiers = {
-            str(n): ",".join(
-                sorted(
-                    {
-                        p.dispatcher.table.lookup(n).tier.value
-                        for p in handle.pieces
-                        if n in p.dispatcher.counts
-                    }
-                )
-            )
-            for n in sizes
-        }
+        tiers = {str(n): serving_tiers(handle, n) for n in sizes}
     return {
         "model": opts.model,
         "reached_tier": ok,
