@@ -15,6 +15,22 @@ alone, plus at most one switch interval to get the GIL at its start (lowered whi
 work runs, see `lower_switch_interval`). Under traffic that never pauses, the parked
 thread takes a short slice after `MAX_PAUSE_S`, so the work still finishes.
 
+The hook is installed only while there is traffic to make way for. Any profile hook costs
+the thread it runs on dearly: CPython 3.11 runs every bytecode of a profiled thread
+through its tracing path, unspecialized, and calls the hook on every call and return.
+Measured on dynamo's trace of the demo model: 1.2-1.4 s bare, 1.7-2.4 s with a no-op
+C-level hook, 2.5-2.6 s with a Python one; a warm restart spent 6.4 s tracing instead of
+2.7 s. Another thread cannot install a hook on a gated thread, but a garbage collection
+runs its callbacks on the thread that triggered it, and gated work (tracing, unpickling,
+loading) allocates all the time: a `gc.callbacks` entry installs the hook on a gated
+thread at its first collection after a serving call began, and the hook takes itself off
+once serving has been idle for `HOOK_IDLE_S`. The collection threshold is lowered while
+gated work runs (`GATED_GC_THRESHOLD`) so that the first collection comes soon: during
+the demo's trace, collections came every 1 ms (median; 3 ms at the 90th percentile)
+instead of every 21-35 ms. Until then the call shares the GIL at the lowered switch
+interval. Where automatic collection is off (`gc.disable()`), the hook is installed for
+the whole block as before.
+
 Serving calls announce themselves with `ServingGate.call()` only while gated work runs
 (`working` is read without a lock on every call: a stale 0 lets one call run ungated, a
 stale non-zero costs one lock round; neither is wrong).
@@ -23,9 +39,12 @@ stale non-zero costs one lock round; neither is wrong).
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib._bootstrap
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import Any
@@ -40,6 +59,23 @@ SLICE_S = 0.005
 # default 5 ms would be 7x a 0.7 ms call; much lower and CPython spends its time switching.
 GATED_SWITCH_INTERVAL_S = 0.0005
 
+# While parked inside an import, how often to look whether a call began waiting for
+# the module (it then runs on): what such a call can wait beyond the import itself.
+IMPORT_CHECK_S = 0.002
+# How long serving must be idle before a gated thread's hook takes itself off: calls that
+# come closer together than this keep it on, so each finds the thread ready to park
+# instead of waiting for its next collection.
+HOOK_IDLE_S = 0.25
+# How many hook events pass between two looks at the clock while serving is idle (one
+# event every few hundred nanoseconds: a look every ~1 ms of gated work).
+_IDLE_CHECK_EVERY = 4096
+# The first-generation collection threshold while gated work runs (CPython's default is
+# 700): a collection, and so the chance to install the hook, every ~1 ms of dynamo's
+# tracing instead of every ~20-35 ms. A collection of 50 young objects takes
+# microseconds; the second threshold is raised to match, so older generations are
+# collected as often as before.
+GATED_GC_THRESHOLD = 50
+
 ProfileHook = Callable[[FrameType, str, Any], object]
 
 
@@ -49,9 +85,18 @@ class ServingGate:
     def __init__(self) -> None:
         self.working = 0  # gated threads alive; the serving path checks it lock-free
         self.calls = 0  # serving calls in progress (only counted while working > 0)
+        self.last_call_end = 0.0  # time.monotonic() when the last serving call ended
         self._lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
+        # Threads running gated work whose hook comes on demand (read by the collection
+        # callback on whatever thread collects: a set lookup, atomic under the GIL).
+        self._on_demand: set[int] = set()
+        self._saved_threshold: tuple[int, int, int] | None = None
+        # The switch interval each gated thread asked for, and the one applied while
+        # serving traffic is recent (None: not lowered now).
+        self._intervals: dict[int, float] = {}
+        self._traffic_interval: float | None = None
 
     # ---- the serving side ----------------------------------------------------------
 
@@ -61,13 +106,24 @@ class ServingGate:
         with self._lock:
             self.calls += 1
             self._idle.clear()
+            if self._on_demand:
+                self._start_collection_watch()
+            if self._traffic_interval is None and self._intervals:
+                # Traffic came while gated work runs: from now on a call waits at most
+                # the lowered interval for the GIL. Lowered only now because gated
+                # threads hand the GIL to each other at that rate too, and that cost a
+                # warm restart 1-1.5 s of 4-5 s with nobody calling.
+                self._traffic_interval = min(self._intervals.values())
+                _lower_interval(self._traffic_interval)
         try:
             yield
         finally:
             with self._lock:
                 self.calls -= 1
                 if self.calls == 0:
+                    self.last_call_end = time.monotonic()
                     self._idle.set()
+                    self._stop_collection_watch()
 
     # ---- the background side -------------------------------------------------------
 
@@ -75,41 +131,134 @@ class ServingGate:
     def background(self, switch_interval: float | None = GATED_SWITCH_INTERVAL_S) -> Iterator[None]:
         """Run the block gated: on this thread, park while serving calls are in progress.
 
-        Also lowers the switch interval to `switch_interval` meanwhile (None: leave it).
-        Re-entrant; other threads are not affected by the hook.
+        While serving calls come, the switch interval is lowered to `switch_interval`
+        (None: leave it). Re-entrant; other threads are not affected by the hook.
         """
-        previous = sys.getprofile()
-        if previous is not None:  # nested, or someone profiles this thread: leave it be
+        ident = threading.get_ident()
+        if ident in self._on_demand or _is_gate_hook(sys.getprofile()):
+            yield  # nested: the outer block gates this thread already
+            return
+        if sys.getprofile() is not None:
+            # Someone profiles this thread: no hook of ours; lower the interval for
+            # the block, as before the gate.
             with lower_switch_interval(switch_interval):
                 yield
             return
+        on_demand = gc.isenabled() and gc.get_threshold()[0] > 0
         with self._lock:
             self.working += 1
-        sys.setprofile(self._hook())
+            if switch_interval is not None:
+                self._intervals[ident] = switch_interval
+            if on_demand:
+                self._on_demand.add(ident)
+                if self.calls:
+                    self._start_collection_watch()
+        if not on_demand:  # no collections to install it from: hook the whole block
+            sys.setprofile(self._hook())
         try:
-            with lower_switch_interval(switch_interval):
-                yield
+            yield
         finally:
-            sys.setprofile(None)
+            if _is_gate_hook(sys.getprofile()):
+                sys.setprofile(None)
             with self._lock:
                 self.working -= 1
+                self._intervals.pop(ident, None)
+                if not self._intervals:
+                    self._end_traffic()
+                if on_demand:
+                    self._on_demand.discard(ident)
+                    if not self._on_demand:
+                        self._stop_collection_watch()
+
+    def _end_traffic(self) -> None:
+        # Under self._lock.
+        if self._traffic_interval is not None:
+            self._traffic_interval = None
+            _restore_interval()
+
+    def _serving_went_quiet(self) -> bool:
+        """Whether no serving call ran for HOOK_IDLE_S; if so, ends the lowered interval.
+
+        Called from the hook, which can fire on a thread that holds either lock (a C
+        call inside `lower_switch_interval`, say): never block on them.
+        """
+        if self.calls or time.monotonic() - self.last_call_end <= HOOK_IDLE_S:
+            return False
+        if self._traffic_interval is not None and self._lock.acquire(blocking=False):
+            try:
+                if not self.calls and _interval_lock.acquire(blocking=False):
+                    _interval_lock.release()  # free now; _end_traffic takes it briefly
+                    self._end_traffic()
+            finally:
+                self._lock.release()
+        return True
+
+    # Both under self._lock. The watch (a collection callback, a lower threshold) is on
+    # only while serving calls are in progress and gated threads run: a Python callback
+    # on every collection lets CPython switch threads inside C code that allocates, and
+    # CPython 3.11.7's AST constructor then failed with "AST constructor recursion depth
+    # mismatch" once here (pytest rewriting a module while a gated thread ran; the error
+    # threaded programs report, python/cpython#106905).
+    def _start_collection_watch(self) -> None:
+        if self._saved_threshold is not None:
+            return
+        saved = gc.get_threshold()
+        self._saved_threshold = saved
+        first = min(saved[0], GATED_GC_THRESHOLD)
+        gc.set_threshold(first, max(1, saved[1] * saved[0] // first), saved[2])
+        gc.callbacks.append(self._on_collection)
+
+    def _stop_collection_watch(self) -> None:
+        if self._saved_threshold is None:
+            return
+        # Restore only what we set: a user who changed it meanwhile keeps theirs.
+        ours = gc.get_threshold()
+        first = min(self._saved_threshold[0], GATED_GC_THRESHOLD)
+        if ours[0] == first:
+            gc.set_threshold(*self._saved_threshold)
+        self._saved_threshold = None
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
+        # Runs on the thread whose allocation triggered the collection, GIL held, before
+        # it starts. Installing a profile hook from here is what sys.setprofile allows:
+        # it applies to this thread only, from its next call on.
+        if (
+            phase == "start"
+            and self.calls
+            and threading.get_ident() in self._on_demand
+            and sys.getprofile() is None
+        ):
+            sys.setprofile(self._hook())
 
     def _hook(self) -> ProfileHook:
         run_until = 0.0
+        countdown = _IDLE_CHECK_EVERY
         idle, monotonic = self._idle, time.monotonic
 
         def hook(frame: FrameType, event: str, arg: Any) -> None:
             # Called by CPython on every call/return on the gated thread (never on
             # others), with profiling off inside: keep the common case to one read.
-            nonlocal run_until
+            nonlocal run_until, countdown
             if not self.calls:
+                countdown -= 1
+                if countdown <= 0:
+                    countdown = _IDLE_CHECK_EVERY
+                    if self._serving_went_quiet() and threading.get_ident() in self._on_demand:
+                        # Run at full speed until a collection finds a call in progress.
+                        sys.setprofile(None)
                 return
             if run_until and monotonic() < run_until:
                 return  # inside a slice taken after a long pause
-            if _importing(frame):
-                # Never park holding an import lock: a serving call that needs the module
-                # would wait for it, while we ran 5 ms per 50 ms (a demo call took 4.2 s
-                # right after the trace thread started). Run on for a slice instead.
+            # Inside an import, park only while nobody waits for a module this thread is
+            # importing: parked there, a serving call that needed the module waited on
+            # its lock while we ran 5 ms per 50 ms (a demo call took 4.2 s right after
+            # the trace thread started). Running every import on instead made serving
+            # calls during dynamo's and Inductor's imports (seconds) share the GIL at
+            # the switch interval for each torch op: ~40 ms for a 1 ms demo call.
+            importing = _importing(frame)
+            if importing and _import_awaited():
                 run_until = monotonic() + SLICE_S
                 return
             # Park, GIL released, until no serving call is in progress. Checked again
@@ -120,10 +269,12 @@ class ServingGate:
             deadline = monotonic() + MAX_PAUSE_S
             while self.calls:
                 left = deadline - monotonic()
-                if left <= 0:
+                if left <= 0 or (importing and _import_awaited()):
                     run_until = monotonic() + SLICE_S
                     return
-                idle.wait(left)
+                # Parked in an import: look every IMPORT_CHECK_S whether a call began
+                # waiting for it.
+                idle.wait(min(left, IMPORT_CHECK_S) if importing else left)
             run_until = 0.0
 
         return hook
@@ -135,6 +286,26 @@ def _importing(frame: FrameType | None) -> bool:
         if frame.f_code.co_filename.startswith("<frozen importlib"):
             return True
         frame = frame.f_back
+    return False
+
+
+def _import_awaited() -> bool:
+    """Whether another thread waits for a module lock this thread holds (an import)."""
+    me = threading.get_ident()
+    try:
+        # importlib's own record of who blocks on which module lock (the one its
+        # deadlock detection reads): a dict of thread id -> lock in 3.11; from 3.12 a
+        # weak-value dict (entries in `.data`) of thread id -> list of locks.
+        table = importlib._bootstrap._blocking_on  # type: ignore[attr-defined]
+        entries = list(getattr(table, "data", table).values())
+    except Exception:  # another layout: assume someone waits, never park in an import
+        return True
+    for entry in entries:
+        if isinstance(entry, weakref.ref):
+            entry = entry()
+        for lock in entry if isinstance(entry, list) else (entry,):
+            if getattr(lock, "owner", None) == me:
+                return True
     return False
 
 
@@ -151,6 +322,14 @@ def _skip_in_dynamo(code: CodeType) -> None:
 
 
 _skip_in_dynamo(ServingGate._hook(ServingGate()).__code__)
+# The collection callback too: it runs on whatever thread collects, a serving thread
+# inside the model's compiled call included.
+_skip_in_dynamo(ServingGate._on_collection.__code__)
+_HOOK_QUALNAME = ServingGate._hook(ServingGate()).__qualname__
+
+
+def _is_gate_hook(profile: object) -> bool:
+    return getattr(profile, "__qualname__", "") == _HOOK_QUALNAME
 
 
 GATE = ServingGate()
@@ -171,19 +350,28 @@ def lower_switch_interval(interval: float | None) -> Iterator[None]:
     Safe from any thread and re-entrant: a reference count under a lock decides who
     saves and who restores.
     """
-    global _interval_users, _saved_interval
     if interval is None:
         yield
         return
+    _lower_interval(interval)
+    try:
+        yield
+    finally:
+        _restore_interval()
+
+
+def _lower_interval(interval: float) -> None:
+    global _interval_users, _saved_interval
     with _interval_lock:
         if _interval_users == 0:
             _saved_interval = sys.getswitchinterval()
             sys.setswitchinterval(min(interval, _saved_interval))
         _interval_users += 1
-    try:
-        yield
-    finally:
-        with _interval_lock:
-            _interval_users -= 1
-            if _interval_users == 0:
-                sys.setswitchinterval(_saved_interval)
+
+
+def _restore_interval() -> None:
+    global _interval_users
+    with _interval_lock:
+        _interval_users -= 1
+        if _interval_users == 0:
+            sys.setswitchinterval(_saved_interval)

@@ -189,7 +189,12 @@ def counter_snapshot(group: str) -> dict[str, int]:
     """A copy of one of dynamo's counter groups (graph breaks, recompiles)."""
     from torch._dynamo.utils import counters
 
-    return {str(k): int(v) for k, v in counters[group].items()}
+    # dict() copies in one C call, under the GIL: dynamo on another thread (a serving
+    # call's frame, another model's trace) may add a key meanwhile, and iterating the
+    # live Counter then raised "dictionary changed size during iteration" (seen in the
+    # demo). .get(): indexing dynamo's defaultdict would add the group from this thread.
+    group_counts = dict(counters.get(group) or {})
+    return {str(k): int(v) for k, v in group_counts.items()}
 
 
 def counter_delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:

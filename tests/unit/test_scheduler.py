@@ -298,12 +298,21 @@ def test_queued_hot_sizes_follow_their_current_calls(mlp: nn.Module) -> None:
         h.detach()
 
 
-def test_switch_interval_is_lowered_only_while_the_engine_validates(mlp: nn.Module) -> None:
-    seen: list[float] = []
+def test_switch_interval_is_lowered_only_while_serving_calls_meet_engine_work(
+    mlp: nn.Module,
+) -> None:
+    seen: list[tuple[str, float]] = []
 
     def record(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*a: Any) -> Any:
-            seen.append(sys.getswitchinterval())
+            # On the engine's gated thread, validating (the runnable serves calls too):
+            # first with nobody calling, then after a serving call from another thread.
+            if threading.current_thread().name == "pwdaemon-torch-work":
+                seen.append(("alone", sys.getswitchinterval()))
+                caller = threading.Thread(target=_call_sizes, args=(mlp, [4]))
+                caller.start()
+                caller.join(10)
+                seen.append(("after a call", sys.getswitchinterval()))
             return fn(*a)
 
         return run
@@ -316,13 +325,15 @@ def test_switch_interval_is_lowered_only_while_the_engine_validates(mlp: nn.Modu
     try:
         _call_sizes(mlp, [4, 4, 4])
         assert h.wait(sizes=[4], timeout=20)
-        # The two validations (general, size 4) ran lowered (as did any serving call in
-        # that window: the interval is process-wide); it is back once the engine idles.
-        assert sum(abs(v - 0.0005) < 1e-9 for v in seen) >= 2, seen
-        assert all(v in (before, 0.0005) for v in seen)
-        assert sys.getswitchinterval() == before
+        # Lowered for a call (the interval is process-wide), not for the engine's work
+        # alone: gated threads hand the GIL to each other at that rate too.
+        lowered = [v for what, v in seen if what == "after a call"]
+        assert lowered and all(abs(v - 0.0005) < 1e-9 for v in lowered), seen
+        assert all(v in (before, 0.0005) for _, v in seen), seen
     finally:
         h.detach()
+    pwd.prewarm().join(60)  # the loader's set-up is gated work too
+    assert sys.getswitchinterval() == before  # back once no gated work runs
 
 
 def test_status_carries_enums_that_compare_as_text(mlp: nn.Module) -> None:
