@@ -28,6 +28,7 @@ from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.service.client import ServiceChoice, executor_for
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
+from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
 from pwdaemon.serving.trace import GraphPiece, Tracer
 from pwdaemon.store import ArtifactStore
@@ -182,6 +183,8 @@ class Handle:
             self.model._pwdaemon_handle = self  # type: ignore[assignment]
             # The one assignment that routes model(...) through pwdaemon.
             self.model._compiled_call_impl = self._tracer  # type: ignore[assignment]
+            if self.options.freeze_heap:
+                HEAP.hold()
 
     def detach(self, timeout: float = 10.0) -> None:
         """Restore the original call path, cancel queued work, stop the workers."""
@@ -190,6 +193,8 @@ class Handle:
                 return
             self.detached = True
             self.model._compiled_call_impl = self._previous_impl  # type: ignore[assignment]
+            if self.options.freeze_heap:
+                HEAP.release()
             with contextlib.suppress(AttributeError):
                 del self.model._pwdaemon_handle
         if not self._tracer.stop(timeout):
@@ -233,6 +238,7 @@ def attach(
     graphs: GraphConfig | None = None,
     trace: str = "background",
     service: ServiceChoice = "auto",
+    freeze_heap: bool = True,
 ) -> Handle:
     """Serve `model` through pwdaemon; callers keep calling `model(...)`.
 
@@ -258,6 +264,11 @@ def attach(
       its socket (`PWDAEMON_SOCKET`, else /run/pwdaemon/pwdaemon.sock) answers now, else
       embedded worker processes; a socket path or True: that service, compiling embedded
       while it is away; False: embedded only. Ignored when `executor` is given.
+    - `freeze_heap`: while attached, objects alive at attach, after the loader's set-up
+      and after each trace are frozen (`gc.freeze()`), so a garbage collection no longer
+      walks torch's, transformers' and dynamo's ~400,000 objects holding the GIL (190-510
+      ms that every serving call waited for); the last detach unfreezes them. False
+      leaves the collector alone (`pwdaemon.serving.heap` says more).
 
     Every argument is parsed and checked here, into one `AttachOptions`, before the
     model or the store is touched: a bad value raises and changes nothing.
@@ -284,6 +295,7 @@ def attach(
         watch_store=watch_store,
         graphs=graphs or GraphConfig(),
         trace=TraceMode.parse(trace),
+        freeze_heap=freeze_heap,
     )
     link = _store_link(store, compiler)
     if link is not None:

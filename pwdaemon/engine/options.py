@@ -56,6 +56,9 @@ class AttachOptions:
     """Watch the store by polling instead of inotify (for file systems without it)."""
     graphs: GraphConfig = field(default_factory=GraphConfig)
     trace: TraceMode = TraceMode.BACKGROUND
+    freeze_heap: bool = True
+    """Keep objects alive at attach, after set-up and after traces out of the garbage
+    collector's walks while attached (`pwdaemon.serving.heap`)."""
 
     def __post_init__(self) -> None:
         self.check()
@@ -71,6 +74,8 @@ class AttachOptions:
         self.graphs.check()
         if not isinstance(self.trace, TraceMode):
             raise TypeError(f"trace must be a TraceMode, got {self.trace!r}")
+        if not isinstance(self.freeze_heap, bool):
+            raise TypeError(f"freeze_heap must be a bool, got {self.freeze_heap!r}")
         if self.size_cap < 1:
             raise ValueError(f"size_cap must be >= 1, got {self.size_cap}")
         if len(self.sizes) > self.policy.budget:

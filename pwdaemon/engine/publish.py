@@ -30,6 +30,7 @@ from pwdaemon.engine.torch_thread import run_torch_work
 from pwdaemon.engine.validation import reject_category, validate
 from pwdaemon.engine.waiters import Waiters
 from pwdaemon.serving.cudagraph import GraphConfig
+from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.range_table import Target, TargetKind
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class Publisher:
         tier = job.target.tier
         info = {"label": job.target.label, "compile_seconds": seconds, "source": source}
         table = dispatcher.install(range_, tier, runnable, info)
+        HEAP.refreeze()  # the loaded runnable stays: out of collections' walks
         with self.waiters.changing():
             job.state, job.compile_seconds, job.source = JobState.LIVE, seconds, source
         counters = self.counters

@@ -36,6 +36,7 @@ from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.entry import call_eager, make_entry
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, admits, analyse_graph
+from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.strategy import (
@@ -296,6 +297,7 @@ class Tracer:
         if changed:
             return out
         self.settled = True
+        HEAP.refreeze()  # dynamo's state of the trace stays: out of collections' walks
         log.info(
             "pwdaemon: %s settled: %d piece(s), strategy %s",
             self.name,
