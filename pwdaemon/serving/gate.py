@@ -92,6 +92,7 @@ class ServingGate:
         # Threads running gated work whose hook comes on demand (read by the collection
         # callback on whatever thread collects: a set lookup, atomic under the GIL).
         self._on_demand: set[int] = set()
+        self._gated: set[int] = set()  # every thread in a gated block
         self._saved_threshold: tuple[int, int, int] | None = None
         # The switch interval each gated thread asked for, and the one applied while
         # serving traffic is recent (None: not lowered now).
@@ -147,6 +148,7 @@ class ServingGate:
         on_demand = gc.isenabled() and gc.get_threshold()[0] > 0
         with self._lock:
             self.working += 1
+            self._gated.add(ident)
             if switch_interval is not None:
                 self._intervals[ident] = switch_interval
             if on_demand:
@@ -162,6 +164,7 @@ class ServingGate:
                 sys.setprofile(None)
             with self._lock:
                 self.working -= 1
+                self._gated.discard(ident)
                 self._intervals.pop(ident, None)
                 if not self._intervals:
                     self._end_traffic()
@@ -258,7 +261,7 @@ class ServingGate:
             # calls during dynamo's and Inductor's imports (seconds) share the GIL at
             # the switch interval for each torch op: ~40 ms for a 1 ms demo call.
             importing = _importing(frame)
-            if importing and _import_awaited():
+            if importing and _import_awaited(self._gated):
                 run_until = monotonic() + SLICE_S
                 return
             # Park, GIL released, until no serving call is in progress. Checked again
@@ -269,7 +272,7 @@ class ServingGate:
             deadline = monotonic() + MAX_PAUSE_S
             while self.calls:
                 left = deadline - monotonic()
-                if left <= 0 or (importing and _import_awaited()):
+                if left <= 0 or (importing and _import_awaited(self._gated)):
                     run_until = monotonic() + SLICE_S
                     return
                 # Parked in an import: look every IMPORT_CHECK_S whether a call began
@@ -289,18 +292,23 @@ def _importing(frame: FrameType | None) -> bool:
     return False
 
 
-def _import_awaited() -> bool:
-    """Whether another thread waits for a module lock this thread holds (an import)."""
+def _import_awaited(gated: set[int]) -> bool:
+    """Whether a thread not in `gated` waits for a module lock this thread holds."""
     me = threading.get_ident()
     try:
         # importlib's own record of who blocks on which module lock (the one its
         # deadlock detection reads): a dict of thread id -> lock in 3.11; from 3.12 a
         # weak-value dict (entries in `.data`) of thread id -> list of locks.
         table = importlib._bootstrap._blocking_on  # type: ignore[attr-defined]
-        entries = list(getattr(table, "data", table).values())
+        entries = list(getattr(table, "data", table).items())
     except Exception:  # another layout: assume someone waits, never park in an import
         return True
-    for entry in entries:
+    for waiter, entry in entries:
+        if waiter in gated:
+            # Another gated thread (the loader's set-up waiting for the trace thread's
+            # import of dynamo, say): it parks too, so it must not keep this one
+            # running beside serving calls (a demo call took 356 ms that way).
+            continue
         if isinstance(entry, weakref.ref):
             entry = entry()
         for lock in entry if isinstance(entry, list) else (entry,):

@@ -272,3 +272,21 @@ def test_gated_work_parks_inside_an_import_nobody_waits_for(slow_module: SlowMod
     assert not worker.is_alive()  # and the import finished after the call
     # Running on, the body makes tens of thousands of steps in that window.
     assert during <= 5 * GATED_GC_THRESHOLD, during
+
+
+def test_a_gated_thread_waiting_for_an_import_does_not_keep_it_running(
+    slow_module: SlowModule,
+) -> None:
+    # The loader's set-up (gated) waited for the trace thread's import of dynamo, which
+    # then never parked: a demo call took 356 ms beside it.
+    importer = slow_module.import_gated()
+    assert slow_module.began.wait(10)
+    waiter = slow_module.import_gated()  # blocks on the module lock the importer holds
+    with GATE.call():
+        before = slow_module.steps[0]
+        time.sleep(MAX_PAUSE_S / 2)  # a window to measure in, shorter than a pause
+        during = slow_module.steps[0] - before
+    importer.join(30)
+    waiter.join(30)
+    assert not importer.is_alive() and not waiter.is_alive()
+    assert during <= 5 * GATED_GC_THRESHOLD, during
