@@ -136,7 +136,7 @@ class ServingGate:
         (None: leave it). Re-entrant; other threads are not affected by the hook.
         """
         ident = threading.get_ident()
-        if ident in self._on_demand or _is_gate_hook(sys.getprofile()):
+        if ident in self._gated:
             yield  # nested: the outer block gates this thread already
             return
         if sys.getprofile() is not None:
@@ -329,15 +329,15 @@ def _skip_in_dynamo(code: CodeType) -> None:
     skip_code(code)
 
 
-_skip_in_dynamo(ServingGate._hook(ServingGate()).__code__)
+_HOOK_CODE = ServingGate._hook(ServingGate()).__code__  # every gate's hooks share it
+_skip_in_dynamo(_HOOK_CODE)
 # The collection callback too: it runs on whatever thread collects, a serving thread
 # inside the model's compiled call included.
 _skip_in_dynamo(ServingGate._on_collection.__code__)
-_HOOK_QUALNAME = ServingGate._hook(ServingGate()).__qualname__
 
 
 def _is_gate_hook(profile: object) -> bool:
-    return getattr(profile, "__qualname__", "") == _HOOK_QUALNAME
+    return getattr(profile, "__code__", None) is _HOOK_CODE
 
 
 GATE = ServingGate()

@@ -30,10 +30,6 @@ class FrozenHeap:
         self._holders = 0
         self._unfreeze_on_release = False
 
-    @property
-    def held(self) -> bool:
-        return self._holders > 0
-
     def hold(self) -> None:
         """One more holder; freezes what is alive now."""
         with self._lock:

@@ -31,7 +31,7 @@ def _work() -> None:
             set_up_inductor(probe_cpu=False)
             HEAP.refreeze()  # Inductor's modules stay: out of collections' walks
             # Last, because this thread may not get its priority back after it.
-            with _idle_priority():
+            with _lowest_niceness():
                 from torch._inductor import cpu_vec_isa
 
                 cpu_vec_isa.pick_vec_isa()
@@ -46,7 +46,7 @@ _PROBE_NICENESS = 19
 
 
 @contextlib.contextmanager
-def _idle_priority() -> Iterator[None]:
+def _lowest_niceness() -> Iterator[None]:
     """This thread, and the processes it starts, at `_PROBE_NICENESS` (Linux).
 
     The vector-ISA probe runs the C++ compiler twice (~1 s). At the serving process's
