@@ -53,6 +53,7 @@ from pwdaemon.engine.runner import Runner
 from pwdaemon.engine.store_link import parse_target
 from pwdaemon.engine.waiters import Waiters
 from pwdaemon.metrics.stats import ModelMetrics
+from pwdaemon.serving.gate import GATE, GateHold
 from pwdaemon.serving.range_table import Tier
 from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.workers.executor import Executor, ProcessExecutor
@@ -124,6 +125,7 @@ class Engine:
             self._workdir,
         )
         self._watcher: Any = None
+        self._plan_hold: GateHold | None = None
         self._store_stats = (0, 0)
         self._store_stats_at = 0.0
         self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
@@ -162,19 +164,26 @@ class Engine:
 
     def start(self) -> None:
         """Start the loop thread and, with a store, its watcher."""
+        # Held until the plan completes: every serving call from now on is counted, so
+        # the gated work the loop starts (the loader's set-up, the trace, loads) parks
+        # for calls already in progress when it begins (`pwdaemon.serving.gate`).
+        self._plan_hold = GateHold(GATE, expect_call=True)
         self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"pwdaemon-{self.name}")
         self._portal = self._portal_cm.__enter__()
         self._main_future = self._portal.start_task_soon(self._main)
 
     def _start_watcher(self) -> None:
         # On a loop worker thread, not in attach(): importing watchdog and starting its
-        # observer thread cost ~30 ms, a third of attach()'s whole budget.
+        # observer thread cost ~30 ms, a third of attach()'s whole budget. Gated: that
+        # import, ungated, was what the first call after attach() shared the GIL with
+        # in 8 of 8 slow first calls (16-48 ms against 7 ms).
         if not (self.options.watch_store and self.store is not None) or self.closed:
             return
         try:
-            self._watcher = self.store.store.watch(
-                self._on_store_event, polling=self.options.watch_polling
-            )
+            with GATE.background():
+                self._watcher = self.store.store.watch(
+                    self._on_store_event, polling=self.options.watch_polling
+                )
         except OSError as exc:
             log.warning("pwdaemon: not watching the artifact store: %s", exc)
 
@@ -204,6 +213,8 @@ class Engine:
                 for job in st.jobs.values():
                     if not job.terminal:
                         job.state, job.reason = JobState.CANCELLED, "detached"
+        if self._plan_hold is not None:
+            self._plan_hold.release()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
     def _save_profiles(self) -> None:
@@ -272,6 +283,8 @@ class Engine:
         self.planner.tick(now)
         self.waiters.check_plan_complete()
         if self.waiters.plan_done:
+            if self._plan_hold is not None:
+                self._plan_hold.release()
             report.warn_on_eager(self.name, self._pieces, self._eager_checked)
         if self.store is not None and now - self._store_stats_at > _STORE_STATS_EVERY_S:
             self._store_stats_at = now

@@ -26,6 +26,7 @@ from pwdaemon.engine.publish import Publisher
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.engine.torch_thread import run_torch_work
+from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import TargetKind
 from pwdaemon.serving.trace import wrap_compiled
 from pwdaemon.store import ArtifactKey
@@ -132,7 +133,10 @@ class Runner:
         while True:
             job = await self.queue.next_ready()
             try:
-                await self.run(job)
+                # Held from the job's start: the gated work it ends with (a load, a
+                # validation) then parks for calls that began before that work did.
+                with GATE.held():
+                    await self.run(job)
             except Exception as exc:
                 log.exception("pwdaemon: job %s crashed the runner", job.target.label)
                 self.publisher.fail(job, "failed", f"internal error: {type(exc).__name__}: {exc}")

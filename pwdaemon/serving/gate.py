@@ -32,13 +32,22 @@ interval. Where automatic collection is off (`gc.disable()`), the hook is instal
 the whole block as before.
 
 Serving calls announce themselves with `ServingGate.call()` only while gated work runs
-(`working` is read without a lock on every call: a stale 0 lets one call run ungated, a
-stale non-zero costs one lock round; neither is wrong).
+or is about to (`working` is read without a lock on every call: a stale non-zero costs
+one lock round). A call that began while `working` was 0 is not counted, so gated work
+that starts during it does not park for it, and the call shares the GIL at the default
+switch interval (5 ms) for every torch op: the demo's first call, made right after
+`attach()` while the loader's set-up thread began its imports, took 130-280 ms instead of
+6-18 ms in a third of the runs. So whoever starts gated work *holds* the gate first
+(`hold()`), on its own thread, before any gated thread exists: the engine holds it from
+`attach()` until its plan completes, and around each job it runs.
 """
 
 from __future__ import annotations
 
+import _imp
+import atexit
 import contextlib
+import ctypes
 import gc
 import importlib._bootstrap
 import sys
@@ -76,14 +85,30 @@ _IDLE_CHECK_EVERY = 4096
 # collected as often as before.
 GATED_GC_THRESHOLD = 50
 
+# How long the interpreter's exit waits for gated threads to leave their work (see
+# `ServingGate.close`): they leave at their next Python call, within milliseconds, unless
+# they wait on something outside Python; the longest such wait is the vector-ISA probe's
+# compiler run (~1 s).
+EXIT_WAIT_S = 3.0
+
 ProfileHook = Callable[[FrameType, str, Any], object]
+
+
+class GateClosed(SystemExit):
+    """Raised inside gated work when the interpreter exits (`ServingGate.close`).
+
+    A SystemExit, so that the thread ends silently (threading's excepthook ignores it)
+    and code that catches Exception to carry on (dynamo's fallbacks) lets it pass.
+    """
 
 
 class ServingGate:
     """Counts serving calls in progress; parks gated background threads meanwhile."""
 
     def __init__(self) -> None:
-        self.working = 0  # gated threads alive; the serving path checks it lock-free
+        # Gated threads alive plus holds: while non-zero, serving calls are counted (the
+        # serving path reads it lock-free).
+        self.working = 0
         self.calls = 0  # serving calls in progress (only counted while working > 0)
         self.last_call_end = 0.0  # time.monotonic() when the last serving call ended
         self._lock = threading.Lock()
@@ -93,11 +118,15 @@ class ServingGate:
         # callback on whatever thread collects: a set lookup, atomic under the GIL).
         self._on_demand: set[int] = set()
         self._gated: set[int] = set()  # every thread in a gated block
+        self._hooked: set[int] = set()  # gated threads with the hook on
         self._saved_threshold: tuple[int, int, int] | None = None
         # The switch interval each gated thread asked for, and the one applied while
         # serving traffic is recent (None: not lowered now).
         self._intervals: dict[int, float] = {}
         self._traffic_interval: float | None = None
+        self._closing = False
+        self._parked_for_exit = 0  # gated threads parked for good by `close`
+        self._left = threading.Condition(self._lock)  # a gated block ended
 
     # ---- the serving side ----------------------------------------------------------
 
@@ -128,6 +157,34 @@ class ServingGate:
 
     # ---- the background side -------------------------------------------------------
 
+    def hold(self, *, expect_call: bool = False) -> None:
+        """Count serving calls from now on, before the gated work they must hold back
+        exists (see the module's docstring); undo with `release()`.
+
+        `expect_call`: a call is likely soon (the first request after `attach()`), so
+        gated work starting within `HOOK_IDLE_S` from now is hooked from its start, as
+        if a call had just ended, instead of at its first collection after that call
+        began (which came 5-15 ms into it while Inductor's imports ran).
+        """
+        with self._lock:
+            self.working += 1
+            if expect_call:
+                self.last_call_end = max(self.last_call_end, time.monotonic())
+
+    def release(self) -> None:
+        """End one `hold()`."""
+        with self._lock:
+            self.working -= 1
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """`hold()` for the block."""
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()
+
     @contextlib.contextmanager
     def background(self, switch_interval: float | None = GATED_SWITCH_INTERVAL_S) -> Iterator[None]:
         """Run the block gated: on this thread, park while serving calls are in progress.
@@ -139,6 +196,8 @@ class ServingGate:
         if ident in self._gated:
             yield  # nested: the outer block gates this thread already
             return
+        if self._closing:
+            raise GateClosed("the interpreter is exiting")
         if sys.getprofile() is not None:
             # Someone profiles this thread: no hook of ours; lower the interval for
             # the block, as before the gate.
@@ -151,20 +210,29 @@ class ServingGate:
             self._gated.add(ident)
             if switch_interval is not None:
                 self._intervals[ident] = switch_interval
+                if self.calls and self._traffic_interval is None:
+                    # A counted call is in progress already (the gate was held): it
+                    # waits at most this interval for the GIL from now on.
+                    self._traffic_interval = switch_interval
+                    _lower_interval(switch_interval)
             if on_demand:
                 self._on_demand.add(ident)
                 if self.calls:
                     self._start_collection_watch()
-        if not on_demand:  # no collections to install it from: hook the whole block
-            sys.setprofile(self._hook())
+        if not on_demand or self.calls or time.monotonic() - self.last_call_end <= HOOK_IDLE_S:
+            # No collections to install it from (the hook then stays for the whole
+            # block), or serving is active now: hooked from the start, the hook comes
+            # off by itself once serving has been idle for HOOK_IDLE_S.
+            self._install_hook()
         try:
             yield
         finally:
             if _is_gate_hook(sys.getprofile()):
-                sys.setprofile(None)
+                self._remove_hook()
             with self._lock:
                 self.working -= 1
                 self._gated.discard(ident)
+                self._left.notify_all()
                 self._intervals.pop(ident, None)
                 if not self._intervals:
                     self._end_traffic()
@@ -172,6 +240,51 @@ class ServingGate:
                     self._on_demand.discard(ident)
                     if not self._on_demand:
                         self._stop_collection_watch()
+
+    def close(self, timeout: float = EXIT_WAIT_S) -> bool:
+        """Stop all gated work for good: a hooked gated thread parks for ever at its
+        next Python call, an unhooked one gets `GateClosed` raised in it (between two
+        bytecodes, as KeyboardInterrupt is) and leaves its work, and new gated blocks
+        raise it at once. Waits up to `timeout` for every gated thread to park or leave;
+        whether all did.
+
+        Registered with atexit for `GATE`: on CPython < 3.14 a daemon thread that wants
+        the GIL back once the interpreter is finalizing is ended with pthread_exit, and
+        that forced unwind through a torch op (pybind11's GIL release, a noexcept
+        destructor) calls std::terminate: "terminate called without an active
+        exception", exit status 134, in ~1 of 30 short scripts that exited during the
+        warm-up (core dump: the loader's set-up thread in `torch.empty_strided`). A
+        thread parked for ever never takes the GIL again, so it is never unwound; the
+        process's exit ends it. Raising in a hooked thread could land inside the hook,
+        which also runs inside collection callbacks and C code that does not expect an
+        error (raised from the hook, the interpreter crashed); an unhooked thread, such
+        as one in a loop of torch ops that leaves nothing for a collection to find,
+        would never park.
+        """
+        deadline = time.monotonic() + timeout
+        raised: set[int] = set()
+        with self._lock:
+            if not self._closing:
+                self._closing = True
+                self.calls += 1  # never ends: hooks stay on
+                self._idle.set()  # parked threads wake, see `_closing` and park for good
+            while len(self._gated) > self._parked_for_exit:
+                for ident in self._gated - self._hooked - raised:
+                    _raise_in_thread(ident, GateClosed)
+                    raised.add(ident)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                # Woken by a block ending or a thread parking; every 50 ms to catch a
+                # hook that took itself off just as this began.
+                self._left.wait(min(left, 0.05))
+            return True
+
+    def _park_for_exit(self) -> None:
+        with self._lock:
+            self._parked_for_exit += 1
+            self._left.notify_all()
+        threading.Event().wait()  # never set: see `close`
 
     def _end_traffic(self) -> None:
         # Under self._lock.
@@ -210,6 +323,7 @@ class ServingGate:
         first = min(saved[0], GATED_GC_THRESHOLD)
         gc.set_threshold(first, max(1, saved[1] * saved[0] // first), saved[2])
         gc.callbacks.append(self._on_collection)
+        _IMPORT_WATCH.gates.add(self)
 
     def _stop_collection_watch(self) -> None:
         if self._saved_threshold is None:
@@ -222,18 +336,34 @@ class ServingGate:
         self._saved_threshold = None
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._on_collection)
+        _IMPORT_WATCH.gates.discard(self)
 
     def _on_collection(self, phase: str, info: dict[str, int]) -> None:
         # Runs on the thread whose allocation triggered the collection, GIL held, before
-        # it starts. Installing a profile hook from here is what sys.setprofile allows:
-        # it applies to this thread only, from its next call on.
+        # it starts.
+        if phase == "start":
+            self._hook_if_called()
+
+    def _hook_if_called(self) -> None:
+        # On the thread to hook: sys.setprofile applies to the calling thread only, from
+        # its next call on.
         if (
-            phase == "start"
-            and self.calls
+            self.calls
+            and not self._closing  # `close` raises in unhooked threads: stay unhooked
             and threading.get_ident() in self._on_demand
             and sys.getprofile() is None
         ):
-            sys.setprofile(self._hook())
+            self._install_hook()
+
+    # Both on the thread concerned. `_hooked` tells `close` which threads the hook will
+    # park (a set add or discard is atomic under the GIL).
+    def _install_hook(self) -> None:
+        self._hooked.add(threading.get_ident())
+        sys.setprofile(self._hook())
+
+    def _remove_hook(self) -> None:
+        sys.setprofile(None)
+        self._hooked.discard(threading.get_ident())
 
     def _hook(self) -> ProfileHook:
         run_until = 0.0
@@ -244,13 +374,17 @@ class ServingGate:
             # Called by CPython on every call/return on the gated thread (never on
             # others), with profiling off inside: keep the common case to one read.
             nonlocal run_until, countdown
+            if self._closing:
+                if not _imp.lock_held():  # see below
+                    self._park_for_exit()
+                return
             if not self.calls:
                 countdown -= 1
                 if countdown <= 0:
                     countdown = _IDLE_CHECK_EVERY
                     if self._serving_went_quiet() and threading.get_ident() in self._on_demand:
                         # Run at full speed until a collection finds a call in progress.
-                        sys.setprofile(None)
+                        self._remove_hook()
                 return
             if run_until and monotonic() < run_until:
                 return  # inside a slice taken after a long pause
@@ -263,6 +397,11 @@ class ServingGate:
             importing = _importing(frame)
             if importing and _import_awaited(self._gated):
                 run_until = monotonic() + SLICE_S
+                return
+            if importing and _imp.lock_held():
+                # Inside a meta-path finder (importlib calls each under its global
+                # lock, `_ImportWatch` among them), or taking a module lock: parked
+                # here, every import on every thread would wait, a serving call's too.
                 return
             # Park, GIL released, until no serving call is in progress. Checked again
             # on waking, with the GIL held (calls are counted under it): back-to-back
@@ -278,9 +417,16 @@ class ServingGate:
                 # Parked in an import: look every IMPORT_CHECK_S whether a call began
                 # waiting for it.
                 idle.wait(min(left, IMPORT_CHECK_S) if importing else left)
+                if self._closing:
+                    return  # parks for good at its next event
             run_until = 0.0
 
         return hook
+
+
+def _raise_in_thread(ident: int, exc: type[BaseException]) -> None:
+    """Raise `exc` in thread `ident` at its next bytecode (CPython's async exception)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
 
 
 def _importing(frame: FrameType | None) -> bool:
@@ -334,14 +480,63 @@ _skip_in_dynamo(_HOOK_CODE)
 # The collection callback too: it runs on whatever thread collects, a serving thread
 # inside the model's compiled call included.
 _skip_in_dynamo(ServingGate._on_collection.__code__)
+_skip_in_dynamo(ServingGate._hook_if_called.__code__)
 
 
 def _is_gate_hook(profile: object) -> bool:
     return getattr(profile, "__code__", None) is _HOOK_CODE
 
 
+class _ImportWatch:
+    """A meta-path finder that finds nothing: it hooks gated threads as they import.
+
+    Import-heavy gated work (the loader's set-up: Inductor's imports, ~1.5 s) allocates
+    few tracked objects per millisecond, so its collections came 5-48 ms apart, and a
+    call waited that long at each torch op's GIL hand-off before the hook came on (a
+    49 ms demo first call against 7 ms). Every import of a module not yet loaded asks
+    each finder on `sys.meta_path` in turn, on the importing thread: this one, first,
+    installs the hook there as a collection would. It stays on `sys.meta_path` for the
+    process's life: importlib iterates the live list on every thread, and removing an
+    entry while another thread's import walks it would skip the finder after it.
+    """
+
+    def __init__(self) -> None:
+        # Gates whose collection watch is on (set changes under each gate's lock; read
+        # here as one C-level copy).
+        self.gates: set[ServingGate] = set()
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if self.gates:
+            for gate in tuple(self.gates):
+                gate._hook_if_called()
+        return None
+
+
+_IMPORT_WATCH = _ImportWatch()
+if not any(isinstance(f, _ImportWatch) for f in sys.meta_path):
+    sys.meta_path.insert(0, _IMPORT_WATCH)
+
+
+class GateHold:
+    """One `hold()` of a gate, ended once by the first `release()` from any thread."""
+
+    def __init__(self, gate: ServingGate, *, expect_call: bool = False) -> None:
+        self._gate = gate
+        self._lock = threading.Lock()
+        gate.hold(expect_call=expect_call)
+        self.held = True
+
+    def release(self) -> None:
+        with self._lock:
+            if not self.held:
+                return
+            self.held = False
+        self._gate.release()
+
+
 GATE = ServingGate()
 """The process's gate: calls of every attached model hold back all gated work."""
+atexit.register(GATE.close)
 
 
 # The switch interval is process-wide and shared by every gated thread and engine: the

@@ -31,10 +31,15 @@ from typing import Any
 import torch
 import torch.fx
 
-from pwdaemon.serving.background import BackgroundTrace, importing_module
+from pwdaemon.serving.background import (
+    BackgroundTrace,
+    importing_module,
+    join_if_started,
+    start_without_waiting,
+)
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.entry import call_eager, make_entry
-from pwdaemon.serving.gate import GATE
+from pwdaemon.serving.gate import GATE, GateClosed
 from pwdaemon.serving.graph_facts import GraphFacts, admits, analyse_graph
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.inputs import copy_for_trace
@@ -264,7 +269,7 @@ class Tracer:
             try:
                 return call_eager(self.model, args, kwargs)
             finally:
-                thread.start()  # after this call: see BackgroundTrace.prepare
+                start_without_waiting(thread)  # after this call: see BackgroundTrace.prepare
         return self._first_call(args, kwargs)
 
     def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -390,6 +395,10 @@ class Tracer:
         modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
         def run() -> None:
+            background = self._background
+            if background is not None and background.stopping:
+                self.hot_traced.set()  # detached before this thread began
+                return
             changed = False
             try:
                 with (
@@ -401,6 +410,8 @@ class Tracer:
                     _, changed = self._trace_call(
                         args_copy, kwargs_copy, RecompileCause.HOT_SIGNATURE, sig
                     )
+            except GateClosed:
+                pass  # the interpreter exits
             except BaseException as exc:  # a thread of ours: log, never raise
                 log.warning("pwdaemon: %s: tracing input %s failed: %s", self.name, sig, exc)
             try:
@@ -410,7 +421,7 @@ class Tracer:
 
         self.hot_traced.clear()
         self._hot_thread = threading.Thread(target=run, name="pwdaemon-trace-hot", daemon=True)
-        self._hot_thread.start()
+        start_without_waiting(self._hot_thread)
 
     def _hot_trace_ended(self, rec: MissRecord, changed: bool) -> None:
         """Record how the trace of a hot signature ended: traced, or left eager."""
@@ -585,8 +596,8 @@ class Tracer:
         done = self._background.stop(timeout)
         hot = self._hot_thread
         if hot is not None and hot is not threading.current_thread():
-            hot.join(max(0.0, deadline - time.monotonic()))
-            done = done and not hot.is_alive()
+            # Not started yet: it sees the background trace stopping and does nothing.
+            done = join_if_started(hot, max(0.0, deadline - time.monotonic())) and done
         return done
 
     def wait_traced(self, timeout: float | None = None) -> bool:

@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Iterator
 
-from pwdaemon.serving.gate import GATE
+from pwdaemon.serving.gate import GATE, GateClosed
 from pwdaemon.serving.heap import HEAP
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,8 @@ def _work() -> None:
                 from torch._inductor import cpu_vec_isa
 
                 cpu_vec_isa.pick_vec_isa()
+    except GateClosed:
+        pass  # the interpreter exits
     except Exception:
         log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
 
