@@ -49,14 +49,14 @@ import atexit
 import contextlib
 import ctypes
 import gc
-import importlib._bootstrap
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from types import CodeType, FrameType
 from typing import Any
+
+from pwdaemon.serving.imports import IMPORT_WATCH, import_awaited, in_import
 
 # How long gated work waits for serving to pause before it takes a slice anyway: under
 # back-to-back traffic it still progresses at SLICE_S / (MAX_PAUSE_S + SLICE_S) ~ 9 %.
@@ -323,7 +323,7 @@ class ServingGate:
         first = min(saved[0], GATED_GC_THRESHOLD)
         gc.set_threshold(first, max(1, saved[1] * saved[0] // first), saved[2])
         gc.callbacks.append(self._on_collection)
-        _IMPORT_WATCH.gates.add(self)
+        IMPORT_WATCH.gates.add(self)
 
     def _stop_collection_watch(self) -> None:
         if self._saved_threshold is None:
@@ -336,7 +336,7 @@ class ServingGate:
         self._saved_threshold = None
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(self._on_collection)
-        _IMPORT_WATCH.gates.discard(self)
+        IMPORT_WATCH.gates.discard(self)
 
     def _on_collection(self, phase: str, info: dict[str, int]) -> None:
         # Runs on the thread whose allocation triggered the collection, GIL held, before
@@ -394,8 +394,8 @@ class ServingGate:
             # the trace thread started). Running every import on instead made serving
             # calls during dynamo's and Inductor's imports (seconds) share the GIL at
             # the switch interval for each torch op: ~40 ms for a 1 ms demo call.
-            importing = _importing(frame)
-            if importing and _import_awaited(self._gated):
+            importing = in_import(frame)
+            if importing and import_awaited(self._gated):
                 run_until = monotonic() + SLICE_S
                 return
             if importing and _imp.lock_held():
@@ -411,7 +411,7 @@ class ServingGate:
             deadline = monotonic() + MAX_PAUSE_S
             while self.calls:
                 left = deadline - monotonic()
-                if left <= 0 or (importing and _import_awaited(self._gated)):
+                if left <= 0 or (importing and import_awaited(self._gated)):
                     run_until = monotonic() + SLICE_S
                     return
                 # Parked in an import: look every IMPORT_CHECK_S whether a call began
@@ -427,40 +427,6 @@ class ServingGate:
 def _raise_in_thread(ident: int, exc: type[BaseException]) -> None:
     """Raise `exc` in thread `ident` at its next bytecode (CPython's async exception)."""
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
-
-
-def _importing(frame: FrameType | None) -> bool:
-    """Whether `frame` runs inside an import (importlib's frames are on its stack)."""
-    while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _import_awaited(gated: set[int]) -> bool:
-    """Whether a thread not in `gated` waits for a module lock this thread holds."""
-    me = threading.get_ident()
-    try:
-        # importlib's own record of who blocks on which module lock (the one its
-        # deadlock detection reads): a dict of thread id -> lock in 3.11; from 3.12 a
-        # weak-value dict (entries in `.data`) of thread id -> list of locks.
-        table = importlib._bootstrap._blocking_on  # type: ignore[attr-defined]
-        entries = list(getattr(table, "data", table).items())
-    except Exception:  # another layout: assume someone waits, never park in an import
-        return True
-    for waiter, entry in entries:
-        if waiter in gated:
-            # Another gated thread (the loader's set-up waiting for the trace thread's
-            # import of dynamo, say): it parks too, so it must not keep this one
-            # running beside serving calls (a demo call took 356 ms that way).
-            continue
-        if isinstance(entry, weakref.ref):
-            entry = entry()
-        for lock in entry if isinstance(entry, list) else (entry,):
-            if getattr(lock, "owner", None) == me:
-                return True
-    return False
 
 
 def _skip_in_dynamo(code: CodeType) -> None:
@@ -485,36 +451,6 @@ _skip_in_dynamo(ServingGate._hook_if_called.__code__)
 
 def _is_gate_hook(profile: object) -> bool:
     return getattr(profile, "__code__", None) is _HOOK_CODE
-
-
-class _ImportWatch:
-    """A meta-path finder that finds nothing: it hooks gated threads as they import.
-
-    Import-heavy gated work (the loader's set-up: Inductor's imports, ~1.5 s) allocates
-    few tracked objects per millisecond, so its collections came 5-48 ms apart, and a
-    call waited that long at each torch op's GIL hand-off before the hook came on (a
-    49 ms demo first call against 7 ms). Every import of a module not yet loaded asks
-    each finder on `sys.meta_path` in turn, on the importing thread: this one, first,
-    installs the hook there as a collection would. It stays on `sys.meta_path` for the
-    process's life: importlib iterates the live list on every thread, and removing an
-    entry while another thread's import walks it would skip the finder after it.
-    """
-
-    def __init__(self) -> None:
-        # Gates whose collection watch is on (set changes under each gate's lock; read
-        # here as one C-level copy).
-        self.gates: set[ServingGate] = set()
-
-    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if self.gates:
-            for gate in tuple(self.gates):
-                gate._hook_if_called()
-        return None
-
-
-_IMPORT_WATCH = _ImportWatch()
-if not any(isinstance(f, _ImportWatch) for f in sys.meta_path):
-    sys.meta_path.insert(0, _IMPORT_WATCH)
 
 
 class GateHold:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import subprocess
 import sys
 import textwrap
@@ -239,8 +240,11 @@ def test_a_script_exiting_while_gated_work_runs_torch_ops_exits_cleanly(
             """
         )
     )
+    # The checkout first on the path: where pwdaemon is not installed, it still imports.
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stderr == ""
