@@ -18,7 +18,7 @@ import torch
 
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
-from pwdaemon.workers.prewarm import prewarm
+from pwdaemon.workers.prewarm import lowest_niceness, prewarm
 
 FAULTS = ("raise", "crash", "hang")
 
@@ -269,4 +269,9 @@ def load_artifact(path: str) -> Any:
     # another thread gets a different key and is rebuilt (a warm restart then compiled
     # C++ again: seen in CI). Joining costs nothing once the probe is done.
     prewarm().join()
-    return CompiledArtifact.load(path=path, format="binary")
+    # The first load in a process preprocesses and precompiles Inductor's C++ prefix
+    # header (g++ and openssl subprocesses, ~0.3 s): at serving's priority they took a
+    # core from serving's OpenMP team (a 181 ms BERT call beside them, 2-core box). The
+    # caller is a thread of its own that ends after the load (`run_torch_work`).
+    with lowest_niceness():
+        return CompiledArtifact.load(path=path, format="binary")

@@ -31,7 +31,7 @@ def _work() -> None:
             set_up_inductor(probe_cpu=False)
             HEAP.refreeze()  # Inductor's modules stay: out of collections' walks
             # Last, because this thread may not get its priority back after it.
-            with _lowest_niceness():
+            with lowest_niceness():
                 from torch._inductor import cpu_vec_isa
 
                 cpu_vec_isa.pick_vec_isa()
@@ -48,8 +48,9 @@ _PROBE_NICENESS = 19
 
 
 @contextlib.contextmanager
-def _lowest_niceness() -> Iterator[None]:
-    """This thread, and the processes it starts, at `_PROBE_NICENESS` (Linux).
+def lowest_niceness() -> Iterator[None]:
+    """This thread, and the processes it starts, at `_PROBE_NICENESS` (Linux); for
+    threads of pwdaemon's that start compilers in the serving process.
 
     The vector-ISA probe runs the C++ compiler twice (~1 s). At the serving process's
     priority it took a core from serving, whose OpenMP team then waited for it: BERT's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -35,3 +36,26 @@ def test_artifact_load_waits_until_the_isa_probe_is_done(monkeypatch: pytest.Mon
     release.set()
     loader.join(10)
     assert loaded.is_set() and results == ["runnable"]
+
+
+def test_artifact_load_runs_at_the_lowest_niceness(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first load starts g++ (Inductor's precompiled header): children inherit the
+    # loading thread's niceness, so the load runs at the probe's.
+    seen: list[int] = []
+
+    def load(**kwargs: Any) -> str:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return "runnable"
+
+    monkeypatch.setattr(CompiledArtifact, "load", staticmethod(load))
+    prewarm.prewarm().join(120)
+    before: list[int] = []
+
+    def run() -> None:  # a thread of its own, as the engine's torch work has
+        before.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        compiler.load_artifact("a")
+
+    loader = threading.Thread(target=run)
+    loader.start()
+    loader.join(30)
+    assert seen == [max(before[0], prewarm._PROBE_NICENESS)]

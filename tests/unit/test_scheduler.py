@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 import pwdaemon as pwd
+from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.testing import FakeExecutor, inject_fault
+from pwdaemon.workers.executor import JobSpec
 
 FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
 
@@ -334,6 +336,48 @@ def test_switch_interval_is_lowered_only_while_serving_calls_meet_engine_work(
         h.detach()
     pwd.prewarm().join(60)  # the loader's set-up is gated work too
     assert sys.getswitchinterval() == before  # back once no gated work runs
+
+
+class _StartSignalling(FakeExecutor):
+    """A fake executor that says when a job reaches it."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.started = threading.Event()
+
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        self.started.set()
+        return super().run(spec, timeout)
+
+
+def test_the_engine_holds_the_gate_from_attach_to_plan_completion_and_during_each_job(
+    mlp: nn.Module,
+) -> None:
+    # Held, the gate counts every serving call, so gated work that starts during a call
+    # parks for it (tests/unit/test_gate_start.py shows the race the hold closes).
+    pwd.prewarm().join(60)  # the loader's set-up, gated work of its own, is over
+    assert GATE.working == 0
+    release = threading.Event()
+    ex = _StartSignalling(gate=release)  # every job waits for `release`
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(), executor=ex, store=False)
+    try:
+        assert GATE.working >= 1  # held by attach() itself, before any gated thread
+        _call_sizes(mlp, [4])
+        assert ex.started.wait(20)  # the general job, in flight
+        release.set()
+        assert h.wait(None, timeout=20)  # the plan completes...
+        h.engine.flush()  # ...and the next tick lets the gate go
+        assert GATE.working == 0
+        release.clear()
+        ex.started.clear()
+        _call_sizes(mlp, [8, 8, 8])  # hot: a job after the plan
+        assert ex.started.wait(20)
+        assert GATE.working == 1  # held by that job while it runs
+        release.set()
+        assert h.wait(sizes=[8], timeout=20)
+    finally:
+        release.set()
+        h.detach()
 
 
 def test_status_carries_enums_that_compare_as_text(mlp: nn.Module) -> None:
