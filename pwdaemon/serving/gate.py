@@ -37,7 +37,7 @@ one lock round). A call that began while `working` was 0 is not counted, so gate
 that starts during it does not park for it, and the call shares the GIL at the default
 switch interval (5 ms) for every torch op: the demo's first call, made right after
 `attach()` while the loader's set-up thread began its imports, took 130-280 ms instead of
-6-18 ms in a third of the runs. So whoever starts gated work *holds* the gate first
+6-18 ms in about a quarter of the runs. So whoever starts gated work *holds* the gate first
 (`hold()`), on its own thread, before any gated thread exists: the engine holds it from
 `attach()` until its plan completes, and around each job it runs.
 """
