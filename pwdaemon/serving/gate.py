@@ -219,7 +219,7 @@ class ServingGate:
                 self._on_demand.add(ident)
                 if self.calls:
                     self._start_collection_watch()
-        if not on_demand or self.calls or time.monotonic() - self.last_call_end <= HOOK_IDLE_S:
+        if not on_demand or self._serving_active():
             # No collections to install it from (the hook then stays for the whole
             # block), or serving is active now: hooked from the start, the hook comes
             # off by itself once serving has been idle for HOOK_IDLE_S.
@@ -292,13 +292,17 @@ class ServingGate:
             self._traffic_interval = None
             _restore_interval()
 
+    def _serving_active(self) -> bool:
+        """A serving call is in progress or ended less than HOOK_IDLE_S ago."""
+        return bool(self.calls) or time.monotonic() - self.last_call_end <= HOOK_IDLE_S
+
     def _serving_went_quiet(self) -> bool:
         """Whether no serving call ran for HOOK_IDLE_S; if so, ends the lowered interval.
 
         Called from the hook, which can fire on a thread that holds either lock (a C
         call inside `lower_switch_interval`, say): never block on them.
         """
-        if self.calls or time.monotonic() - self.last_call_end <= HOOK_IDLE_S:
+        if self._serving_active():
             return False
         if self._traffic_interval is not None and self._lock.acquire(blocking=False):
             try:

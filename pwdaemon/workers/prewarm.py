@@ -41,28 +41,29 @@ def _work() -> None:
         log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
 
 
-# The probe's niceness: the lowest CFS weight (1.5 % of a nice-0 thread's share when
-# they compete). Not SCHED_IDLE: on a host that serving keeps busy that starves outright,
-# and every artifact load waits for the probe.
-_PROBE_NICENESS = 19
+# The niceness of the probe and of artifact loads: the lowest CFS weight (1.5 % of a
+# nice-0 thread's share when they compete). Not SCHED_IDLE: on a host that serving keeps
+# busy that starves outright, and every artifact load waits for the probe.
+LOWEST_NICENESS = 19
 
 
 @contextlib.contextmanager
 def lowest_niceness() -> Iterator[None]:
-    """This thread, and the processes it starts, at `_PROBE_NICENESS` (Linux); for
-    threads of pwdaemon's that start compilers in the serving process.
+    """This thread, and the processes it starts, at `LOWEST_NICENESS` (Linux); for
+    threads of pwdaemon's that start compilers in the serving process (the probe here,
+    artifact loads in `pwdaemon.workers.compiler`).
 
     The vector-ISA probe runs the C++ compiler twice (~1 s). At the serving process's
     priority it took a core from serving, whose OpenMP team then waited for it: BERT's
     3 ms calls took 120-180 ms while it ran (thread stacks at each slow call, 2-core
     box). A child inherits the niceness of the thread that starts it, and on Linux the
     niceness is per thread, so serving threads keep theirs. Going back up needs a
-    privilege Linux may deny, so the probe is this thread's last work.
+    privilege Linux may deny, so it is the last work of the thread (the probe's, a load's).
     """
     tid = threading.get_native_id()
     try:
         before = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, max(before, _PROBE_NICENESS))
+        os.setpriority(os.PRIO_PROCESS, tid, max(before, LOWEST_NICENESS))
     except (OSError, AttributeError):
         yield
         return

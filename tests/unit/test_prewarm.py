@@ -58,4 +58,4 @@ def test_artifact_load_runs_at_the_lowest_niceness(monkeypatch: pytest.MonkeyPat
     loader = threading.Thread(target=run)
     loader.start()
     loader.join(30)
-    assert seen == [max(before[0], prewarm._PROBE_NICENESS)]
+    assert seen == [max(before[0], prewarm.LOWEST_NICENESS)]
