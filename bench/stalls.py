@@ -9,6 +9,11 @@ and the first pwdaemon frame below it. This attributed the slow warm-up calls of
 2026-12-01 (full collections, the ISA probe's and the first load's g++, imports on
 threads that did not park) where timing alone could not.
 
+Each slow call also shows its tier, whether it was the first call of its size on that
+tier, the CPU time the serving thread itself spent in it (near the wall time: it was
+computing; far below: it waited, for the GIL, a lock or a CPU) and the time it spent in
+garbage collections.
+
     python bench/stalls.py [--model bert] [--seconds 80] [--stall-ms 40]
 """
 
@@ -16,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
+import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,13 +52,123 @@ def _build(name: str) -> tuple[Any, dict[int, tuple[tuple[Any, ...], dict[str, A
     return spec.build(cpu, torch.float32), {n: spec.inputs(n, cpu, torch.float32) for n in _SIZES}
 
 
-def _report(dump_text: str, slow: list[tuple[int, int, float, float]]) -> None:
+def _tier(handle: Any, size: int) -> str:
+    """The tier a call of `size` will run on (as bench/_systems.py asks it)."""
+    pieces = handle.pieces
+    if not pieces:
+        return "untraced"
+    piece = next((p for p in pieces if p.specializable), pieces[0])
+    return str(piece.dispatcher.table.lookup(size).tier.value)
+
+
+Slow = tuple[int, int, float, float, str, bool, float, float, list[str]]
+
+
+class Collections:
+    """Garbage collections on the serving thread (`gc.callbacks`), in milliseconds."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.total_ms = 0.0
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total_ms += (time.perf_counter() - self._start) * 1e3
+
+
+_POLICIES = {0: "normal", 3: "batch", 5: "idle"}
+
+
+def _processes() -> list[int]:
+    """This process and every descendant (workers, their compilers), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    found, frontier = [os.getpid()], [os.getpid()]
+    while frontier:
+        frontier = [pid for pid, ppid in parents.items() if ppid in frontier]
+        found += frontier
+    return found
+
+
+def _python_names() -> dict[int, str]:
+    return {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+
+
+def sched_snapshot() -> dict[tuple[int, int], tuple[int, int, str]]:
+    """(pid, tid) -> (ns on a CPU, ns waiting on a run queue, "name policy/nice"), from
+    /proc/<pid>/task/<tid>/schedstat: safe to read while everything runs, unlike a
+    stack dump of running threads."""
+    out: dict[tuple[int, int], tuple[int, int, str]] = {}
+    for pid in _processes():
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            base = f"/proc/{pid}/task/{tid}"
+            try:
+                run, wait, _ = Path(base, "schedstat").read_text().split()
+                stat = Path(base, "stat").read_text()
+            except (OSError, ValueError):
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            if pid == os.getpid():
+                name = _python_names().get(int(tid), f"{name} {tid} (no Python thread)")
+            else:
+                name = f"{name} pid {pid}"
+            fields = stat.rpartition(")")[2].split()
+            nice, policy = int(fields[16]), int(fields[38])
+            label = f"{name} {_POLICIES.get(policy, policy)}/{nice}"
+            out[(pid, int(tid))] = (int(run), int(wait), label)
+    return out
+
+
+def sched_report(
+    before: dict[tuple[int, int], tuple[int, int, str]],
+    after: dict[tuple[int, int], tuple[int, int, str]],
+    serving: tuple[int, int],
+) -> list[str]:
+    """The serving thread's CPU and queue wait during a call, then who else ran most."""
+    lines = []
+    delta = {
+        key: (run - before.get(key, (0, 0, ""))[0], wait - before.get(key, (0, 0, ""))[1], label)
+        for key, (run, wait, label) in after.items()
+    }
+    run, wait, _ = delta.get(serving, (0, 0, ""))
+    lines.append(
+        f"serving thread: on a CPU {run / 1e6:.1f} ms, waiting for one {wait / 1e6:.1f} ms"
+    )
+    others = sorted((d for k, d in delta.items() if k != serving), key=lambda d: -d[0])
+    for run, wait, label in others[:4]:
+        if run > 1e6:
+            lines.append(f"{label}: on a CPU {run / 1e6:.1f} ms, waiting {wait / 1e6:.1f} ms")
+    return lines
+
+
+def _report(dump_text: str, slow: list[Slow]) -> None:
     parts = re.split(r"(=== call \d+\n)", dump_text)
     stacks: dict[int, str] = {}
     for header, body in zip(parts[1::2], parts[2::2], strict=True):
         stacks[int(header.split()[2])] = body
-    for call, size, ms, at in slow:
-        print(f"call {call} (size {size}) at {at:.2f} s: {ms:.1f} ms")
+    for call, size, ms, at, tier, first, cpu_ms, gc_ms, sched in slow:
+        seen = "first call on it" if first else "not its first"
+        print(
+            f"call {call} (size {size}, tier {tier}, {seen}) at {at:.2f} s: {ms:.1f} ms,"
+            f" serving thread's CPU {cpu_ms:.1f} ms, its collections {gc_ms:.1f} ms"
+        )
+        for line in sched:
+            print(f"    {line}")
         for block in stacks.get(call, "").split("\n\n"):
             frames = [ln.strip() for ln in block.splitlines() if ln.strip().startswith("File")]
             if not frames or any(w in frames[0] for w in _WAITING):
@@ -65,6 +183,13 @@ def main() -> None:
     parser.add_argument("--model", default="bert", help="demo, bert, gpt2, llama, ...")
     parser.add_argument("--seconds", type=float, default=80.0)
     parser.add_argument("--stall-ms", type=float, default=40.0)
+    parser.add_argument(
+        "--stacks",
+        action="store_true",
+        help="dump every thread's stack during slow calls instead of reading schedstat;"
+        " faulthandler reads running threads' frames without the GIL and crashed this"
+        " process (SIGSEGV, SIGBUS) in 4 of 7 BERT runs at --stall-ms 20",
+    )
     opts = parser.parse_args()
 
     import torch
@@ -74,7 +199,11 @@ def main() -> None:
     model, calls = _build(opts.model)
     handle = pwd.attach(model, sizes=list(_SIZES), store=tempfile.mkdtemp())
     dump_path = Path(tempfile.mkdtemp()) / "stalls.txt"
-    slow: list[tuple[int, int, float, float]] = []
+    slow: list[Slow] = []
+    seen: set[tuple[int, str]] = set()
+    collections = Collections()
+    serving = (os.getpid(), threading.get_native_id())
+    gc.callbacks.append(collections)
     t0 = time.perf_counter()
     with dump_path.open("w") as dump, torch.inference_mode():
         i = 0
@@ -83,13 +212,26 @@ def main() -> None:
             args, kwargs = calls[n]
             dump.write(f"=== call {i}\n")
             dump.flush()
-            faulthandler.dump_traceback_later(opts.stall_ms / 1e3, file=dump)
+            tier = _tier(handle, n)
+            first = (n, tier) not in seen
+            seen.add((n, tier))
+            if opts.stacks:
+                faulthandler.dump_traceback_later(opts.stall_ms / 1e3, file=dump)
+            else:
+                sched_before = sched_snapshot()
+            cpu, gc0 = time.thread_time(), collections.total_ms
             start = time.perf_counter()
             model(*args, **kwargs)
             took = time.perf_counter() - start
-            faulthandler.cancel_dump_traceback_later()
+            cpu_ms = (time.thread_time() - cpu) * 1e3
+            gc_ms = collections.total_ms - gc0
+            sched: list[str] = []
+            if opts.stacks:
+                faulthandler.cancel_dump_traceback_later()
+            elif took * 1e3 > opts.stall_ms:
+                sched = sched_report(sched_before, sched_snapshot(), serving)
             if took * 1e3 > opts.stall_ms:
-                slow.append((i, n, took * 1e3, start - t0))
+                slow.append((i, n, took * 1e3, start - t0, tier, first, cpu_ms, gc_ms, sched))
             i += 1
             time.sleep(0.01)  # traffic pacing, as bench/models.py's warm-up
     handle.detach()
