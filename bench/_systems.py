@@ -642,7 +642,8 @@ def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
             sync()
             one = max(time.perf_counter() - t, 1e-6)
             k = max(3, int(float(spec["throughput_round_s"]) / one))
-            rounds, eager_rounds = [], []
+            rounds: list[float] = []
+            eager_rounds: list[float] = []
             tier = system.tier(size)
             for _ in range(int(spec["throughput_rounds"])):
                 for fn, out in ((system, rounds), (eager_copy, eager_rounds)):

@@ -14,7 +14,7 @@ tier, the CPU time the serving thread itself spent in it (near the wall time: it
 computing; far below: it waited, for the GIL, a lock or a CPU) and the time it spent in
 garbage collections.
 
-    python bench/stalls.py [--model bert] [--seconds 80] [--stall-ms 40]
+    python bench/stalls.py [--model bert] [--seconds 80] [--stall-ms 40] [--store DIR]
 """
 
 from __future__ import annotations
@@ -184,6 +184,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=80.0)
     parser.add_argument("--stall-ms", type=float, default=40.0)
     parser.add_argument(
+        "--store", help="artifact store to use (default: a fresh one); run twice for a warm one"
+    )
+    parser.add_argument(
         "--stacks",
         action="store_true",
         help="dump every thread's stack during slow calls instead of reading schedstat;"
@@ -197,7 +200,7 @@ def main() -> None:
     import pwdaemon as pwd
 
     model, calls = _build(opts.model)
-    handle = pwd.attach(model, sizes=list(_SIZES), store=tempfile.mkdtemp())
+    handle = pwd.attach(model, sizes=list(_SIZES), store=opts.store or tempfile.mkdtemp())
     dump_path = Path(tempfile.mkdtemp()) / "stalls.txt"
     slow: list[Slow] = []
     seen: set[tuple[int, str]] = set()

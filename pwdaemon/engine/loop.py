@@ -51,6 +51,7 @@ from pwdaemon.engine.publish import Publisher
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.runner import Runner
 from pwdaemon.engine.store_link import parse_target
+from pwdaemon.engine.torch_thread import run_gated
 from pwdaemon.engine.waiters import Waiters
 from pwdaemon.metrics.stats import ModelMetrics
 from pwdaemon.serving.gate import GATE, GateHold
@@ -321,7 +322,7 @@ class Engine:
 
     async def _peer_artifact(self, digest: str) -> None:
         assert self.store is not None
-        manifest = await anyio.to_thread.run_sync(self.store.store.manifest, digest)
+        manifest = await run_gated(self.store.store.manifest, digest)
         if manifest is None:
             return
         target = parse_target(manifest.key.target)

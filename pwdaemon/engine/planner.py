@@ -12,7 +12,6 @@ import itertools
 from collections.abc import Sequence
 
 import anyio.abc
-import anyio.to_thread
 
 from pwdaemon.config import CompileConfig, PolicyConfig
 from pwdaemon.engine.jobs import (
@@ -27,6 +26,7 @@ from pwdaemon.engine.jobs import (
 from pwdaemon.engine.policy import PiecePolicy
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import StoreLink
+from pwdaemon.engine.torch_thread import run_gated
 from pwdaemon.serving.range_table import Range, Target, TargetKind
 from pwdaemon.serving.trace import GraphPiece
 
@@ -93,7 +93,7 @@ class Planner:
         """Warm restart: what the store holds for this piece first, then the sizes the
         last run found hot (compiled, or loaded if the store has them)."""
         assert self.store is not None
-        stored = await anyio.to_thread.run_sync(self.store.stored_targets, st.piece)
+        stored = await run_gated(self.store.stored_targets, st.piece)
         for i, target in enumerate(stored):
             prio: Priority = (PriorityBand.STORE, i)
             job = st.jobs.get(target.label)
@@ -112,7 +112,7 @@ class Planner:
             self.enqueue(st, job)
         if not st.piece.specializable:
             return
-        profile = await anyio.to_thread.run_sync(self.store.load_profile, st.piece)
+        profile = await run_gated(self.store.load_profile, st.piece)
         hot = sorted(
             (s for s, c in profile.items() if c >= self.policy.hot_calls and st.piece.admits(s)),
             key=lambda s: -profile[s],

@@ -2,8 +2,8 @@
 
 One runner task per worker, on the engine's loop thread, takes the best ready job off
 the queue. Everything that blocks (the store's file I/O, a worker's compile, loading
-an artifact) runs on a worker thread through `anyio.to_thread`, so the loop keeps
-ticking and the serving threads never wait on any of it.
+an artifact) runs on another thread, gated (`pwdaemon.engine.torch_thread`), so the loop
+keeps ticking and the serving threads never wait on any of it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pwdaemon.engine.jobs import Counters, Job, JobSource, JobState, PieceState
 from pwdaemon.engine.publish import Publisher
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import StoreLink
-from pwdaemon.engine.torch_thread import run_torch_work
+from pwdaemon.engine.torch_thread import run_gated, run_torch_work
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import TargetKind
 from pwdaemon.serving.trace import wrap_compiled
@@ -111,7 +111,7 @@ class Runner:
         assert self._executor_ready is not None
         self._executor_starting = True
         try:
-            await anyio.to_thread.run_sync(self.executor.start, abandon_on_cancel=True)
+            await run_gated(self.executor.start, abandon_on_cancel=True)
         except CompileError as exc:
             # A detach while workers start closes the pool under them: expected, not news.
             level = logging.DEBUG if exc.outcome == Outcome.CANCELLED else logging.WARNING
@@ -152,14 +152,14 @@ class Runner:
             return
         key = self.store.key(job.piece, job.target) if self.store is not None else None
         if key is not None and self.store is not None:
-            path = await anyio.to_thread.run_sync(self.store.lookup, key)
+            path = await run_gated(self.store.lookup, key)
             if path is not None:
                 await self.load_stored(st, job, key, JobSource.STORE)
                 return
         await self._executor_started()
         claim = None
         if key is not None and self.store is not None and self.store.enabled:
-            claim = await anyio.to_thread.run_sync(self.store.store.claim, key)
+            claim = await run_gated(self.store.store.claim, key)
             if claim is None:
                 # Another process compiles this key; its artifact arrives through the
                 # watcher (or the store, on this job's next turn).
@@ -180,12 +180,12 @@ class Runner:
         peer process's)."""
         assert self.store is not None
         job.state, job.reason = JobState.COMPILING, None
-        path = await anyio.to_thread.run_sync(self.store.lookup, key)
+        path = await run_gated(self.store.lookup, key)
         if path is None:
             job.state, job.reason = JobState.QUEUED, "stored artifact failed verification"
             self.queue.push(job)
             return
-        manifest = await anyio.to_thread.run_sync(self.store.store.manifest, key)
+        manifest = await run_gated(self.store.store.manifest, key)
         seconds = manifest.compile_seconds if manifest is not None else 0.0
         try:
             runnable = await run_torch_work(
@@ -216,7 +216,7 @@ class Runner:
         )
         self.counters.in_flight += 1
         try:
-            result = await anyio.to_thread.run_sync(
+            result = await run_gated(
                 self.executor.run, spec, self.config.timeout_s, abandon_on_cancel=True
             )
         except CompileError as exc:
@@ -226,7 +226,7 @@ class Runner:
             self.counters.in_flight -= 1
         seconds = float(result.get("seconds", 0.0))
         if key is not None and self.store is not None and "path" in result:
-            stored = await anyio.to_thread.run_sync(
+            stored = await run_gated(
                 self.store.publish,
                 key,
                 result["path"],

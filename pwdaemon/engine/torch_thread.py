@@ -1,6 +1,11 @@
-"""Torch work of the engine (validation, loads) on a gated thread that ends when it returns.
+"""The engine's work off the loop thread, gated: it parks while serving calls are in
+progress (`pwdaemon.serving.gate`).
 
-Gated (`pwdaemon.serving.gate`): the work parks while serving calls are in progress.
+Torch work (validation, loads) runs on a thread that ends when it returns
+(`run_torch_work`); other Python work (store lookups and publishes, starting and talking
+to compile workers) on anyio's worker threads (`run_gated`). Ungated, that other work ran
+beside the first call after a warm restart: an anyio worker thread spent 31 ms of CPU,
+most of it holding the GIL, during a 184 ms BERT first call (bench/stalls.py).
 
 Why not anyio's worker threads: a thread that ran a CPU torch op keeps its own OpenMP
 thread team for as long as it lives, and anyio keeps its worker threads alive between
@@ -47,3 +52,14 @@ async def run_torch_work(fn: Callable[..., T], *args: Any, switch_interval: floa
         raise box["error"]
     value: T = box["value"]
     return value
+
+
+async def run_gated(fn: Callable[..., T], *args: Any, abandon_on_cancel: bool = False) -> T:
+    """`fn(*args)` on one of anyio's worker threads, gated; for work that runs no torch
+    op (a torch op would leave that long-lived thread an OpenMP team, see above)."""
+
+    def gated() -> T:
+        with GATE.background():
+            return fn(*args)
+
+    return await anyio.to_thread.run_sync(gated, abandon_on_cancel=abandon_on_cancel)

@@ -84,6 +84,13 @@ _IDLE_CHECK_EVERY = 4096
 # microseconds; the second threshold is raised to match, so older generations are
 # collected as often as before.
 GATED_GC_THRESHOLD = 50
+# The third threshold while the watch is on: full collections wait until it is off. A
+# full collection cannot be parked, and what it walks is everything created since the
+# heap was last frozen (dynamo's trace, Inductor's modules): one took 98 ms of a BERT
+# call during a warm restart (bench/stalls.py). Freezing makes it come sooner, too:
+# CPython runs one once the objects pending promotion exceed a quarter of the (now small)
+# unfrozen old generation. Young cycles are still collected by the first two generations.
+GATED_FULL_COLLECTION_THRESHOLD = 1_000_000
 
 # How long the interpreter's exit waits for gated threads to leave their work (see
 # `ServingGate.close`): they leave at their next Python call, within milliseconds, unless
@@ -175,6 +182,10 @@ class ServingGate:
         """End one `hold()`."""
         with self._lock:
             self.working -= 1
+
+    def gates_this_thread(self) -> bool:
+        """Whether the calling thread runs inside `background()`."""
+        return threading.get_ident() in self._gated
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -325,7 +336,11 @@ class ServingGate:
         saved = gc.get_threshold()
         self._saved_threshold = saved
         first = min(saved[0], GATED_GC_THRESHOLD)
-        gc.set_threshold(first, max(1, saved[1] * saved[0] // first), saved[2])
+        gc.set_threshold(
+            first,
+            max(1, saved[1] * saved[0] // first),
+            max(saved[2], GATED_FULL_COLLECTION_THRESHOLD),
+        )
         gc.callbacks.append(self._on_collection)
         IMPORT_WATCH.gates.add(self)
 

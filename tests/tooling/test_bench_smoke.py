@@ -103,6 +103,8 @@ def test_models_repeat_reports_the_median_of_its_runs(tmp_path: Path) -> None:
             "2",
             "--settle-timeout",
             "120",
+            "--min-warmup",
+            "0",
             "--out",
             str(tmp_path / "results"),
             "--jsonl",
@@ -117,6 +119,8 @@ def test_models_repeat_reports_the_median_of_its_runs(tmp_path: Path) -> None:
     runs = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert sorted(r["system"] for r in runs) == ["eager", "eager", "pwdaemon", "pwdaemon"]
     assert all("error" not in r for r in runs), runs
+    # Warm-up calls are compared with medians of calls paced alike, for every system.
+    assert all(set(r["paced_ms"]) == set(r["eager_paced_ms"]) == {"1", "2"} for r in runs)
     saved = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
     combined = {r["system"]: r for r in saved}
     for system in ("eager", "pwdaemon"):
