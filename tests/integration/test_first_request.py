@@ -32,7 +32,7 @@ def test_first_request_at_eager_speed_and_no_warm_up_call_waits_for_a_compiler(
     command = [
         sys.executable, str(BENCH), "--models", "demo", "--systems", "eager,pwdaemon",
         "--sizes", "1,4,16", "--iters", "20", "--settle-timeout", "400",
-        "--run-timeout", "420", "--out", str(tmp_path),
+        "--run-timeout", "420", "--min-warmup", "0", "--out", str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stderr[-3000:]
