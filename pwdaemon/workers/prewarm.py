@@ -77,16 +77,17 @@ def lowest_niceness() -> Iterator[None]:
 def set_up_inductor(*, probe_cpu: bool) -> None:
     """Inductor's one-time set-up, here and in compile workers: its imports, the CPU
     vector-ISA probe (compiler subprocesses, or their recorded answers:
-    `pwdaemon.workers.isa_record`; `probe_cpu`) and the hash of torch's sources used in
+    `pwdaemon.workers.setup_record`; `probe_cpu`) and the hash of torch's sources used in
     cache keys."""
     import torch._inductor.codecache as codecache
     import torch._inductor.compile_fx
     import torch._inductor.standalone_compile  # noqa: F401
     from torch._inductor import cpu_vec_isa
 
-    from pwdaemon.workers import isa_record
+    from pwdaemon.workers import setup_record
 
-    isa_record.install()  # before any probe: a later process replays what this one finds
+    # Before any probe or load: a later process replays what this one finds.
+    setup_record.install()
     if probe_cpu:
         cpu_vec_isa.pick_vec_isa()
     codecache.torch_key()

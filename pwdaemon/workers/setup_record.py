@@ -1,0 +1,231 @@
+"""Answers of Inductor's per-process set-up, kept on disk for the next process.
+
+Two pieces of Inductor's set-up run compiler subprocesses again in every process, though
+their answers only change with the machine:
+
+- the CPU vector-ISA probe (`VecISA.check_build`): `g++ --version`, a test build (skipped
+  when cached) and a dlopen child per candidate ISA, about 0.5 s here even with the build
+  cached. A load waits for it (`pwdaemon.workers.compiler.load_artifact`).
+- the C++ prefix header's preprocessing (`codecache._precompile_header`): before it
+  looks for the precompiled header it already built, Inductor runs `g++ -E` on the
+  header and `openssl sha512` on the result to name it, ~0.3 s on the first load of
+  every process. On this 2-core VM that compiler, even at niceness 19, kept one vCPU for
+  its whole run while serving's two OpenMP threads shared the other (BERT calls of
+  57-151 ms during a warm restart, bench/stalls.py).
+
+`install()` wraps both so that an answer is written next to Inductor's own cache and
+replayed by later processes, keyed by what it depends on: the torch build, the compiler
+candidates Inductor would search (resolved paths, sizes and modification times), the
+CPU's features, the include and library paths, and the question itself (the ISA and
+its flags and code; the header, its file and the compile command). A failed probe is
+never replayed: it may be a transient one (the dlopen child timing out on a loaded
+machine), and a replayed "no" would cost every later kernel its vector ISA; a machine
+whose compiler lacks an ISA the CPU has re-probes that one ISA. A header answer is
+replayed only while the precompiled header it names is on disk.
+
+What a replay cannot see: system headers changed under an unchanged compiler binary (a
+precompiled header would then be stale). Compiler packages ship their headers with the
+binary, which is part of the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Bump when a record's meaning changes: an old record is then simply not found.
+_RECORD_VERSION = 2
+_RECORD_DIR = "pwdaemon-setup"
+# Readable by whoever reads the Inductor cache beside it (its kernels are no more private).
+_RECORD_MODE = 0o644
+# Environment that changes what the compiler finds (headers, libraries) or which one runs.
+_ENVIRONMENT = (
+    "CXX",
+    "TORCH_INDUCTOR_INSTALL_GXX",
+    "LD_LIBRARY_PATH",
+    "CPATH",
+    "C_INCLUDE_PATH",
+    "CPLUS_INCLUDE_PATH",
+)
+
+# Memory addresses in reprs ("<function f at 0x7f...>"): they differ between processes.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+_lock = threading.Lock()
+_installed = False
+
+
+def _file_identity(path: str | None) -> list[object]:
+    """Where a program or file resolves to and which build of it is there, without
+    running it."""
+    if path is None:
+        return [None]
+    found = shutil.which(path) or (path if os.path.exists(path) else None)
+    if found is None:
+        return [path, None]
+    real = os.path.realpath(found)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return [path, real, None]
+    return [path, real, st.st_size, st.st_mtime_ns]
+
+
+def machine_fingerprint() -> str:
+    """What every recorded answer depends on, apart from its own question."""
+    import torch
+    from torch._inductor import config, cpu_vec_isa
+
+    cxx = config.cpp.cxx
+    candidates = list(cxx) if isinstance(cxx, (list, tuple)) else [cxx]
+    facts = {
+        "version": _RECORD_VERSION,
+        "torch": [torch.__version__, os.path.dirname(torch.__file__)],
+        "python": sys.version,
+        "compilers": [_file_identity(c) for c in candidates],
+        "environment": {name: os.environ.get(name) for name in _ENVIRONMENT},
+        "cpu": cpu_vec_isa.x86_isa_checker(),
+        "vec_isa_ok": config.cpp.vec_isa_ok,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def _stable(value: object) -> object:
+    """A JSON stand-in for a value of a compile command that is the same in every
+    process: a vector ISA by its name and flags (its repr shows a function's address)."""
+    flags = getattr(value, "build_arch_flags", None)
+    if callable(flags):
+        return [type(value).__name__, str(value), flags()]
+    return _ADDRESS.sub("", repr(value))
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=_stable).encode()).hexdigest()
+
+
+class SetupRecord:
+    """Recorded answers of one machine fingerprint, in one JSON file: question -> answer
+    (true for a probe that succeeded, a path for a preprocessed header)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._known: dict[str, object] | None = None
+
+    def _read(self) -> dict[str, object]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str)}
+
+    def lookup(self, question: str) -> object | None:
+        """The answer recorded in this or an earlier process, if any."""
+        if self._known is None:
+            self._known = self._read()
+        return self._known.get(question)
+
+    def add(self, question: str, answer: object) -> None:
+        """Record an answer. Processes add concurrently: read, merge, replace atomically
+        (a lost update costs one later process one probe, nothing else)."""
+        known = self._read()
+        known[question] = answer
+        self._known = known
+        with contextlib.suppress(OSError):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "w") as out:
+                    json.dump(known, out, sort_keys=True)
+                os.chmod(tmp, _RECORD_MODE)
+                # Unsynced: lost in a crash, the next process asks once more.
+                os.replace(tmp, self.path)
+            except OSError:
+                os.unlink(tmp)
+                raise
+
+
+def isa_question(isa: object, arch_flags: str, code: str) -> str:
+    """One probe: which ISA class, with which flags, building which program."""
+    digest = hashlib.sha256(code.encode()).hexdigest()[:16]
+    return f"isa|{type(isa).__name__}|{arch_flags}|{digest}"
+
+
+def header_question(header: str, hashable_cmd_line: str, compile_command: dict[str, Any]) -> str:
+    """One preprocessing: which header (and which file it is), under which command."""
+    import torch
+
+    found = os.path.join(os.path.dirname(torch.__file__), "include", header)
+    return "header|" + _digest([header, _file_identity(found), hashable_cmd_line, compile_command])
+
+
+def install() -> None:
+    """Wrap Inductor's ISA probe and header preprocessing with the record, once per
+    process (before the first `pick_vec_isa()`: its answers are cached in memory after)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+        try:
+            from torch._inductor import codecache, cpu_vec_isa
+            from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+            name = f"{machine_fingerprint()}.json"
+            record = SetupRecord(Path(cache_dir()) / _RECORD_DIR / name)
+            probe = cpu_vec_isa.VecISA.check_build
+            cpu_vec_isa.VecISA.check_build = _recorded_probe(probe, record)  # type: ignore[method-assign,assignment]
+            precompile = getattr(codecache, "_precompile_header", None)
+            if precompile is not None:
+                # An lru_cache in torch 2.13: ours answers before it, from the record.
+                codecache._precompile_header = _recorded_header(precompile, record)  # type: ignore[assignment]
+        except Exception:  # a torch without these: nothing to keep
+            log.debug("pwdaemon: Inductor set-up record not installed", exc_info=True)
+
+
+def _recorded_probe(
+    probe: Callable[[Any, str], bool], record: SetupRecord
+) -> Callable[[Any, str], bool]:
+    def check_build(isa: Any, code: str) -> bool:
+        # The flags are read per call: VecAVX512 probes bf16 support by changing its
+        # flags for one check_build, so they are part of what is asked.
+        question = isa_question(isa, isa.build_arch_flags(), code)
+        if record.lookup(question) is True:
+            return True
+        ok = probe(isa, code)
+        if ok:
+            record.add(question, True)
+        return ok
+
+    check_build.__wrapped__ = probe  # type: ignore[attr-defined]
+    return check_build
+
+
+def _recorded_header(precompile: Callable[..., str], record: SetupRecord) -> Callable[..., str]:
+    def precompile_header(header: str, hashable_cmd_line: str, **compile_command: Any) -> str:
+        question = header_question(header, hashable_cmd_line, compile_command)
+        known = record.lookup(question)
+        # Replayed only while the precompiled header is there (a cleared cache, or a
+        # build that failed in the recording process, asks again).
+        if isinstance(known, str) and os.path.exists(known) and os.path.exists(known + ".gch"):
+            return known
+        path = precompile(header, hashable_cmd_line, **compile_command)
+        record.add(question, path)
+        return path
+
+    precompile_header.__wrapped__ = precompile  # type: ignore[attr-defined]
+    return precompile_header

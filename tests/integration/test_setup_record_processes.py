@@ -1,0 +1,85 @@
+"""Inductor's set-up record across real processes: the second one runs no probe and no
+header preprocessing, and gets the same answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import json
+from torch._inductor import cpu_vec_isa
+from pwdaemon.workers import setup_record
+
+calls = []
+probe = cpu_vec_isa.VecISA.check_build
+def counting(isa, code):
+    calls.append(type(isa).__name__)
+    return probe(isa, code)
+cpu_vec_isa.VecISA.check_build = counting
+setup_record.install()
+isa = cpu_vec_isa.pick_vec_isa()
+print(json.dumps({"calls": len(calls), "isa": str(isa), "flags": isa.build_arch_flags()}))
+"""
+
+# A CPU kernel compiled (first process) or loaded from the FX graph cache (second):
+# either way Inductor asks for its C++ prefix header's precompiled form.
+_KERNEL = """
+import json
+import torch
+from torch._inductor import codecache
+from pwdaemon.workers import setup_record
+
+calls = []
+precompile = codecache._precompile_header
+def counting(*args, **kwargs):
+    calls.append(args[0])
+    return precompile(*args, **kwargs)
+codecache._precompile_header = counting
+setup_record.install()
+fn = torch.compile(lambda x: (x * 2 + 1).relu().sum(dim=1), dynamic=False)
+x = torch.arange(64, dtype=torch.float32).reshape(8, 8) - 20
+diff = float((fn(x) - (x * 2 + 1).relu().sum(dim=1)).abs().max())
+print(json.dumps({"calls": len(calls), "diff": diff}))
+"""
+
+
+def _run(child: str, cache: Path) -> dict[str, object]:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_second_process_picks_the_same_isa_without_probing(tmp_path: Path) -> None:
+    # Real probes: g++ and the dlopen child, in a fresh Inductor cache.
+    first = _run(_PROBE, tmp_path)
+    if not first["isa"]:
+        pytest.skip("no vector ISA builds here (no C++ compiler?): nothing to record")
+    assert isinstance(first["calls"], int) and first["calls"] >= 1
+    second = _run(_PROBE, tmp_path)
+    assert second == {**first, "calls": 0}
+
+
+def test_a_second_process_loads_a_cpu_kernel_without_preprocessing_its_header(
+    tmp_path: Path,
+) -> None:
+    first = _run(_KERNEL, tmp_path)
+    if first["calls"] == 0:
+        pytest.skip("this torch precompiles no header for CPU kernels")
+    second = _run(_KERNEL, tmp_path)
+    assert second["calls"] == 0  # answered from the record: no g++ -E, no openssl
+    # The kernel it then loads computes what eager computes (float32, exact here).
+    assert first["diff"] == second["diff"] == 0.0

@@ -1,0 +1,133 @@
+"""Inductor's set-up record: ISA probe successes and preprocessed headers replayed by the
+next process; failures, and headers whose precompiled file is gone, asked again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from torch._inductor import config
+
+from pwdaemon.workers import setup_record
+from pwdaemon.workers.setup_record import SetupRecord, machine_fingerprint
+
+
+class FakeIsa:
+    def build_arch_flags(self) -> str:
+        return "-mfake"
+
+
+class CountingProbe:
+    def __init__(self, answer: bool) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    def __call__(self, isa: object, code: str) -> bool:
+        self.calls += 1
+        return self.answer
+
+
+def test_a_probe_success_is_replayed_by_a_later_record_of_the_same_file(tmp_path: Path) -> None:
+    path = tmp_path / "record.json"
+    probe = CountingProbe(answer=True)
+    first = setup_record._recorded_probe(probe, SetupRecord(path))
+    assert first(FakeIsa(), "int main() {}")
+    later = setup_record._recorded_probe(probe, SetupRecord(path))  # the next process
+    assert later(FakeIsa(), "int main() {}")
+    assert probe.calls == 1
+    assert later(FakeIsa(), "other code") and probe.calls == 2  # another question: probed
+
+
+def test_a_probe_failure_is_probed_again_every_time(tmp_path: Path) -> None:
+    path = tmp_path / "record.json"
+    probe = CountingProbe(answer=False)
+    for _ in range(2):
+        assert not setup_record._recorded_probe(probe, SetupRecord(path))(FakeIsa(), "x")
+    assert probe.calls == 2
+    assert not path.exists()
+
+
+def test_a_corrupt_record_is_read_as_empty_and_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "record.json"
+    path.write_text("{not json")
+    probe = CountingProbe(answer=True)
+    assert setup_record._recorded_probe(probe, SetupRecord(path))(FakeIsa(), "x")
+    assert probe.calls == 1
+    assert list(json.loads(path.read_text()).values()) == [True]
+
+
+def test_the_fingerprint_changes_when_the_compiler_is_rebuilt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiler = tmp_path / "g++"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    monkeypatch.setattr(config.cpp, "cxx", (None, str(compiler)))
+    before = machine_fingerprint()
+    assert machine_fingerprint() == before
+    compiler.write_text("#!/bin/sh\n# a newer build\n")
+    assert machine_fingerprint() != before
+    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-compiler-here"))
+    assert machine_fingerprint() != before
+
+
+class CountingPrecompile:
+    """Stands in for `codecache._precompile_header`: makes the header and its .gch."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.calls = 0
+
+    def __call__(self, header: str, hashable_cmd_line: str, **compile_command: object) -> str:
+        self.calls += 1
+        path = self.directory / f"h{self.calls}.h"
+        path.write_text(f"#include <{header}>\n")
+        Path(f"{path}.gch").write_text("compiled")
+        return str(path)
+
+
+def test_a_preprocessed_header_is_replayed_while_its_precompiled_file_exists(
+    tmp_path: Path,
+) -> None:
+    record_path = tmp_path / "record.json"
+    precompile = CountingPrecompile(tmp_path)
+    args = ("torch/csrc/inductor/cpp_prefix.h", "g++ -O3 -march=native")
+    first = setup_record._recorded_header(precompile, SetupRecord(record_path))(
+        *args, min_optimize=False
+    )
+    later = setup_record._recorded_header(precompile, SetupRecord(record_path))  # next process
+    assert later(*args, min_optimize=False) == first
+    assert precompile.calls == 1
+    # Another command line (or options) is another question.
+    later(args[0], "g++ -O2", min_optimize=False)
+    later(*args, min_optimize=True)
+    assert precompile.calls == 3
+    # A cleared precompiled header is built again, and that answer recorded.
+    Path(f"{first}.gch").unlink()
+    again = setup_record._recorded_header(precompile, SetupRecord(record_path))
+    rebuilt = again(*args, min_optimize=False)
+    assert rebuilt != first and precompile.calls == 4
+    assert (
+        setup_record._recorded_header(precompile, SetupRecord(record_path))(
+            *args, min_optimize=False
+        )
+        == rebuilt
+    )
+    assert precompile.calls == 4
+
+
+def test_a_header_question_carries_no_memory_address() -> None:
+    # The command carries the vector ISA object, whose repr shows a function's address:
+    # in a question, that made every process ask anew (the integration test's failure).
+    from torch._inductor import cpu_vec_isa
+
+    assert "0x" in repr(cpu_vec_isa.VecAVX2())
+    stable = setup_record._stable(cpu_vec_isa.VecAVX2())
+    assert stable == ["VecAVX2", "avx2", cpu_vec_isa.VecAVX2().build_arch_flags()]
+    assert "0x" not in str(setup_record._stable(lambda: 0))
+
+    def question(isa: object) -> str:
+        return setup_record.header_question("h.h", "g++", {"vec_isa": isa, "shared": True})
+
+    assert question(cpu_vec_isa.VecAVX2()) != question(cpu_vec_isa.VecAVX512())
