@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 # each extra one is a shape-strategy fallback or a piece a resumed frame first reached.
 # Past this, the serving thread settles it inline as in trace="inline".
 MAX_SETTLING_CALLS = 4
+# Tries of a background trace that fails with an error before the next serving call is
+# left to trace inline (which costs that call the whole trace: 3.3 s of a BERT call when
+# a race with another thread's imports broke the first try). A failure from a race is
+# gone on the next try; one that is not fails every try, so the tries are few. The wait
+# before try n is BACKOFF_S * (n - 1).
+TRACE_TRIES = 3
+BACKOFF_S = 0.5
 
 SettleStep = Callable[[tuple[Any, ...], dict[str, Any]], bool]
 """One tracing call on the given inputs; True once the model is settled."""
@@ -86,6 +93,7 @@ class BackgroundTrace:
         self.thread: threading.Thread | None = None
         self.calls_before: dict[int, int] = {}  # size -> calls served before traced
         self._stopping = False  # set by detach: no further settling call
+        self._stopped = threading.Event()  # the same, to cut a backoff short
         self._lock = threading.Lock()
 
     def count(self, size: int | None) -> None:
@@ -123,18 +131,18 @@ class BackgroundTrace:
         self, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
     ) -> None:
         try:
-            with GATE.background(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                for _ in range(MAX_SETTLING_CALLS):
-                    if self._stopping:
-                        break
-                    # Fresh copies per call: a shape strategy marks the tensors it traces
-                    # with, and a fallback strategy must not inherit those marks (a
-                    # TransformerEncoder then failed on the unbacked size left by the
-                    # first attempt).
-                    fresh_args = tuple(copy_for_trace(a) for a in args)
-                    fresh_kwargs = {k: copy_for_trace(v) for k, v in kwargs.items()}
-                    if self._step(fresh_args, fresh_kwargs):
-                        break
+            for tries in range(1, TRACE_TRIES + 1):
+                try:
+                    self._settle(args, kwargs, grad, inference)
+                    return
+                except GateClosed:
+                    raise
+                except Exception as exc:
+                    if tries == TRACE_TRIES:
+                        raise
+                    log.info("pwdaemon: background capture failed (%s); trying again", exc)
+                    if self._stopped.wait(BACKOFF_S * tries):
+                        return  # detached meanwhile: nothing to trace for any more
         except GateClosed as exc:  # the interpreter exits: nothing to tell anyone
             self.error = exc
         except BaseException as exc:
@@ -143,10 +151,27 @@ class BackgroundTrace:
         finally:
             self.traced.set()
 
+    def _settle(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
+    ) -> None:
+        with GATE.background(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for _ in range(MAX_SETTLING_CALLS):
+                if self._stopping:
+                    break
+                # Fresh copies per call: a shape strategy marks the tensors it traces
+                # with, and a fallback strategy must not inherit those marks (a
+                # TransformerEncoder then failed on the unbacked size left by the
+                # first attempt).
+                fresh_args = tuple(copy_for_trace(a) for a in args)
+                fresh_kwargs = {k: copy_for_trace(v) for k, v in kwargs.items()}
+                if self._step(fresh_args, fresh_kwargs):
+                    break
+
     def stop(self, timeout: float) -> bool:
         """Detach: no further settling call; wait up to `timeout` for a trace under way
         (dynamo cannot be interrupted mid-trace). False if it is still running."""
         self._stopping = True
+        self._stopped.set()
         thread = self.thread
         if thread is None or thread is threading.current_thread():
             return True  # none, or ours

@@ -169,7 +169,12 @@ class TorchWarnings(logging.Handler):
     def __enter__(self) -> TorchWarnings:
         # torch._logging gives its loggers their own handlers and turns propagation
         # off, so a handler on "torch" alone hears nothing from dynamo or fake tensors.
-        names = [n for n in logging.Logger.manager.loggerDict if n.split(".")[0] == "torch"]
+        # list() copies the table's keys in one C call, under the GIL: any import on
+        # another thread may add a logger, and iterating the live dict in Python raised
+        # "dictionary changed size during iteration" (Inductor's imports on the loader's
+        # set-up thread beside the trace thread).
+        table = list(logging.Logger.manager.loggerDict)
+        names = [n for n in table if n.split(".")[0] == "torch"]
         self._loggers = [logging.getLogger(n) for n in ("torch", *names)]
         for logger in self._loggers:
             logger.addHandler(self)

@@ -13,6 +13,7 @@ attach/detach cycles).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 import threading
@@ -698,3 +699,34 @@ def test_a_model_warmed_up_while_its_module_imports_is_traced_without_deadlock(
 
     app = importlib.import_module("imported_app")
     assert app.TRACED is True and app.PIECES == 1
+
+
+def test_collecting_torch_warnings_survives_loggers_created_on_another_thread() -> None:
+    # Inductor's imports on the loader's set-up thread create loggers while the trace
+    # thread starts collecting torch's warnings; listing the logger table in Python
+    # raised "dictionary changed size during iteration" there, and the failed background
+    # trace left the next serving call to trace inline (a 4.3 s BERT call).
+    from pwdaemon.serving.trace_record import TorchWarnings
+
+    for i in range(300):
+        logging.getLogger(f"torch.pwdaemon_test.existing_{i}")
+    stop = threading.Event()
+
+    def create_loggers() -> None:
+        i = 0
+        while not stop.is_set():
+            logging.getLogger(f"pwdaemon_test_new_{i}")
+            i += 1
+
+    creator = threading.Thread(target=create_loggers)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython will
+    creator.start()
+    try:
+        for _ in range(30):
+            with TorchWarnings():
+                pass
+    finally:
+        stop.set()
+        creator.join(10)
+        sys.setswitchinterval(interval)

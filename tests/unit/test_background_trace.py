@@ -1,0 +1,62 @@
+"""The background trace tries again after an error, so a serving call is left to trace
+inline only when every try failed (the step here stands in for dynamo's tracing call)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from pwdaemon.serving import background
+from pwdaemon.serving.background import TRACE_TRIES, BackgroundTrace
+
+
+class FailingStep:
+    """Raises on its first `failures` calls, then settles."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.called = threading.Event()
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        self.calls += 1
+        self.called.set()
+        if self.calls <= self.failures:
+            raise RuntimeError("dictionary changed size during iteration")
+        return True
+
+
+def _run(step: FailingStep) -> BackgroundTrace:
+    trace = BackgroundTrace(step, size_cap=8)
+    thread = trace.prepare((torch.ones(2, 3),), {})
+    assert thread is not None
+    thread.start()
+    return trace
+
+
+def test_a_trace_that_failed_once_settles_on_its_next_try(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(background, "BACKOFF_S", 0.01)
+    step = FailingStep(failures=1)
+    trace = _run(step)
+    assert trace.traced.wait(10)
+    assert trace.error is None and step.calls == 2  # no serving call traces inline
+
+
+def test_a_trace_that_fails_every_try_reports_its_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(background, "BACKOFF_S", 0.01)
+    step = FailingStep(failures=TRACE_TRIES)
+    trace = _run(step)
+    assert trace.traced.wait(10)
+    assert isinstance(trace.error, RuntimeError) and step.calls == TRACE_TRIES
+
+
+def test_detach_cuts_the_wait_between_tries_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(background, "BACKOFF_S", 60.0)
+    step = FailingStep(failures=TRACE_TRIES)
+    trace = _run(step)
+    assert step.called.wait(10)
+    assert trace.stop(timeout=10)  # ends within the timeout, not after the 60 s wait
+    assert step.calls == 1 and trace.traced.is_set() and trace.error is None
