@@ -92,8 +92,8 @@ class BackgroundTrace:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.calls_before: dict[int, int] = {}  # size -> calls served before traced
-        self._stopping = False  # set by detach: no further settling call
-        self._stopped = threading.Event()  # the same, to cut a backoff short
+        # Set by detach: no further settling call, and a backoff between tries ends.
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
 
     def count(self, size: int | None) -> None:
@@ -156,7 +156,7 @@ class BackgroundTrace:
     ) -> None:
         with GATE.background(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
             for _ in range(MAX_SETTLING_CALLS):
-                if self._stopping:
+                if self._stopped.is_set():
                     break
                 # Fresh copies per call: a shape strategy marks the tensors it traces
                 # with, and a fallback strategy must not inherit those marks (a
@@ -170,14 +170,13 @@ class BackgroundTrace:
     def stop(self, timeout: float) -> bool:
         """Detach: no further settling call; wait up to `timeout` for a trace under way
         (dynamo cannot be interrupted mid-trace). False if it is still running."""
-        self._stopping = True
         self._stopped.set()
         thread = self.thread
         if thread is None or thread is threading.current_thread():
             return True  # none, or ours
-        return join_if_started(thread, timeout)  # not started: it will see `_stopping`
+        return join_if_started(thread, timeout)  # not started: it will see `_stopped`
 
     @property
     def stopping(self) -> bool:
         """Detached: no trace is to start any more."""
-        return self._stopping
+        return self._stopped.is_set()
