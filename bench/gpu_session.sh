@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh matrix [M [SYS]] # all GPU tests beside the full matrix, then M
 #   bash bench/gpu_session.sh models M [SYS]   # the model table for model M
 #
+# SIZES, ITERS, MIN_WARMUP_S, SETTLE_S and BUDGET_S (seconds for the call) shorten a run.
 # Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
 # in .whl/ (watchdog, pytest-timeout; see bench/README.md). Every step is bounded by
 # `timeout` so that a call ends inside the device's 600 s limit with its logs.
@@ -21,7 +22,8 @@ left() { echo $(( ${BUDGET_S:-570} - ($(date +%s) - start) )); }
 
 models_table() {  # model, systems
     timeout "$(left)" python3 bench/models.py --device cuda --dtype fp16 --preset issue \
-        --models "$1" --systems "$2" --sizes 1,4,16,64 --iters 50 --settle-timeout "${SETTLE_S:-240}" \
+        --models "$1" --systems "$2" --sizes "${SIZES:-1,4,16,64}" --iters "${ITERS:-50}" \
+        --min-warmup "${MIN_WARMUP_S:-20}" --settle-timeout "${SETTLE_S:-240}" \
         --run-timeout 300 --jsonl "$OUT/models.jsonl" --out "$OUT/results" \
         2>&1 | tee -a "$OUT/models.log"
 }
