@@ -382,7 +382,10 @@ def _child(
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-40:]
-        return {"model": model, "system": system, "error": " | ".join(tail)}
+        # The exit status first: a process killed by a signal leaves only what it had
+        # logged, which reads like the cause when it may not be.
+        error = f"exit status {proc.returncode}: " + " | ".join(tail)
+        return {"model": model, "system": system, "error": error}
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 
