@@ -79,6 +79,7 @@ class Publisher:
                 candidate,
                 current,
                 args,
+                dispatcher.table.eager.runnable,
                 switch_interval=self.config.switch_interval_s,
             )
             if why is not None:

@@ -159,6 +159,40 @@ def test_a_general_runnable_is_validated_at_its_smallest_and_largest_sizes(
         h.detach()
 
 
+def test_a_serving_runnable_that_raises_is_replaced_after_checking_against_eager(
+    mlp: nn.Module, reference: nn.Module
+) -> None:
+    # Seen on an H200: a general compile's cuDNN attention raised at one size, so the
+    # size's own compile could not be compared with it, and the job failed as an
+    # internal error on every retry while that size kept raising into eager.
+    def general_raises_at_6(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if target.kind is not TargetKind.GENERAL:
+            return fn
+
+        def run(*a: Any) -> Any:
+            out = fn(*a)
+            if out[0].shape[0] == 6:
+                raise RuntimeError("mha_graph.execute(...) is_good() was false")
+            return out
+
+        return run
+
+    ex = FakeExecutor(transform=general_raises_at_6)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False)
+    try:
+        _call_sizes(mlp, [2, 2])
+        assert h.wait(sizes=[2], timeout=20)  # the general went live first, checked at 2
+        x = torch.randn(6, 16)
+        torch.testing.assert_close(mlp(x), reference(x))  # the general raised: eager
+        _call_sizes(mlp, [6, 6])
+        assert h.wait(sizes=[6], timeout=20), str(h.status().pieces[0].entries)
+        assert h.table().lookup(6).tier is pwd.Tier.SIZE
+        torch.testing.assert_close(mlp(x), reference(x))
+        assert sum(h.engine.rejects_by_reason.values()) == 0
+    finally:
+        h.detach()
+
+
 def test_validation_can_be_turned_off(mlp: nn.Module) -> None:
     def off_by_one(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
         return (lambda *a: tuple(o + 1 for o in fn(*a))) if target.kind is TargetKind.SIZE else fn
