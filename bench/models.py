@@ -383,9 +383,15 @@ def _child(
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-40:]
         # The exit status first: a process killed by a signal leaves only what it had
-        # logged, which reads like the cause when it may not be.
-        error = f"exit status {proc.returncode}: " + " | ".join(tail)
-        return {"model": model, "system": system, "error": error}
+        # logged, which reads like the cause when it may not be. The table quotes the
+        # last line (an exception's message); the tail is kept whole beside it.
+        last = tail[-1] if tail else "no output"
+        return {
+            "model": model,
+            "system": system,
+            "error": f"exit status {proc.returncode}: {last}",
+            "stderr_tail": " | ".join(tail),
+        }
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 
@@ -456,7 +462,7 @@ def report(results: list[dict[str, Any]], sizes: list[str], header: str) -> str:
         for s in systems:
             r = by.get((m, s), {})
             if "error" in r or not r:
-                out.append(f"| {m} | {s} | error: {r.get('error', 'missing')[:80]} | | | |")
+                out.append(f"| {m} | {s} | error: {r.get('error', 'missing')[:160]} | | | |")
                 continue
             ttfr = r["first_call_s"]
             ttfr_ratio = ttfr / eager_first if eager_first else None
