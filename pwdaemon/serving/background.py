@@ -25,6 +25,7 @@ import torch
 
 from pwdaemon.serving.gate import GATE, GateClosed
 from pwdaemon.serving.inputs import copy_for_trace
+from pwdaemon.serving.priority import lowest_niceness
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,12 @@ class BackgroundTrace:
     def _settle(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
     ) -> None:
-        with GATE.background(), torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        with (
+            GATE.background(),
+            lowest_niceness(),  # a thread of pwdaemon's alone, ended after the trace
+            torch.inference_mode(inference),
+            torch.set_grad_enabled(grad),
+        ):
             for _ in range(MAX_SETTLING_CALLS):
                 if self._stopped.is_set():
                     break

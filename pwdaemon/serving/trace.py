@@ -44,6 +44,7 @@ from pwdaemon.serving.graph_facts import GraphFacts, admits, analyse_graph
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
+from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.strategy import (
     ORDER,
     TRACE_LOCK,
@@ -403,6 +404,7 @@ class Tracer:
             try:
                 with (
                     GATE.background(),
+                    lowest_niceness(),  # this thread ends after the trace
                     torch.inference_mode(modes[1]),
                     torch.set_grad_enabled(modes[0]),
                     TRACE_LOCK,

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
-from pwdaemon.workers.prewarm import lowest_niceness, prewarm
+from pwdaemon.workers.prewarm import prewarm
 
 FAULTS = ("raise", "crash", "hang")
 

@@ -3,6 +3,7 @@ inline only when every try failed (the step here stands in for dynamo's tracing 
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 
 from pwdaemon.serving import background
 from pwdaemon.serving.background import TRACE_TRIES, BackgroundTrace
+from pwdaemon.serving.priority import LOWEST_NICENESS
 
 
 class FailingStep:
@@ -60,3 +62,26 @@ def test_detach_cuts_the_wait_between_tries_short(monkeypatch: pytest.MonkeyPatc
     assert step.called.wait(10)
     assert trace.stop(timeout=10)  # ends within the timeout, not after the 60 s wait
     assert step.calls == 1 and trace.traced.is_set() and trace.error is None
+
+
+def _niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_the_trace_runs_at_the_lowest_niceness_and_serving_keeps_its_own() -> None:
+    # Seen with bench/stalls.py: calls before a warm BERT trace ended waited 12-31 ms for
+    # a CPU while the trace thread ran beside them, inside C code the gate cannot park.
+    seen: list[int] = []
+
+    def step(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        seen.append(_niceness())
+        return True
+
+    serving = _niceness()
+    trace = BackgroundTrace(step, size_cap=8)
+    thread = trace.prepare((torch.ones(2, 3),), {})
+    assert thread is not None
+    thread.start()
+    assert trace.traced.wait(10) and trace.error is None
+    assert seen == [max(serving, LOWEST_NICENESS)]
+    assert _niceness() == serving

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from torch._inductor import CompiledArtifact
 
+from pwdaemon.serving.priority import LOWEST_NICENESS
 from pwdaemon.workers import compiler, prewarm
 
 
@@ -58,4 +59,18 @@ def test_artifact_load_runs_at_the_lowest_niceness(monkeypatch: pytest.MonkeyPat
     loader = threading.Thread(target=run)
     loader.start()
     loader.join(30)
-    assert seen == [max(before[0], prewarm.LOWEST_NICENESS)]
+    assert seen == [max(before[0], LOWEST_NICENESS)]
+
+
+def test_the_pre_warm_runs_at_the_lowest_niceness(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Inductor's imports and the ISA probe, beside serving's OpenMP team on a 2-core box.
+    seen: list[int] = []
+
+    def set_up(*, probe_cpu: bool) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    monkeypatch.setattr(prewarm, "_thread", None)  # a process that has not pre-warmed yet
+    monkeypatch.setattr(prewarm, "set_up_inductor", set_up)
+    serving = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    prewarm.prewarm().join(120)
+    assert seen == [max(serving, LOWEST_NICENESS)]
