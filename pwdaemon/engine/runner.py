@@ -167,6 +167,14 @@ class Runner:
                 job.not_before = time.monotonic() + _CLAIMED_RETRY_S
                 self.queue.push(job)
                 return
+            # Looked up again under the claim: a peer that published the key between the
+            # lookup above and this claim has released its claim already, and compiling
+            # now would build the key twice (seen in CI: two replicas, 4 compiles of 3).
+            path = await run_gated(self.store.lookup, key)
+            if path is not None:
+                claim.release()
+                await self.load_stored(st, job, key, JobSource.STORE)
+                return
         try:
             await self._compile(st, job, key)
         finally:

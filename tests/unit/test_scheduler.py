@@ -455,6 +455,54 @@ def test_the_engines_store_lookups_and_worker_calls_run_gated(
     assert ex.gated == {"start": True, "run": True}
 
 
+def test_a_key_a_peer_published_before_the_claim_is_loaded_not_compiled(
+    mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in CI: two replicas compiled one key twice. The job looked the key up (a
+    # miss), waited for its workers to start, and by the time it claimed the key the peer
+    # had compiled it, published it and released its claim.
+    from pwdaemon.engine import runner as runner_module
+    from pwdaemon.store.store import ArtifactStore
+
+    published = threading.Event()  # by the "peer", between our lookup and our claim
+    peer_artifact = tmp_path / "peer.bin"
+    lookup, claim = StoreLink.lookup, ArtifactStore.claim
+
+    def peer_lookup(self: StoreLink, key: Any) -> Any:
+        if key.target == "size:4":
+            return peer_artifact if published.is_set() else None
+        return lookup(self, key)
+
+    def claim_after_the_peer(self: ArtifactStore, key: Any) -> Any:
+        got = claim(self, key)
+        if getattr(key, "target", None) == "size:4":
+            published.set()
+        return got
+
+    handles: list[pwd.Handle] = []
+    loaded: list[str] = []
+
+    def load_peer_artifact(path: str) -> Any:
+        loaded.append(path)
+        return handles[0].table().eager.runnable  # what the peer compiled, in effect
+
+    monkeypatch.setattr(StoreLink, "lookup", peer_lookup)
+    monkeypatch.setattr(ArtifactStore, "claim", claim_after_the_peer)
+    monkeypatch.setattr(runner_module, "load_artifact", load_peer_artifact)
+    ex = FakeExecutor()
+    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=tmp_path)
+    handles.append(h)
+    try:
+        _call_sizes(mlp, [4])
+        assert h.wait(sizes=[4], timeout=20), str(h.status().pieces[0].entries)
+        entry = next(e for e in h.status().pieces[0].entries if e.target == "size:4")
+        assert entry.source == "store", entry
+    finally:
+        h.detach()
+    assert published.is_set() and loaded == [str(peer_artifact)]
+    assert "size:4" not in _labels(ex.jobs)  # claimed, looked up again, not compiled
+
+
 def test_status_carries_enums_that_compare_as_text(mlp: nn.Module) -> None:
     ex = FakeExecutor()
     h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=False)
