@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pwdaemon.serving import background
-from pwdaemon.serving.background import TRACE_TRIES, BackgroundTrace
+from pwdaemon.serving.background import TRACE_TRIES, BackgroundTrace, SettleStep
 from pwdaemon.serving.priority import LOWEST_NICENESS
 
 
@@ -31,7 +31,7 @@ class FailingStep:
         return True
 
 
-def _run(step: FailingStep) -> BackgroundTrace:
+def _run(step: SettleStep) -> BackgroundTrace:
     trace = BackgroundTrace(step, size_cap=8)
     thread = trace.prepare((torch.ones(2, 3),), {})
     assert thread is not None
@@ -78,10 +78,7 @@ def test_the_trace_runs_at_the_lowest_niceness_and_serving_keeps_its_own() -> No
         return True
 
     serving = _niceness()
-    trace = BackgroundTrace(step, size_cap=8)
-    thread = trace.prepare((torch.ones(2, 3),), {})
-    assert thread is not None
-    thread.start()
+    trace = _run(step)
     assert trace.traced.wait(10) and trace.error is None
     assert seen == [max(serving, LOWEST_NICENESS)]
     assert _niceness() == serving
