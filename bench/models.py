@@ -226,16 +226,19 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         if not status.plan_complete or status.in_flight:
             return False
         want = "graph" if device.type == "cuda" else None
-        for p in handle.pieces:
-            if not p.specializable:
-                continue
-            for n in sizes:
-                if n not in p.dispatcher.counts:
-                    continue  # this piece does not serve n
+        for n in sizes:
+            # Pieces told apart by guards each see only their sizes; a size no piece has
+            # served yet runs the plain module (a trace of its signature is pending).
+            serving = [p for p in handle.pieces if n in p.dispatcher.counts]
+            if not serving:
+                return False
+            for p in serving:
+                if not p.specializable:
+                    continue
                 t = p.dispatcher.table.lookup(n).tier.value
                 if t in ("eager", "general") or (want is not None and t != want):
                     return False
-        return bool(handle.pieces)
+        return True
 
     warmup: list[tuple[int, str, float]] = []
     with torch.inference_mode():
@@ -326,6 +329,15 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     }
     if handle is not None:
         out["pieces"] = len(handle.pieces)
+        out["piece_sizes"] = {
+            str(p.index): {
+                "strategy": p.strategy.value,
+                "tiers": {
+                    str(n): p.dispatcher.table.lookup(n).tier.value for n in p.dispatcher.counts
+                },
+            }
+            for p in handle.pieces
+        }
         status = handle.status()
         out["graph_mib"] = {
             e.target: e.graph_bytes / 2**20

@@ -134,6 +134,7 @@ def _explain(model: torch.nn.Module, call: Call) -> dict[str, Any]:
 def _compile_piece(piece: Any, size: int | None, workdir: str) -> dict[str, Any]:
     """One real compile of a piece in a worker process; its seconds or its error."""
     from pwdaemon.config import CompileConfig
+    from pwdaemon.engine.store_link import compile_options
     from pwdaemon.serving.range_table import Target
     from pwdaemon.workers.compiler import JobSpec, dump_graph
     from pwdaemon.workers.executor import ProcessExecutor
@@ -146,6 +147,7 @@ def _compile_piece(piece: Any, size: int | None, workdir: str) -> dict[str, Any]
             dump_graph(piece.gm, f"piece {piece.index}"),
             target,
             str(Path(workdir) / f"g{piece.index}-{target.label.replace(':', '_')}.bin"),
+            compile_options({}, piece),
         )
         t0 = time.monotonic()
         result = executor.run(spec, 1800.0)

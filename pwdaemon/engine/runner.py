@@ -24,7 +24,7 @@ from pwdaemon.engine.graphs import GraphCapture
 from pwdaemon.engine.jobs import Counters, Job, JobSource, JobState, PieceState
 from pwdaemon.engine.publish import Publisher
 from pwdaemon.engine.queue import JobQueue
-from pwdaemon.engine.store_link import StoreLink
+from pwdaemon.engine.store_link import StoreLink, compile_options
 from pwdaemon.engine.torch_thread import run_gated, run_torch_work
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import TargetKind
@@ -219,7 +219,7 @@ class Runner:
             graph,
             job.target,
             str(self.workdir / name),
-            dict(self.config.options),
+            compile_options(self.config.options, job.piece),
             self.faults.take(job.target.label),
         )
         self.counters.in_flight += 1

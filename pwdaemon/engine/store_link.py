@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 from pwdaemon.serving.range_table import Target, TargetKind
+from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
+from pwdaemon.workers.compiler import SIZE_OBLIVIOUS_OPTION
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,15 @@ def parse_target(label: str) -> Target | None:
     except ValueError:
         return None
     return None if target.kind is TargetKind.GRAPH else target
+
+
+def compile_options(options: Mapping[str, Any], piece: GraphPiece) -> dict[str, Any]:
+    """The options a compile of `piece` is sent with, and its store key hashes: the
+    configured ones, plus the shape configuration the piece was traced under."""
+    out = dict(options)
+    if piece.strategy is ShapeStrategy.BACKED_OBLIVIOUS:
+        out[SIZE_OBLIVIOUS_OPTION] = True
+    return out
 
 
 def piece_device(piece: GraphPiece) -> str:
@@ -55,7 +66,8 @@ class StoreLink:
         device = self._devices.get(piece.index)
         if device is None:
             device = self._devices[piece.index] = piece_device(piece)
-        return make_key(piece.fingerprint, target.label, device=device, options=self.options)
+        options = compile_options(self.options, piece)
+        return make_key(piece.fingerprint, target.label, device=device, options=options)
 
     def lookup(self, key: ArtifactKey) -> Path | None:
         """The verified artifact for `key`, or None (also once the store is refused)."""

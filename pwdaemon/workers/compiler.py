@@ -9,8 +9,10 @@ inputs, so fake or empty tensors stand in for them: the worker never sees a weig
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,21 @@ from pwdaemon.workers.framing import Frame, encode
 from pwdaemon.workers.prewarm import prewarm
 
 FAULTS = ("raise", "crash", "hang")
+
+# An option the engine adds for the worker and takes out before Inductor sees the rest:
+# load and compile the graph under fx's `backed_size_oblivious`, as the piece was traced
+# (the backed strategy). Without it a fresh shape env reads the size's hint (the traced
+# size, often 1) literally: BERT traced at size 1 compiled to a general that guarded
+# `Eq(s52, 1)`, kept 16 rows where there were 16 x size, and divided by `4 // size` (0
+# at size 16: SIGFPE, the serving process died validating it). It travels in the
+# options, not in a field of its own, so that the store key (which hashes the options)
+# tells artifacts compiled with and without it apart, and the service's requests carry it
+# unchanged.
+SIZE_OBLIVIOUS_OPTION = "pwdaemon.backed_size_oblivious"
+
+# Sizes a general compile must hold for (its guards are evaluated at each): the small
+# sizes where "the size is 1" and "the size is the hint" differ from every other size.
+GENERAL_PROBE_SIZES = (1, 2, 3, 17)
 
 
 @dataclass(frozen=True)
@@ -226,6 +243,76 @@ def _constrain_range(gm: torch.fx.GraphModule, start: int, end: int) -> None:
     gm.recompile()
 
 
+class SpecializedCompileError(RuntimeError):
+    """A general or range compile that holds for some of its sizes only (a guard pins
+    the size); its artifact is not saved. Retrying gives the same answer."""
+
+
+def _probe_sizes(target: Target) -> tuple[int, ...]:
+    if target.kind is TargetKind.RANGE:
+        ends = (target.start, target.start + 1, target.end)
+        return tuple(sorted({n for n in ends if target.start <= n <= target.end}))
+    return GENERAL_PROBE_SIZES
+
+
+def _pinning_guard(gm: torch.fx.GraphModule, fake_mode: Any, target: Target) -> str | None:
+    """A guard the compile recorded that some size of `target` fails, as text, or None.
+
+    Inductor and AOTAutograd record every assumption about a size in the shape env (a
+    compile's own branches and a cache hit's guards alike); standalone_compile's artifact
+    does not check them when it runs, so a general that assumed "size == 1" serves every
+    other size wrong, or crashes. Only guards over the size symbols alone are read.
+    """
+    import sympy
+
+    symbols = {
+        v.node.expr
+        for v in (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
+        if isinstance(v, torch.SymInt) and v.node.expr.is_symbol
+    }
+    shape_env = fake_mode.shape_env
+    for sym in symbols:
+        value = shape_env.replacements.get(sym)
+        if value is not None and getattr(value, "is_Integer", False):
+            return f"{sym} = {value}"
+    for guard in shape_env.guards:
+        expr = guard.expr
+        if not expr.free_symbols or not expr.free_symbols <= symbols:
+            continue
+        for n in _probe_sizes(target):
+            if expr.xreplace({s: sympy.Integer(n) for s in expr.free_symbols}) is sympy.false:
+                return f"{expr} (false at size {n})"
+    return None
+
+
+@contextlib.contextmanager
+def _shape_config(size_oblivious: bool) -> Iterator[None]:
+    if not size_oblivious:
+        yield
+        return
+    import torch.fx.experimental._config as fx_config
+
+    # a config module: patch() exists at run time, not in its type stubs
+    with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
+        yield
+
+
+def _compile_symbolic(
+    data: bytes, target: Target, options: dict[str, Any]
+) -> tuple[Any, str | None]:
+    """A general or range compile; returns the artifact and the guard that pins its
+    size, if one does (see `_pinning_guard`)."""
+    from torch._inductor import standalone_compile
+
+    gm, fake_mode = _load_graph(data)
+    _unify_size_symbols(gm, fake_mode)
+    if target.kind is TargetKind.RANGE:
+        _constrain_range(gm, target.start, target.end)
+    inputs = _inference_fakes(gm, fake_mode)
+    artifact = standalone_compile(gm, inputs, dynamic_shapes="from_graph", options=options)
+    return artifact, _pinning_guard(gm, fake_mode, target)
+
+
 def compile_job(spec: JobSpec) -> dict[str, Any]:
     """Compile `spec` and save the artifact; returns {path, seconds}."""
     from torch._inductor import standalone_compile
@@ -238,22 +325,30 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
         while True:
             time.sleep(3600)
     started = time.perf_counter()
-    gm, fake_mode = _load_graph(spec.graph)
+    options = dict(spec.options)
+    size_oblivious = bool(options.pop(SIZE_OBLIVIOUS_OPTION, False))
     target = spec.target
-    with torch.no_grad():
+    # The graph's symbols are made when it loads: the shape configuration covers both.
+    with torch.no_grad(), _shape_config(size_oblivious):
         if target.kind is TargetKind.SIZE:
+            gm, _ = _load_graph(spec.graph)
             inputs = _concrete_inputs(gm, target.start)
             artifact = standalone_compile(
-                gm, inputs, dynamic_shapes="from_example_inputs", options=dict(spec.options)
+                gm, inputs, dynamic_shapes="from_example_inputs", options=options
             )
         else:
-            _unify_size_symbols(gm, fake_mode)
-            if target.kind is TargetKind.RANGE:
-                _constrain_range(gm, target.start, target.end)
-            inputs = _inference_fakes(gm, fake_mode)
-            artifact = standalone_compile(
-                gm, inputs, dynamic_shapes="from_graph", options=dict(spec.options)
-            )
+            artifact, pinned = _compile_symbolic(spec.graph, target, options)
+            if pinned is not None:
+                # Inductor's caches do not key on the shape configuration, and a cached
+                # entry's guards are checked at the hint only: an entry that a compile
+                # without it left (size pinned to 1, before pwdaemon sent the option) is
+                # found again at hint 1. standalone_compile cannot save an artifact with
+                # the caches off, so the reason says how to clear them.
+                raise SpecializedCompileError(
+                    f"the {target.label} compile holds for some sizes only (guard {pinned});"
+                    " not kept: it would serve the other sizes wrong (if Inductor's cache"
+                    " predates this pwdaemon, clear it: `pwdaemon cache clear`)"
+                )
     tmp = f"{spec.out_path}.tmp-{os.getpid()}"
     artifact.save(path=tmp, format="binary")
     os.replace(tmp, spec.out_path)

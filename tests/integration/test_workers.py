@@ -24,9 +24,13 @@ from recorded import Recorded, assert_matches, capture, meta_snapshot, record_ml
 from torch import nn
 
 from pwdaemon.config import CompileConfig
+from pwdaemon.engine.store_link import compile_options
 from pwdaemon.serving.range_table import Target
+from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.workers import starvation
 from pwdaemon.workers.compiler import (
+    SIZE_OBLIVIOUS_OPTION,
     JobSpec,
     dump_graph,
     load_artifact,
@@ -464,13 +468,82 @@ def test_real_model_graphs_ship_and_compile_in_a_worker(
         before = meta_snapshot(gm)
         graph = dump_graph(gm, f"{name} piece {index}")
         assert meta_snapshot(gm) == before
-        for target in (Target.general(), Target.size(5)):
-            job = JobSpec(graph, target, str(tmp_path / f"{index}-{target.kind.value}.bin"))
-            runnable = load_artifact(shared_executor.run(job, timeout=600)["path"])
-            checked = 0
-            for args, expected in rec.calls[index]:
-                if target.kind.value == "size" and _size_of(args) != 5:
-                    continue
-                assert_matches(runnable(*args), expected)
-                checked += 1
-            assert checked == (2 if target.kind.value == "general" else 1)
+        # The general only: size compiles of these models run in real workers in
+        # test_real_models.py's unguarded-script tests, checked against eager there.
+        job = JobSpec(graph, Target.general(), str(tmp_path / f"{index}-general.bin"))
+        runnable = load_artifact(shared_executor.run(job, timeout=600)["path"])
+        for args, expected in rec.calls[index]:  # sizes 2 and 5
+            assert_matches(runnable(*args), expected)
+        assert len(rec.calls[index]) == 2
+
+
+# ---- the backed strategy: a general compile holds for every size -----------------------
+
+
+@pytest.fixture(scope="module")
+def backed_bert_piece() -> GraphPiece:
+    """BERT's piece traced under the backed strategy at size 1 (torch 2.11 CUDA ends on
+    that strategy for transformers' attention), with samples of sizes 1, 4 and 16."""
+    import pwdaemon as pwd
+    from pwdaemon.real_models import model_spec
+    from pwdaemon.serving import strategy as strategy_module
+    from pwdaemon.serving import trace as trace_module
+
+    backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trace_module, "ORDER", backed)
+        mp.setattr(strategy_module, "ORDER", backed)
+        torch._dynamo.reset()
+        spec = model_spec("bert", "tiny")
+        cpu = torch.device("cpu")
+        model = spec.build(cpu, torch.float32)
+        handle = pwd.attach(model, compile=False, store=False)
+        try:
+            with torch.inference_mode():
+                for n in (1, 4, 16):
+                    args, kwargs = spec.inputs(n, cpu, torch.float32)
+                    model(*args, **kwargs)
+                    assert handle.wait_traced(300)
+            (piece,) = handle.pieces
+        finally:
+            handle.detach()
+    assert piece.strategy is ShapeStrategy.BACKED_OBLIVIOUS
+    assert sorted(piece.dispatcher.samples) == [1, 4, 16]
+    return piece
+
+
+@pytest.mark.slow
+def test_a_backed_piece_traced_at_size_1_gets_a_general_for_every_size(
+    backed_bert_piece: GraphPiece, shared_executor: ProcessExecutor, tmp_path: Path
+) -> None:
+    # Compiled without the trace's `backed_size_oblivious`, this general guarded
+    # `Eq(s52, 1)`: it answered a batch of 4 with a batch of 1 (an H200) and divided by
+    # `4 // 16` at size 16 (SIGFPE in this process, validating it).
+    piece = backed_bert_piece
+    options = compile_options({}, piece)
+    assert options == {SIZE_OBLIVIOUS_OPTION: True}
+    job = JobSpec(dump_graph(piece.gm), Target.general(), str(tmp_path / "general.bin"), options)
+    runnable = load_artifact(shared_executor.run(job, timeout=600)["path"])
+    for n in (1, 4, 16):
+        args = piece.dispatcher.samples[n]
+        assert_matches(runnable(*args), piece.gm(*args))
+
+
+@pytest.mark.slow
+def test_a_general_compile_that_pins_the_size_is_refused_with_its_guard(
+    backed_bert_piece: GraphPiece, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The same graph without the option, in a worker with a fresh Inductor cache: the
+    # compile assumes the traced size and the worker refuses to save it, naming the guard.
+    piece = backed_bert_piece
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    job = JobSpec(dump_graph(piece.gm), Target.general(), str(tmp_path / "general.bin"))
+    ex = ProcessExecutor(CompileConfig(workers=1, start_timeout_s=300))
+    ex.start()
+    try:
+        with pytest.raises(CompileError, match=r"holds for some sizes only \(guard Eq\(") as err:
+            ex.run(job, timeout=600)
+    finally:
+        ex.close(5.0)
+    assert err.value.outcome is Outcome.FAILED
+    assert not (tmp_path / "general.bin").exists()
