@@ -144,7 +144,7 @@ def _compile_piece(piece: Any, size: int | None, workdir: str) -> dict[str, Any]
     try:
         executor.start()
         spec = JobSpec(
-            dump_graph(piece.gm, f"piece {piece.index}"),
+            dump_graph(piece.gm, f"piece {piece.index}", piece.size_guards),
             target,
             str(Path(workdir) / f"g{piece.index}-{target.label.replace(':', '_')}.bin"),
             compile_options({}, piece),

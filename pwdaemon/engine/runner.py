@@ -265,6 +265,7 @@ class Runner:
                     dump_graph,
                     st.piece.gm,
                     f"graph piece {index} of {self.name}",
+                    st.piece.size_guards,
                     switch_interval=self.config.switch_interval_s,
                 )
             except UnshippableGraphError as exc:

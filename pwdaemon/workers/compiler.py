@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pwdaemon.serving.graph_facts import admits
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
@@ -126,8 +127,18 @@ def _shippable(v: Any) -> Any:
     return v
 
 
-def shippable_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of `gm` with only `SHIPPED_META` per node; `gm` itself is not touched.
+# The output node's meta key for the piece's own size guards (dynamo's guards that speak
+# only of the size, over graph_facts.SIZE): the sizes dynamo lets reach the piece. A
+# general compile is checked only at those sizes (a piece guarded to size 1 compiles, rightly,
+# for size 1). In the graph's bytes, not in the options: the store key stays the graph's.
+SIZE_GUARDS_META = "pwdaemon_size_guards"
+
+
+def shippable_copy(
+    gm: torch.fx.GraphModule, size_guards: tuple[Any, ...] = ()
+) -> torch.fx.GraphModule:
+    """A copy of `gm` with only `SHIPPED_META` per node (and `size_guards` on its output
+    node); `gm` itself is not touched.
 
     Nodes are copied into a new graph with new meta dicts (fake values are shared or
     replaced, never mutated), so the live graph the serving process runs is unchanged.
@@ -139,12 +150,17 @@ def shippable_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in gm.graph.nodes:
         new = graph.node_copy(node, lambda n: env[n])
         new.meta = {k: _shippable(node.meta[k]) for k in SHIPPED_META if k in node.meta}
+        if node.op == "output" and size_guards:
+            new.meta[SIZE_GUARDS_META] = tuple(size_guards)
         env[node] = new
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
-def dump_graph(gm: torch.fx.GraphModule, name: str = "graph") -> bytes:
-    """GraphPickler bytes of a trimmed copy of `gm` (fake metadata and symbols kept).
+def dump_graph(
+    gm: torch.fx.GraphModule, name: str = "graph", size_guards: tuple[Any, ...] = ()
+) -> bytes:
+    """GraphPickler bytes of a trimmed copy of `gm` (fake metadata and symbols kept), with
+    the piece's `size_guards` (see `SIZE_GUARDS_META`).
 
     Raises `UnshippableGraphError` naming `name` and the reason when even the copy does
     not pickle.
@@ -152,7 +168,7 @@ def dump_graph(gm: torch.fx.GraphModule, name: str = "graph") -> bytes:
     from torch.fx._graph_pickler import GraphPickler
 
     try:
-        return bytes(GraphPickler.dumps(shippable_copy(gm)))
+        return bytes(GraphPickler.dumps(shippable_copy(gm, size_guards)))
     except Exception as exc:
         raise UnshippableGraphError(
             f"{name} cannot be shipped to a compile worker: {type(exc).__name__}: {exc}"
@@ -248,11 +264,15 @@ class SpecializedCompileError(RuntimeError):
     the size); its artifact is not saved. Retrying gives the same answer."""
 
 
-def _probe_sizes(target: Target) -> tuple[int, ...]:
+def _probe_sizes(gm: torch.fx.GraphModule, target: Target) -> tuple[int, ...]:
     if target.kind is TargetKind.RANGE:
         ends = (target.start, target.start + 1, target.end)
-        return tuple(sorted({n for n in ends if target.start <= n <= target.end}))
-    return GENERAL_PROBE_SIZES
+        sizes = sorted({n for n in ends if target.start <= n <= target.end})
+    else:
+        sizes = list(GENERAL_PROBE_SIZES)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    guards = output.meta.get(SIZE_GUARDS_META, ())
+    return tuple(n for n in sizes if admits(guards, n))
 
 
 def _pinning_guard(gm: torch.fx.GraphModule, fake_mode: Any, target: Target) -> str | None:
@@ -279,7 +299,7 @@ def _pinning_guard(gm: torch.fx.GraphModule, fake_mode: Any, target: Target) -> 
         expr = guard.expr
         if not expr.free_symbols or not expr.free_symbols <= symbols:
             continue
-        for n in _probe_sizes(target):
+        for n in _probe_sizes(gm, target):
             if expr.xreplace({s: sympy.Integer(n) for s in expr.free_symbols}) is sympy.false:
                 return f"{expr} (false at size {n})"
     return None

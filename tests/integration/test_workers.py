@@ -522,7 +522,8 @@ def test_a_backed_piece_traced_at_size_1_gets_a_general_for_every_size(
     piece = backed_bert_piece
     options = compile_options({}, piece)
     assert options == {SIZE_OBLIVIOUS_OPTION: True}
-    job = JobSpec(dump_graph(piece.gm), Target.general(), str(tmp_path / "general.bin"), options)
+    graph = dump_graph(piece.gm, "bert", piece.size_guards)
+    job = JobSpec(graph, Target.general(), str(tmp_path / "general.bin"), options)
     runnable = load_artifact(shared_executor.run(job, timeout=600)["path"])
     for n in (1, 4, 16):
         args = piece.dispatcher.samples[n]
@@ -537,7 +538,8 @@ def test_a_general_compile_that_pins_the_size_is_refused_with_its_guard(
     # compile assumes the traced size and the worker refuses to save it, naming the guard.
     piece = backed_bert_piece
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    job = JobSpec(dump_graph(piece.gm), Target.general(), str(tmp_path / "general.bin"))
+    graph = dump_graph(piece.gm, "bert", piece.size_guards)
+    job = JobSpec(graph, Target.general(), str(tmp_path / "general.bin"))
     ex = ProcessExecutor(CompileConfig(workers=1, start_timeout_s=300))
     ex.start()
     try:

@@ -76,7 +76,9 @@ def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
 
     dumps: list[str] = []
 
-    def refuse(gm: torch.fx.GraphModule, name: str = "graph") -> bytes:
+    def refuse(
+        gm: torch.fx.GraphModule, name: str = "graph", size_guards: tuple[object, ...] = ()
+    ) -> bytes:
         dumps.append(name)
         raise UnshippableGraphError(f"{name} cannot be shipped to a compile worker: test")
 
@@ -105,3 +107,34 @@ def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
         torch.testing.assert_close(model(x), expected)  # serving goes on, eager
     finally:
         h.detach()
+
+
+@pytest.mark.parametrize(
+    ("guard", "general", "range_1_8"),
+    [(None, (1, 2, 3, 17), (1, 2, 8)), ("eq1", (1,), (1,)), ("ne1", (2, 3, 17), (2, 8))],
+)
+def test_a_general_compile_is_checked_only_at_sizes_the_pieces_guards_admit(
+    mlp_graph: Recorded,
+    guard: str | None,
+    general: tuple[int, ...],
+    range_1_8: tuple[int, ...],
+) -> None:
+    # A piece dynamo guarded to size 1 compiles, rightly, for size 1: its guards travel
+    # in the graph's bytes and the worker probes only the sizes they let through.
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from pwdaemon.serving.graph_facts import SIZE
+    from pwdaemon.serving.range_table import Target, TargetKind
+    from pwdaemon.workers.compiler import _probe_sizes
+
+    guards = {None: (), "eq1": (sympy.Eq(SIZE, 1),), "ne1": (sympy.Ne(SIZE, 1),)}[guard]
+    (gm,) = mlp_graph.gms
+    shipped = GraphPickler.loads(
+        dump_graph(gm, "MLP graph 0", guards), FakeTensorMode(shape_env=ShapeEnv())
+    )
+    assert isinstance(shipped, torch.fx.GraphModule)
+    assert _probe_sizes(shipped, Target.general()) == general
+    assert _probe_sizes(shipped, Target(TargetKind.RANGE, 1, 8)) == range_1_8
