@@ -129,8 +129,9 @@ def _shippable(v: Any) -> Any:
 
 # The output node's meta key for the piece's own size guards (dynamo's guards that speak
 # only of the size, over graph_facts.SIZE): the sizes dynamo lets reach the piece. A
-# general compile is checked only at those sizes (a piece guarded to size 1 compiles, rightly,
-# for size 1). In the graph's bytes, not in the options: the store key stays the graph's.
+# general compile is checked only at those sizes (a piece guarded to size 1 compiles,
+# rightly, for size 1). In the graph's bytes, not in the options: the store key stays
+# the graph's.
 SIZE_GUARDS_META = "pwdaemon_size_guards"
 
 
@@ -261,7 +262,8 @@ def _constrain_range(gm: torch.fx.GraphModule, start: int, end: int) -> None:
 
 class SpecializedCompileError(RuntimeError):
     """A general or range compile that holds for some of its sizes only (a guard pins
-    the size); its artifact is not saved. Retrying gives the same answer."""
+    the size); its artifact is not saved. The engine retries it as any failed compile (a
+    cache entry that another process replaced meanwhile may answer differently)."""
 
 
 def _probe_sizes(gm: torch.fx.GraphModule, target: Target) -> tuple[int, ...]:
@@ -291,15 +293,17 @@ def _pinning_guard(gm: torch.fx.GraphModule, fake_mode: Any, target: Target) -> 
         if isinstance(v, torch.SymInt) and v.node.expr.is_symbol
     }
     shape_env = fake_mode.shape_env
+    probes = _probe_sizes(gm, target)
     for sym in symbols:
         value = shape_env.replacements.get(sym)
-        if value is not None and getattr(value, "is_Integer", False):
+        pinned = value is not None and getattr(value, "is_Integer", False)
+        if pinned and any(n != int(value) for n in probes):
             return f"{sym} = {value}"
     for guard in shape_env.guards:
         expr = guard.expr
         if not expr.free_symbols or not expr.free_symbols <= symbols:
             continue
-        for n in _probe_sizes(gm, target):
+        for n in probes:
             if expr.xreplace({s: sympy.Integer(n) for s in expr.free_symbols}) is sympy.false:
                 return f"{expr} (false at size {n})"
     return None
