@@ -30,7 +30,13 @@ from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import TargetKind
 from pwdaemon.serving.trace import wrap_compiled
 from pwdaemon.store import ArtifactKey
-from pwdaemon.workers.compiler import JobSpec, UnshippableGraphError, dump_graph, load_artifact
+from pwdaemon.workers.compiler import (
+    JobSpec,
+    SpecializedCompileError,
+    UnshippableGraphError,
+    dump_graph,
+    load_artifact,
+)
 from pwdaemon.workers.executor import Executor
 from pwdaemon.workers.process import CompileError, Outcome
 
@@ -228,7 +234,12 @@ class Runner:
                 self.executor.run, spec, self.config.timeout_s, abandon_on_cancel=True
             )
         except CompileError as exc:
-            self.publisher.fail(job, exc.outcome, exc.reason)
+            if exc.reason.startswith(SpecializedCompileError.__name__):
+                # The worker refused what it compiled (it holds for some sizes only): as a
+                # failed validation, a retry compiles the same graph to the same answer.
+                self.publisher.fail(job, "rejected", exc.reason, retry=False)
+            else:
+                self.publisher.fail(job, exc.outcome, exc.reason)
             return
         finally:
             self.counters.in_flight -= 1

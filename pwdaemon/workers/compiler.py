@@ -262,8 +262,8 @@ def _constrain_range(gm: torch.fx.GraphModule, start: int, end: int) -> None:
 
 class SpecializedCompileError(RuntimeError):
     """A general or range compile that holds for some of its sizes only (a guard pins
-    the size); its artifact is not saved. The engine retries it as any failed compile (a
-    cache entry that another process replaced meanwhile may answer differently)."""
+    the size); its artifact is not saved. The worker's reason starts with this class's
+    name, which the engine reads to give the job up at once, as "rejected"."""
 
 
 def _probe_sizes(gm: torch.fx.GraphModule, target: Target) -> tuple[int, ...]:
