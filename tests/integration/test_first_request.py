@@ -31,7 +31,7 @@ def test_first_request_at_eager_speed_and_no_warm_up_call_waits_for_a_compiler(
 ) -> None:
     command = [
         sys.executable, str(BENCH), "--models", "demo", "--systems", "eager,pwdaemon",
-        "--sizes", "1,4", "--iters", "20", "--settle-timeout", "400",
+        "--sizes", "1", "--iters", "20", "--settle-timeout", "400",
         "--run-timeout", "420", "--min-warmup", "0", "--out", str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, timeout=880)
@@ -42,7 +42,7 @@ def test_first_request_at_eager_speed_and_no_warm_up_call_waits_for_a_compiler(
     assert "error" not in eager and "error" not in pw, (eager, pw)
     assert pw["settled"], pw  # every size specialized: the warm-up really ran to its end
     # Warm-up calls are compared with medians of calls paced alike, per size.
-    assert set(pw["paced_ms"]) == set(pw["eager_paced_ms"]) == {"1", "4"}, pw
+    assert set(pw["paced_ms"]) == set(pw["eager_paced_ms"]) == {"1"}, pw
     ttfr = pw["first_call_s"] / eager["first_call_s"]
     assert ttfr <= TTFR_BOUND, (ttfr, pw["first_call_s"], eager["first_call_s"])
     worst = pw["warmup_worst"]
