@@ -22,9 +22,7 @@ from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.testing import FakeExecutor, inject_fault
-from pwdaemon.workers.compiler import SpecializedCompileError
 from pwdaemon.workers.executor import JobSpec
-from pwdaemon.workers.process import CompileError
 
 FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
 
@@ -108,43 +106,6 @@ def test_failures_retry_with_backoff_then_give_up(mlp: nn.Module, reference: nn.
         # Serving stays on the previous tier, and right.
         assert h.table().lookup(4).tier is pwd.Tier.GENERAL
         x = torch.randn(4, 16)
-        torch.testing.assert_close(mlp(x), reference(x))
-    finally:
-        h.detach()
-
-
-class _PinningExecutor(FakeExecutor):
-    """Answers a general job as a real worker answers a compile that pins the size."""
-
-    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
-        if spec.target.kind is TargetKind.GENERAL:
-            with self._lock:
-                self.jobs.append(spec.target)
-            raise CompileError(
-                "failed",
-                f"{SpecializedCompileError.__name__}: the general compile holds for some "
-                "sizes only (guard Eq(s0, 1) (false at size 2)); not kept",
-            )
-        return super().run(spec, timeout)
-
-
-def test_a_general_the_worker_refused_is_given_up_at_once_as_rejected(
-    mlp: nn.Module, reference: nn.Module
-) -> None:
-    # Retrying compiles the same graph to the same pinned answer: no retries.
-    ex = _PinningExecutor()
-    h = pwd.attach(
-        mlp, sizes=[4], policy=FAST, compiler=_compiler(retries=2), executor=ex, store=False
-    )
-    try:
-        _call_sizes(mlp, [4])
-        assert h.wait(sizes=[4], timeout=20)
-        assert h.wait(timeout=20)  # the plan ends: the general is given up, not queued
-        entry = next(e for e in h.status().pieces[0].entries if e.target == "general")
-        assert entry.state == "failed" and entry.attempts == 1, entry
-        assert (entry.reason or "").startswith("rejected after 1 attempt: Specialized"), entry
-        assert _labels(ex.jobs).count("general") == 1
-        x = torch.randn(3, 16)  # no general: size 3 stays on eager, and right
         torch.testing.assert_close(mlp(x), reference(x))
     finally:
         h.detach()

@@ -1,9 +1,11 @@
 """Shipping a graph piece to a worker: node metadata that does not pickle is dropped,
-a graph that cannot be pickled is named with the reason, and the engine gives it up."""
+a graph that cannot be pickled is named with the reason, and the engine gives it up; the
+piece's size guards travel with it, and a compile the worker refuses is given up too."""
 
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import pytest
 import torch
@@ -138,3 +140,44 @@ def test_a_general_compile_is_checked_only_at_sizes_the_pieces_guards_admit(
     assert isinstance(shipped, torch.fx.GraphModule)
     assert _probe_sizes(shipped, Target.general()) == general
     assert _probe_sizes(shipped, Target(TargetKind.RANGE, 1, 8)) == range_1_8
+
+
+def test_a_general_the_worker_refused_is_given_up_at_once_as_rejected(
+    mlp: nn.Module, reference: nn.Module
+) -> None:
+    # A worker refuses a general whose guards pin the size (its reason starts with the
+    # error's name); a retry would compile the same graph to the same answer.
+    import pwdaemon as pwd
+    from pwdaemon.config import CompileConfig
+    from pwdaemon.serving.range_table import TargetKind
+    from pwdaemon.testing import FakeExecutor
+    from pwdaemon.workers.compiler import JobSpec, SpecializedCompileError
+    from pwdaemon.workers.process import CompileError
+
+    class PinningExecutor(FakeExecutor):
+        def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+            if spec.target.kind is TargetKind.GENERAL:
+                self.jobs.append(spec.target)
+                raise CompileError(
+                    "failed",
+                    f"{SpecializedCompileError.__name__}: the general compile holds for some"
+                    " sizes only (guard Eq(s0, 1) (false at size 2)); not kept",
+                )
+            return super().run(spec, timeout)
+
+    ex = PinningExecutor()
+    policy = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
+    compiler = CompileConfig(workers=1, backoff_s=0.01, retries=2)
+    h = pwd.attach(mlp, sizes=[4], policy=policy, compiler=compiler, executor=ex, store=False)
+    try:
+        mlp(torch.randn(4, 16))
+        assert h.wait(sizes=[4], timeout=20)
+        assert h.wait(timeout=20)  # the plan ends: the general is given up, not queued
+        entry = next(e for e in h.status().pieces[0].entries if e.target == "general")
+        assert entry.state == "failed" and entry.attempts == 1, entry
+        assert (entry.reason or "").startswith("rejected after 1 attempt: Specialized"), entry
+        assert [t.label for t in ex.jobs].count("general") == 1
+        x = torch.randn(3, 16)  # no general: size 3 stays on eager, and right
+        torch.testing.assert_close(mlp(x), reference(x))
+    finally:
+        h.detach()
