@@ -203,6 +203,16 @@ def _inference_fakes(gm: torch.fx.GraphModule, fake_mode: Any) -> list[Any]:
     return inputs
 
 
+def _size_exprs(gm: torch.fx.GraphModule) -> list[Any]:
+    """The expressions of the graph's SymInt placeholders, in order: every one of them is
+    the size in a specializable piece (checked at capture)."""
+    return [
+        v.node.expr
+        for v in (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
+        if isinstance(v, torch.SymInt)
+    ]
+
+
 def _unify_size_symbols(gm: torch.fx.GraphModule, fake_mode: Any) -> None:
     """Tell the worker's shape env that every size symbol of the graph is one size.
 
@@ -213,11 +223,7 @@ def _unify_size_symbols(gm: torch.fx.GraphModule, fake_mode: Any) -> None:
     of 1 (torch 2.11 CUDA and 2.13 CPU). Every symbol of a specializable piece is the
     size (checked at capture), so all of them are replaced by the first.
     """
-    symbols = [
-        v.node.expr
-        for v in (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
-        if isinstance(v, torch.SymInt)
-    ]
+    symbols = _size_exprs(gm)
     shape_env = fake_mode.shape_env
     for sym in symbols[1:]:
         if sym != symbols[0]:
@@ -287,11 +293,7 @@ def _pinning_guard(gm: torch.fx.GraphModule, fake_mode: Any, target: Target) -> 
     """
     import sympy
 
-    symbols = {
-        v.node.expr
-        for v in (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
-        if isinstance(v, torch.SymInt) and v.node.expr.is_symbol
-    }
+    symbols = {e for e in _size_exprs(gm) if e.is_symbol}
     shape_env = fake_mode.shape_env
     probes = _probe_sizes(gm, target)
     for sym in symbols:
@@ -321,22 +323,6 @@ def _shape_config(size_oblivious: bool) -> Iterator[None]:
         yield
 
 
-def _compile_symbolic(
-    data: bytes, target: Target, options: dict[str, Any]
-) -> tuple[Any, str | None]:
-    """A general or range compile; returns the artifact and the guard that pins its
-    size, if one does (see `_pinning_guard`)."""
-    from torch._inductor import standalone_compile
-
-    gm, fake_mode = _load_graph(data)
-    _unify_size_symbols(gm, fake_mode)
-    if target.kind is TargetKind.RANGE:
-        _constrain_range(gm, target.start, target.end)
-    inputs = _inference_fakes(gm, fake_mode)
-    artifact = standalone_compile(gm, inputs, dynamic_shapes="from_graph", options=options)
-    return artifact, _pinning_guard(gm, fake_mode, target)
-
-
 def compile_job(spec: JobSpec) -> dict[str, Any]:
     """Compile `spec` and save the artifact; returns {path, seconds}."""
     from torch._inductor import standalone_compile
@@ -354,14 +340,19 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
     target = spec.target
     # The graph's symbols are made when it loads: the shape configuration covers both.
     with torch.no_grad(), _shape_config(size_oblivious):
+        gm, fake_mode = _load_graph(spec.graph)
         if target.kind is TargetKind.SIZE:
-            gm, _ = _load_graph(spec.graph)
             inputs = _concrete_inputs(gm, target.start)
             artifact = standalone_compile(
                 gm, inputs, dynamic_shapes="from_example_inputs", options=options
             )
         else:
-            artifact, pinned = _compile_symbolic(spec.graph, target, options)
+            _unify_size_symbols(gm, fake_mode)
+            if target.kind is TargetKind.RANGE:
+                _constrain_range(gm, target.start, target.end)
+            inputs = _inference_fakes(gm, fake_mode)
+            artifact = standalone_compile(gm, inputs, dynamic_shapes="from_graph", options=options)
+            pinned = _pinning_guard(gm, fake_mode, target)
             if pinned is not None:
                 # Inductor's caches do not key on the shape configuration, and a cached
                 # entry's guards are checked at the hint only: an entry that a compile
