@@ -241,9 +241,18 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         return True
 
     warmup: list[tuple[int, str, float]] = []
+    # When each size first ran on each tier (seconds after attach): where a warm-up's
+    # time went (a store load, a compile, a capture) without the engine's logs.
+    timeline: list[tuple[float, int, str]] = []
+
+    def note_tier(n: int, t: str) -> None:
+        if not any(m == n and u == t for _, m, u in timeline):
+            timeline.append((time.perf_counter() - t_setup, n, t))
+
     with torch.inference_mode():
         first_s = timed(lambda: call(sizes[0]))
         warmup.append((sizes[0], tier(sizes[0]), first_s))
+        note_tier(sizes[0], warmup[0][1])
         # Warm-up: round-robin until settled. Every system sees every size at least
         # twice here, so static/specialize_on compile each size on the request path
         # (that is what they do) and pwdaemon compiles in the background.
@@ -253,6 +262,7 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         while True:
             n = sizes[i % len(sizes)]
             before = tier(n)
+            note_tier(n, before)
             warmup.append((n, before, timed(lambda n=n: call(n))))  # type: ignore[misc]
             i += 1
             if i >= 2 * len(sizes) and settled() and time.perf_counter() >= min_end:
@@ -325,6 +335,7 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         "steady_ms": {str(n): v * 1e3 for n, v in steady.items()},
         "eager_ms": {str(n): v * 1e3 for n, v in eager_median.items()},
         "tiers": {str(n): t for n, t in tiers.items()},
+        "tier_timeline": [[round(at, 3), n, t] for at, n, t in timeline],
         "torch": torch.__version__,
     }
     if handle is not None:
@@ -346,8 +357,8 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
             if e.graph_bytes is not None
         }
         out["capture_pause_ms"] = [s * 1e3 for s in handle.engine.capture_pauses]
+        out["status"] = str(status)  # every entry's source, attempts and compile time
         if not out["settled"]:
-            out["status"] = str(status)
             # Where every thread is (a capture or a validation that never ends shows here).
             with tempfile.TemporaryFile("w+") as f:
                 faulthandler.dump_traceback(file=f, all_threads=True)

@@ -24,12 +24,13 @@ from pwdaemon.engine.cpu_budget import check_cpu_budget
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
 from pwdaemon.engine.options import AttachOptions, TraceMode
-from pwdaemon.engine.store_link import StoreLink
+from pwdaemon.engine.store_link import StoreLink, model_id
 from pwdaemon.service.client import ServiceChoice, executor_for
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
+from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace import GraphPiece, Tracer
 from pwdaemon.store import ArtifactStore
 from pwdaemon.workers.executor import Executor, ProcessExecutor
@@ -53,6 +54,16 @@ class Handle:
         self.options = options
         self.name = options.name
         self.store = options.store.store if options.store is not None else None
+        link, failed, remember = options.store, {}, None
+        if link is not None:
+            # A strategy that failed for this model in an earlier run costs a whole trace
+            # again (BERT on an H200: 25 s of the first 32, under traffic): skip it.
+            key = model_id(model, options.dynamic)
+            failed = link.failed_strategies(key)
+
+            def remember(strategy: ShapeStrategy, why: str) -> None:
+                link.remember_failed_strategy(key, strategy, why)
+
         self._tracer = Tracer(
             model,
             dynamic=dict(options.dynamic) if options.dynamic is not None else None,
@@ -62,6 +73,8 @@ class Handle:
             background=options.trace is TraceMode.BACKGROUND,
             hot_calls=options.policy.hot_calls,
             configured_sizes=frozenset(options.sizes),
+            failed=failed,
+            on_fall_back=remember,
         )
         # The engine reads the tracer's records for status and metrics (read-only: the
         # engine sits below the handle and knows the tracer only as `TraceRecords`).

@@ -137,6 +137,8 @@ class TraceStatus:
                 dropped = f", {a.discarded} graph(s) dropped" if a.discarded else ""
                 reason = one_line(a.reason)
                 out.append(f"    strategy {a.strategy.value}: fell back{dropped}: {reason}")
+            elif a.outcome is AttemptOutcome.SKIPPED:
+                out.append(f"    strategy {a.strategy.value}: skipped, {one_line(a.reason)}")
         for b in self.graph_breaks:
             where = f" (pieces {', '.join(map(str, b.pieces))})" if b.pieces else ""
             out.append(f"    graph break x{b.count}{where}: {one_line(b.reason)}")

@@ -42,7 +42,9 @@ _TERMINAL = frozenset((JobState.LIVE, JobState.FAILED, JobState.DROPPED, JobStat
 class JobReason(enum.StrEnum):
     """Why a job exists (`EntryStatus.why`)."""
 
-    GENERAL = "general"  # the general (dynamic-shape) runnable, planned first
+    # The general (dynamic-shape) runnable, planned first; for a piece that one size
+    # alone can reach, that size's runnable in its place.
+    GENERAL = "general"
     CONFIGURED = "configured"  # a size or range given to attach()
     HOT = "hot"  # a size traffic made hot
     PROFILE = "profile"  # a size the previous run's profile found hot (warm restart)

@@ -72,7 +72,17 @@ class Planner:
         order = itertools.count()
         if self.store is not None and tg is not None:
             tg.start_soon(self.plan_from_store, st)
-        if self.config.general:
+        only = piece.only_size if piece.specializable else None
+        if self.config.general and only is not None:
+            # A piece that one size alone can reach gets that size in the general's place.
+            # Its general would be compiled at that size and may rightly hold for it
+            # alone, and Inductor's caches, which key on the graph and not on the guards
+            # in front of it, then handed that code to the general of the same graph's
+            # other piece (BERT on an H200: "mat1 and mat2 shapes cannot be multiplied").
+            st.policy.reserve([only])
+            general = (PriorityBand.GENERAL, next(order))
+            self.enqueue(st, Job(piece, Target.size(only), JobReason.GENERAL, general))
+        elif self.config.general:
             general = (PriorityBand.GENERAL, next(order))
             self.enqueue(st, Job(piece, Target.general(), JobReason.GENERAL, general))
         if not piece.specializable:
@@ -80,6 +90,8 @@ class Planner:
         # Only the sizes that can reach this piece (`GraphPiece.admits`): guards may give
         # size 1 a piece of its own, whose graph cannot be compiled for any other size.
         for size in [s for s in self.sizes[: self.policy.budget] if piece.admits(s)]:
+            if Target.size(size).label in st.jobs:
+                continue  # the piece's one size, planned in the general's place
             st.policy.reserve([size])
             prio = (PriorityBand.CONFIGURED, next(order))
             self.enqueue(st, Job(piece, Target.size(size), JobReason.CONFIGURED, prio))

@@ -8,8 +8,10 @@ for this model's pieces, and turns store events into targets the engine can publ
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,23 @@ def compile_options(options: Mapping[str, Any], piece: GraphPiece) -> dict[str, 
     if piece.strategy is ShapeStrategy.BACKED_OBLIVIOUS:
         out[SIZE_OBLIVIOUS_OPTION] = True
     return out
+
+
+def model_id(model: torch.nn.Module, dynamic: Mapping[str, int] | None) -> str:
+    """What a model's strategy failures are remembered under, known before any trace:
+    its class and package version, torch's version, the size marks, and every
+    parameter's and buffer's name, shape, dtype and device (not the values: a restart
+    loads new weights into the same model). Hashing BERT's ~200 tensors takes ~0.2 ms."""
+    cls = type(model)
+    package = sys.modules.get(cls.__module__.partition(".")[0])
+    parts = [
+        f"{cls.__module__}.{cls.__qualname__} {getattr(package, '__version__', '')}",
+        f"torch {torch.__version__}",
+        f"dynamic {sorted(dynamic.items()) if dynamic else None} training {model.training}",
+    ]
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        parts.append(f"{name} {tuple(t.shape)} {t.dtype} {t.device.type}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def piece_device(piece: GraphPiece) -> str:
@@ -136,6 +155,22 @@ class StoreLink:
         """Save calls per size for the next run (nothing when there were no calls)."""
         if counts:
             self.store.save_profile(self.profile_id(piece), counts)
+
+    def failed_strategies(self, model: str) -> dict[ShapeStrategy, str]:
+        """Strategies that failed to trace the model `model_id` names in an earlier run."""
+        try:
+            failed = self.store.load_strategy_failures(model)
+        except (OSError, ValueError) as exc:
+            log.warning("pwdaemon: could not read the failed strategies: %s", exc)
+            return {}
+        known = {s.value: s for s in ShapeStrategy}
+        return {known[k]: why for k, why in failed.items() if k in known}
+
+    def remember_failed_strategy(self, model: str, strategy: ShapeStrategy, why: str) -> None:
+        """Add `strategy` to the model's failed strategies, for its next start."""
+        failed = {s.value: r for s, r in self.failed_strategies(model).items()}
+        failed[strategy.value] = why[:2000]  # dynamo's reason can carry a long stack
+        self.store.save_strategy_failures(model, failed)
 
     def extra(self, piece: GraphPiece, model: str) -> dict[str, Any]:
         """What a manifest records about who compiled it: graph index, model, pid."""

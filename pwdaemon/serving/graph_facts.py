@@ -85,6 +85,13 @@ def _size_symbols(placeholders: list[torch.fx.Node]) -> set[Any]:
     return symbols
 
 
+# The output node's meta key for the piece's own size guards (dynamo's guards that speak
+# only of the size, over `SIZE`) on a graph shipped to a worker or the service: the sizes
+# dynamo lets reach the piece. A general compile is checked only at those sizes (a piece
+# guarded to size 1 compiles, rightly, for size 1), and they are part of the graph's
+# fingerprint, so of its store key.
+SIZE_GUARDS_META = "pwdaemon_size_guards"
+
 # The size in a piece's size guards: every size symbol of the graph stands for it (they
 # are all equal at run time, see the module docstring).
 SIZE = sympy.Symbol("size", integer=True, positive=True)
@@ -105,6 +112,17 @@ def admits(guards: tuple[Any, ...], size: int) -> bool:
         if result is sympy.false:
             return False
     return True
+
+
+def only_size(guards: tuple[Any, ...]) -> int | None:
+    """The one size `guards` admit (an `Eq(SIZE, n)` among them), or None."""
+    for guard in guards:
+        if isinstance(guard, sympy.Eq):
+            a, b = guard.args
+            n = b if a == SIZE else a if b == SIZE else None
+            if n is not None and getattr(n, "is_Integer", False):
+                return int(n)
+    return None
 
 
 def _size_guards(placeholders: list[torch.fx.Node], size_exprs: list[Any]) -> tuple[Any, ...]:
@@ -169,7 +187,19 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
                         marks.append((i, d))
                         break
     specs = tuple(_placeholder_spec(n) for n in placeholders)
-    fingerprint = hashlib.sha256((gm.code + "\n" + "\n".join(specs)).encode()).hexdigest()
+    # A shipped copy carries the guards of the piece it was cut from (its fresh shape env
+    # holds none); a live piece reads them from the shape env it was traced in.
+    if SIZE_GUARDS_META in output_node.meta:
+        size_guards = tuple(output_node.meta[SIZE_GUARDS_META])
+    else:
+        size_guards = _size_guards(placeholders, size_exprs)
+    basis = gm.code + "\n" + "\n".join(specs)
+    if size_guards:
+        # Two pieces of one graph that dynamo lets different sizes reach (size 1, and
+        # sizes above 1, under the backed strategy) get different keys: a general compiled
+        # for the size-1 piece may rightly hold for size 1 alone (see the worker's check).
+        basis += "\nsize guards: " + "; ".join(sorted(str(g) for g in size_guards))
+    fingerprint = hashlib.sha256(basis.encode()).hexdigest()
     return GraphFacts(
         size_index=size_indices[0] if size_indices else None,
         size_indices=tuple(size_indices),
@@ -180,5 +210,5 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
         output_marks=tuple(marks),
         fingerprint=fingerprint,
         placeholder_specs=specs,
-        size_guards=_size_guards(placeholders, size_exprs),
+        size_guards=size_guards,
     )

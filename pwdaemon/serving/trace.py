@@ -40,7 +40,7 @@ from pwdaemon.serving.background import (
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.entry import call_eager, make_entry
 from pwdaemon.serving.gate import GATE, GateClosed
-from pwdaemon.serving.graph_facts import GraphFacts, admits, analyse_graph
+from pwdaemon.serving.graph_facts import GraphFacts, admits, analyse_graph, only_size
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
@@ -115,6 +115,13 @@ class GraphPiece:
         on the size hold (a piece traced at size 1 behind a `batch == 1` guard admits 1
         alone). A size served wins over the guards as read here: dynamo let it through."""
         return size in self.dispatcher.counts or admits(self.size_guards, size)
+
+    @property
+    def only_size(self) -> int | None:
+        """The one size that can reach this piece (a piece traced at size 1 behind a
+        `batch == 1` guard), or None when its guards admit more."""
+        n = only_size(self.size_guards)
+        return n if n is not None and all(s == n for s in self.dispatcher.counts) else None
 
     def histogram(self) -> dict[int, int]:
         """Calls per size of this piece, those before the trace included."""
@@ -192,7 +199,12 @@ class Tracer:
         background: bool = False,
         hot_calls: int = DEFAULT_HOT_CALLS,
         configured_sizes: frozenset[int] = frozenset(),
+        failed: Mapping[ShapeStrategy, str] | None = None,
+        on_fall_back: Callable[[ShapeStrategy, str], None] | None = None,
     ) -> None:
+        """`failed`: strategies an earlier run of this model saw fail (with dynamo's
+        reason), skipped here; `on_fall_back(strategy, reason)` is told of each failure
+        (on the tracing thread), to remember it for the next run."""
         self.model = model
         # trace="background": see `serving.background`; None traces inline.
         self._background = BackgroundTrace(self._settle_step, size_cap) if background else None
@@ -230,7 +242,13 @@ class Tracer:
         self._hot: frozenset[str] = frozenset()
         self._hot_window = 0
         self.marks = SizeMarks(model, dynamic, self.shape_id)
-        self._attempt = _Attempt(self, ORDER[0])
+        self._on_fall_back = on_fall_back
+        failed = failed or {}
+        first = next((s for s in ORDER if s not in failed), ORDER[-1])
+        for strategy in ORDER[: ORDER.index(first)]:
+            reason = f"failed in an earlier run: {failed[strategy]}"
+            self.attempts.append(StrategyAttempt(strategy, AttemptOutcome.SKIPPED, reason))
+        self._attempt = _Attempt(self, first)
         self.attempts.append(self._attempt.record)
 
     @property
@@ -516,6 +534,11 @@ class Tracer:
         # cache entries on it are dropped with it.
         self._attempt = _Attempt(self, fallback)
         self.attempts.append(self._attempt.record)
+        if self._on_fall_back is not None:
+            try:
+                self._on_fall_back(attempt.strategy, why)
+            except Exception as exc:  # on a serving call when tracing inline: never raise
+                log.warning("pwdaemon: %s: failed strategy not remembered: %s", self.name, exc)
 
     def _accept(
         self,

@@ -9,7 +9,8 @@ same artifact in any process. The store is a plain directory:
       quarantine/                            corrupt entries moved out of the way
       claims/<digest>.claim                  "I am compiling this key" (pid, host, time)
       inductor/                              TORCHINDUCTOR_CACHE_DIR for workers and servers
-      profiles/                              per-model size histograms for warm restarts
+      profiles/                              per-model size histograms and failed shape
+                                             strategies, for warm restarts
 
 Writes are atomic (see `files`): a manifest appearing means its artifact is complete,
 which is what `watch()` relies on. Artifacts are code that the loading process runs, so
@@ -33,6 +34,7 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pwdaemon.store import maintenance
 from pwdaemon.store.claims import Claim, ClaimBook
@@ -478,30 +480,52 @@ class ArtifactStore:
     def save_profile(self, model_fingerprint: str, counts: Mapping[int, int]) -> Path | None:
         """Store a model's size histogram (size -> calls) for the next start. Like publish,
         a store that cannot be written gives None and a counted write error."""
-        record = {
-            "model": model_fingerprint,
-            "updated": self.clock(),
-            "counts": {str(int(size)): int(n) for size, n in sorted(counts.items())},
-        }
-        path = self._profile_path(model_fingerprint)
+        counts_ = {str(int(size)): int(n) for size, n in sorted(counts.items())}
+        return self._save_record(model_fingerprint, "counts", counts_, "save a profile")
+
+    def load_profile(self, model_fingerprint: str) -> dict[int, int]:
+        """The saved histogram, or {} if there is none or it cannot be read."""
+        counts = self._load_record(model_fingerprint, "counts")
+        try:
+            return {int(size): int(n) for size, n in counts.items()}
+        except (ValueError, TypeError) as exc:
+            log.warning("ignoring an unreadable profile of %s: %s", model_fingerprint, exc)
+            return {}
+
+    def save_strategy_failures(self, model_id: str, failures: Mapping[str, str]) -> Path | None:
+        """Store which shape strategies failed to trace a model (strategy -> dynamo's
+        reason), so that its next start does not trace with them again."""
+        record = {str(k): str(v) for k, v in failures.items()}
+        return self._save_record(f"strategies:{model_id}", "failed", record, "save strategies")
+
+    def load_strategy_failures(self, model_id: str) -> dict[str, str]:
+        """The saved strategy failures, or {} if there are none or they cannot be read."""
+        failed = self._load_record(f"strategies:{model_id}", "failed")
+        return {str(k): str(v) for k, v in failed.items()}
+
+    def _save_record(self, model: str, field: str, value: Any, what: str) -> Path | None:
+        record = {"model": model, "updated": self.clock(), field: value}
+        path = self._profile_path(model)
         try:
             self._ensure_dir(self.profiles_dir)
             write_atomically(
                 path.parent, path.name, [json.dumps(record).encode()], file_mode=self.file_mode
             )
         except OSError as exc:
-            self.note_write_error(exc, "save a profile")
+            self.note_write_error(exc, what)
             return None
         return path
 
-    def load_profile(self, model_fingerprint: str) -> dict[int, int]:
-        """The saved histogram, or {} if there is none or it cannot be read."""
-        path = self._profile_path(model_fingerprint)
+    def _load_record(self, model: str, field: str) -> dict[str, Any]:
+        path = self._profile_path(model)
         try:
             data = json.loads(path.read_bytes())
-            if data.get("model") != model_fingerprint:
-                raise ValueError("profile belongs to another model")
-            return {int(size): int(n) for size, n in data["counts"].items()}
+            if data.get("model") != model:
+                raise ValueError("the record belongs to another model")
+            value = data[field]
+            if not isinstance(value, dict):
+                raise ValueError(f"{field} is not a mapping")
+            return value
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from pwdaemon.serving.graph_facts import admits
+from pwdaemon.serving.graph_facts import SIZE_GUARDS_META, admits
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
@@ -125,14 +125,6 @@ def _shippable(v: Any) -> Any:
     if isinstance(v, list | tuple) and not hasattr(v, "_fields"):
         return type(v)(_shippable(x) for x in v)
     return v
-
-
-# The output node's meta key for the piece's own size guards (dynamo's guards that speak
-# only of the size, over graph_facts.SIZE): the sizes dynamo lets reach the piece. A
-# general compile is checked only at those sizes (a piece guarded to size 1 compiles,
-# rightly, for size 1). In the graph's bytes, not in the options: the store key stays
-# the graph's.
-SIZE_GUARDS_META = "pwdaemon_size_guards"
 
 
 def shippable_copy(

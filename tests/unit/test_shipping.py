@@ -181,3 +181,79 @@ def test_a_general_the_worker_refused_is_given_up_at_once_as_rejected(
         torch.testing.assert_close(mlp(x), reference(x))
     finally:
         h.detach()
+
+
+class GuardsBatch1(nn.Module):
+    """The same ops at every size, behind a branch on size 1 (a guard, no graph change)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.lin(x))
+        if x.shape[0] == 1:
+            return y * 2.0
+        return y * 2.0
+
+
+def test_pieces_of_one_graph_that_different_sizes_reach_get_different_store_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under the backed strategy BERT on an H200 got a piece for size 1 and one for sizes
+    # above 1 with one graph; the second loaded the first's general (rightly compiled for
+    # size 1 alone) from the store under the same key, and validation rejected it
+    # ("mat1 and mat2 shapes cannot be multiplied"), leaving sizes above 1 on eager. The
+    # guards are part of the fingerprint, and the service computes the same one from the
+    # shipped bytes.
+    import pwdaemon as pwd
+    from pwdaemon.service.client import graph_identity
+    from pwdaemon.serving import trace as trace_module
+    from pwdaemon.serving.strategy import ShapeStrategy
+
+    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    model = GuardsBatch1()
+    with torch.inference_mode(), pwd.attach(model, compile=False, store=False) as h:
+        for n in (1, 2, 2, 3):
+            model(torch.randn(n, 8))
+        assert len(h.pieces) == 2, str(h.status())
+        one, other = sorted(h.pieces, key=lambda p: 1 not in p.dispatcher.counts)
+        assert one.gm.code == other.gm.code
+        assert one.size_guards and other.size_guards, (one.size_guards, other.size_guards)
+        assert one.fingerprint != other.fingerprint
+        for piece in (one, other):
+            shipped = dump_graph(piece.gm, f"piece {piece.index}", piece.size_guards)
+            assert graph_identity(shipped)[0] == piece.fingerprint
+
+
+def test_a_piece_that_one_size_alone_reaches_gets_that_size_in_the_generals_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its general would be compiled at size 1 and may hold for size 1 alone; Inductor's
+    # caches key on the graph, not on the guards in front of it, and handed that code to
+    # the other piece's general (an H200: BERT's general for sizes above 1 was wrong).
+    import pwdaemon as pwd
+    from pwdaemon.serving import trace as trace_module
+    from pwdaemon.serving.strategy import ShapeStrategy
+    from pwdaemon.testing import FakeExecutor
+
+    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    model = GuardsBatch1()
+    policy = pwd.PolicyConfig(tick_s=0.01)
+    with (
+        torch.inference_mode(),
+        pwd.attach(model, policy=policy, executor=FakeExecutor(), store=False) as h,
+    ):
+        for n in (1, 2, 2, 3):
+            model(torch.randn(n, 8))
+        assert h.wait_traced(30) and len(h.pieces) == 2, str(h.status())
+        assert h.wait(timeout=30), str(h.status())
+        one = next(p for p in h.pieces if 1 in p.dispatcher.counts)
+        assert one.only_size == 1
+        targets = {
+            s.graph: {e.target: e.why.value for e in s.entries if e.target != "eager"}
+            for s in h.status().pieces
+        }
+        other = next(p.index for p in h.pieces if p is not one)
+        assert targets[one.index] == {"size:1": "general"}, targets
+        assert targets[other]["general"] == "general", targets

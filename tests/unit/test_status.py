@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,6 +149,45 @@ def test_status_shows_a_strategy_fall_back_with_its_reason() -> None:
         got = _scrape(handle)
         assert got[_key("pwdaemon_strategy_fallbacks_total", strategy="unbacked")] == 1
         assert got[_key("pwdaemon_graph_pieces", strategy="backed_oblivious")] == 1
+
+
+def test_a_strategy_that_failed_in_an_earlier_run_is_not_tried_again(tmp_path: Path) -> None:
+    # A failed attempt costs a whole trace (BERT on an H200: 25 of the 32 s to its first
+    # piece, under traffic): the store remembers it per model, and a restart skips it.
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = _encoder().eval()
+    reference = copy.deepcopy(model)
+    x = {n: torch.randn(n, 5, 16) for n in (1, 4)}
+    with pwd.attach(model, compile=False, store=tmp_path) as first, torch.inference_mode():
+        model(x[1].clone())  # a tracing call marks its inputs' size dimension
+        failed, _ = first.status().trace.attempts
+        assert failed.outcome is AttemptOutcome.FELL_BACK and failed.reason
+    torch._dynamo.reset()
+    counters.clear()
+    with pwd.attach(model, compile=False, store=tmp_path) as second, torch.inference_mode():
+        for n in (1, 4, 1):
+            torch.testing.assert_close(model(x[n]), reference(x[n]))
+        st = second.status()
+        skipped, active = st.trace.attempts
+        assert skipped.strategy is ShapeStrategy.UNBACKED, skipped
+        assert skipped.outcome is AttemptOutcome.SKIPPED, skipped
+        assert skipped.reason == f"failed in an earlier run: {failed.reason}"
+        assert active.strategy is ShapeStrategy.BACKED_OBLIVIOUS
+        assert st.pieces[0].strategy is ShapeStrategy.BACKED_OBLIVIOUS
+        assert counters["stats"]["unique_graphs"] == 1  # the piece: no failed trace
+        assert "strategy unbacked: skipped, failed in an earlier run: " in str(st)
+        got = _scrape(second)
+        assert got[_key("pwdaemon_strategy_fallbacks_total", strategy="unbacked")] == 0
+    # Another model (other shapes) in the same store tries every strategy.
+    torch._dynamo.reset()
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+    other = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False).eval()
+    with pwd.attach(other, compile=False, store=tmp_path) as third, torch.inference_mode():
+        other(torch.randn(1, 5, 8))
+        tried = third.status().trace.attempts[0]
+        assert tried.outcome is AttemptOutcome.FELL_BACK, tried
 
 
 def _compiler(**kw: Any) -> pwd.CompileConfig:
