@@ -121,7 +121,9 @@ class GraphPiece:
         """The one size that can reach this piece (a piece traced at size 1 behind a
         `batch == 1` guard), or None when its guards admit more."""
         n = only_size(self.size_guards)
-        return n if n is not None and all(s == n for s in self.dispatcher.counts) else None
+        # list(): serving threads add sizes to `counts` while the engine reads it
+        served = list(self.dispatcher.counts)
+        return n if n is not None and all(s == n for s in served) else None
 
     def histogram(self) -> dict[int, int]:
         """Calls per size of this piece, those before the trace included."""
@@ -204,7 +206,8 @@ class Tracer:
     ) -> None:
         """`failed`: strategies an earlier run of this model saw fail (with dynamo's
         reason), skipped here; `on_fall_back(strategy, reason)` is told of each failure
-        (on the tracing thread), to remember it for the next run."""
+        on a size guard dynamo could not decide (on the tracing thread), to remember it
+        for the next run."""
         self.model = model
         # trace="background": see `serving.background`; None traces inline.
         self._background = BackgroundTrace(self._settle_step, size_cap) if background else None
@@ -495,7 +498,10 @@ class Tracer:
             if nothing and warnings.messages:
                 why = f"{why}: {warnings.messages[0]}"
             attempt.record.discarded = len(new)
-            self._fall_back(attempt, fallback, why)
+            # Remembered for the next start only when dynamo could not decide a size
+            # guard: that is the model's code meeting the strategy, every time. Capturing
+            # nothing can depend on the first call's inputs.
+            self._fall_back(attempt, fallback, why, remember=bool(undecided))
             changed = True
         else:
             changed = self._accept(attempt, new, breaks, cause, detail)
@@ -520,7 +526,9 @@ class Tracer:
             return self._eager_after_error(error, args, kwargs), changed
         return out, changed
 
-    def _fall_back(self, attempt: _Attempt, fallback: ShapeStrategy, why: str) -> None:
+    def _fall_back(
+        self, attempt: _Attempt, fallback: ShapeStrategy, why: str, *, remember: bool
+    ) -> None:
         attempt.record.outcome = AttemptOutcome.FELL_BACK
         attempt.record.reason = why
         log.warning(
@@ -534,7 +542,7 @@ class Tracer:
         # cache entries on it are dropped with it.
         self._attempt = _Attempt(self, fallback)
         self.attempts.append(self._attempt.record)
-        if self._on_fall_back is not None:
+        if remember and self._on_fall_back is not None:
             try:
                 self._on_fall_back(attempt.strategy, why)
             except Exception as exc:  # on a serving call when tracing inline: never raise
