@@ -17,6 +17,8 @@ import _thread
 import logging
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -65,20 +67,41 @@ def importing_module() -> bool:
     return False
 
 
+# Threads handed to `start_without_waiting`, each with an event set once its helper's
+# `start()` returned: until then `join` raises, and a detach that took "not started" for
+# "will not run" returned while the helper was about to start it (seen in CI).
+_LAUNCHES: weakref.WeakKeyDictionary[threading.Thread, threading.Event] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def start_without_waiting(thread: threading.Thread) -> None:
     """Start `thread` from a helper thread, so that the caller (a serving call) does not
     wait for it: `Thread.start()` blocks until the new thread runs, which took ~2 ms of
     the demo's first call (7 ms in all, 4.7 ms eager) on a busy 2-core box. Join it with
     `join_if_started`: for a while it is not started."""
-    _thread.start_new_thread(thread.start, ())
+    launched = _LAUNCHES[thread] = threading.Event()  # before the helper can run
+
+    def start() -> None:
+        try:
+            thread.start()
+        finally:
+            launched.set()
+
+    _thread.start_new_thread(start, ())
 
 
 def join_if_started(thread: threading.Thread, timeout: float) -> bool:
-    """Wait up to `timeout` for `thread` to end if it has started (else it must see a
-    stop flag itself); whether it is not running now."""
+    """Wait up to `timeout` for `thread` to end, its start by `start_without_waiting`
+    included (a thread never started must see a stop flag itself); whether it is not
+    running now."""
+    deadline = time.monotonic() + timeout
+    launched = _LAUNCHES.get(thread)
+    if launched is not None and not launched.wait(timeout):
+        return True  # still not started: it sees the stop flag when it is
     try:
-        thread.join(timeout)
-    except RuntimeError:  # not started yet
+        thread.join(max(0.0, deadline - time.monotonic()))
+    except RuntimeError:  # never handed to start_without_waiting, and not started
         return True
     return not thread.is_alive()
 

@@ -82,3 +82,32 @@ def test_the_trace_runs_at_the_lowest_niceness_and_serving_keeps_its_own() -> No
     assert trace.traced.wait(10) and trace.error is None
     assert seen == [max(serving, LOWEST_NICENESS)]
     assert _niceness() == serving
+
+
+def test_a_join_waits_for_a_thread_whose_start_is_still_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The trace thread is started by a helper after the first call returns. A detach that
+    # came before the helper ran took "not started" for "will not run" and returned; the
+    # thread started after it (CI: test_detach_waits_for_a_background_trace_under_way).
+    pending: list[Any] = []
+    monkeypatch.setattr(
+        background._thread, "start_new_thread", lambda fn, args: pending.append((fn, args))
+    )
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, args=(30,), daemon=True)
+    background.start_without_waiting(thread)
+    joined = threading.Event()
+    results: list[bool] = []
+
+    def join() -> None:
+        results.append(background.join_if_started(thread, 30))
+        joined.set()
+
+    threading.Thread(target=join, daemon=True).start()
+    assert not joined.wait(0.2)  # the start is pending: the join waits for it
+    ((start, args),) = pending
+    start(*args)  # the helper runs: the thread starts
+    release.set()  # and ends
+    assert joined.wait(30)
+    assert results == [True] and not thread.is_alive()
