@@ -36,7 +36,7 @@ def child(opts: argparse.Namespace) -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from models import DTYPES, _build, serving_tiers
+    from models import DTYPES, _build, _timer, serving_tiers
 
     import pwdaemon as pwd
 
@@ -49,13 +49,10 @@ def child(opts: argparse.Namespace) -> None:
     device = torch.device(opts.device)
     model, inputs = _build(opts.model, opts.preset, device, getattr(torch, DTYPES[opts.dtype]))
     calls = {n: inputs(n) for n in SIZES}
+    timed = _timer(device)
 
     def call(n: int) -> float:
-        t0 = time.perf_counter()
-        model(*calls[n][0], **calls[n][1])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed(lambda: model(*calls[n][0], **calls[n][1]))
 
     store: Any = opts.store or False
     with torch.inference_mode():

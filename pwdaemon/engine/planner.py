@@ -72,19 +72,18 @@ class Planner:
         order = itertools.count()
         if self.store is not None and tg is not None:
             tg.start_soon(self.plan_from_store, st)
-        only = piece.only_size if piece.specializable else None
-        if self.config.general and only is not None:
+        if self.config.general:
             # A piece that one size alone can reach gets that size in the general's place.
             # Its general would be compiled at that size and may rightly hold for it
             # alone, and Inductor's caches, which key on the graph and not on the guards
             # in front of it, then handed that code to the general of the same graph's
             # other piece (BERT on an H200: "mat1 and mat2 shapes cannot be multiplied").
-            st.policy.reserve([only])
+            only = piece.only_size if piece.specializable else None
+            target = Target.general() if only is None else Target.size(only)
+            if only is not None:
+                st.policy.reserve([only])
             general = (PriorityBand.GENERAL, next(order))
-            self.enqueue(st, Job(piece, Target.size(only), JobReason.GENERAL, general))
-        elif self.config.general:
-            general = (PriorityBand.GENERAL, next(order))
-            self.enqueue(st, Job(piece, Target.general(), JobReason.GENERAL, general))
+            self.enqueue(st, Job(piece, target, JobReason.GENERAL, general))
         if not piece.specializable:
             return
         # Only the sizes that can reach this piece (`GraphPiece.admits`): guards may give
