@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from models import DEFAULT_MODELS, DTYPES, _build, _timer, serving_tiers  # noqa: E402
 
-SYSTEMS = ("eager", "dynamic", "static", "pwdaemon")
+SYSTEMS = ("eager", "dynamic", "static", "pwdaemon_every_call", "pwdaemon")
 
 
 def child(opts: argparse.Namespace) -> dict[str, Any]:
@@ -54,19 +54,27 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
         "static": torch.compile(copy.deepcopy(model), dynamic=False, mode=mode),
     }
     attached = copy.deepcopy(model)
+    checked = copy.deepcopy(model)  # pwdaemon with dynamo's guard check on every call
     tier = pwd.Tier.GRAPH if device.type == "cuda" else pwd.Tier.SIZE
-    with torch.inference_mode(), pwd.attach(attached, sizes=sizes, store=False) as handle:
+    with (
+        torch.inference_mode(),
+        pwd.attach(attached, sizes=sizes, store=False) as handle,
+        pwd.attach(checked, sizes=sizes, store=False, guards="every_call") as handle2,
+    ):
         fns["pwdaemon"] = attached
-        first = calls[sizes[0]]
-        attached(*first[0], **first[1])
-        handle.wait_traced(opts.timeout)
-        ok = False
-        for _ in range(int(opts.timeout / 0.05)):  # serve until every size is at `tier`
-            for n in sizes:
-                attached(*calls[n][0], **calls[n][1])
-            if handle.wait(sizes=sizes, tier=tier, timeout=0.05):
-                ok = True
-                break
+        fns["pwdaemon_every_call"] = checked
+        reached = []
+        for h, m in ((handle, attached), (handle2, checked)):
+            first = calls[sizes[0]]
+            m(*first[0], **first[1])
+            h.wait_traced(opts.timeout)
+            for _ in range(int(opts.timeout / 0.05)):  # serve until every size is at `tier`
+                for n in sizes:
+                    m(*calls[n][0], **calls[n][1])
+                if h.wait(sizes=sizes, tier=tier, timeout=0.05):
+                    break
+            reached.append(h.wait(sizes=sizes, tier=tier, timeout=0))
+        ok = all(reached)
         for fn in fns.values():  # warm: static compiles each size here, graphs capture
             for _ in range(3):
                 for n in sizes:

@@ -27,6 +27,7 @@ from pwdaemon.engine.options import AttachOptions, TraceMode
 from pwdaemon.engine.store_link import StoreLink, model_id
 from pwdaemon.service.client import ServiceChoice, executor_for
 from pwdaemon.serving.cudagraph import GraphConfig
+from pwdaemon.serving.direct import GuardMode
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
@@ -75,6 +76,7 @@ class Handle:
             configured_sizes=frozenset(options.sizes),
             failed=failed,
             on_fall_back=remember,
+            guards=options.guards,
         )
         # The engine reads the tracer's records for status and metrics (read-only: the
         # engine sits below the handle and knows the tracer only as `TraceRecords`).
@@ -250,6 +252,7 @@ def attach(
     watch_store: bool = True,
     graphs: GraphConfig | None = None,
     trace: str = "background",
+    guards: str = "every_call",
     service: ServiceChoice = "auto",
     freeze_heap: bool = True,
 ) -> Handle:
@@ -273,6 +276,13 @@ def attach(
       serving calls run: the first request costs what eager costs) or "inline" (dynamo
       traces on the first call, which waits for it; tests and notebooks that want the
       pieces right after one call).
+    - `guards`: "every_call" (default: dynamo checks its guards on every call, as
+      torch.compile does) or "rechecked" (a call whose signature (argument shapes,
+      dtypes, values) a graph piece served before runs that piece's compiled code
+      without dynamo's guard check in front, which cost 125-370 µs a call on a BERT;
+      the guards are checked again on one call per signature every 0.5 s, so a change
+      to the module's Python state (its config, a hook) reaches calls within that time;
+      see `pwdaemon.serving.direct`). Not the default yet: not run through on a GPU.
     - `service`: where compiles run. "auto" (default): the host's `pwdaemon serve` when
       its socket (`PWDAEMON_SOCKET`, else /run/pwdaemon/pwdaemon.sock) answers now, else
       embedded worker processes; a socket path or True: that service, compiling embedded
@@ -308,6 +318,7 @@ def attach(
         watch_store=watch_store,
         graphs=graphs or GraphConfig(),
         trace=TraceMode.parse(trace),
+        guards=GuardMode.parse(guards),
         freeze_heap=freeze_heap,
     )
     link = _store_link(store, compiler)

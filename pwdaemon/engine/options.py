@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pwdaemon.config import CompileConfig, PolicyConfig
 from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.serving.cudagraph import GraphConfig
+from pwdaemon.serving.direct import GuardMode
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP
 from pwdaemon.serving.range_table import Range
 from pwdaemon.workers.executor import Executor
@@ -56,6 +57,7 @@ class AttachOptions:
     """Watch the store by polling instead of inotify (for file systems without it)."""
     graphs: GraphConfig = field(default_factory=GraphConfig)
     trace: TraceMode = TraceMode.BACKGROUND
+    guards: GuardMode = GuardMode.EVERY_CALL
     freeze_heap: bool = True
     """Keep objects alive at attach, after set-up and after traces out of the garbage
     collector's walks while attached (`pwdaemon.serving.heap`)."""

@@ -16,7 +16,7 @@ die with its code object.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import types
 from typing import Any
 
 import torch
@@ -29,13 +29,13 @@ _MODULE = __name__
 _ids = itertools.count()
 
 
-def make_entry(model: torch.nn.Module, tag: str = "") -> Callable[..., Any]:
+def make_entry(model: torch.nn.Module, tag: str = "") -> types.FunctionType:
     """A new function (with its own code object) that calls `model` with its hooks."""
     name = f"pwdaemon_entry_{next(_ids)}{'_' + tag if tag else ''}"
     namespace: dict[str, Any] = {"model": model, "__name__": _MODULE}
     code = compile(_SOURCE.format(name=name), f"<pwdaemon entry {name}>", "exec")
     exec(code, namespace)  # our own constant source, never user input
-    fn: Callable[..., Any] = namespace[name]
+    fn: types.FunctionType = namespace[name]
     return fn
 
 

@@ -37,6 +37,7 @@ from pwdaemon.serving.background import (
     join_if_started,
     start_without_waiting,
 )
+from pwdaemon.serving.direct import DirectCalls, GuardMode, Key, call_key
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.entry import call_eager, make_entry
 from pwdaemon.serving.gate import GATE, GateClosed
@@ -203,11 +204,12 @@ class Tracer:
         configured_sizes: frozenset[int] = frozenset(),
         failed: Mapping[ShapeStrategy, str] | None = None,
         on_fall_back: Callable[[ShapeStrategy, str], None] | None = None,
+        guards: GuardMode = GuardMode.EVERY_CALL,
     ) -> None:
-        """`failed`: strategies an earlier run of this model saw fail (with dynamo's
-        reason), skipped here; `on_fall_back(strategy, reason)` is told of each failure
-        on a size guard dynamo could not decide (on the tracing thread), to remember it
-        for the next run."""
+        """`guards`: see `serving.direct`. `failed`: strategies an earlier run of this
+        model saw fail (with dynamo's reason), skipped here; `on_fall_back(strategy,
+        reason)` is told of each failure on a size guard dynamo could not decide (on the
+        tracing thread), to remember it for the next run."""
         self.model = model
         # trace="background": see `serving.background`; None traces inline.
         self._background = BackgroundTrace(self._settle_step, size_cap) if background else None
@@ -246,6 +248,8 @@ class Tracer:
         self._hot_window = 0
         self.marks = SizeMarks(model, dynamic, self.shape_id)
         self._on_fall_back = on_fall_back
+        # Signatures served before skip dynamo's guard check (serving.direct).
+        self.direct = DirectCalls() if guards is GuardMode.RECHECKED else None
         failed = failed or {}
         first = next((s for s in ORDER if s not in failed), ORDER[-1])
         for strategy in ORDER[: ORDER.index(first)]:
@@ -275,9 +279,17 @@ class Tracer:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.settled:
+            direct = self.direct
+            key = None
+            if direct is not None and (key := call_key(args, kwargs)) is not None:
+                entry = direct.entries.get(key)
+                if entry is not None:
+                    ran, out = direct.run(entry, key, args, kwargs)
+                    if ran:
+                        return out
             if self._hot:
                 return self._serve_hot_window(args, kwargs)
-            return self._serve(args, kwargs)
+            return self._serve(args, kwargs, key)
         background = self._background
         if (
             background is not None
@@ -294,7 +306,7 @@ class Tracer:
                 start_without_waiting(thread)  # after this call: see BackgroundTrace.prepare
         return self._first_call(args, kwargs)
 
-    def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Key | None = None) -> Any:
         # The settled path: no lock. `_attempt` no longer changes once settled.
         attempt = self._attempt
         self.marks.mark(args, kwargs, attempt.strategy)
@@ -304,8 +316,12 @@ class Tracer:
             out = attempt.run(*args, **kwargs)
         except Exception as exc:
             return self._eager_after_error(exc, args, kwargs)
-        if served.last is None and self.pieces:
-            self._miss(args, kwargs)
+        if served.last is None:
+            if self.pieces:
+                self._miss(args, kwargs)
+        elif key is not None and self.direct is not None:
+            # A piece served this signature: later calls of it may skip dynamo's guards.
+            self.direct.register(key, attempt.entry, served.last, args, kwargs)
         return out
 
     def _first_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -623,6 +639,8 @@ class Tracer:
     def stop(self, timeout: float) -> bool:
         """Detach: wait up to `timeout` for a background trace under way; False if it
         is still running."""
+        if self.direct is not None:
+            self.direct.clear()
         if self._background is None:
             return True
         deadline = time.monotonic() + timeout

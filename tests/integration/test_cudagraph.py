@@ -181,11 +181,20 @@ def _flat(out: Any) -> list[torch.Tensor]:
     return []
 
 
-@pytest.mark.parametrize("name", ["bert", "llama"])
-def test_transformers_models_reach_tier3_under_inference_mode(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "guards"),
+    [
+        ("bert", "every_call"),
+        ("llama", "every_call"),
+        ("bert", "rechecked"),
+        ("llama", "rechecked"),
+    ],
+)
+def test_transformers_models_reach_tier3_under_inference_mode(name: str, guards: str) -> None:
     # The case: weights and inputs made under inference_mode, as servers do;
     # every hot size reaches tier 3 and matches tier 2 (and eager) within fp16 tolerance,
-    # and a caller's output is not overwritten by a later replay.
+    # and a caller's output is not overwritten by a later replay. With guards="rechecked"
+    # the same calls take the direct path (serving.direct) once their signature was served.
     pytest.importorskip("transformers")
     from pwdaemon.real_models import model_spec
 
@@ -203,6 +212,7 @@ def test_transformers_models_reach_tier3_under_inference_mode(name: str) -> None
             store=False,
             policy=pwd.PolicyConfig(hot_calls=10**9, tick_s=0.02),
             compiler=pwd.CompileConfig(workers=1),
+            guards=guards,
         )
         try:
             done = threading.Event()
@@ -245,6 +255,10 @@ def test_transformers_models_reach_tier3_under_inference_mode(name: str) -> None
                 want = _flat(ref(*calls[n][0], **calls[n][1]))
                 for a, b in zip(got, want, strict=True):
                     torch.testing.assert_close(a, b, **fp16)
+            direct = h._tracer.direct
+            if guards == "rechecked":
+                assert direct is not None and len(direct.entries) >= len(sizes), direct
+                assert sum(e.calls for e in direct.entries.values()) > 0
             print(name, "capture pauses (s):", [round(p, 4) for p in h.engine.capture_pauses])
             print(name, "graph memory (bytes):", graph_mem)
         finally:
