@@ -122,6 +122,11 @@ class TraceStatus:
     error_calls: int = 0  # calls that raised on pwdaemon's path and were re-run eager
     errors_by_type: Mapping[str, int] = field(default_factory=dict)
     trace_error: str | None = None  # a background capture that failed
+    # attach(guards="rechecked") only (see serving.direct); None: dynamo checks every call
+    direct_signatures: int | None = None  # signatures on the direct path now
+    direct_calls: int = 0  # calls they took without dynamo in front
+    direct_dropped: Mapping[str, int] = field(default_factory=dict)  # reason -> count
+    direct_refused: int = 0  # signatures kept on dynamo's path (a graph break)
 
     def lines(self, pieces: int) -> list[str]:
         """The readable form `HandleStatus.__str__` prints (indented two spaces)."""
@@ -146,6 +151,15 @@ class TraceStatus:
             detail = f" {r.detail}" if r.detail else ""
             pieces_ = ", ".join(map(str, r.pieces))
             out.append(f"    recompile ({r.cause.value}{detail}): pieces {pieces_}")
+        if self.direct_signatures is not None:
+            left = "".join(f"; left it ({why}) x{n}" for why, n in self.direct_dropped.items())
+            refused = (
+                f"; {self.direct_refused} kept on dynamo's path" if self.direct_refused else ""
+            )
+            out.append(
+                f"    direct calls: {self.direct_signatures} signature(s), "
+                f"{self.direct_calls} call(s){left}{refused}"
+            )
         if self.miss_calls:
             out.append(f"    {self.miss_calls} call(s) no piece served (ran eager):")
             for m in self.misses:

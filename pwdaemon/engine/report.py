@@ -16,7 +16,7 @@ import collections
 import copy
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from pwdaemon.engine.events import (
     AttemptStatus,
@@ -28,6 +28,7 @@ from pwdaemon.engine.events import (
 )
 from pwdaemon.engine.jobs import Counters, JobReason, JobState, PieceState
 from pwdaemon.metrics.stats import ModelMetrics, PieceMetrics, TraceMetrics
+from pwdaemon.serving.direct import DirectCalls
 from pwdaemon.serving.range_table import Target, Tier
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace import GraphPiece
@@ -71,6 +72,8 @@ class TraceRecords(Protocol):
     def settled(self) -> bool: ...
     @property
     def trace_error(self) -> BaseException | None: ...
+    @property
+    def direct(self) -> DirectCalls | None: ...
 
 
 def status(
@@ -125,7 +128,20 @@ def trace_status(trace: TraceRecords) -> TraceStatus:
         error_calls=errors.calls,
         errors_by_type=dict(errors.by_type),
         trace_error=None if error is None else f"{type(error).__name__}: {error}",
+        **_direct_status(trace.direct),
     )
+
+
+def _direct_status(direct: DirectCalls | None) -> dict[str, Any]:
+    if direct is None:
+        return {}
+    entries = list(direct.entries.values())
+    return {
+        "direct_signatures": len(entries),
+        "direct_calls": sum(e.calls for e in entries),
+        "direct_dropped": {r.value: n for r, n in list(direct.dropped.items())},
+        "direct_refused": len(direct.refused),
+    }
 
 
 def on_eager_reason(st: PieceState, plan_complete: bool) -> str | None:

@@ -204,8 +204,10 @@ class DirectCalls:
                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:  # fmt: skip
         """After a call of `key` that `piece` (its dispatcher) served through dynamo: put
         the signature on the direct path (on the calling thread, once per signature)."""
-        if key in self.entries or key in self.refused or len(self.entries) >= MAX_DIRECT_SIGNATURES:
+        if key in self.entries or key in self.refused:
             return
+        if len(self.entries) >= MAX_DIRECT_SIGNATURES or len(self.refused) >= MAX_DIRECT_SIGNATURES:
+            return  # bounded: further signatures go through dynamo
         from torch._C._dynamo.guards import GlobalStateGuard
 
         cache_entry = piece_entry(entry_fn, piece, {"args": args, "kwargs": kwargs})

@@ -163,6 +163,7 @@ def test_paired_times_every_system_in_one_process() -> None:
     assert len(rows) == 2, proc.stdout
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert [float(c) > 0 for c in cells[2:6]] == [True] * 4, row  # four systems timed
-        assert cells[6] == "size", row  # pwdaemon served specialized
-        assert float(cells[7]) > 0, row
+        # five systems timed: eager, dynamic, static, pwdaemon with both guard modes
+        assert [float(c) > 0 for c in cells[2:7]] == [True] * 5, row
+        assert cells[7] == "size", row  # pwdaemon served specialized
+        assert float(cells[8]) > 0, row

@@ -6,7 +6,7 @@ a change to the module's Python state is seen at the next guard recheck (the ent
 dropped, the call goes through dynamo, outputs follow the change); a direct call that
 raises is made again through dynamo; a graph break keeps the signature on dynamo's path;
 calls with grad on, one tensor passed twice or an argument of another type get no key;
-a detach clears the direct path.
+a detach clears the direct path; status() shows signatures, calls and what left.
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ def test_a_signature_served_before_runs_without_dynamo_and_equals_eager() -> Non
         # After settling, the first call of each size went through dynamo; 2 more each
         assert sum(e.calls for e in direct.entries.values()) == 4
         assert h.pieces[0].dispatcher.counts[7] == 3  # the piece served every call
+        st = h.status()
+        assert st.trace.direct_signatures == 2 and st.trace.direct_calls == 4
+        assert "direct calls: 2 signature(s), 4 call(s)" in str(st)
     assert not direct.entries  # a detach clears the direct path
 
 
@@ -75,6 +78,7 @@ def test_a_changed_module_attribute_reaches_direct_calls_at_the_recheck() -> Non
             entry.recheck_at = 0.0  # the recheck is due (instead of waiting 0.5 s)
         torch.testing.assert_close(model(x), ref(x), **TOL)
         assert direct.dropped == {DropReason.GUARDS_FAILED: 1}
+        assert f"left it ({DropReason.GUARDS_FAILED.value}) x1" in str(h.status())
         torch.testing.assert_close(model(x), ref(x), **TOL)  # registered again, new code
 
 
