@@ -20,13 +20,23 @@ from conftest import Broken, Plain
 from torch import nn
 
 import pwdaemon as pwd
-from pwdaemon.serving.direct import DropReason, call_key
+from pwdaemon.serving.direct import DirectEntry, DropReason, call_key
 
 TOL: dict[str, Any] = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def _attach(model: nn.Module) -> pwd.Handle:
     return pwd.attach(model, compile=False, trace="inline", store=False, guards="rechecked")
+
+
+def _registered(h: pwd.Handle, model: nn.Module, x: torch.Tensor) -> DirectEntry:
+    """Call `model` on `x` until its signature is on the direct path; its one entry."""
+    for _ in range(3):  # trace, settle, then registered
+        model(x)
+    direct = h._tracer.direct
+    assert direct is not None
+    (entry,) = direct.entries.values()
+    return entry
 
 
 class Scaled(nn.Module):
@@ -69,13 +79,11 @@ def test_a_changed_module_attribute_reaches_direct_calls_at_the_recheck() -> Non
     ref = copy.deepcopy(model)
     x = torch.randn(4, 8)
     with torch.inference_mode(), _attach(model) as h:
-        for _ in range(3):  # trace, settle, then registered
-            model(x)
+        entry = _registered(h, model, x)
         direct = h._tracer.direct
-        assert direct is not None and len(direct.entries) == 1
+        assert direct is not None
         model.scale = ref.scale = 3.0
-        for entry in direct.entries.values():
-            entry.recheck_at = 0.0  # the recheck is due (instead of waiting 0.5 s)
+        entry.recheck_at = 0.0  # the recheck is due (instead of waiting 0.5 s)
         torch.testing.assert_close(model(x), ref(x), **TOL)
         assert direct.dropped == {DropReason.GUARDS_FAILED: 1}
         assert f"left it ({DropReason.GUARDS_FAILED.value}) x1" in str(h.status())
@@ -88,11 +96,9 @@ def test_a_direct_call_that_raises_is_made_again_through_dynamo() -> None:
     ref = copy.deepcopy(model)
     x = torch.randn(3, 8)
     with torch.inference_mode(), _attach(model) as h:
-        for _ in range(3):  # trace, settle, then registered
-            model(x)
+        entry = _registered(h, model, x)
         direct = h._tracer.direct
         assert direct is not None
-        (entry,) = direct.entries.values()
 
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("injected")
