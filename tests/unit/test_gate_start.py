@@ -212,7 +212,10 @@ def test_a_script_exiting_while_gated_work_runs_torch_ops_exits_cleanly(
     # A daemon thread inside a torch op (GIL released) when the interpreter finalizes is
     # ended by pthread_exit, and the forced unwind through pybind11's noexcept GIL guard
     # aborts ("terminate called without an active exception", status 134). The gate's
-    # atexit handler parks gated threads first.
+    # atexit handler parks gated threads first. The script exits once both threads are
+    # inside their gated blocks: a thread still in a torch op before its block (the gate
+    # cannot see it) aborts the same way, and waiting for the first thread alone made
+    # this test fail once in CI that way.
     script = tmp_path / "exit_during_work.py"
     script.write_text(
         textwrap.dedent(
@@ -221,13 +224,12 @@ def test_a_script_exiting_while_gated_work_runs_torch_ops_exits_cleanly(
             import torch
             from pwdaemon.serving.gate import GATE, GateClosed
 
-            started = threading.Event()
+            inside = threading.Semaphore(0)
 
             def work():
-                a = torch.randn(128, 128)
                 try:
                     with GATE.background():
-                        started.set()
+                        inside.release()
                         while True:  # no garbage: no collection ever hooks it
                             a = torch.empty_strided((128, 128), (128, 1))
                             torch.mm(a, a)
@@ -236,7 +238,8 @@ def test_a_script_exiting_while_gated_work_runs_torch_ops_exits_cleanly(
 
             for _ in range(2):
                 threading.Thread(target=work, daemon=True).start()
-            started.wait(30)
+            for _ in range(2):
+                assert inside.acquire(timeout=30)
             """
         )
     )
