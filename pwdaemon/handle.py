@@ -30,9 +30,10 @@ from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.direct import GuardMode
 from pwdaemon.serving.dispatch import DEFAULT_SAMPLE_BYTES, DEFAULT_SIZE_CAP, Dispatcher
 from pwdaemon.serving.heap import HEAP
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Range, RangeTable, Runnable, Tier
 from pwdaemon.serving.strategy import ShapeStrategy
-from pwdaemon.serving.trace import GraphPiece, Tracer
+from pwdaemon.serving.trace import Tracer
 from pwdaemon.store import ArtifactStore
 from pwdaemon.workers.executor import Executor, ProcessExecutor
 

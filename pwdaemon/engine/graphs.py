@@ -28,8 +28,8 @@ from pwdaemon.serving.cudagraph import (
 )
 from pwdaemon.serving.cudagraph import capture as capture_graph
 from pwdaemon.serving.inputs import is_caller_tensor
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Range, Target, TargetKind, Tier
-from pwdaemon.serving.trace import GraphPiece
 
 if TYPE_CHECKING:  # publish.py imports `wants_graph` from here
     from pwdaemon.engine.publish import Publisher

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from pwdaemon.engine.policy import PiecePolicy
 from pwdaemon.metrics.stats import HistogramCounts
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target
-from pwdaemon.serving.trace import GraphPiece
 
 
 class JobState(enum.StrEnum):

@@ -55,8 +55,8 @@ from pwdaemon.engine.torch_thread import run_gated
 from pwdaemon.engine.waiters import Waiters
 from pwdaemon.metrics.stats import ModelMetrics
 from pwdaemon.serving.gate import GATE, GateHold
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Tier
-from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.workers.executor import Executor, ProcessExecutor
 from pwdaemon.workers.prewarm import prewarm
 

@@ -27,8 +27,8 @@ from pwdaemon.engine.policy import PiecePolicy
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.engine.torch_thread import run_gated
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Range, Target, TargetKind
-from pwdaemon.serving.trace import GraphPiece
 
 # Profile sizes rank after every configured size and range of their band.
 _PROFILE_RANK = 10_000

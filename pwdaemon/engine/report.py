@@ -29,9 +29,9 @@ from pwdaemon.engine.events import (
 from pwdaemon.engine.jobs import Counters, JobReason, JobState, PieceState
 from pwdaemon.metrics.stats import ModelMetrics, PieceMetrics, TraceMetrics
 from pwdaemon.serving.direct import DirectCalls
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target, Tier
 from pwdaemon.serving.strategy import ShapeStrategy
-from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.serving.trace_record import (
     AttemptOutcome,
     ErrorFallbacks,

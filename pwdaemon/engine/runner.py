@@ -27,8 +27,8 @@ from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import StoreLink, compile_options
 from pwdaemon.engine.torch_thread import run_gated, run_torch_work
 from pwdaemon.serving.gate import GATE
+from pwdaemon.serving.piece import wrap_compiled
 from pwdaemon.serving.range_table import TargetKind
-from pwdaemon.serving.trace import wrap_compiled
 from pwdaemon.store import ArtifactKey
 from pwdaemon.workers.compiler import (
     JobSpec,

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.serving.strategy import ShapeStrategy
-from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
 from pwdaemon.workers.compiler import SIZE_OBLIVIOUS_OPTION
 

@@ -65,7 +65,7 @@ def graph_identity(graph: bytes) -> tuple[str, str]:
     from torch.fx._graph_pickler import GraphPickler
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from pwdaemon.serving.trace import analyse_graph
+    from pwdaemon.serving.graph_facts import analyse_graph
 
     gm = GraphPickler.loads(graph, FakeTensorMode(shape_env=ShapeEnv()))
     if not isinstance(gm, torch.fx.GraphModule):

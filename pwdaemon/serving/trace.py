@@ -14,8 +14,10 @@ Calls go through two paths:
 - settled: dynamo in run-only mode (its callback is `False`, a thread-local setting of
   the calling thread): cached pieces serve, and an input that no piece's guards accept
   (new dtype, rank, grad mode, layout) runs eager and creates no piece. Such misses are
-  counted per input signature; a signature seen `hot_calls` times earns one tracing call.
-  This path takes no lock on a hit.
+  counted per input signature; a signature seen `hot_calls` times earns one tracing call
+  (misses.py). This path takes no lock on a hit.
+
+What dynamo hands the backend becomes a `GraphPiece` (piece.py) with a dispatcher.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,14 +39,14 @@ from pwdaemon.serving.background import (
     start_without_waiting,
 )
 from pwdaemon.serving.direct import DirectCalls, GuardMode, Key, call_key
-from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
+from pwdaemon.serving.dispatch import Dispatcher
 from pwdaemon.serving.entry import call_eager, make_entry
-from pwdaemon.serving.gate import GATE, GateClosed
-from pwdaemon.serving.graph_facts import GraphFacts, admits, analyse_graph, only_size
+from pwdaemon.serving.gate import GATE
+from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.heap import HEAP
-from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
-from pwdaemon.serving.priority import lowest_niceness
+from pwdaemon.serving.misses import DEFAULT_HOT_CALLS, Misses
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.strategy import (
     ORDER,
     TRACE_LOCK,
@@ -61,77 +62,17 @@ from pwdaemon.serving.trace_record import (
     ErrorFallbacks,
     GraphBreak,
     MissRecord,
-    MissState,
     Recompile,
     RecompileCause,
     StrategyAttempt,
     TorchWarnings,
     counter_delta,
     counter_snapshot,
-    input_signature,
 )
 
-__all__ = ("GraphPiece", "ShapeStrategy", "Tracer", "analyse_graph", "wrap_compiled")
+__all__ = ("Tracer", "analyse_graph")
 
 log = logging.getLogger(__name__)
-
-DEFAULT_HOT_CALLS = 3  # PolicyConfig.hot_calls' default; the handle passes its own
-# A hot signature that does not come back within this many calls stops costing every
-# call a signature computation; it can become hot again.
-HOT_WINDOW_CALLS = 10_000
-# Distinct miss signatures kept; further ones are counted under one "other" record.
-MAX_SIGNATURES = 256
-_OTHER = "other"
-
-
-@dataclass(eq=False)
-class GraphPiece:
-    """One graph dynamo handed to the backend, and what serving it needs."""
-
-    index: int
-    gm: torch.fx.GraphModule
-    dispatcher: Dispatcher
-    size_index: int | None  # flat-argument index of the (first) size SymInt
-    size_symbol: str | None
-    extra_symbols: tuple[str, ...]  # other dynamic symbols (then: general tier only)
-    returns_tuple: bool
-    output_marks: tuple[tuple[int, int], ...]  # (output index, dim) carrying the size
-    fingerprint: str = ""
-    placeholder_specs: tuple[str, ...] = field(default_factory=tuple)
-    strategy: ShapeStrategy = ShapeStrategy.UNBACKED
-    size_indices: tuple[int, ...] = ()  # every SymInt placeholder that is the size
-    size_symbols: tuple[str, ...] = ()
-    # Calls per size served by the plain module while a background trace ran (shared by
-    # the tracer's pieces; it stops changing once traced). They count as traffic: sizes
-    # that came before the trace was done are as hot as the ones after.
-    calls_before_trace: dict[int, int] = field(default_factory=dict)
-    size_guards: tuple[Any, ...] = ()  # see GraphFacts.size_guards
-
-    @property
-    def specializable(self) -> bool:
-        return self.size_index is not None and not self.extra_symbols
-
-    def admits(self, size: int) -> bool:
-        """Whether a call of `size` can reach this piece: it served one, or its guards
-        on the size hold (a piece traced at size 1 behind a `batch == 1` guard admits 1
-        alone). A size served wins over the guards as read here: dynamo let it through."""
-        return size in self.dispatcher.counts or admits(self.size_guards, size)
-
-    @property
-    def only_size(self) -> int | None:
-        """The one size that can reach this piece (a piece traced at size 1 behind a
-        `batch == 1` guard), or None when its guards admit more."""
-        n = only_size(self.size_guards)
-        # list(): serving threads add sizes to `counts` while the engine reads it
-        served = list(self.dispatcher.counts)
-        return n if n is not None and all(s == n for s in served) else None
-
-    def histogram(self) -> dict[int, int]:
-        """Calls per size of this piece, those before the trace included."""
-        hist = self.dispatcher.histogram()
-        for size, calls in list(self.calls_before_trace.items()):
-            hist[size] = hist.get(size, 0) + calls
-        return hist
 
 
 class _Attempt:
@@ -212,23 +153,13 @@ class Tracer:
         tracing thread), to remember it for the next run."""
         self.model = model
         # trace="background": see `serving.background`; None traces inline.
-        self._background = BackgroundTrace(self._settle_step, size_cap) if background else None
+        self.background = BackgroundTrace(self._settle_step, size_cap) if background else None
         self.shape_id = f"pwdaemon_size_{id(self):x}"
-        self.hot_calls = hot_calls
-        # attach(sizes=...): the user named these sizes, so a call of one that no piece
-        # serves is hot at its first miss (under a backed strategy size 1 is a piece
-        # of its own, and would otherwise wait for `hot_calls` misses).
-        self.configured_sizes = configured_sizes
-        # Set when the last background trace of a hot signature ended (for waiters).
-        self.hot_traced = threading.Event()
-        self.hot_traced.set()
-        self._hot_thread: threading.Thread | None = None
         self.pieces: list[GraphPiece] = []
         self.attempts: list[StrategyAttempt] = []
         self.graph_breaks: list[GraphBreak] = []
         self.recompiles: list[Recompile] = []
-        self.misses: dict[str, MissRecord] = {}
-        self.miss_calls = 0
+        self.miss = Misses(self, hot_calls=hot_calls, configured_sizes=configured_sizes)
         self.errors = ErrorFallbacks()
         self.trace_warnings: list[str] = []
         # False until one whole tracing call captures nothing new. Written under
@@ -238,14 +169,10 @@ class Tracer:
         self._on_piece = on_piece
         self._size_cap = size_cap
         self._sample_bytes = sample_bytes
-        self._lock = threading.Lock()  # miss and error records
+        self._lock = threading.Lock()  # error records
         # Each dispatcher writes itself here when it runs: after a call, the calling
         # thread sees whether any piece served it (no: a miss) and which ran last.
         self._served = threading.local()
-        # Signatures whose next call is traced. Replaced whole (a frozenset), so the
-        # serving path reads it without a lock; empty almost always.
-        self._hot: frozenset[str] = frozenset()
-        self._hot_window = 0
         self.marks = SizeMarks(model, dynamic, self.shape_id)
         self._on_fall_back = on_fall_back
         # Signatures served before skip dynamo's guard check (serving.direct).
@@ -267,6 +194,15 @@ class Tracer:
     def name(self) -> str:
         return type(self.model).__name__
 
+    @property
+    def misses(self) -> Mapping[str, MissRecord]:
+        """Calls no piece served, per input signature (`serving.misses`)."""
+        return self.miss.records
+
+    @property
+    def miss_calls(self) -> int:
+        return self.miss.calls
+
     # ---- the call path (installed as model._compiled_call_impl) ---------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -287,10 +223,11 @@ class Tracer:
                     ran, out = direct.run(entry, key, args, kwargs)
                     if ran:
                         return out
-            if self._hot:
-                return self._serve_hot_window(args, kwargs)
-            return self._serve(args, kwargs, key)
-        background = self._background
+            miss = self.miss
+            if miss.hot:
+                return miss.serve(args, kwargs)
+            return self.serve(args, kwargs, key)
+        background = self.background
         if (
             background is not None
             and not background.traced.is_set()
@@ -306,8 +243,9 @@ class Tracer:
                 start_without_waiting(thread)  # after this call: see BackgroundTrace.prepare
         return self._first_call(args, kwargs)
 
-    def _serve(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Key | None = None) -> Any:
-        # The settled path: no lock. `_attempt` no longer changes once settled.
+    def serve(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Key | None = None) -> Any:
+        """A settled call through dynamo (run-only). No lock: `_attempt` no longer
+        changes once settled."""
         attempt = self._attempt
         self.marks.mark(args, kwargs, attempt.strategy)
         served = self._served
@@ -318,7 +256,7 @@ class Tracer:
             return self._eager_after_error(exc, args, kwargs)
         if served.last is None:
             if self.pieces:
-                self._miss(args, kwargs)
+                self.miss.count(args, kwargs)
         elif key is not None and self.direct is not None:
             # A piece served this signature: later calls of it may skip dynamo's guards.
             self.direct.register(key, attempt.entry, served.last, args, kwargs)
@@ -331,12 +269,12 @@ class Tracer:
         with TRACE_LOCK:
             if not self.settled:
                 return self._settling_call(args, kwargs)
-        return self._serve(args, kwargs)
+        return self.serve(args, kwargs)
 
     def _settling_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Under TRACE_LOCK, not yet settled: one tracing call; settled once a whole call
         # captured nothing new.
-        out, changed = self._trace_call(args, kwargs, RecompileCause.SETTLING, "")
+        out, changed = self.trace_call(args, kwargs, RecompileCause.SETTLING, "")
         if changed:
             return out
         self.settled = True
@@ -349,132 +287,9 @@ class Tracer:
         )
         return out
 
-    # ---- misses: inputs no captured piece serves -------------------------------------
-
-    def _miss(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        sig = input_signature(args, kwargs, self.marks.dims(args, kwargs))
-        with self._lock:  # the miss path only; a hit never takes it
-            self.miss_calls += 1
-            rec = self.misses.get(sig)
-            if rec is None:
-                if len(self.misses) >= MAX_SIGNATURES:
-                    sig = _OTHER
-                    rec = self.misses.setdefault(_OTHER, MissRecord(_OTHER))
-                else:
-                    rec = self.misses[sig] = MissRecord(sig)
-                    log.info(
-                        "pwdaemon: %s: no captured piece serves input %s; served eager",
-                        self.name,
-                        sig,
-                    )
-            rec.calls += 1
-            hot_at = self.hot_calls
-            if self.configured_sizes and self.marks.size(args, kwargs) in self.configured_sizes:
-                hot_at = 1
-            if rec.state is MissState.COUNTING and rec.calls >= hot_at and sig != _OTHER:
-                rec.state = MissState.HOT
-                self._hot_window = 0
-                self._hot = self._hot | {sig}
-                log.info(
-                    "pwdaemon: %s: input %s is hot (%d calls); its next call is traced",
-                    self.name,
-                    sig,
-                    rec.calls,
-                )
-
-    def _serve_hot_window(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # Only while some stray signature is hot: every call computes its signature.
-        sig = input_signature(args, kwargs, self.marks.dims(args, kwargs))
-        if sig in self._hot:
-            return self._trace_hot(sig, args, kwargs)
-        self._hot_window += 1  # a lost update under a race only delays the expiry
-        if self._hot_window > HOT_WINDOW_CALLS:
-            with self._lock:
-                for s in self._hot:
-                    rec = self.misses[s]
-                    if rec.state is MissState.HOT:
-                        rec.state, rec.calls = MissState.COUNTING, 0
-                self._hot = frozenset()
-        return self._serve(args, kwargs)
-
-    def _trace_hot(self, sig: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._background is not None and not importing_module():
-            self._trace_hot_in_background(sig, args, kwargs)
-            return self._serve(args, kwargs)
-        with TRACE_LOCK:
-            if sig in self._hot:  # not traced by another thread meanwhile
-                with self._lock:
-                    self._hot = self._hot - {sig}
-                rec = self.misses[sig]
-                try:
-                    out, changed = self._trace_call(args, kwargs, RecompileCause.HOT_SIGNATURE, sig)
-                except BaseException:
-                    # A traced call that raised (eager raised too) is not traced again.
-                    rec.state = MissState.NOT_CAPTURED
-                    raise
-                self._hot_trace_ended(rec, changed)
-                return out
-        return self._serve(args, kwargs)
-
-    def _trace_hot_in_background(
-        self, sig: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        # trace="background": a hot signature is traced as the first call was, from
-        # private copies on a thread of its own, gated; the call that found it hot is
-        # served as before (eager). Inline, that call paid dynamo's whole trace: 2.6 s
-        # for BERT's size-1 piece on an H200, the worst call of its warm-up.
-        with self._lock:
-            if sig not in self._hot:
-                return  # another thread took it
-            self._hot = self._hot - {sig}
-        rec = self.misses[sig]  # stays HOT until traced: no second trace meanwhile
-        args_copy = tuple(copy_for_trace(a) for a in args)
-        kwargs_copy = {k: copy_for_trace(v) for k, v in kwargs.items()}
-        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-
-        def run() -> None:
-            background = self._background
-            if background is not None and background.stopping:
-                self.hot_traced.set()  # detached before this thread began
-                return
-            changed = False
-            try:
-                with (
-                    GATE.background(),
-                    lowest_niceness(),  # this thread ends after the trace
-                    torch.inference_mode(modes[1]),
-                    torch.set_grad_enabled(modes[0]),
-                    TRACE_LOCK,
-                ):
-                    _, changed = self._trace_call(
-                        args_copy, kwargs_copy, RecompileCause.HOT_SIGNATURE, sig
-                    )
-            except GateClosed:
-                pass  # the interpreter exits
-            except BaseException as exc:  # a thread of ours: log, never raise
-                log.warning("pwdaemon: %s: tracing input %s failed: %s", self.name, sig, exc)
-            try:
-                self._hot_trace_ended(rec, changed)
-            finally:
-                self.hot_traced.set()
-
-        self.hot_traced.clear()
-        self._hot_thread = threading.Thread(target=run, name="pwdaemon-trace-hot", daemon=True)
-        start_without_waiting(self._hot_thread)
-
-    def _hot_trace_ended(self, rec: MissRecord, changed: bool) -> None:
-        """Record how the trace of a hot signature ended: traced, or left eager."""
-        rec.state = MissState.TRACED if changed else MissState.NOT_CAPTURED
-        if not changed:
-            log.warning(
-                "pwdaemon: %s: input %s was traced but dynamo captured no piece; it stays eager",
-                self.name,
-                rec.signature,
-            )
-
     # ---- tracing calls ---------------------------------------------------------------
 
-    def _trace_call(
+    def trace_call(
         self,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -634,18 +449,18 @@ class Tracer:
     @property
     def trace_error(self) -> BaseException | None:
         """Why the background trace failed (then the next call traces inline)."""
-        return self._background.error if self._background is not None else None
+        return self.background.error if self.background is not None else None
 
     def stop(self, timeout: float) -> bool:
         """Detach: wait up to `timeout` for a background trace under way; False if it
         is still running."""
         if self.direct is not None:
             self.direct.clear()
-        if self._background is None:
+        if self.background is None:
             return True
         deadline = time.monotonic() + timeout
-        done = self._background.stop(timeout)
-        hot = self._hot_thread
+        done = self.background.stop(timeout)
+        hot = self.miss.thread
         if hot is not None and hot is not threading.current_thread():
             # Not started yet: it sees the background trace stopping and does nothing.
             done = join_if_started(hot, max(0.0, deadline - time.monotonic())) and done
@@ -654,11 +469,11 @@ class Tracer:
     def wait_traced(self, timeout: float | None = None) -> bool:
         """Background capture only: block until dynamo captured the model (a model
         first called while its module is imported is traced inline: True at once)."""
-        if self._background is None or self.settled:
+        if self.background is None or self.settled:
             return True
-        if self._background.thread is None and self.pieces:
+        if self.background.thread is None and self.pieces:
             return True  # traced inline: first called while its module was imported
-        return self._background.traced.wait(timeout)
+        return self.background.traced.wait(timeout)
 
     # ---- the backend -----------------------------------------------------------------
 
@@ -690,7 +505,7 @@ class Tracer:
             size_symbols=facts.size_symbols,
             size_guards=facts.size_guards,
             # Shared with every piece: see GraphPiece.calls_before_trace.
-            calls_before_trace=self._background.calls_before if self._background else {},
+            calls_before_trace=self.background.calls_before if self.background else {},
         )
         if piece.output_marks:
             # Outputs of a piece followed by another (a graph break) must carry the size
@@ -711,8 +526,3 @@ class Tracer:
                     mark_size(t, d, strategy, shape_id)
 
         return mark
-
-
-def wrap_compiled(fn: Callable[..., Any], piece: GraphPiece) -> Callable[..., Any]:
-    """A compiled artifact shaped like the piece's graph output."""
-    return match_output_structure(fn, piece.returns_tuple)

@@ -25,9 +25,9 @@ from torch import nn
 
 from pwdaemon.config import CompileConfig
 from pwdaemon.engine.store_link import compile_options
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target
 from pwdaemon.serving.strategy import ShapeStrategy
-from pwdaemon.serving.trace import GraphPiece
 from pwdaemon.workers import starvation
 from pwdaemon.workers.compiler import (
     SIZE_OBLIVIOUS_OPTION,

@@ -252,8 +252,8 @@ def test_detach_waits_for_a_background_trace_under_way(pair: tuple[nn.Module, nn
     handle = pwd.attach(model, compile=False, trace="background")
     x = torch.randn(5, 8)
     torch.testing.assert_close(model(x), ref(x))
-    assert handle._tracer._background is not None
-    thread = handle._tracer._background.thread
+    assert handle._tracer.background is not None
+    thread = handle._tracer.background.thread
     assert thread is not None
     handle.detach()
     assert not thread.is_alive()

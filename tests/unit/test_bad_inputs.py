@@ -24,7 +24,7 @@ from torch import nn
 
 import pwdaemon as pwd
 from pwdaemon import Range, Tier
-from pwdaemon.serving.trace import wrap_compiled
+from pwdaemon.serving.piece import wrap_compiled
 
 WIDTH = 8
 RANGE = Range(1, 8)  # the configured range; the general entry serves the rest

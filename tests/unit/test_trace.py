@@ -30,7 +30,8 @@ from torch._dynamo.utils import counters
 import pwdaemon as pwd
 from pwdaemon import Range, Tier
 from pwdaemon.serving import trace as trace_module
-from pwdaemon.serving.trace import ShapeStrategy, wrap_compiled
+from pwdaemon.serving.piece import wrap_compiled
+from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace_record import AttemptOutcome, MissState, RecompileCause
 
 WIDTH = 8
@@ -466,7 +467,7 @@ def test_model_branching_on_its_batch_size_stays_correct(order: list[int]) -> No
         assert all(p.strategy is ShapeStrategy.UNBACKED for p in handle.pieces)
         # size 1 ran compiled once its piece existed (traced while settling or as a hot
         # miss): misses, if any, were served eager and never more than hot_calls of them
-        assert sum(r.calls for r in tracer.misses.values()) <= tracer.hot_calls
+        assert sum(r.calls for r in tracer.misses.values()) <= tracer.miss.hot_calls
 
 
 def test_backed_oblivious_serves_bert_right_at_size_1_and_after(
@@ -594,18 +595,18 @@ def test_with_background_trace_a_hot_input_is_traced_off_the_serving_call() -> N
         tracer = handle._tracer
         serving = threading.current_thread()
         traced_on: list[threading.Thread] = []
-        real_trace_call = tracer._trace_call
+        real_trace_call = tracer.trace_call
 
         def spy(*a: Any, **kw: Any) -> Any:
             traced_on.append(threading.current_thread())
             return real_trace_call(*a, **kw)
 
-        tracer._trace_call = spy  # type: ignore[method-assign]
-        for _ in range(tracer.hot_calls + 1):  # grad mode on: another signature
+        tracer.trace_call = spy  # type: ignore[method-assign]
+        for _ in range(tracer.miss.hot_calls + 1):  # grad mode on: another signature
             with torch.enable_grad():
                 x = torch.randn(3, WIDTH)
                 torch.testing.assert_close(model(x), reference(x))
-        assert tracer.hot_traced.wait(60)
+        assert tracer.miss.traced.wait(60)
         (record,) = tracer.misses.values()
         assert record.state is MissState.TRACED, record
         assert traced_on and serving not in traced_on
@@ -613,7 +614,7 @@ def test_with_background_trace_a_hot_input_is_traced_off_the_serving_call() -> N
         with torch.enable_grad():
             x = torch.randn(5, WIDTH)
             torch.testing.assert_close(model(x), reference(x))
-        assert record.calls == tracer.hot_calls + 1  # served by the new piece since
+        assert record.calls == tracer.miss.hot_calls + 1  # served by the new piece since
 
 
 @pytest.mark.parametrize("kind", ["non-contiguous", "grad"])
@@ -637,7 +638,7 @@ def test_stray_input_runs_eager_until_hot_then_is_traced_once(kind: str) -> None
                 model(torch.randn(n, WIDTH))
         tracer = handle._tracer
         assert tracer.settled and len(handle.pieces) == 1
-        hot = tracer.hot_calls
+        hot = tracer.miss.hot_calls
         for _ in range(hot):
             x = stray(5)
             torch.testing.assert_close(call(x), reference(x))

@@ -1,0 +1,75 @@
+"""A graph piece: one graph dynamo handed to pwdaemon's backend, and what serving it needs.
+
+The tracer (trace.py) creates pieces; the engine plans, compiles and swaps runnables for
+them; status and metrics read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
+from pwdaemon.serving.graph_facts import admits, only_size
+from pwdaemon.serving.strategy import ShapeStrategy
+
+__all__ = ("GraphPiece", "wrap_compiled")
+
+
+@dataclass(eq=False)
+class GraphPiece:
+    """One graph dynamo handed to the backend, and what serving it needs."""
+
+    index: int
+    gm: torch.fx.GraphModule
+    dispatcher: Dispatcher
+    size_index: int | None  # flat-argument index of the (first) size SymInt
+    size_symbol: str | None
+    extra_symbols: tuple[str, ...]  # other dynamic symbols (then: general tier only)
+    returns_tuple: bool
+    output_marks: tuple[tuple[int, int], ...]  # (output index, dim) carrying the size
+    fingerprint: str = ""
+    placeholder_specs: tuple[str, ...] = field(default_factory=tuple)
+    strategy: ShapeStrategy = ShapeStrategy.UNBACKED
+    size_indices: tuple[int, ...] = ()  # every SymInt placeholder that is the size
+    size_symbols: tuple[str, ...] = ()
+    # Calls per size served by the plain module while a background trace ran (shared by
+    # the tracer's pieces; it stops changing once traced). They count as traffic: sizes
+    # that came before the trace was done are as hot as the ones after.
+    calls_before_trace: dict[int, int] = field(default_factory=dict)
+    size_guards: tuple[Any, ...] = ()  # see GraphFacts.size_guards
+
+    @property
+    def specializable(self) -> bool:
+        return self.size_index is not None and not self.extra_symbols
+
+    def admits(self, size: int) -> bool:
+        """Whether a call of `size` can reach this piece: it served one, or its guards
+        on the size hold (a piece traced at size 1 behind a `batch == 1` guard admits 1
+        alone). A size served wins over the guards as read here: dynamo let it through."""
+        return size in self.dispatcher.counts or admits(self.size_guards, size)
+
+    @property
+    def only_size(self) -> int | None:
+        """The one size that can reach this piece (a piece traced at size 1 behind a
+        `batch == 1` guard), or None when its guards admit more."""
+        n = only_size(self.size_guards)
+        # list(): serving threads add sizes to `counts` while the engine reads it
+        served = list(self.dispatcher.counts)
+        return n if n is not None and all(s == n for s in served) else None
+
+    def histogram(self) -> dict[int, int]:
+        """Calls per size of this piece, those before the trace included."""
+        hist = self.dispatcher.histogram()
+        for size, calls in list(self.calls_before_trace.items()):
+            hist[size] = hist.get(size, 0) + calls
+        return hist
+
+
+def wrap_compiled(fn: Callable[..., Any], piece: GraphPiece) -> Callable[..., Any]:
+    """A compiled artifact shaped like the piece's graph output."""
+    return match_output_structure(fn, piece.returns_tuple)
