@@ -11,6 +11,7 @@ system alike, so the ratios are what the machine can tell apart.
 
     python bench/paired.py [--models bert,gpt2,...] [--sizes 1,4,16] [--rounds 20]
                            [--block 10] [--device cpu|cuda] [--preset tiny|issue]
+                           [--systems eager,static,pwdaemon,...]
 
 Prints one markdown table (median ms per call, and pwdaemon ÷ static speed). On CUDA,
 static is `mode="reduce-overhead"` and pwdaemon is waited for at tier 3.
@@ -19,6 +20,7 @@ static is `mode="reduce-overhead"` and pwdaemon is waited for at tier 3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -48,23 +50,27 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
     calls = {n: inputs(n) for n in sizes}
     timed = _timer(device)
     mode = "reduce-overhead" if device.type == "cuda" else None
-    fns: dict[str, Any] = {
-        "eager": copy.deepcopy(model),
-        "dynamic": torch.compile(copy.deepcopy(model), dynamic=True),
-        "static": torch.compile(copy.deepcopy(model), dynamic=False, mode=mode),
+    systems = opts.systems.split(",")
+    build = {
+        "eager": lambda: copy.deepcopy(model),
+        "dynamic": lambda: torch.compile(copy.deepcopy(model), dynamic=True),
+        "static": lambda: torch.compile(copy.deepcopy(model), dynamic=False, mode=mode),
     }
-    attached = copy.deepcopy(model)
-    checked = copy.deepcopy(model)  # pwdaemon with dynamo's guard check on every call
+    fns: dict[str, Any] = {s: build[s]() for s in SYSTEMS if s in systems and s in build}
+    # pwdaemon's two guard modes, each attached to a copy of its own
+    guards = {"pwdaemon": "rechecked", "pwdaemon_every_call": "every_call"}
     tier = pwd.Tier.GRAPH if device.type == "cuda" else pwd.Tier.SIZE
-    with (
-        torch.inference_mode(),
-        pwd.attach(attached, sizes=sizes, store=False) as handle,
-        pwd.attach(checked, sizes=sizes, store=False, guards="every_call") as handle2,
-    ):
-        fns["pwdaemon"] = attached
-        fns["pwdaemon_every_call"] = checked
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        handles = {}
+        for system in (s for s in SYSTEMS if s in systems and s in guards):
+            fns[system] = copy.deepcopy(model)
+            handles[system] = stack.enter_context(
+                pwd.attach(fns[system], sizes=sizes, store=False, guards=guards[system])
+            )
         reached = []
-        for h, m in ((handle, attached), (handle2, checked)):
+        for system, h in handles.items():
+            m = fns[system]
             first = calls[sizes[0]]
             m(*first[0], **first[1])
             h.wait_traced(opts.timeout)
@@ -88,7 +94,8 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
                         timed(lambda: fn(*args, **kwargs))  # noqa: B023 (called at once)
                         for _ in range(opts.block)
                     ]
-        tiers = {str(n): serving_tiers(handle, n) for n in sizes}
+        shown = handles.get("pwdaemon") or next(iter(handles.values()), None)
+        tiers = {str(n): serving_tiers(shown, n) if shown else "-" for n in sizes}
     return {
         "model": opts.model,
         "reached_tier": ok,
@@ -110,6 +117,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--block", type=int, default=10, help="calls per system and size a round")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"a subset of {','.join(SYSTEMS)}")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     opts = p.parse_args()
@@ -121,7 +129,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--device", opts.device,
                "--sizes", opts.sizes, "--preset", opts.preset, "--dtype", opts.dtype,
                "--rounds", str(opts.rounds), "--block", str(opts.block),
-               "--timeout", str(opts.timeout)]  # fmt: skip
+               "--timeout", str(opts.timeout), "--systems", opts.systems]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout * 3)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if not lines:
@@ -137,19 +145,20 @@ def main() -> None:
     print(f"{stamp}, {where}, torch {torch.__version__}, `python bench/paired.py --device "
           f"{opts.device} --models {opts.models} --sizes {opts.sizes} --preset {opts.preset} "
           f"--dtype {opts.dtype} --rounds {opts.rounds} --block {opts.block}`\n")  # fmt: skip
-    systems = " | ".join(SYSTEMS)
-    print(f"| model | size | {systems} | pwdaemon tier | pwdaemon ÷ static speed |")
-    print("|---|---|" + "---|" * (len(SYSTEMS) + 2))
+    timed = [s for s in SYSTEMS if s in opts.systems.split(",")]
+    print(f"| model | size | {' | '.join(timed)} | pwdaemon tier | pwdaemon ÷ static speed |")
+    print("|---|---|" + "---|" * (len(timed) + 2))
     for r in rows:
         if "error" in r:
-            print(f"| {r['model']} | error: {r['error']} |" + " |" * (len(SYSTEMS) + 1))
+            print(f"| {r['model']} | error: {r['error']} |" + " |" * (len(timed) + 1))
             continue
         for n in opts.sizes.split(","):
-            ms = [r["ms"][s][n] for s in SYSTEMS]
-            ratio = r["ms"]["static"][n] / r["ms"]["pwdaemon"][n]
+            ms = [r["ms"][s][n] for s in timed]
+            both = "static" in r["ms"] and "pwdaemon" in r["ms"]
+            ratio = f"{r['ms']['static'][n] / r['ms']['pwdaemon'][n]:.2f}" if both else "-"
             cells = " | ".join(f"{v:.3f}" for v in ms)
             tier = r["pwdaemon_tiers"][n] + ("" if r["reached_tier"] else " (not all ready)")
-            print(f"| {r['model']} | {n} | {cells} | {tier} | {ratio:.2f} |")
+            print(f"| {r['model']} | {n} | {cells} | {tier} | {ratio} |")
 
 
 if __name__ == "__main__":
