@@ -131,31 +131,45 @@ def _explain(model: torch.nn.Module, call: Call) -> dict[str, Any]:
     }
 
 
-def _compile_piece(piece: Any, size: int | None, workdir: str) -> dict[str, Any]:
-    """One real compile of a piece in a worker process; its seconds or its error."""
+def _compile_pieces(jobs: list[tuple[Any, int | None]], workdir: str) -> list[dict[str, Any]]:
+    """Real compiles of (piece, size or None for its general) in one worker process, one
+    after the other: each one's seconds or its error."""
     from pwdaemon.config import CompileConfig
     from pwdaemon.engine.store_link import compile_options
     from pwdaemon.serving.range_table import Target
     from pwdaemon.workers.compiler import JobSpec, dump_graph
     from pwdaemon.workers.executor import ProcessExecutor
 
-    target = Target.general() if size is None else Target.size(size)
+    # One worker for every compile: a worker's start (torch's and Inductor's imports,
+    # ~5 s of CPU here) is paid once, as the engine's pool pays it once.
     executor = ProcessExecutor(CompileConfig(workers=1))
+    runs: list[dict[str, Any]] = []
     try:
         executor.start()
-        spec = JobSpec(
-            dump_graph(piece.gm, f"piece {piece.index}", piece.size_guards),
-            target,
-            str(Path(workdir) / f"g{piece.index}-{target.label.replace(':', '_')}.bin"),
-            compile_options({}, piece),
-        )
-        t0 = time.monotonic()
-        result = executor.run(spec, 1800.0)
-        return {"target": target.label, "seconds": result.get("seconds", time.monotonic() - t0)}
-    except Exception as exc:
-        return {"target": target.label, "error": f"{type(exc).__name__}: {exc}"}
+        for piece, size in jobs:
+            target = Target.general() if size is None else Target.size(size)
+            try:
+                spec = JobSpec(
+                    dump_graph(piece.gm, f"piece {piece.index}", piece.size_guards),
+                    target,
+                    str(Path(workdir) / f"g{piece.index}-{target.label.replace(':', '_')}.bin"),
+                    compile_options({}, piece),
+                )
+                t0 = time.monotonic()
+                result = executor.run(spec, 1800.0)
+                seconds = result.get("seconds", time.monotonic() - t0)
+                runs.append({"target": target.label, "seconds": seconds})
+            except Exception as exc:
+                runs.append({"target": target.label, "error": f"{type(exc).__name__}: {exc}"})
+    except Exception as exc:  # the worker did not start: every compile has that error
+        done = {r["target"] for r in runs}
+        for _, size in jobs:
+            label = (Target.general() if size is None else Target.size(size)).label
+            if label not in done:
+                runs.append({"target": label, "error": f"{type(exc).__name__}: {exc}"})
     finally:
         executor.close(10.0)
+    return runs
 
 
 def diagnose(
@@ -221,9 +235,10 @@ def diagnose(
                     (p for p in handle.pieces if p.specializable and p.admits(sizes[-1])),
                     handle.pieces[0],
                 )
-                runs = [_compile_piece(first, None, tmp)]
+                targets: list[tuple[Any, int | None]] = [(first, None)]
                 if first.specializable and first.admits(sizes[-1]):
-                    runs.append(_compile_piece(first, sizes[-1], tmp))
+                    targets.append((first, sizes[-1]))
+                runs = _compile_pieces(targets, tmp)
             report["compiles"] = runs
             ok = [r["seconds"] for r in runs if "seconds" in r]
             if ok:
