@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pwdaemon.cli.warm import _int_list, load_object
+from pwdaemon.serving.range_table import Target
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
@@ -131,23 +132,24 @@ def _explain(model: torch.nn.Module, call: Call) -> dict[str, Any]:
     }
 
 
-def _compile_pieces(jobs: list[tuple[Any, int | None]], workdir: str) -> list[dict[str, Any]]:
-    """Real compiles of (piece, size or None for its general) in one worker process, one
-    after the other: each one's seconds or its error."""
+def _compile_pieces(jobs: list[tuple[Any, Target]], workdir: str) -> list[dict[str, Any]]:
+    """Real compiles of (piece, target) in one worker process, one after the other: each
+    one's seconds or its error."""
     from pwdaemon.config import CompileConfig
     from pwdaemon.engine.store_link import compile_options
-    from pwdaemon.serving.range_table import Target
     from pwdaemon.workers.compiler import JobSpec, dump_graph
     from pwdaemon.workers.executor import ProcessExecutor
 
     # One worker for every compile: a worker's start (torch's and Inductor's imports,
     # ~5 s of CPU here) is paid once, as the engine's pool pays it once.
     executor = ProcessExecutor(CompileConfig(workers=1))
-    runs: list[dict[str, Any]] = []
     try:
-        executor.start()
-        for piece, size in jobs:
-            target = Target.general() if size is None else Target.size(size)
+        try:
+            executor.start()
+        except Exception as exc:  # no worker: every compile has that error
+            return [{"target": t.label, "error": f"{type(exc).__name__}: {exc}"} for _, t in jobs]
+        runs: list[dict[str, Any]] = []
+        for piece, target in jobs:
             try:
                 spec = JobSpec(
                     dump_graph(piece.gm, f"piece {piece.index}", piece.size_guards),
@@ -161,15 +163,9 @@ def _compile_pieces(jobs: list[tuple[Any, int | None]], workdir: str) -> list[di
                 runs.append({"target": target.label, "seconds": seconds})
             except Exception as exc:
                 runs.append({"target": target.label, "error": f"{type(exc).__name__}: {exc}"})
-    except Exception as exc:  # the worker did not start: every compile has that error
-        done = {r["target"] for r in runs}
-        for _, size in jobs:
-            label = (Target.general() if size is None else Target.size(size)).label
-            if label not in done:
-                runs.append({"target": label, "error": f"{type(exc).__name__}: {exc}"})
+        return runs
     finally:
         executor.close(10.0)
-    return runs
 
 
 def diagnose(
@@ -235,9 +231,9 @@ def diagnose(
                     (p for p in handle.pieces if p.specializable and p.admits(sizes[-1])),
                     handle.pieces[0],
                 )
-                targets: list[tuple[Any, int | None]] = [(first, None)]
+                targets = [(first, Target.general())]
                 if first.specializable and first.admits(sizes[-1]):
-                    targets.append((first, sizes[-1]))
+                    targets.append((first, Target.size(sizes[-1])))
                 runs = _compile_pieces(targets, tmp)
             report["compiles"] = runs
             ok = [r["seconds"] for r in runs if "seconds" in r]
