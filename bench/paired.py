@@ -121,6 +121,9 @@ def main() -> None:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     opts = p.parse_args()
+    unknown = sorted(set(opts.systems.split(",")) - set(SYSTEMS))
+    if unknown:
+        p.error(f"--systems: unknown {','.join(unknown)} (systems: {','.join(SYSTEMS)})")
     if opts.child:
         print(json.dumps(child(opts)), flush=True)
         return
