@@ -12,9 +12,14 @@ system alike, so the ratios are what the machine can tell apart.
     python bench/paired.py [--models bert,gpt2,...] [--sizes 1,4,16] [--rounds 20]
                            [--block 10] [--device cpu|cuda] [--preset tiny|issue]
                            [--systems eager,static,pwdaemon,...]
+                           [--static-mode reduce-overhead|default] [--graphs on|off]
 
 Prints one markdown table (median ms per call, and pwdaemon ÷ static speed). On CUDA,
-static is `mode="reduce-overhead"` and pwdaemon is waited for at tier 3.
+static is `mode="reduce-overhead"` (`--static-mode default`: no CUDA graphs) and pwdaemon
+is waited for at tier 3 (`--graphs off`: tier 2, its CUDA-graph tier disabled). A call
+that raises names its system and size on stderr: on an H200, static's cudagraph trees
+and pwdaemon's CUDA graphs in one process ended in "unspecified launch failure"
+(README, "Seen on the GPU").
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
     model, inputs = _build(opts.model, opts.preset, device, dtype)
     calls = {n: inputs(n) for n in sizes}
     timed = _timer(device)
-    mode = "reduce-overhead" if device.type == "cuda" else None
+    mode = opts.static_mode if device.type == "cuda" else None
     systems = opts.systems.split(",")
     build = {
         "eager": lambda: copy.deepcopy(model),
@@ -59,14 +64,20 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
     fns: dict[str, Any] = {s: build[s]() for s in SYSTEMS if s in systems and s in build}
     # pwdaemon's two guard modes, each attached to a copy of its own
     guards = {"pwdaemon": "rechecked", "pwdaemon_every_call": "every_call"}
-    tier = pwd.Tier.GRAPH if device.type == "cuda" else pwd.Tier.SIZE
+    tier = pwd.Tier.GRAPH if device.type == "cuda" and opts.graphs == "on" else pwd.Tier.SIZE
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         handles = {}
         for system in (s for s in SYSTEMS if s in systems and s in guards):
             fns[system] = copy.deepcopy(model)
             handles[system] = stack.enter_context(
-                pwd.attach(fns[system], sizes=sizes, store=False, guards=guards[system])
+                pwd.attach(
+                    fns[system],
+                    sizes=sizes,
+                    store=False,
+                    guards=guards[system],
+                    graphs=pwd.GraphConfig(enabled=opts.graphs == "on"),
+                )
             )
         reached = []
         for system, h in handles.items():
@@ -90,10 +101,15 @@ def child(opts: argparse.Namespace) -> dict[str, Any]:
             for system, fn in fns.items():
                 for n in sizes:
                     args, kwargs = calls[n]
-                    samples[system][n] += [
-                        timed(lambda: fn(*args, **kwargs))  # noqa: B023 (called at once)
-                        for _ in range(opts.block)
-                    ]
+                    try:
+                        samples[system][n] += [
+                            timed(lambda: fn(*args, **kwargs))  # noqa: B023 (called at once)
+                            for _ in range(opts.block)
+                        ]
+                    except Exception:
+                        # A CUDA fault surfaces at the next synchronize: say whose it was.
+                        print(f"paired: {system} at size {n} raised", file=sys.stderr)
+                        raise
         shown = handles.get("pwdaemon") or next(iter(handles.values()), None)
         tiers = {str(n): serving_tiers(shown, n) if shown else "-" for n in sizes}
     return {
@@ -118,6 +134,15 @@ def main() -> None:
     p.add_argument("--block", type=int, default=10, help="calls per system and size a round")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"a subset of {','.join(SYSTEMS)}")
+    p.add_argument(
+        "--static-mode",
+        default="reduce-overhead",
+        choices=("reduce-overhead", "default"),
+        help="torch.compile mode of `static` on CUDA (reduce-overhead: cudagraph trees)",
+    )
+    p.add_argument(
+        "--graphs", default="on", choices=("on", "off"), help="pwdaemon's CUDA-graph tier"
+    )
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     opts = p.parse_args()
@@ -132,7 +157,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--device", opts.device,
                "--sizes", opts.sizes, "--preset", opts.preset, "--dtype", opts.dtype,
                "--rounds", str(opts.rounds), "--block", str(opts.block),
-               "--timeout", str(opts.timeout), "--systems", opts.systems]  # fmt: skip
+               "--timeout", str(opts.timeout), "--systems", opts.systems,
+               "--static-mode", opts.static_mode, "--graphs", opts.graphs]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=opts.timeout * 3)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if not lines:
