@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,32 @@ def _copy_out(out: Any, n: int, size: int) -> Any:
     return out
 
 
+@contextmanager
+def _capturing(
+    graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream, pool: Any = None
+) -> Iterator[None]:
+    """Capture the block's CUDA work on `stream` into `graph`, in thread-local mode.
+
+    Not `torch.cuda.graph`: on entry it synchronizes the whole device and empties the
+    caching allocator (and the pinned-host cache), to give the graph all the memory it
+    can. Here a capture runs inside a serving call while the process goes on serving:
+    the device-wide sync waits for every stream's work (other threads', other models'),
+    and the emptied cache hands back the blocks every other size's calls were reusing,
+    so the calls after a capture allocate from the driver again (cudaMalloc, which
+    synchronizes the device). The stream context and the begin/end pair are all the
+    capture itself needs; the caller has made `stream` wait for the current one.
+    """
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            yield
+        finally:
+            # As torch.cuda.graph's __exit__: end the capture even when the block raised,
+            # so the stream leaves capture mode (capture_end then raises on its own
+            # account for a capture that CUDA invalidated).
+            graph.capture_end()
+
+
 def _clear_broken_capture(device: torch.device) -> None:
     """After a capture that failed midway: leave the CUDA generator usable again.
 
@@ -170,9 +197,7 @@ def _clear_broken_capture(device: torch.device) -> None:
         scratch = torch.zeros(1, device=device)
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.graph(
-            torch.cuda.CUDAGraph(), stream=side, capture_error_mode="thread_local"
-        ):
+        with _capturing(torch.cuda.CUDAGraph(), side):
             scratch.add_(1)
         side.synchronize()
     except Exception as exc:  # the original failure is what the caller reports
@@ -210,12 +235,7 @@ def capture(
     graph = torch.cuda.CUDAGraph()
     with pool.lock:  # no replay of a sibling graph while this one takes pool memory
         try:
-            with (
-                torch.no_grad(),
-                torch.cuda.graph(
-                    graph, pool=pool.handle, stream=stream, capture_error_mode="thread_local"
-                ),
-            ):
+            with torch.no_grad(), _capturing(graph, stream, pool.handle):
                 static_out = runnable(*static_args)
         except BaseException:
             _clear_broken_capture(device)

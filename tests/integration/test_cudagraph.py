@@ -302,3 +302,24 @@ def test_a_failed_capture_is_retried_and_later_captures_still_work(
         assert any(e.attempts == 2 for e in failed)  # the one that failed, retried once
     finally:
         h.detach()
+
+
+def test_a_capture_leaves_the_cached_memory_of_other_sizes_in_place(
+    gpu_model: tuple[nn.Module, nn.Module],
+) -> None:
+    # torch.cuda.graph empties the caching allocator on entry: every size's calls after a
+    # capture would allocate from the driver again (cudaMalloc, a device sync each).
+    from pwdaemon.serving.cudagraph import GraphPool, capture
+
+    model, ref = gpu_model
+    freed = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+    del freed  # 64 MiB back in the cache, as a finished call of another size leaves it
+    reserved = torch.cuda.memory_reserved()
+    segments_freed = torch.cuda.memory_stats()["segment.all.freed"]
+    x = torch.randn(8, 256, device="cuda")
+    with torch.no_grad():
+        graph = capture(lambda _n, t: model(t), [8, x], 8, 0, [1], GraphPool(x.device))
+        assert torch.cuda.memory_stats()["segment.all.freed"] == segments_freed
+        assert torch.cuda.memory_reserved() >= reserved
+        y = torch.randn(8, 256, device="cuda")
+        torch.testing.assert_close(graph(8, y), ref(y), **TOL)
