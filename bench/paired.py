@@ -18,7 +18,7 @@ Prints one markdown table (median ms per call, and pwdaemon ÷ static speed). On
 static is `mode="reduce-overhead"` (`--static-mode default`: no CUDA graphs) and pwdaemon
 is waited for at tier 3 (`--graphs off`: tier 2, its CUDA-graph tier disabled). A call
 that raises names its system and size on stderr: on an H200, static's cudagraph trees
-and pwdaemon's CUDA graphs in one process ended in "unspecified launch failure"
+and pwdaemon's CUDA graphs in one process ended in "unspecified launch failure" (fixed)
 (README, "Seen on the GPU").
 """
 

@@ -172,8 +172,24 @@ def _capturing(
     so the calls after a capture allocate from the driver again (cudaMalloc, which
     synchronizes the device). The stream context and the begin/end pair are all the
     capture itself needs; the caller has made `stream` wait for the current one.
+
+    cuBLAS's workspaces are cleared before and after, as cudagraph trees do. cuBLAS keeps
+    one workspace per (handle, stream), allocated on first use and held only by torch's
+    map of them: a graph captured on a stream whose workspace the warm-up allocated
+    replays into memory that map alone keeps. cudagraph trees (torch.compile's
+    `mode="reduce-overhead"`) clear that map before and after every recording, the
+    allocator hands the memory to other tensors, and the graph's matmuls write into them
+    (on an H200: "unspecified launch failure", a device-side assert in an embedding
+    whose indices were overwritten). Cleared before, the workspace the capture needs is
+    allocated during the capture, from the graph's own pool, which outlives the graph;
+    cleared after, the map lets go of that pool memory, so no later call outside a
+    capture writes into it. Other threads' workspaces go too and come back from the
+    allocator's cache on their next matmul; torch guards the map with a mutex, and a
+    thread between fetching its workspace and launching its matmul is the one window
+    left, the same that trees leave.
     """
     with torch.cuda.stream(stream):
+        torch._C._cuda_clearCublasWorkspaces()
         graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         try:
             yield
@@ -181,7 +197,10 @@ def _capturing(
             # As torch.cuda.graph's __exit__: end the capture even when the block raised,
             # so the stream leaves capture mode (capture_end then raises on its own
             # account for a capture that CUDA invalidated).
-            graph.capture_end()
+            try:
+                graph.capture_end()
+            finally:
+                torch._C._cuda_clearCublasWorkspaces()
 
 
 def _clear_broken_capture(device: torch.device) -> None:

@@ -8,6 +8,8 @@ keep calling the model.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -323,3 +325,46 @@ def test_a_capture_leaves_the_cached_memory_of_other_sizes_in_place(
         assert torch.cuda.memory_reserved() >= reserved
         y = torch.randn(8, 256, device="cuda")
         torch.testing.assert_close(graph(8, y), ref(y), **TOL)
+
+
+# Matmuls with few rows and columns and a long inner dimension, which cuBLAS splits
+# over the inner dimension with a workspace; the script exits non-zero on a CUDA error.
+_WORKSPACE_SCRIPT = """
+import torch
+from pwdaemon.serving.cudagraph import GraphPool, capture
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.manual_seed(0)
+ws = [torch.randn(k, n, device="cuda") for k, n in ((8192, 64), (16384, 32), (4096, 256))]
+xs = [torch.randn(8, w.shape[0], device="cuda") for w in ws]
+
+
+def run(_n, *x):
+    return tuple(a @ w for a, w in zip(x, ws))
+
+
+with torch.no_grad():
+    graph = capture(run, [8, *xs], 8, 0, [1, 2, 3], GraphPool(xs[0].device))
+    # What cudagraph trees do around every recording, then an emptied cache: memory
+    # that only cuBLAS's map of workspaces held goes back to the driver.
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    for _ in range(3):
+        new = [torch.randn_like(x) for x in xs]
+        got = graph(8, *new)
+        torch.cuda.synchronize()
+        for g, a, w in zip(got, new, ws):
+            torch.testing.assert_close(g, a @ w, atol=1e-3, rtol=1e-3)
+print("replayed")
+"""
+
+
+def test_a_graph_keeps_its_cublas_workspace_when_torch_clears_the_workspaces() -> None:
+    # cudagraph trees (torch.compile mode="reduce-overhead") clear cuBLAS's workspaces
+    # before and after every recording; a graph whose matmuls captured a workspace held
+    # only by that map then replays into freed memory (on an H200, beside trees:
+    # "unspecified launch failure"). In a child process: a CUDA error is sticky.
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKSPACE_SCRIPT], capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0 and "replayed" in done.stdout, done.stderr[-3000:]
