@@ -289,7 +289,15 @@ class ServingGate:
                 # Woken by a block ending or a thread parking; every 50 ms to catch a
                 # hook that took itself off just as this began.
                 self._left.wait(min(left, 0.05))
-            return True
+        # A thread that left its block for GateClosed is still unwinding (its frames'
+        # tensors freed, which can release the GIL inside torch): finalization beginning
+        # then ends it mid-destructor and aborts the process, as above. Wait for those
+        # threads to end (outside the lock, which they may take on their way out).
+        for ident in raised:
+            thread = threading._active.get(ident)  # type: ignore[attr-defined]
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        return True
 
     def _park_for_exit(self) -> None:
         with self._lock:
