@@ -71,13 +71,10 @@ def measure(name: str, opts: argparse.Namespace) -> dict[str, dict[str, list[flo
     model, inputs = _build(name, opts.preset, device, getattr(torch, DTYPES[opts.dtype]))
     timed = _timer(device)
     samples: dict[int, list[Any]] = {}
-    runnable: Callable[..., Any] | None = None
     for n in opts.sizes:
-        tensors, keys, n_args = _flat(inputs(n))
+        tensors, keys, n_args = _flat(inputs(n))  # the same keys at every size
         samples[n] = [n, *tensors]
-        runnable = _runnable(model, keys, n_args)
-    assert runnable is not None
-    run = runnable
+    run = _runnable(model, keys, n_args)
     copy_indices = list(range(1, len(samples[opts.sizes[0]])))
     ours = cudagraph._capturing
     out: dict[str, dict[str, list[float]]] = {

@@ -293,9 +293,8 @@ class ServingGate:
         # tensors freed, which can release the GIL inside torch): finalization beginning
         # then ends it mid-destructor and aborts the process, as above. Wait for those
         # threads to end (outside the lock, which they may take on their way out).
-        for ident in raised:
-            thread = threading._active.get(ident)  # type: ignore[attr-defined]
-            if thread is not None and thread is not threading.current_thread():
+        for thread in threading.enumerate():
+            if thread.ident in raised and thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         return True
 
