@@ -44,7 +44,6 @@ def set_up_inductor(*, probe_cpu: bool) -> None:
     vector-ISA probe (compiler subprocesses, or their recorded answers:
     `pwdaemon.workers.setup_record`; `probe_cpu`) and the hash of torch's sources used in
     cache keys."""
-    import torch._inductor.codecache as codecache
     import torch._inductor.compile_fx
     import torch._inductor.standalone_compile  # noqa: F401
     from torch._inductor import cpu_vec_isa
@@ -55,7 +54,7 @@ def set_up_inductor(*, probe_cpu: bool) -> None:
     setup_record.install()
     if probe_cpu:
         cpu_vec_isa.pick_vec_isa()
-    codecache.torch_key()
+    setup_record.torch_key()  # codecache.torch_key(), replayed when torch is unchanged
 
 
 def prewarm() -> threading.Thread:

@@ -1,7 +1,7 @@
 """Answers of Inductor's per-process set-up, kept on disk for the next process.
 
-Two pieces of Inductor's set-up run compiler subprocesses again in every process, though
-their answers only change with the machine:
+Three pieces of Inductor's set-up are worked out again in every process, though their
+answers only change with the machine or the torch installation:
 
 - the CPU vector-ISA probe (`VecISA.check_build`): `g++ --version`, a test build (skipped
   when cached) and a dlopen child per candidate ISA, about 0.5 s here even with the build
@@ -12,8 +12,14 @@ their answers only change with the machine:
   every process. On this 2-core VM that compiler, even at niceness 19, kept one vCPU for
   its whole run while serving's two OpenMP threads shared the other (BERT calls of
   57-151 ms during a warm restart, bench/stalls.py).
+- torch's source key (`codecache.torch_key`, part of every cache key): a sha256 of every
+  module file under torch's directory, read whole, 0.16-0.19 s of a 2-core machine's
+  time in every serving process and compile worker, most of it under the GIL that a
+  warm restart's trace and loads share. `torch_key()` here replays it keyed by those
+  files' names, sizes and modification times (a walk of stat calls, ~0.04 s) and sets it
+  with the `set()` torch itself uses to hand the key to its compile workers.
 
-`install()` wraps both so that an answer is written next to Inductor's own cache and
+`install()` wraps the first two so that an answer is written next to Inductor's own cache and
 replayed by later processes, keyed by what it depends on: the torch build, the compiler
 candidates Inductor would search (resolved paths, sizes and modification times), the
 CPU's features, the include and library paths, and the question itself (the ISA and
@@ -25,13 +31,15 @@ replayed only while the precompiled header it names is on disk.
 
 What a replay cannot see: system headers changed under an unchanged compiler binary (a
 precompiled header would then be stale). Compiler packages ship their headers with the
-binary, which is part of the key.
+binary, which is part of the key. A torch source file rewritten with its size and
+modification time kept (restored by hand to both) would keep its old source key.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.machinery
 import json
 import logging
 import os
@@ -66,6 +74,7 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 _lock = threading.Lock()
 _installed = False
+_record: SetupRecord | None = None  # this machine's record, once installed
 
 
 def _file_identity(path: str | None) -> list[object]:
@@ -185,8 +194,9 @@ def install() -> None:
             from torch._inductor import codecache, cpu_vec_isa
             from torch._inductor.runtime.cache_dir_utils import cache_dir
 
+            global _record
             name = f"{machine_fingerprint()}.json"
-            record = SetupRecord(Path(cache_dir()) / _RECORD_DIR / name)
+            record = _record = SetupRecord(Path(cache_dir()) / _RECORD_DIR / name)
             probe = cpu_vec_isa.VecISA.check_build
             cpu_vec_isa.VecISA.check_build = _recorded_probe(probe, record)  # type: ignore[method-assign,assignment]
             precompile = getattr(codecache, "_precompile_header", None)
@@ -229,3 +239,56 @@ def _recorded_header(precompile: Callable[..., str], record: SetupRecord) -> Cal
 
     precompile_header.__wrapped__ = precompile  # type: ignore[attr-defined]
     return precompile_header
+
+
+# What `codecache.build_code_hash` reads, or may: every module file (any import suffix)
+# and Inductor's two extra files. A superset is safe: an unrelated change only costs a
+# recomputed key.
+_TORCH_KEY_SUFFIXES = (*importlib.machinery.all_suffixes(), ".cpp", ".ld")
+
+
+def torch_source_question(root: str) -> str:
+    """Which torch source key is asked for: torch's version and build, its directory, and
+    the name, size and modification time of every file the key may read under it."""
+    import torch
+
+    files: list[tuple[str, int, int]] = []
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name != "__pycache__":
+                        pending.append(entry.path)
+                elif entry.name.endswith(_TORCH_KEY_SUFFIXES):
+                    st = entry.stat()
+                    files.append((os.path.relpath(entry.path, root), st.st_size, st.st_mtime_ns))
+    files.sort()
+    facts = [torch.__version__, getattr(torch.version, "git_version", None), root, files]
+    return "torch_key|" + _digest(facts)
+
+
+def torch_key() -> bytes:
+    """`codecache.torch_key()`, replayed from the record when torch's files are the ones
+    it was computed from (call after `install()`; without a record, or on a torch whose
+    key cannot be set, it is computed as Inductor would)."""
+    from torch._inductor import codecache
+
+    key_fn = codecache.torch_key
+    record = _record
+    settable = callable(getattr(key_fn, "set", None))
+    if record is None or not settable:
+        return key_fn()
+    try:
+        question = torch_source_question(os.path.dirname(os.path.dirname(codecache.__file__)))
+    except OSError:
+        return key_fn()
+    known = record.lookup(question)
+    if isinstance(known, str):
+        with contextlib.suppress(ValueError, RuntimeError):  # RuntimeError: computed already
+            key_fn.set(bytes.fromhex(known))  # type: ignore[attr-defined]
+        return key_fn()
+    key = key_fn()
+    record.add(question, key.hex())
+    return key

@@ -83,3 +83,31 @@ def test_a_second_process_loads_a_cpu_kernel_without_preprocessing_its_header(
     assert second["calls"] == 0  # answered from the record: no g++ -E, no openssl
     # The kernel it then loads computes what eager computes (float32, exact here).
     assert first["diff"] == second["diff"] == 0.0
+
+
+_TORCH_KEY = """
+import json
+from torch._inductor import codecache
+from pwdaemon.workers import setup_record
+
+hashed = []
+build = codecache.build_code_hash
+def counting(roots, prefix, hasher):
+    hashed.append(prefix)
+    return build(roots, prefix, hasher)
+codecache.build_code_hash = counting
+setup_record.install()
+key = setup_record.torch_key()
+print(json.dumps({"hashed": len(hashed), "key": key.hex(), "again": codecache.torch_key().hex()}))
+"""
+
+
+def test_a_second_process_gets_torchs_source_key_without_hashing_torchs_files(
+    tmp_path: Path,
+) -> None:
+    first = _run(_TORCH_KEY, tmp_path)
+    assert isinstance(first["hashed"], int) and first["hashed"] >= 1  # computed
+    second = _run(_TORCH_KEY, tmp_path)
+    assert second["hashed"] == 0  # replayed: no file of torch's read
+    # The very key torch computed, and what Inductor's own function answers after.
+    assert second["key"] == second["again"] == first["key"] == first["again"]

@@ -4,6 +4,7 @@ next process; failures, and headers whose precompiled file is gone, asked again.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,78 @@ def test_a_header_question_carries_no_memory_address() -> None:
         return setup_record.header_question("h.h", "g++", {"vec_isa": isa, "shared": True})
 
     assert question(cpu_vec_isa.VecAVX2()) != question(cpu_vec_isa.VecAVX512())
+
+
+def test_the_torch_source_question_changes_with_a_module_file_only(tmp_path: Path) -> None:
+    package = tmp_path / "torch"
+    (package / "sub" / "__pycache__").mkdir(parents=True)
+    module = package / "sub" / "mod.py"
+    module.write_text("x = 1\n")
+    before = setup_record.torch_source_question(str(package))
+    assert setup_record.torch_source_question(str(package)) == before
+    # Bytecode caches and headers are not what torch's key reads.
+    (package / "sub" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    (package / "sub" / "notes.h").write_text("// a header\n")
+    assert setup_record.torch_source_question(str(package)) == before
+    module.write_text("x = 22\n")  # another size
+    after_edit = setup_record.torch_source_question(str(package))
+    assert after_edit != before
+    stat = module.stat()
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # same size
+    assert setup_record.torch_source_question(str(package)) != after_edit
+    (package / "sub" / "new.py").write_text("")
+    assert setup_record.torch_source_question(str(package)) not in (before, after_edit)
+
+
+class CountingTorchKey:
+    """Stands in for `codecache.torch_key` in one process: computed once, or set."""
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+        self.computed = 0
+        self.known: bytes | None = None
+
+    def __call__(self) -> bytes:
+        if self.known is None:
+            self.computed += 1
+            self.known = self.value
+        return self.known
+
+    def set(self, value: bytes) -> None:
+        if self.known is not None:
+            raise RuntimeError("prefetchable_cache value already set")
+        self.known = value
+
+
+def test_torchs_source_key_is_replayed_by_the_next_process_while_its_files_are_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._inductor import codecache
+
+    record_path = tmp_path / "record.json"
+    first = CountingTorchKey(b"\x01\x02key")
+    monkeypatch.setattr(codecache, "torch_key", first)
+    monkeypatch.setattr(setup_record, "_record", SetupRecord(record_path))
+    assert setup_record.torch_key() == b"\x01\x02key" and first.computed == 1
+    # The next process (a fresh record object, a fresh key) sets the recorded key.
+    later = CountingTorchKey(b"would be computed")
+    monkeypatch.setattr(codecache, "torch_key", later)
+    monkeypatch.setattr(setup_record, "_record", SetupRecord(record_path))
+    assert setup_record.torch_key() == b"\x01\x02key" and later.computed == 0
+    # Another torch installation (here: its files' question changes) computes again.
+    monkeypatch.setattr(setup_record, "torch_source_question", lambda root: "torch_key|other")
+    other = CountingTorchKey(b"another torch")
+    monkeypatch.setattr(codecache, "torch_key", other)
+    monkeypatch.setattr(setup_record, "_record", SetupRecord(record_path))
+    assert setup_record.torch_key() == b"another torch" and other.computed == 1
+
+
+def test_torchs_source_key_is_computed_as_inductor_would_without_a_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch._inductor import codecache
+
+    key = CountingTorchKey(b"computed")
+    monkeypatch.setattr(codecache, "torch_key", key)
+    monkeypatch.setattr(setup_record, "_record", None)  # install() failed or not called
+    assert setup_record.torch_key() == b"computed" and key.computed == 1
