@@ -1,0 +1,146 @@
+"""Dynamo's trace against loading a saved one (torch's precompile), per model.
+
+A warm restart still runs dynamo's trace of the model in the serving process before a
+stored artifact can serve (pwdaemon's store key covers the traced graph): on the demo
+model here ~0.9 s of the ~2 s until every size is specialized, and on an H200 BERT's
+trace took 15 s under paced traffic (it parks while calls run). torch can save a whole
+trace, guards included (`torch.compile(fn, fullgraph=True).aot_compile(...)`,
+`save_compiled_function`, `torch.compiler.load_compiled_function`; experimental in
+torch). This measures what loading one would cost instead, and whether it works on the
+real models: nothing in pwdaemon uses it yet.
+
+Each model runs in two fresh processes (imports done before the clock starts, as after
+`import pwdaemon`): the first traces with every input's batch dimension marked unbacked
+(pwdaemon's default strategy) and a backend that keeps the FX graph (no Inductor
+compile: the time is dynamo's), and saves the result; the second builds the model again
+from the same seed, loads the saved trace and calls it at each size, checking every
+output against eager (the guards are checked on every call by the loaded function).
+
+    python bench/trace_load.py [--models demo,bert,gpt2,llama,sequential] [--sizes 1,4,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TOLERANCE = 1e-4  # float32 on CPU: the same graph run eagerly, so differences are tiny
+
+CHILD = r"""
+import json, sys, time
+import torch
+import pwdaemon  # noqa: F401  (imports dynamo, as a serving process has)
+from pwdaemon.models import demo_model, example_tokens
+from pwdaemon.real_models import model_spec
+
+mode, name, path = sys.argv[1:4]
+sizes = [int(s) for s in sys.argv[4].split(",")]
+cpu = torch.device("cpu")
+
+def build():
+    torch.manual_seed(0)
+    if name == "demo":
+        return demo_model().eval(), lambda n: ((example_tokens(n),), {})
+    spec = model_spec(name, "tiny")
+    return spec.build(cpu, torch.float32).eval(), lambda n: spec.inputs(n, cpu, torch.float32)
+
+def flat_tensors(out):
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+model, inputs = build()
+out = {"model": name, "mode": mode}
+try:
+    from torch._dynamo.aot_compile_types import GraphModuleSerializableCallable
+except ImportError as exc:
+    print(json.dumps({**out, "error": f"this torch has no precompile: {exc}"}))
+    raise SystemExit(0)
+with torch.inference_mode():
+    if mode == "save":
+        args, kwargs = inputs(sizes[-1])
+        for t in [*args, *kwargs.values()]:
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.decorators.mark_unbacked(t, 0)
+        start = time.monotonic()
+        compiled = torch.compile(model.forward, fullgraph=True,
+                                 backend=lambda gm, ex: GraphModuleSerializableCallable(gm))
+        result = compiled.aot_compile((args, kwargs))
+        out["trace_s"] = time.monotonic() - start
+        result.save_compiled_function(path)
+        out["bytes"] = len(open(path, "rb").read())
+    else:
+        start = time.monotonic()
+        with open(path, "rb") as f:
+            fn = torch.compiler.load_compiled_function(f, f_globals=model.forward.__globals__)
+        out["load_s"] = time.monotonic() - start
+        diffs = {}
+        start = time.monotonic()
+        for n in sizes:
+            args, kwargs = inputs(n)
+            got = flat_tensors(fn(model, *args, **kwargs))
+            want = flat_tensors(model(*args, **kwargs))
+            assert len(got) == len(want), (len(got), len(want))
+            diffs[n] = max(float((g - w).abs().max()) for g, w in zip(got, want))
+        out["calls_s"] = time.monotonic() - start
+        out["max_diff"] = diffs
+print(json.dumps(out))
+"""
+
+
+def run(mode: str, model: str, path: str, sizes: str) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, model, path, sizes],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        # The exception's own line, not dynamo's hints printed after it.
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+        return {"model": model, "mode": mode, "error": (errors or lines)[-1][:300]}
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="demo,bert,gpt2,llama,sequential")
+    ap.add_argument("--sizes", default="1,4,16")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pwdaemon-trace-load-") as tmp:
+        for model in args.models.split(","):
+            path = str(Path(tmp) / f"{model}.trace")
+            saved = run("save", model, path, args.sizes)
+            loaded = run("load", model, path, args.sizes) if "error" not in saved else {}
+            rows.append((model, saved, loaded))
+    print(f"dynamo's trace in a fresh process against loading it (sizes {args.sizes}):\n")
+    print("| model | trace s | load s | trace ÷ load | outputs vs eager (max abs diff) |")
+    print("|---|---|---|---|---|")
+    for model, saved, loaded in rows:
+        error = saved.get("error") or loaded.get("error")
+        if error:
+            print(f"| {model} | — | — | — | failed: {error} |")
+            continue
+        trace_s, load_s = float(saved["trace_s"]), float(loaded["load_s"])  # type: ignore[arg-type]
+        diffs = loaded["max_diff"]
+        assert isinstance(diffs, dict)
+        worst = max(diffs.values())
+        verdict = "ok" if worst <= TOLERANCE else f"OVER {TOLERANCE}"
+        print(
+            f"| {model} | {trace_s:.3f} | {load_s:.3f} | {trace_s / load_s:.0f}x | "
+            f"{worst:.1e} ({verdict}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
