@@ -15,6 +15,9 @@ computing; far below: it waited, for the GIL, a lock or a CPU) and the time it s
 garbage collections.
 
     python bench/stalls.py [--model bert] [--seconds 80] [--stall-ms 40] [--store DIR]
+    python bench/stalls.py --device cuda --dtype fp16 --preset issue   # on a GPU
+
+On CUDA every call ends with `torch.cuda.synchronize()` (as bench/models.py times it).
 """
 
 from __future__ import annotations
@@ -35,21 +38,26 @@ _WAITING = (" in wait", " in _wait_for_tstate_lock", " in select", " in get", " 
 _SIZES = (1, 4, 16)
 
 
-def _build(name: str) -> tuple[Any, dict[int, tuple[tuple[Any, ...], dict[str, Any]]]]:
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _build(
+    name: str, device_name: str, dtype_name: str, preset: str
+) -> tuple[Any, dict[int, tuple[tuple[Any, ...], dict[str, Any]]]]:
     import torch
 
-    cpu = torch.device("cpu")
+    device, dtype = torch.device(device_name), getattr(torch, _DTYPES[dtype_name])
     if name == "demo":
         from pwdaemon.models import demo_model, example_tokens
 
         calls: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {
-            n: ((example_tokens(n),), {}) for n in _SIZES
+            n: ((example_tokens(n).to(device),), {}) for n in _SIZES
         }
-        return demo_model(), calls
+        return demo_model().to(device=device, dtype=dtype), calls
     from pwdaemon.real_models import model_spec
 
-    spec = model_spec(name, "tiny")
-    return spec.build(cpu, torch.float32), {n: spec.inputs(n, cpu, torch.float32) for n in _SIZES}
+    spec = model_spec(name, preset)
+    return spec.build(device, dtype), {n: spec.inputs(n, device, dtype) for n in _SIZES}
 
 
 def _tier(handle: Any, size: int) -> str:
@@ -183,6 +191,9 @@ def main() -> None:
     parser.add_argument("--model", default="bert", help="demo, bert, gpt2, llama, ...")
     parser.add_argument("--seconds", type=float, default=80.0)
     parser.add_argument("--stall-ms", type=float, default=40.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "issue"))
     parser.add_argument(
         "--store", help="artifact store to use (default: a fresh one); run twice for a warm one"
     )
@@ -199,7 +210,8 @@ def main() -> None:
 
     import pwdaemon as pwd
 
-    model, calls = _build(opts.model)
+    model, calls = _build(opts.model, opts.device, opts.dtype, opts.preset)
+    cuda = torch.device(opts.device).type == "cuda"
     handle = pwd.attach(model, sizes=list(_SIZES), store=opts.store or tempfile.mkdtemp())
     dump_path = Path(tempfile.mkdtemp()) / "stalls.txt"
     slow: list[Slow] = []
@@ -225,6 +237,8 @@ def main() -> None:
             cpu, gc0 = time.thread_time(), collections.total_ms
             start = time.perf_counter()
             model(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
             took = time.perf_counter() - start
             cpu_ms = (time.thread_time() - cpu) * 1e3
             gc_ms = collections.total_ms - gc0
