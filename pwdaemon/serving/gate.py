@@ -84,12 +84,18 @@ _IDLE_CHECK_EVERY = 4096
 # microseconds; the second threshold is raised to match, so older generations are
 # collected as often as before.
 GATED_GC_THRESHOLD = 50
-# The third threshold while the watch is on: full collections wait until it is off. A
-# full collection cannot be parked, and what it walks is everything created since the
-# heap was last frozen (dynamo's trace, Inductor's modules): one took 98 ms of a BERT
-# call during a warm restart (bench/stalls.py). Freezing makes it come sooner, too:
-# CPython runs one once the objects pending promotion exceed a quarter of the (now small)
-# unfrozen old generation. Young cycles are still collected by the first two generations.
+# The third threshold while serving traffic meets gated work (from the first call made
+# while gated work runs until serving goes quiet or the work ends), not only during a
+# call: full collections wait until then. A full collection cannot be parked, and what
+# it walks is everything created since the heap was last frozen (dynamo's trace,
+# Inductor's modules): one took 98 ms of a BERT call during a warm restart
+# (bench/stalls.py). Freezing makes it come sooner, too: CPython runs one once the
+# objects pending promotion exceed a quarter of the (now small) unfrozen old generation.
+# Deferred only during calls, they came in the gaps between paced calls and the next
+# call waited for them (bench/gil_holds.py: 30 ms during Inductor's imports, 66-69 ms
+# during BERT's trace). Young cycles are still collected by the first two generations;
+# what reaches the old one meanwhile waits for the next full collection after the work
+# (or is frozen with the rest, as before).
 GATED_FULL_COLLECTION_THRESHOLD = 1_000_000
 
 # How long the interpreter's exit waits for gated threads to leave their work (see
@@ -126,7 +132,11 @@ class ServingGate:
         self._on_demand: set[int] = set()
         self._gated: set[int] = set()  # every thread in a gated block
         self._hooked: set[int] = set()  # gated threads with the hook on
+        # The collection thresholds before pwdaemon changed them, what it set, and
+        # whether the watch is on (see `_apply_thresholds`).
         self._saved_threshold: tuple[int, int, int] | None = None
+        self._applied_threshold: tuple[int, int, int] | None = None
+        self._watching = False
         # The switch interval each gated thread asked for, and the one applied while
         # serving traffic is recent (None: not lowered now).
         self._intervals: dict[int, float] = {}
@@ -152,6 +162,7 @@ class ServingGate:
                 # warm restart 1-1.5 s of 4-5 s with nobody calling.
                 self._traffic_interval = min(self._intervals.values())
                 _lower_interval(self._traffic_interval)
+                self._apply_thresholds()
         try:
             yield
         finally:
@@ -226,6 +237,7 @@ class ServingGate:
                     # waits at most this interval for the GIL from now on.
                     self._traffic_interval = switch_interval
                     _lower_interval(switch_interval)
+                    self._apply_thresholds()
             if on_demand:
                 self._on_demand.add(ident)
                 if self.calls:
@@ -309,6 +321,7 @@ class ServingGate:
         if self._traffic_interval is not None:
             self._traffic_interval = None
             _restore_interval()
+            self._apply_thresholds()
 
     def _serving_active(self) -> bool:
         """A serving call is in progress or ended less than HOOK_IDLE_S ago."""
@@ -338,31 +351,44 @@ class ServingGate:
     # mismatch" once here (pytest rewriting a module while a gated thread ran; the error
     # threaded programs report, python/cpython#106905).
     def _start_collection_watch(self) -> None:
-        if self._saved_threshold is not None:
-            return
-        saved = gc.get_threshold()
-        self._saved_threshold = saved
-        first = min(saved[0], GATED_GC_THRESHOLD)
-        gc.set_threshold(
-            first,
-            max(1, saved[1] * saved[0] // first),
-            max(saved[2], GATED_FULL_COLLECTION_THRESHOLD),
-        )
-        gc.callbacks.append(self._on_collection)
-        IMPORT_WATCH.gates.add(self)
+        if not self._watching:
+            self._watching = True
+            self._apply_thresholds()
+            gc.callbacks.append(self._on_collection)
+            IMPORT_WATCH.gates.add(self)
 
     def _stop_collection_watch(self) -> None:
-        if self._saved_threshold is None:
+        if self._watching:
+            self._watching = False
+            self._apply_thresholds()
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(self._on_collection)
+            IMPORT_WATCH.gates.discard(self)
+
+    def _apply_thresholds(self) -> None:
+        # Under self._lock. The thresholds follow two states: the watch lowers the first
+        # (a collection soon, to hook a gated thread), and the watch or traffic during
+        # gated work defers full collections. Neither: what was there before. A user
+        # who changed the thresholds meanwhile keeps theirs.
+        defer = self._watching or self._traffic_interval is not None
+        current = gc.get_threshold()
+        if self._saved_threshold is not None and current != self._applied_threshold:
+            self._saved_threshold = current  # changed by someone else: theirs from now on
+        if not defer:
+            if self._saved_threshold is not None:
+                gc.set_threshold(*self._saved_threshold)
+            self._saved_threshold = self._applied_threshold = None
             return
-        # Restore only what we set: a user who changed it meanwhile keeps theirs.
-        ours = gc.get_threshold()
-        first = min(self._saved_threshold[0], GATED_GC_THRESHOLD)
-        if ours[0] == first:
-            gc.set_threshold(*self._saved_threshold)
-        self._saved_threshold = None
-        with contextlib.suppress(ValueError):
-            gc.callbacks.remove(self._on_collection)
-        IMPORT_WATCH.gates.discard(self)
+        saved = self._saved_threshold = self._saved_threshold or current
+        first = min(saved[0], GATED_GC_THRESHOLD) if self._watching else saved[0]
+        applied = (
+            first,
+            # The second raised to match a lowered first: older generations as often.
+            saved[1] if first == saved[0] else max(1, saved[1] * saved[0] // first),
+            max(saved[2], GATED_FULL_COLLECTION_THRESHOLD),
+        )
+        self._applied_threshold = applied
+        gc.set_threshold(*applied)
 
     def _on_collection(self, phase: str, info: dict[str, int]) -> None:
         # Runs on the thread whose allocation triggered the collection, GIL held, before

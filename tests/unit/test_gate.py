@@ -197,6 +197,57 @@ def test_collection_thresholds_change_only_while_a_call_meets_gated_work() -> No
     assert gc.get_threshold() == before
 
 
+def test_full_collections_stay_deferred_between_calls_until_the_gated_work_ends() -> None:
+    before = gc.get_threshold()
+    between: list[tuple[int, int, int]] = []
+    call_ended, looked = threading.Event(), threading.Event()
+
+    def work() -> None:
+        with GATE.background():
+            call_ended.wait(10)
+            between.append(gc.get_threshold())  # gated work, traffic, no call now
+            looked.set()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    with GATE.call():
+        during = gc.get_threshold()
+    call_ended.set()
+    assert looked.wait(10)
+    thread.join(10)
+    # Between paced calls a full collection would still come, unparkable, and the next
+    # call would wait for it (30-69 ms in bench/gil_holds.py): it waits for the work.
+    assert during[2] == between[0][2] == max(GATED_FULL_COLLECTION_THRESHOLD, before[2])
+    # The first threshold is lowered only while a call is in progress (the watch).
+    assert during[0] == min(GATED_GC_THRESHOLD, before[0])
+    assert between[0][:2] == before[:2]
+    assert gc.get_threshold() == before
+
+
+def test_thresholds_a_user_sets_during_gated_work_are_kept_after_it() -> None:
+    before = gc.get_threshold()
+    mine = (before[0] + 1, before[1] + 1, before[2] + 1)
+    call_ended, changed = threading.Event(), threading.Event()
+
+    def work() -> None:
+        with GATE.background():
+            call_ended.wait(10)
+            changed.wait(10)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        with GATE.call():
+            pass
+        call_ended.set()
+        gc.set_threshold(*mine)  # the user's, while full collections are deferred
+        changed.set()
+        thread.join(10)
+        assert gc.get_threshold() == mine
+    finally:
+        gc.set_threshold(*before)
+
+
 class SlowModule:
     """A module on sys.path whose body makes many Python calls (each leaving a little
     cyclic garbage); `began` is set once its body runs, `steps[0]` counts its calls."""
