@@ -20,6 +20,7 @@ from pwdaemon.config import (
     parse_ranges,
     parse_sizes,
 )
+from pwdaemon.engine.bytecode_check import check_bytecode_cache
 from pwdaemon.engine.cpu_budget import check_cpu_budget
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
@@ -331,6 +332,7 @@ def attach(
         options = dataclasses.replace(options, executor=executor_for(service, compiler, env))
         if isinstance(options.executor, ProcessExecutor):
             check_cpu_budget(compiler)  # the workers share this host's CPUs with serving
+    check_bytecode_cache()  # Inductor's imports after attach must not compile sources
     handle = Handle(model, options)
     handle._attach()
     if metrics_port is not None:
