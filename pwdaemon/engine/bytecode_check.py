@@ -34,23 +34,35 @@ _warned = False  # once per process: every attach would say the same
 
 
 def missing_bytecode(torch_root: Path) -> list[Path]:
-    """Sample modules under `torch_root` whose cached bytecode is absent or older than
-    their source (the import would then compile them)."""
+    """Sample modules under `torch_root` whose cached bytecode the import would not use
+    (absent, or stamped for another version of the source): it would compile them."""
     missing: list[Path] = []
     for relative in _SAMPLE:
         source = torch_root / relative
         try:
-            source_mtime = source.stat().st_mtime
+            stat = source.stat()
         except OSError:
             continue  # another torch layout: not ours to judge
-        cached = Path(importlib.util.cache_from_source(str(source)))
-        try:
-            fresh = cached.stat().st_mtime >= source_mtime
-        except OSError:
-            fresh = False
-        if not fresh:
+        if not _usable(Path(importlib.util.cache_from_source(str(source))), stat):
             missing.append(source)
     return missing
+
+
+def _usable(cached: Path, source: os.stat_result) -> bool:
+    # The check the import itself makes (PEP 552 header): magic, then either a hash-based
+    # pyc (checked against the source's hash, or not at all, never by time) or the
+    # source's modification time and size as recorded when it was compiled.
+    try:
+        with cached.open("rb") as f:
+            header = f.read(16)
+    except OSError:
+        return False
+    if len(header) < 16 or header[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    if int.from_bytes(header[4:8], "little") & 0b1:
+        return True
+    mtime, size = (int.from_bytes(header[i : i + 4], "little") for i in (8, 12))
+    return mtime == int(source.st_mtime) & 0xFFFFFFFF and size == source.st_size & 0xFFFFFFFF
 
 
 def check_bytecode_cache(torch_root: Path | None = None) -> None:

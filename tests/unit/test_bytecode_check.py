@@ -53,6 +53,17 @@ def test_compiled_modules_pass_and_a_source_newer_than_its_bytecode_does_not(
     assert bytecode_check.missing_bytecode(torch_root) == [edited]
 
 
+def test_hash_based_bytecode_passes_whatever_the_times(torch_root: Path) -> None:
+    # Reproducible builds write hash-based .pyc files; file times say nothing there.
+    for relative in bytecode_check._SAMPLE:
+        source = str(torch_root / relative)
+        py_compile.compile(
+            source, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH
+        )
+        os.utime(source, (1, 1))
+    assert bytecode_check.missing_bytecode(torch_root) == []
+
+
 def test_another_layout_is_not_judged(tmp_path: Path) -> None:
     assert bytecode_check.missing_bytecode(tmp_path) == []
 
