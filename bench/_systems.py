@@ -502,6 +502,17 @@ def _frames() -> int:
     return int(counters["frames"]["ok"])
 
 
+def _guard_failures() -> list[str]:
+    """Why dynamo compiled a frame again, per recompile (its own record of them)."""
+    from torch._dynamo.utils import guard_failures
+
+    return [
+        f"{code.co_name}: {reason}"
+        for code, reasons in guard_failures.items()
+        for reason in reasons
+    ]
+
+
 def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
     t_start = time.perf_counter()
     import torch
@@ -700,6 +711,7 @@ def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
             result["check_max_abs"] = check
 
         result["dynamo_frames"] = _frames()
+        result["guard_failures"] = _guard_failures()
         if spec.get("ab_static") and isinstance(system, PwdaemonSystem) and reference is not None:
             result["ab_static"] = ab_against_static(system, reference, inputs, hot, sync)
 
