@@ -22,6 +22,11 @@ pytestmark = pytest.mark.slow
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "models.py"
 TTFR_BOUND = 10.0  # x eager's first call; measured 0.9-2.9 on the demo model
+# ... or this much over eager's first call, whichever is larger. The demo's eager first
+# call is 2.4-4.9 ms, so 10x is a few tens of ms: pwdaemon's first call took 3.4-15.7 ms
+# in 40 fresh processes on 2026-12-03, and 25.7 ms once in a CI run (against 2.4 ms).
+# What this test is for stays far above it: a trace on the first call costs 2.6 s.
+TTFR_SLACK_S = 0.1
 WORST_CALL_BOUND_S = 1.0  # any single warm-up call; measured 0.2-0.45 s
 
 
@@ -44,7 +49,8 @@ def test_first_request_at_eager_speed_and_no_warm_up_call_waits_for_a_compiler(
     # Warm-up calls are compared with medians of calls paced alike, per size.
     assert set(pw["paced_ms"]) == set(pw["eager_paced_ms"]) == {"1"}, pw
     ttfr = pw["first_call_s"] / eager["first_call_s"]
-    assert ttfr <= TTFR_BOUND, (ttfr, pw["first_call_s"], eager["first_call_s"])
+    bound_s = max(TTFR_BOUND * eager["first_call_s"], eager["first_call_s"] + TTFR_SLACK_S)
+    assert pw["first_call_s"] <= bound_s, (ttfr, pw["first_call_s"], eager["first_call_s"])
     worst = pw["warmup_worst"]
     assert worst["ms"] <= WORST_CALL_BOUND_S * 1e3, worst
     print(f"TTFR {ttfr:.2f}x eager, worst warm-up call {worst}")
