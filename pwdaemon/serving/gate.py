@@ -160,9 +160,7 @@ class ServingGate:
                 # the lowered interval for the GIL. Lowered only now because gated
                 # threads hand the GIL to each other at that rate too, and that cost a
                 # warm restart 1-1.5 s of 4-5 s with nobody calling.
-                self._traffic_interval = min(self._intervals.values())
-                _lower_interval(self._traffic_interval)
-                self._apply_thresholds()
+                self._begin_traffic(min(self._intervals.values()))
         try:
             yield
         finally:
@@ -235,9 +233,7 @@ class ServingGate:
                 if self.calls and self._traffic_interval is None:
                     # A counted call is in progress already (the gate was held): it
                     # waits at most this interval for the GIL from now on.
-                    self._traffic_interval = switch_interval
-                    _lower_interval(switch_interval)
-                    self._apply_thresholds()
+                    self._begin_traffic(switch_interval)
             if on_demand:
                 self._on_demand.add(ident)
                 if self.calls:
@@ -315,6 +311,13 @@ class ServingGate:
             self._parked_for_exit += 1
             self._left.notify_all()
         threading.Event().wait()  # never set: see `close`
+
+    def _begin_traffic(self, interval: float) -> None:
+        # Under self._lock, while no traffic is under way: the lowered switch interval
+        # and deferred full collections, until `_end_traffic`.
+        self._traffic_interval = interval
+        _lower_interval(interval)
+        self._apply_thresholds()
 
     def _end_traffic(self) -> None:
         # Under self._lock.
