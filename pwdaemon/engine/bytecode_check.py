@@ -30,7 +30,9 @@ _SAMPLE = (
     "_inductor/codegen/triton.py",
 )
 
-_warned = False  # once per process: every attach would say the same
+# Once per process: torch's installation does not change under it, so every later
+# attach would read the same headers and say the same.
+_checked = False
 
 
 def missing_bytecode(torch_root: Path) -> list[Path]:
@@ -67,9 +69,10 @@ def _usable(cached: Path, source: os.stat_result) -> bool:
 
 def check_bytecode_cache(torch_root: Path | None = None) -> None:
     """Warn (once per process) when torch's modules would be compiled on import."""
-    global _warned
-    if _warned:
+    global _checked
+    if _checked:
         return
+    _checked = True
     if torch_root is None:
         import torch
 
@@ -77,7 +80,6 @@ def check_bytecode_cache(torch_root: Path | None = None) -> None:
     missing = missing_bytecode(torch_root)
     if not missing:
         return
-    _warned = True
     why = "PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode else None
     if why is None and not os.access(missing[0].parent, os.W_OK):
         why = "torch's directory is read-only"

@@ -17,7 +17,7 @@ from pwdaemon.engine import bytecode_check
 @pytest.fixture
 def torch_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory laid out as torch's, with the sampled modules and no bytecode."""
-    monkeypatch.setattr(bytecode_check, "_warned", False)
+    monkeypatch.setattr(bytecode_check, "_checked", False)
     monkeypatch.setattr("sys.pycache_prefix", None)
     for relative in bytecode_check._SAMPLE:
         source = tmp_path / relative
@@ -71,7 +71,7 @@ def test_another_layout_is_not_judged(tmp_path: Path) -> None:
 def test_attach_runs_the_check(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(bytecode_check, "_warned", False)
+    monkeypatch.setattr(bytecode_check, "_checked", False)
     monkeypatch.setattr(bytecode_check, "missing_bytecode", lambda root: [tmp_path / "x.py"])
     model = nn.Linear(4, 4)
     with caplog.at_level(logging.WARNING, logger=bytecode_check.__name__):
