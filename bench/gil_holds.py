@@ -97,8 +97,7 @@ def _steps(
         return cpu_vec_isa.pick_vec_isa()
 
     def triton() -> object:
-        import triton  # noqa: F401
-        import triton._C.libtriton as lib
+        import triton._C.libtriton as lib  # triton itself first, then its C++ library
 
         return lib
 
@@ -168,7 +167,7 @@ def main() -> None:
             try:
                 step()
             except Exception as exc:  # a step a machine lacks (no compiler, no triton)
-                print(f"| {name} | failed: {type(exc).__name__}: {exc} | | |")
+                print(f"| {name} | failed: {type(exc).__name__}: {exc} | | | |")
                 continue
             wall = time.perf_counter() - start
         if not args.ungated:
