@@ -44,6 +44,9 @@ def set_up_inductor(*, probe_cpu: bool) -> None:
     vector-ISA probe (compiler subprocesses, or their recorded answers:
     `pwdaemon.workers.setup_record`; `probe_cpu`) and the hash of torch's sources used in
     cache keys."""
+    from pwdaemon.workers import lazy_templates
+
+    lazy_templates.install()  # before select_algorithm's import builds its templates
     import torch._inductor.compile_fx
     import torch._inductor.standalone_compile  # noqa: F401
     from torch._inductor import cpu_vec_isa
