@@ -30,6 +30,8 @@ from collections.abc import Iterator
 import torch
 from torch._dynamo import decorators as dynamo_decorators
 
+from pwdaemon.serving import guard_latency
+
 
 class ShapeStrategy(enum.Enum):
     UNBACKED = "unbacked"
@@ -89,6 +91,9 @@ def mark_size(t: torch.Tensor, dim: int, strategy: ShapeStrategy, shape_id: str)
 def tracing(strategy: ShapeStrategy) -> Iterator[None]:
     """Configuration for one tracing call under `strategy`; the caller holds TRACE_LOCK."""
     with contextlib.ExitStack() as stack:
+        # Guard latency timed without dynamo's cache flush: a GIL-held C stretch of
+        # 30-90 ms (this thread only: `guard_latency`).
+        stack.enter_context(guard_latency.unflushed())
         limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit))
         if strategy is ShapeStrategy.BACKED_OBLIVIOUS:
