@@ -14,9 +14,11 @@ the order pwdaemon meets them, gated as pwdaemon runs them (`GATE.background()`)
 ticker thread asks for the GIL every 0.2 ms and makes a serving call (`GATE.call()`)
 every ~10 ms, as paced traffic; the gap between two ticks is how long it waited. Per
 step: its wall time, the longest wait, how many waits exceeded 10 ms, and the longest
-collection. `--ungated` runs the steps bare (no freeze, no gate, no calls).
+collection. `--ungated` runs the steps bare (no freeze, no gate, no calls). The trace
+times its guard check without torch's cache flush, as pwdaemon's traces do
+(`pwdaemon.serving.guard_latency`); `--flushed` traces as torch does.
 
-    python bench/gil_holds.py [--device cuda] [--model bert] [--ungated]
+    python bench/gil_holds.py [--device cuda] [--model bert] [--ungated] [--flushed]
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class Ticker:
 
 
 def _steps(
-    device: str, model: str
+    device: str, model: str, flushed: bool
 ) -> tuple[Callable[[], object], list[tuple[str, Callable[[], object]]]]:
     """The model's build (before attach) and the steps pwdaemon then takes, in order."""
 
@@ -116,9 +118,14 @@ def _steps(
     def trace() -> object:
         import torch
 
+        from pwdaemon.serving import guard_latency
+
         module, (args, kwargs) = built[0]
         compiled = torch.compile(module, backend="eager", dynamic=True)
-        with torch.inference_mode():
+        # As pwdaemon's tracing calls run it: the guard check timed without torch's
+        # cache flush (`--flushed`: as torch runs it).
+        unflushed = contextlib.nullcontext() if flushed else guard_latency.unflushed()
+        with torch.inference_mode(), unflushed:
             return compiled(*args, **kwargs)
 
     # Dynamo itself is imported with pwdaemon, on the importing thread, before attach().
@@ -135,6 +142,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="bert")
     parser.add_argument("--ungated", action="store_true", help="steps without the gate")
+    parser.add_argument(
+        "--flushed",
+        action="store_true",
+        help="trace with torch's guard profiling (a CPU-cache flush holding the GIL)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -151,7 +163,7 @@ def main() -> None:
             collections.append(time.perf_counter() - started[0])
 
     gc.callbacks.append(timed)
-    build, steps = _steps(args.device, args.model)
+    build, steps = _steps(args.device, args.model, args.flushed)
     build()  # the server's model, built before attach()
     if not args.ungated:
         HEAP.hold()  # as attach() does: what is alive now is out of collections' walks
