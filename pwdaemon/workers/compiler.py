@@ -22,7 +22,7 @@ from pwdaemon.serving.graph_facts import SIZE_GUARDS_META, admits
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
-from pwdaemon.workers.prewarm import prewarm
+from pwdaemon.workers.prewarm import ISA_LOCK, prewarm
 
 FAULTS = ("raise", "crash", "hang")
 
@@ -366,12 +366,15 @@ def load_artifact(path: str) -> Any:
     """Load a saved artifact in this process (the serving side; off the serving thread)."""
     from torch._inductor import CompiledArtifact
 
-    # Wait for the pre-warm to finish its CPU vector-ISA probe first. The probe is not
-    # thread-safe: `VecAVX512.__bool__` appends -mavx512bf16 to the shared ISA object's
-    # flags while it test-builds, so a kernel whose build key is computed meanwhile on
-    # another thread gets a different key and is rebuilt (a warm restart then compiled
-    # C++ again: seen in CI). Joining costs nothing once the probe is done.
+    # Inductor's set-up first (the pre-warm's thread), then the CPU's vector ISA, once,
+    # under its lock (`prewarm.ISA_LOCK` says why): replayed from what a compile worker
+    # recorded, or probed here where nothing did. Both cost nothing once done.
     prewarm().join()
+    with ISA_LOCK:
+        from torch._inductor import cpu_vec_isa
+
+        with lowest_niceness():
+            cpu_vec_isa.pick_vec_isa()
     # The first load in a process preprocesses and precompiles Inductor's C++ prefix
     # header (g++ and openssl subprocesses, ~0.3 s): at serving's priority they took a
     # core from serving's OpenMP team (a 181 ms BERT call beside them, 2-core box). The

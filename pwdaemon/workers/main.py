@@ -55,12 +55,12 @@ def _warm_up() -> None:
     # timeout bounds its compile, not this process's start (CompileConfig.start_timeout_s
     # bounds this part): Inductor's set-up, and the graph unpickler.
     import torch
-    import torch.fx._graph_pickler
+    import torch.fx._graph_pickler  # noqa: F401
 
     import pwdaemon.workers.compiler  # noqa: F401
-    from pwdaemon.workers.prewarm import set_up_inductor
+    from pwdaemon.workers.prewarm import set_up_inductor, workers_probe_cpu
 
-    set_up_inductor(probe_cpu=not torch.cuda.is_available())
+    set_up_inductor(probe_cpu=workers_probe_cpu())
 
 
 def _watch_parent(parent_pid: int) -> None:

@@ -30,13 +30,64 @@ def _work() -> None:
         with GATE.background(), lowest_niceness():
             set_up_inductor(probe_cpu=False)
             HEAP.refreeze()  # Inductor's modules stay: out of collections' walks
-            from torch._inductor import cpu_vec_isa
+            if not pick_recorded_isa() and not workers_probe_cpu():
+                # No worker will record the answers: probe here, off the load path.
+                from torch._inductor import cpu_vec_isa
 
-            cpu_vec_isa.pick_vec_isa()
+                with ISA_LOCK:
+                    cpu_vec_isa.pick_vec_isa()
     except GateClosed:
         pass  # the interpreter exits
     except Exception:
         log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
+
+
+# The first `pick_vec_isa()` of the process, whoever makes it: the probe is not
+# thread-safe (`VecAVX512.__bool__` appends -mavx512bf16 to the shared ISA object's flags
+# while it test-builds, so a kernel whose build key is computed meanwhile on another
+# thread gets a different key and is rebuilt: a warm restart compiled C++ again, in CI).
+ISA_LOCK = threading.Lock()
+
+
+def pick_recorded_isa() -> bool:
+    """Pick the CPU's vector ISA from the set-up record only; False (nothing kept) where
+    an answer is missing.
+
+    The pre-warm does not probe itself: the probe's test build (g++ on a file including
+    torch's headers, ~2 s of a core at niceness 19) kept one vCPU of this 2-core VM while
+    serving's two OpenMP threads shared the other, calls of 50-190 ms against 2 ms
+    (`bench/stalls.py`, demo model, a fresh store). A compile worker probes at its start
+    and records the answers (`setup_record`) before it compiles anything, so the first
+    load of what it compiled replays them (`load_artifact`); only a load with no worker's
+    answers behind it probes, on its own thread.
+    """
+    from torch._inductor import cpu_vec_isa
+
+    from pwdaemon.workers import setup_record
+
+    # VecAVX512 changes its flags around a probe: a probe cut short by NotRecorded must
+    # not leave them changed.
+    flags = [(isa, isa.__dict__.get("_arch_flags")) for isa in cpu_vec_isa.supported_vec_isa_list]
+    with ISA_LOCK:
+        try:
+            with setup_record.replay_only():
+                cpu_vec_isa.pick_vec_isa()
+        except setup_record.NotRecorded:
+            for isa, own in flags:
+                if own is None:
+                    isa.__dict__.pop("_arch_flags", None)
+                else:
+                    isa._arch_flags = own
+            return False
+    return True
+
+
+def workers_probe_cpu() -> bool:
+    """Whether compile workers probe the CPU's vector ISA at their start (and record the
+    answers): not on a GPU machine, whose compiles rarely build C++ kernels."""
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def set_up_inductor(*, probe_cpu: bool) -> None:

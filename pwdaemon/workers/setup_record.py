@@ -48,7 +48,7 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,9 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 _lock = threading.Lock()
 _installed = False
+# Set on a thread inside `replay_only()` (a thread-local: a load on another thread may
+# probe meanwhile).
+_replaying = threading.local()
 _record: SetupRecord | None = None  # this machine's record, once installed
 
 
@@ -144,7 +147,10 @@ class SetupRecord:
 
     def lookup(self, question: str) -> object | None:
         """The answer recorded in this or an earlier process, if any."""
-        if self._known is None:
+        if self._known is None or question not in self._known:
+            # A miss reads the file again: a compile worker may have recorded the answer
+            # since this process first read it (the serving process's first load then
+            # replays the worker's ISA probe instead of probing itself).
             self._known = self._read()
         return self._known.get(question)
 
@@ -207,6 +213,23 @@ def install() -> None:
             log.debug("pwdaemon: Inductor set-up record not installed", exc_info=True)
 
 
+class NotRecorded(Exception):
+    """Inside `replay_only()`: an ISA probe has no recorded answer (it would have run a
+    compiler)."""
+
+
+@contextlib.contextmanager
+def replay_only() -> Iterator[None]:
+    """On this thread, ISA probes answer from the record or raise `NotRecorded` instead
+    of running a compiler (the serving process's pre-warm: a compile worker records the
+    answers soon after, and the first load replays them; `pwdaemon.workers.prewarm`)."""
+    _replaying.on = True
+    try:
+        yield
+    finally:
+        _replaying.on = False
+
+
 def _recorded_probe(
     probe: Callable[[Any, str], bool], record: SetupRecord
 ) -> Callable[[Any, str], bool]:
@@ -216,6 +239,8 @@ def _recorded_probe(
         question = isa_question(isa, isa.build_arch_flags(), code)
         if record.lookup(question) is True:
             return True
+        if getattr(_replaying, "on", False):
+            raise NotRecorded(f"no recorded answer for the {isa} probe")
         ok = probe(isa, code)
         if ok:
             record.add(question, True)

@@ -111,3 +111,60 @@ def test_a_second_process_gets_torchs_source_key_without_hashing_torchs_files(
     assert second["hashed"] == 0  # replayed: no file of torch's read
     # The very key torch computed, and what Inductor's own function answers after.
     assert second["key"] == second["again"] == first["key"] == first["again"]
+
+
+# A cold start in a fresh process and a fresh store: the compile worker probes the CPU's
+# vector ISA and records it; the serving process, which used to probe too (its g++ took a
+# vCPU from serving's OpenMP team for ~2 s), replays the worker's answer at its first
+# load. Counted in the serving process: compiler builds and dlopen probe children.
+_COLD_START = """
+import json, sys, time
+import torch
+from torch._inductor import cpp_builder, cpu_vec_isa
+import pwdaemon as pwd
+from pwdaemon.models import demo_model, example_tokens
+
+builds, probes = [], []
+build = cpp_builder.CppBuilder.build
+def counting_build(self, *a, **k):
+    builds.append(1)
+    return build(self, *a, **k)
+cpp_builder.CppBuilder.build = counting_build
+probe_load = cpu_vec_isa.VecISA._probe_load
+def counting_probe(self, *a, **k):
+    probes.append(str(self))
+    return probe_load(self, *a, **k)
+cpu_vec_isa.VecISA._probe_load = counting_probe
+
+model = demo_model()
+x = example_tokens(4)
+with torch.no_grad():
+    want = model(x)
+handle = pwd.attach(model, store=sys.argv[1], sizes=[4])
+with torch.no_grad():
+    model(x)
+    ok = handle.wait(sizes=[4], timeout=240)
+    got = model(x)
+tier = handle.pieces[0].dispatcher.table.lookup(4).tier.value
+handle.detach()
+print(json.dumps({"ok": ok, "tier": tier, "builds": len(builds), "probes": probes,
+                  "diff": float((got - want).abs().max())}))
+"""
+
+
+def test_a_cold_start_runs_no_compiler_in_the_serving_process(tmp_path: Path) -> None:
+    result = _run_with_args(_COLD_START, tmp_path / "inductor-unused", str(tmp_path / "store"))
+    assert result["ok"] and result["tier"] == "size", result
+    assert result["probes"] == [] and result["builds"] == 0, result
+    assert isinstance(result["diff"], float) and result["diff"] <= 1e-4  # float32 on CPU
+
+
+def _run_with_args(child: str, cache: Path, *args: str) -> dict[str, object]:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", child, *args], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result

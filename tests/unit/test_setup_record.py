@@ -207,3 +207,53 @@ def test_torchs_source_key_is_computed_as_inductor_would_without_a_record(
     monkeypatch.setattr(codecache, "torch_key", key)
     monkeypatch.setattr(setup_record, "_record", None)  # install() failed or not called
     assert setup_record.torch_key() == b"computed" and key.computed == 1
+
+
+def test_a_miss_reads_the_record_again_for_an_answer_another_process_added(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "record.json"
+    serving, worker = SetupRecord(path), SetupRecord(path)
+    assert serving.lookup("isa|x") is None  # read before the worker probed
+    worker.add("isa|x", True)
+    assert serving.lookup("isa|x") is True
+
+
+def test_replay_only_answers_from_the_record_and_never_probes(tmp_path: Path) -> None:
+    path = tmp_path / "record.json"
+    probe = CountingProbe(answer=True)
+    check = setup_record._recorded_probe(probe, SetupRecord(path))
+    with setup_record.replay_only(), pytest.raises(setup_record.NotRecorded):
+        check(FakeIsa(), "x")
+    assert probe.calls == 0
+    assert check(FakeIsa(), "x") and probe.calls == 1  # outside: probed and recorded
+    with setup_record.replay_only():
+        assert check(FakeIsa(), "x")
+    assert probe.calls == 1
+
+
+class FlagIsa:
+    _arch_flags = "-mbase"
+
+
+def test_an_unrecorded_isa_is_left_for_later_with_its_flags_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch._inductor import cpu_vec_isa
+
+    from pwdaemon.workers import prewarm
+
+    isa = FlagIsa()
+    monkeypatch.setattr(cpu_vec_isa, "supported_vec_isa_list", [isa])
+
+    def unrecorded() -> None:
+        # As VecAVX512 probes bf16: flags changed around a check_build that finds no
+        # recorded answer.
+        isa._arch_flags += " -mavx512bf16"
+        raise setup_record.NotRecorded("no answer")
+
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", unrecorded)
+    assert prewarm.pick_recorded_isa() is False
+    assert isa._arch_flags == "-mbase" and "_arch_flags" not in isa.__dict__
+    monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda: isa)
+    assert prewarm.pick_recorded_isa() is True
