@@ -94,6 +94,13 @@ class CompileConfig:
     A worker that gets no CPU for 10 s (every core busy) is replaced by one at
     `niceness` while the host stays busy, so compiles still progress
     (`pwdaemon.workers.starvation`); False: always at `niceness`."""
+    pause_during_calls: bool | None = None
+    """Stop the SCHED_IDLE workers (SIGSTOP, their compilers too) while a serving call
+    is in progress, and continue them when it ends, giving them at least a quarter of
+    each second under saturating traffic (`pwdaemon.serving.pause`). None: only where
+    serving is on the CPU and its torch threads plus the workers exceed the CPUs this
+    process may use (`pwdaemon.engine.cpu_budget`); there, priority alone left calls
+    10-60x slower while a worker compiled."""
     options: Mapping[str, Any] = field(default_factory=dict)
     """Inductor options passed to every compile (part of the artifact key)."""
     validate: bool = True
@@ -117,6 +124,10 @@ class CompileConfig:
         _check_int("niceness", self.niceness, 0)
         if not isinstance(self.idle_priority, bool):
             raise TypeError(f"idle_priority must be a bool, got {self.idle_priority!r}")
+        if self.pause_during_calls is not None and not isinstance(self.pause_during_calls, bool):
+            raise TypeError(
+                f"pause_during_calls must be a bool or None, got {self.pause_during_calls!r}"
+            )
         if self.switch_interval_s is not None:
             _check_seconds("switch_interval_s", self.switch_interval_s)
         if not isinstance(self.options, Mapping):

@@ -21,7 +21,7 @@ from pwdaemon.config import (
     parse_sizes,
 )
 from pwdaemon.engine.bytecode_check import check_bytecode_cache
-from pwdaemon.engine.cpu_budget import check_cpu_budget
+from pwdaemon.engine.cpu_budget import check_cpu_budget, pause_wanted
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
 from pwdaemon.engine.options import AttachOptions, TraceMode
@@ -306,6 +306,8 @@ def attach(
             "attach the plain module (torch.compile(m)._orig_mod)"
         )
     compiler = compiler or CompileConfig()
+    # Resolved once here, so the executor and the service client read a plain bool.
+    compiler = dataclasses.replace(compiler, pause_during_calls=pause_wanted(compiler, model))
     options = AttachOptions(
         name=name or f"{type(model).__name__.lower()}-{next(_names)}",
         sizes=parse_sizes(sizes),

@@ -3,18 +3,23 @@
 On 2 vCPUs, 2 torch threads serving and one busy compile worker at a nice level took
 compiled calls from ~1 ms to 100-300 ms: OpenMP's threads wait for each other at every
 parallel region, and one of them was always waiting for the CPU the worker held. Workers
-under SCHED_IDLE (`CompileConfig.idle_priority`, the default on Linux) only take CPU time
-serving leaves idle, so there it is no longer a latency problem, only a slower plan
-under saturating traffic; with any other priority it is worth a warning at attach.
+under SCHED_IDLE (`CompileConfig.idle_priority`, the default on Linux) were meant to take
+only CPU time serving leaves idle, but on that VM a SCHED_IDLE worker still kept one vCPU
+for whole calls (eager calls of 30-190 ms against 2 ms, `bench/stalls.py`): serving's
+OpenMP threads spin instead of sleeping, so they are never woken onto its CPU. Where they
+do not fit, the workers are therefore also stopped during serving calls
+(`pause_wanted`, `pwdaemon.serving.pause`); with another priority it is worth a warning.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
 
 import torch
+from torch import nn
 
 from pwdaemon.config import CompileConfig
 
@@ -47,6 +52,26 @@ def oversubscription(config: CompileConfig) -> str | None:
     )
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes: its first parameter's or buffer's device (CPU if none)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def pause_wanted(config: CompileConfig, model: nn.Module) -> bool:
+    """`CompileConfig.pause_during_calls` resolved: as set, or, when None, whether a
+    CPU model's serving threads and the SCHED_IDLE workers oversubscribe the CPUs (a GPU
+    model's calls wait on the GPU, and a worker on a spare core does not slow them)."""
+    if config.pause_during_calls is not None:
+        return config.pause_during_calls and idle_priority_works(config)
+    return (
+        idle_priority_works(config)
+        and hasattr(os, "killpg")
+        and model_device(model).type == "cpu"
+        and oversubscription(config) is not None
+    )
+
+
 def check_cpu_budget(config: CompileConfig) -> None:
     """Warn (once per process) when compile workers would slow serving down."""
     global _warned
@@ -54,8 +79,9 @@ def check_cpu_budget(config: CompileConfig) -> None:
     if overlap is None:
         return
     if idle_priority_works(config):
-        log.info("pwdaemon: %s; workers run under SCHED_IDLE, so compiles only take "
-                 "idle CPU time (a saturated machine compiles slowly)", overlap)  # fmt: skip
+        how = " and stop during serving calls" if config.pause_during_calls else ""
+        log.info("pwdaemon: %s; workers run under SCHED_IDLE%s, so compiles mostly take "
+                 "idle CPU time (a saturated machine compiles slowly)", overlap, how)  # fmt: skip
         return
     if _warned:
         return

@@ -57,6 +57,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from pwdaemon.serving.imports import IMPORT_WATCH, import_awaited, in_import
+from pwdaemon.serving.pause import PAUSE
 
 # How long gated work waits for serving to pause before it takes a slice anyway: under
 # back-to-back traffic it still progresses at SLICE_S / (MAX_PAUSE_S + SLICE_S) ~ 9 %.
@@ -152,6 +153,8 @@ class ServingGate:
         """Mark one serving call in progress (use only when `working` is non-zero)."""
         with self._lock:
             self.calls += 1
+            if self.calls == 1:
+                PAUSE.stop()  # busy compile workers, where they share too few CPUs
             self._idle.clear()
             if self._on_demand:
                 self._start_collection_watch()
@@ -167,6 +170,7 @@ class ServingGate:
             with self._lock:
                 self.calls -= 1
                 if self.calls == 0:
+                    PAUSE.resume()
                     self.last_call_end = time.monotonic()
                     self._idle.set()
                     self._stop_collection_watch()

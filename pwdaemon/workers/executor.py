@@ -35,6 +35,7 @@ class ProcessExecutor:
             env=env or {},
             start_timeout=config.start_timeout_s,
             idle_priority=config.idle_priority,
+            pausable=bool(config.pause_during_calls),
         )
 
     @property

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pwdaemon.serving.pause import PAUSE
 from pwdaemon.workers import starvation
 from pwdaemon.workers.compiler import JobSpec
 from pwdaemon.workers.framing import Frame, FrameError, PeerClosed, encode, fd_writer, read_frame
@@ -153,10 +154,21 @@ class Worker:
     """
 
     def __init__(
-        self, niceness: int, env: Mapping[str, str], *, idle_priority: bool = False
+        self,
+        niceness: int,
+        env: Mapping[str, str],
+        *,
+        idle_priority: bool = False,
+        pausable: bool = False,
     ) -> None:
         self._niceness = niceness
         self._idle_priority = idle_priority
+        # Stopped during serving calls (`pwdaemon.serving.pause`): SCHED_IDLE workers
+        # only. They share the serving process's session, so if it dies while they are
+        # stopped, their group is orphaned with stopped members and the kernel sends it
+        # SIGHUP and SIGCONT (they exit). A worker in a session of its own (one that
+        # replaced a starved worker) would stay stopped for ever.
+        self._pausable = pausable and idle_priority
         self._env = dict(env)
         self.process: subprocess.Popen[bytes] | None = None
         self._job_fd = -1  # we write jobs here
@@ -176,7 +188,10 @@ class Worker:
         proc = self.process
         if not self._idle_priority or proc is None:
             return None
-        return StarvationWatch(proc.pid)  # its own process group: process_group=0
+        # Its own process group (process_group=0); time it spent stopped for serving
+        # calls is not time it was denied.
+        stopped = PAUSE.stopped_seconds if self._pausable else None
+        return StarvationWatch(proc.pid, stopped=stopped)
 
     # ---- start ---------------------------------------------------------------------
 
@@ -241,6 +256,8 @@ class Worker:
                 )
                 self._job_fd, self._result_fd = job_w, res_r
                 self._busy = True
+                if self._pausable:
+                    PAUSE.add(self.process.pid)  # its start (torch's imports) too
         except BaseException as exc:
             os.close(job_w)
             os.close(res_r)
@@ -393,6 +410,7 @@ class Worker:
             busy, proc = self._busy, self.process
         if proc is None:
             return
+        PAUSE.discard(proc.pid)  # continued first: a stopped worker cannot read "stop"
         if not busy and proc.poll() is None:
             with contextlib.suppress(OSError):
                 fd_writer(self._job_fd)(_STOP)
@@ -411,6 +429,7 @@ class Worker:
         proc = self.process
         if proc is None:
             return None
+        PAUSE.discard(proc.pid)  # forgotten before its group id can be reused
         if self._idle_priority:
             _lift_out_of_idle(proc.pid)
         # The whole group: processes Inductor started inside the worker go too. The
@@ -450,9 +469,11 @@ class WorkerPool:
         env: Mapping[str, str],
         start_timeout: float = 120.0,
         idle_priority: bool = False,
+        pausable: bool = False,
     ) -> None:
         self._niceness = niceness
         self._idle_priority = idle_priority
+        self._pausable = pausable
         self._env = dict(env)
         self._start_timeout = start_timeout
         self._idle: list[Worker] = []
@@ -492,7 +513,9 @@ class WorkerPool:
 
     def _new(self) -> Worker:
         while True:
-            w = Worker(self._niceness, self._env, idle_priority=self._idle_now())
+            w = Worker(
+                self._niceness, self._env, idle_priority=self._idle_now(), pausable=self._pausable
+            )
             with self._lock:
                 if self.closed:
                     raise CompileError(Outcome.CANCELLED, "worker pool is closed")

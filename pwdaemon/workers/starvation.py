@@ -76,7 +76,11 @@ class StarvationWatch:
         share: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         cpu: Callable[[int], float | None] = group_cpu_seconds,
+        stopped: Callable[[], float] | None = None,
     ) -> None:
+        """`stopped`: seconds the worker has spent stopped on purpose, in all (paused
+        during serving calls, `pwdaemon.serving.pause`); the window counts only the
+        rest, so a worker paused by busy serving is not called starved."""
         # The module constants are read here, not bound as defaults, so a test can
         # shorten the window for a whole pool.
         self._window = STARVED_WINDOW_S if window is None else window
@@ -84,20 +88,25 @@ class StarvationWatch:
         self._pgid = pgid
         self._clock = clock
         self._cpu = cpu
+        self._stopped = stopped or (lambda: 0.0)
         self._since = clock()
+        self._stopped_since = self._stopped()
         self._cpu_since = cpu(pgid)
 
     def starved(self) -> bool:
         """True once a whole window went by with less than `share` of a CPU used."""
         now = self._clock()
-        if now - self._since < self._window:
+        stopped = self._stopped()
+        runnable = (now - self._since) - (stopped - self._stopped_since)
+        if runnable < self._window:
             return False
         used = self._cpu(self._pgid)
         if used is None or self._cpu_since is None:
             # /proc says nothing: never call a worker starved without evidence.
-            self._since, self._cpu_since = now, used
+            self._since, self._stopped_since, self._cpu_since = now, stopped, used
             return False
-        if used - self._cpu_since < self._share * (now - self._since):
+        if used - self._cpu_since < self._share * runnable:
             return True
-        self._since, self._cpu_since = now, used  # it progressed: a new window
+        # It progressed: a new window.
+        self._since, self._stopped_since, self._cpu_since = now, stopped, used
         return False

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from torch import nn
 
 from pwdaemon.config import CompileConfig
 from pwdaemon.engine.store_link import compile_options
+from pwdaemon.serving.gate import ServingGate
+from pwdaemon.serving.pause import PAUSE
 from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target
 from pwdaemon.serving.strategy import ShapeStrategy
@@ -117,6 +121,53 @@ def test_jobs_compile_in_a_worker_and_match_eager(
                 continue
             assert_matches(runnable(*args), expected)
     assert executor.pids() == [pid] and executor.restarts == 0
+
+
+@pytest.mark.slow
+def test_a_pausable_worker_is_stopped_during_serving_calls_and_still_compiles(
+    mlp_graph: Recorded, tmp_path: Path
+) -> None:
+    (gm,) = mlp_graph.gms
+    graph = dump_graph(gm, "MLP graph 0")
+    ex = ProcessExecutor(CompileConfig(workers=1, start_timeout_s=300, pause_during_calls=True))
+    ex.start()
+    (pid,) = ex.pids()
+    gate = ServingGate()
+    gate.hold()  # as the engine holds it around a job
+    box: dict[str, Any] = {}
+    job = threading.Thread(
+        target=lambda: box.update(ex.run(_job(graph, Target.size(7), tmp_path), timeout=600))
+    )
+    states: list[str] = []
+    try:
+        job.start()
+        while job.is_alive():
+            with gate.call():  # a serving call: the worker (mid-compile) is stopped
+                # "D": waiting in vfork for a compiler child that the same stop caught
+                # before its exec (Python's subprocess uses vfork): off a CPU too.
+                states.append(_wait_state(pid, {"T", "D"}))
+            job.join(0.01)  # a gap between calls: the compile goes on
+    finally:
+        gate.release()
+        ex.close(5.0)
+    assert "T" in states and set(states) <= {"T", "D"}, states
+    assert PAUSE.stopped_seconds() > 0
+    assert pid not in PAUSE._groups  # forgotten when the pool closed
+    runnable = load_artifact(box["path"])
+    for args, expected in mlp_graph.calls[0]:
+        if _size_of(args) == 7:
+            assert_matches(runnable(*args), expected)
+
+
+def _wait_state(pid: int, want: set[str], timeout: float = 5.0) -> str:
+    # A stop signal is delivered asynchronously: poll /proc for the state it leads to.
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state in want or time.monotonic() > deadline:
+            return state
+        time.sleep(0.001)
 
 
 @pytest.mark.slow

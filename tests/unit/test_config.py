@@ -112,6 +112,7 @@ def test_policy_config_rejects(kwargs: dict[str, Any], exc: type[Exception], mat
         ({"backoff_s": -1.0}, ValueError, r"backoff_s must be >= 0, got -1\.0"),
         ({"niceness": -5}, ValueError, r"niceness must be >= 0, got -5"),
         ({"options": [("max_autotune", True)]}, TypeError, r"options must be a mapping"),
+        ({"pause_during_calls": "yes"}, TypeError, r"pause_during_calls must be a bool or None"),
         ({"start_timeout_s": 0}, ValueError, r"start_timeout_s must be > 0, got 0"),
     ],
 )

@@ -45,3 +45,25 @@ def test_threads_and_workers_that_fit_say_nothing(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert cpu_budget.oversubscription(CompileConfig(workers=2, idle_priority=False)) is None
     assert cpu_budget.oversubscription(CompileConfig(workers=5, idle_priority=False)) is not None
+
+
+@pytest.mark.usefixtures("two_cpus")
+@pytest.mark.skipif(not cpu_budget.idle_priority_works(CompileConfig()), reason="no SCHED_IDLE")
+def test_workers_pause_during_calls_only_where_a_cpu_model_oversubscribes_the_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu_model = torch.nn.Linear(4, 4)
+    meta_model = torch.nn.Linear(4, 4, device="meta")  # stands in for a GPU model
+    auto = CompileConfig(workers=1)
+    assert cpu_budget.pause_wanted(auto, cpu_model)
+    assert not cpu_budget.pause_wanted(auto, meta_model)
+    assert cpu_budget.pause_wanted(CompileConfig(workers=1, pause_during_calls=True), meta_model)
+    assert not cpu_budget.pause_wanted(
+        CompileConfig(workers=1, pause_during_calls=False), cpu_model
+    )
+    # Only SCHED_IDLE workers are ever stopped (`Worker`'s comment says why).
+    assert not cpu_budget.pause_wanted(
+        CompileConfig(workers=1, idle_priority=False, pause_during_calls=True), cpu_model
+    )
+    monkeypatch.setattr(cpu_budget, "usable_cpus", lambda: 8)
+    assert not cpu_budget.pause_wanted(auto, cpu_model)  # 2 threads + 1 worker fit

@@ -62,3 +62,16 @@ def test_group_cpu_counts_this_process() -> None:
     after = group_cpu_seconds(os.getpgid(0))
     assert after is not None and after - before >= 0.2  # clock ticks are 10 ms
     assert group_cpu_seconds(2**22 + 12345) is None  # no such group
+
+
+def test_time_stopped_for_serving_calls_is_not_counted_as_denied() -> None:
+    c = Counters()
+    stopped = [0.0]
+    w = StarvationWatch(1, window=10.0, share=0.1, clock=c.clock, cpu=c.read,
+                        stopped=lambda: stopped[0])  # fmt: skip
+    # 12 s went by, 8 of them stopped on purpose, 0.5 s of CPU in the other 4: the
+    # window (10 s of runnable time) is not over yet.
+    c.now, c.cpu, stopped[0] = 12.0, 0.5, 8.0
+    assert not w.starved()
+    c.now = 18.0  # 10 s runnable now, 0.5 s of CPU in them: starved
+    assert w.starved()
