@@ -20,11 +20,13 @@ import torch
 from pwdaemon.engine.jobs import Job, JobSource, JobState, PieceState
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import piece_device
+from pwdaemon.engine.torch_thread import run_torch_work
 from pwdaemon.serving.cudagraph import (
     CudaGraphRunnable,
     GraphConfig,
     GraphPool,
     NothingToCapture,
+    warm_up,
 )
 from pwdaemon.serving.cudagraph import capture as capture_graph
 from pwdaemon.serving.inputs import is_caller_tensor
@@ -137,6 +139,21 @@ class GraphCapture:
         copy_indices = [i for i, a in enumerate(args) if is_caller_tensor(a, state)]
         job.state, job.reason = JobState.COMPILING, None
         job.attempts += 1
+        if self.config.warmup_iters > 1:
+            # Off the serving call: all warm-up runs but the capture's own (`warm_up`).
+            try:
+                await run_torch_work(
+                    warm_up, tier2, args, copy_indices, self.config.warmup_iters - 1,
+                    switch_interval=None,
+                )  # fmt: skip
+            except Exception as err:
+                self.publisher.fail(
+                    job,
+                    "failed",
+                    f"CUDA graph warm-up: {type(err).__name__}: {err}",
+                    retry=job.attempts == 1,
+                )
+                return
         # `done` and `box` are the hand-off: the serving thread fills `box` and sets
         # `done`; the loop reads `box` only after `done` is set.
         done = threading.Event()
@@ -146,7 +163,7 @@ class GraphCapture:
             t0 = time.monotonic()
             try:
                 box["runnable"] = capture_graph(
-                    tier2, args, n, size_index, copy_indices, pool, self.config.warmup_iters
+                    tier2, args, n, size_index, copy_indices, pool, warmup_iters=1
                 )
             except BaseException as exc:
                 box["error"] = exc

@@ -306,6 +306,39 @@ def test_a_failed_capture_is_retried_and_later_captures_still_work(
         h.detach()
 
 
+def test_a_captures_warm_up_runs_off_the_serving_call_but_its_last_run(
+    gpu_model: tuple[nn.Module, nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pwdaemon.engine.graphs as graphs
+
+    real_warm_up, real_capture = graphs.warm_up, graphs.capture_graph
+    warm_ups: list[tuple[str, int]] = []
+    captures: list[tuple[str, int]] = []
+
+    def warm_up(runnable: Any, sample: Any, copy_indices: Any, iters: int) -> None:
+        warm_ups.append((threading.current_thread().name, iters))
+        real_warm_up(runnable, sample, copy_indices, iters)
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        captures.append((threading.current_thread().name, kwargs["warmup_iters"]))
+        return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(graphs, "warm_up", warm_up)
+    monkeypatch.setattr(graphs, "capture_graph", capture)
+    model, ref = gpu_model
+    h = _attach_and_wait_for_graph(model, [8])
+    try:
+        assert h.table().lookup(8).tier is pwd.Tier.GRAPH
+        x = torch.randn(8, 256, device="cuda")
+        torch.testing.assert_close(model(x), ref(x), **TOL)
+        warmup_iters = pwd.GraphConfig().warmup_iters
+        assert warm_ups == [("pwdaemon-torch-work", warmup_iters - 1)]
+        assert captures == [(threading.main_thread().name, 1)]  # the serving thread's call
+        print("capture pauses (s):", [round(p, 4) for p in h.engine.capture_pauses])
+    finally:
+        h.detach()
+
+
 def test_a_capture_leaves_the_cached_memory_of_other_sizes_in_place(
     gpu_model: tuple[nn.Module, nn.Module],
 ) -> None:

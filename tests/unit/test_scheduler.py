@@ -620,7 +620,7 @@ def test_two_captures_of_one_piece_both_get_their_graph(
         def __init__(self, device: torch.device) -> None:
             self.device, self.lock, self.bytes, self.graphs = device, threading.Lock(), 0, 0
 
-    def capture(runnable: Callable[..., Any], *rest: Any) -> _ReplayedCapture:
+    def capture(runnable: Callable[..., Any], *rest: Any, **options: Any) -> _ReplayedCapture:
         time.sleep(0.05)  # a capture pauses its serving call: the other job comes meanwhile
         return _ReplayedCapture(runnable)
 
@@ -628,6 +628,7 @@ def test_two_captures_of_one_piece_both_get_their_graph(
         monkeypatch.setattr(module, "wants_graph", lambda config, piece: True)
     monkeypatch.setattr(graphs, "GraphPool", Pool)
     monkeypatch.setattr(graphs, "capture_graph", capture)
+    monkeypatch.setattr(graphs, "warm_up", lambda *args: None)  # no GPU to warm up
     compiler = pwd.CompileConfig(workers=2, backoff_s=0.01)
     h = pwd.attach(
         mlp, sizes=[2, 8], policy=FAST, compiler=compiler, executor=FakeExecutor(), store=False
