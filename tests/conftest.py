@@ -106,9 +106,24 @@ def reference(mlp: nn.Module) -> nn.Module:
     return copy.deepcopy(mlp)
 
 
+def _prewarm_done() -> None:
+    # The loader's pre-warm (`pwdaemon.workers.prewarm`, once per process, started by the
+    # first attach) imports Inductor on a thread of its own; `torch._dynamo.reset()` beside
+    # those imports failed with "dictionary changed size during iteration" in a later
+    # test's teardown (tests/unit/test_scheduler.py, about 1 run in 5), and gated threads
+    # change the switch interval that some tests check.
+    from pwdaemon.workers import prewarm
+
+    thread = prewarm._thread
+    if thread is not None:
+        thread.join(120)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
+    _prewarm_done()
     torch._dynamo.reset()
     with torch.no_grad():
         yield
+    _prewarm_done()
     torch._dynamo.reset()
