@@ -18,10 +18,11 @@ each end of a busy spell. The gate (`pwdaemon.serving.gate`) calls `stop()` and
 registered only where the engine decided that serving and workers do not fit the CPUs
 (`CompileConfig.pause_during_calls`).
 
-Under traffic that never leaves a gap the workers would never run: a pause begins only
-while the workers were stopped for less than `MAX_STOPPED_SHARE` of the current
-`WINDOW_S`, so compiles still progress, and a worker's starvation watch does not count
-the time it was stopped (`stopped_seconds`).
+Under traffic that never leaves a gap the workers would never run: a call that begins
+within `BACK_TO_BACK_S` of the previous one stops nothing, a pause begins only while the
+workers were stopped for less than `MAX_STOPPED_SHARE` of the current `WINDOW_S`, so
+compiles still progress, and a worker's starvation watch does not count the time it was
+stopped (`stopped_seconds`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ WINDOW_S = 1.0
 # workers then run beside serving for the rest of the window (a quarter of it at least),
 # as they did before pausing existed.
 MAX_STOPPED_SHARE = 0.75
+# A call that begins this soon after the previous one ended is back-to-back traffic:
+# serving keeps the CPUs busy by itself then, and stopping the workers at every call
+# would hold back the compiles that traffic waits for (the test suite's tight call loops
+# ran several times slower). The stalls this module exists for came with paced traffic:
+# 10 ms gaps, in which an idle-class worker took a vCPU and kept it into the next call.
+BACK_TO_BACK_S = 0.002
 
 Signaller = Callable[[int, int], None]
 
@@ -70,6 +77,7 @@ class ProcessPause:
         self._window_start = clock()
         self._window_stopped = 0.0
         self._total = 0.0  # seconds of finished pauses
+        self._last_end = -BACK_TO_BACK_S  # when the last busy spell ended
         self.pauses = 0  # pauses begun
         self.skipped = 0  # pauses not begun because the window's share was used up
 
@@ -107,6 +115,9 @@ class ProcessPause:
             if self._since is not None:
                 return  # already stopped (a resume that found nothing to continue)
             now = self._clock()
+            if now - self._last_end < BACK_TO_BACK_S:
+                self.skipped += 1
+                return
             if now - self._window_start >= WINDOW_S:
                 self._window_start, self._window_stopped = now, 0.0
             if self._window_stopped >= MAX_STOPPED_SHARE * WINDOW_S:
@@ -121,6 +132,7 @@ class ProcessPause:
 
     def resume(self) -> None:
         """The last serving call in progress ended: continue what `stop` stopped."""
+        self._last_end = self._clock()  # a float store: atomic under the GIL
         if self._since is None:
             return
         with self._lock:

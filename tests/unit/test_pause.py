@@ -65,20 +65,41 @@ def test_pauses_stop_once_the_windows_share_is_used_up() -> None:
     p = pause(r)
     p.add(7)
     calls = 0
-    # Back-to-back calls of 0.1 s: stopped until the share of the first second is used
+    # Calls of 0.1 s with 5 ms gaps: stopped until the share of the first second is used
     # up (the pause under way when it is reached ends with its call), then not.
     while r.now < pause_mod.WINDOW_S - 1e-9:
         p.stop()
         r.now += 0.1
         p.resume()
+        r.now += 0.005
         calls += 1
     stopped = p.stopped_seconds()
+    assert pause_mod.BACK_TO_BACK_S < 0.005
     assert p.pauses == math.ceil(pause_mod.MAX_STOPPED_SHARE / 0.1 - 1e-9)
     assert p.skipped == calls - p.pauses > 0
     assert pause_mod.MAX_STOPPED_SHARE <= stopped < pause_mod.MAX_STOPPED_SHARE + 0.1
-    r.now = pause_mod.WINDOW_S + 0.01
+    r.now += pause_mod.WINDOW_S
     p.stop()  # a new window: stopped again
     assert r.sent[-1] == (7, signal.SIGSTOP)
+
+
+def test_back_to_back_calls_stop_nothing() -> None:
+    r = Recorder()
+    p = pause(r)
+    p.add(3)
+    p.stop()  # after a quiet spell: stopped
+    r.now += 0.002
+    p.resume()
+    for _ in range(5):  # the next calls begin 0.1 ms after the previous one ended
+        r.now += 0.0001
+        p.stop()
+        r.now += 0.002
+        p.resume()
+    assert r.sent == [(3, signal.SIGSTOP), (3, signal.SIGCONT)]
+    assert p.skipped == 5
+    r.now += 0.01  # a paced call after a 10 ms gap: stopped again
+    p.stop()
+    assert r.sent[-1] == (3, signal.SIGSTOP)
 
 
 def test_a_discarded_group_is_continued_if_stopped_and_never_stopped_again() -> None:
@@ -89,6 +110,7 @@ def test_a_discarded_group_is_continued_if_stopped_and_never_stopped_again() -> 
     p.discard(5)
     assert r.sent == [(5, signal.SIGSTOP), (5, signal.SIGCONT)]
     p.resume()
+    r.now += 0.01  # a paced call: it would stop a registered group
     p.stop()
     assert r.sent == [(5, signal.SIGSTOP), (5, signal.SIGCONT)]
 
@@ -104,6 +126,7 @@ def test_a_group_that_is_gone_is_forgotten_without_raising() -> None:
     assert (9, signal.SIGSTOP) not in r.sent
     assert r.sent == [(10, signal.SIGSTOP), (10, signal.SIGCONT)]
     r.gone.clear()
+    r.now += 0.01
     p.stop()
     assert r.sent[-1] == (10, signal.SIGSTOP)  # 9 was forgotten
 
