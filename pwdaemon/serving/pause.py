@@ -43,9 +43,9 @@ WINDOW_S = 1.0
 MAX_STOPPED_SHARE = 0.75
 # A call that begins this soon after the previous one ended is back-to-back traffic:
 # serving keeps the CPUs busy by itself then, and stopping the workers at every call
-# would hold back the compiles that traffic waits for (the test suite's tight call loops
-# ran several times slower). The stalls this module exists for came with paced traffic:
-# 10 ms gaps, in which an idle-class worker took a vCPU and kept it into the next call.
+# would hold back the compiles that traffic waits for. The stalls this module exists
+# for came with paced traffic: 10 ms gaps, in which an idle-class worker took a vCPU
+# and kept it into the next call.
 BACK_TO_BACK_S = 0.002
 
 Signaller = Callable[[int, int], None]
@@ -79,7 +79,7 @@ class ProcessPause:
         self._total = 0.0  # seconds of finished pauses
         self._last_end = -BACK_TO_BACK_S  # when the last busy spell ended
         self.pauses = 0  # pauses begun
-        self.skipped = 0  # pauses not begun because the window's share was used up
+        self.skipped = 0  # pauses not begun: back-to-back, or the window's share used up
 
     # ---- the workers' side ---------------------------------------------------------
 
@@ -113,7 +113,7 @@ class ProcessPause:
             return
         with self._lock:
             if self._since is not None:
-                return  # already stopped (a resume that found nothing to continue)
+                return  # stopped already (no resume came between two stops)
             now = self._clock()
             if now - self._last_end < BACK_TO_BACK_S:
                 self.skipped += 1
