@@ -154,6 +154,15 @@ class GraphCapture:
                     retry=job.attempts == 1,
                 )
                 return
+        if dispatcher.pending is not None:
+            # Checked again: the warm-up above awaited, and another capture of this
+            # piece may have taken the slot meanwhile. Between this check and taking the
+            # slot below nothing awaits, so the loop runs no other job in between.
+            job.state, job.attempts = JobState.QUEUED, job.attempts - 1
+            job.reason = "waiting for another capture of this piece"
+            job.not_before = time.monotonic() + _SLOT_RETRY_S
+            self.queue.push(job)
+            return
         # `done` and `box` are the hand-off: the serving thread fills `box` and sets
         # `done`; the loop reads `box` only after `done` is set.
         done = threading.Event()

@@ -628,7 +628,19 @@ def test_two_captures_of_one_piece_both_get_their_graph(
         monkeypatch.setattr(module, "wants_graph", lambda config, piece: True)
     monkeypatch.setattr(graphs, "GraphPool", Pool)
     monkeypatch.setattr(graphs, "capture_graph", capture)
-    monkeypatch.setattr(graphs, "warm_up", lambda *args: None)  # no GPU to warm up
+    # No GPU to warm up. The fake warm-up waits (up to 5 s) until both jobs are in theirs:
+    # a job that checked the slot before its warm-up and took it after took it over from
+    # the other, which then waited forever (seen in CI, about one run in ten).
+    warming: list[int] = []
+    both_warming = threading.Event()
+
+    def warm_up(*args: Any) -> None:
+        warming.append(1)
+        if len(warming) >= 2:
+            both_warming.set()
+        both_warming.wait(5.0)
+
+    monkeypatch.setattr(graphs, "warm_up", warm_up)
     compiler = pwd.CompileConfig(workers=2, backoff_s=0.01)
     h = pwd.attach(
         mlp, sizes=[2, 8], policy=FAST, compiler=compiler, executor=FakeExecutor(), store=False
@@ -642,6 +654,7 @@ def test_two_captures_of_one_piece_both_get_their_graph(
         while not h.wait(sizes=[2, 8], tier=pwd.Tier.GRAPH, timeout=0.3):
             assert time.monotonic() < deadline, str(h.status())
             _call_sizes(mlp, [2])  # serving calls: captures run at their start
+        assert both_warming.is_set()  # the two jobs did overlap: the race was run
         for n in (2, 8):
             assert h.pieces[0].dispatcher.table.lookup(n).tier is pwd.Tier.GRAPH
             x = torch.randn(n, 16)
