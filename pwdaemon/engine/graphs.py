@@ -127,9 +127,7 @@ class GraphCapture:
             # one job per worker at once). One slot per dispatcher: taking it over left
             # the other capture waiting forever, "compiling" (seen on an H200: sizes 2
             # and 8 of nn.Sequential, size 16 of Llama never got their graphs).
-            job.reason = "waiting for another capture of this piece"
-            job.not_before = time.monotonic() + _SLOT_RETRY_S
-            self.queue.push(job)
+            self._wait_for_slot(job)
             return
         tier2 = dispatcher.table.lookup(n).runnable
         args = sample[1]
@@ -159,9 +157,7 @@ class GraphCapture:
             # piece may have taken the slot meanwhile. Between this check and taking the
             # slot below nothing awaits, so the loop runs no other job in between.
             job.state, job.attempts = JobState.QUEUED, job.attempts - 1
-            job.reason = "waiting for another capture of this piece"
-            job.not_before = time.monotonic() + _SLOT_RETRY_S
-            self.queue.push(job)
+            self._wait_for_slot(job)
             return
         # `done` and `box` are the hand-off: the serving thread fills `box` and sets
         # `done`; the loop reads `box` only after `done` is set.
@@ -230,6 +226,12 @@ class GraphCapture:
             if lo <= n - 1:
                 info = {"label": job.target.label, "padded": True}
                 dispatcher.install(Range(lo, n - 1), Tier.GRAPH, runnable, info)
+
+    def _wait_for_slot(self, job: Job) -> None:
+        """Queue `job` again: another capture of its piece holds the hand-off slot."""
+        job.reason = "waiting for another capture of this piece"
+        job.not_before = time.monotonic() + _SLOT_RETRY_S
+        self.queue.push(job)
 
 
 def captured_sizes(st: PieceState) -> list[int]:
