@@ -16,10 +16,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.fx
-
-from pwdaemon.workers.compiler import JobSpec, Target
+from pwdaemon.workers.compiler import JobSpec, Target, load_graph
 from pwdaemon.workers.process import CompileError
 
 if TYPE_CHECKING:
@@ -93,12 +90,7 @@ class FakeExecutor:
         outcome = self.fail.get(spec.target.label)
         if outcome is not None:
             raise CompileError(outcome, f"injected {outcome} for {spec.target.label}")
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx._graph_pickler import GraphPickler
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-        gm = GraphPickler.loads(spec.graph, FakeTensorMode(shape_env=ShapeEnv()))
-        assert isinstance(gm, torch.fx.GraphModule)
+        gm, _ = load_graph(spec.graph)  # under the pickler's lock, as a real ship is
         gm.recompile()
         runnable: Callable[..., Any] = gm.forward
         if self.transform is not None:

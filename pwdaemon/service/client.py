@@ -40,7 +40,7 @@ from pwdaemon.service.protocol import (
     send,
 )
 from pwdaemon.store import ArtifactKey, ArtifactStore, UnsafeStoreError, make_key
-from pwdaemon.workers.compiler import JobSpec
+from pwdaemon.workers.compiler import JobSpec, load_graph
 from pwdaemon.workers.executor import Executor, ProcessExecutor
 from pwdaemon.workers.process import CompileError
 
@@ -61,15 +61,13 @@ def graph_identity(graph: bytes) -> tuple[str, str]:
     The bytes themselves differ between processes for the same model; this does not.
     """
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx._graph_pickler import GraphPickler
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from pwdaemon.serving.graph_facts import analyse_graph
 
-    gm = GraphPickler.loads(graph, FakeTensorMode(shape_env=ShapeEnv()))
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise ServiceUnavailable("graph payload is not a GraphModule")
+    try:
+        gm, _ = load_graph(graph)  # under the pickler's lock (GraphPickler is not thread-safe)
+    except TypeError as exc:
+        raise ServiceUnavailable(f"graph payload: {exc}") from exc
     device = "cpu"
     for node in gm.graph.nodes:
         v = node.meta.get("example_value") if node.op == "placeholder" else None

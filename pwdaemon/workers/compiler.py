@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -149,6 +150,14 @@ def shippable_copy(
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
 
+# GraphPickler is not thread-safe: `dumps` and `loads` register `slice` as a pytree node
+# for their duration unless it is registered already, and deregister it after. Two jobs
+# shipped at once (two workers) on two threads: one deregistered `slice` while the other
+# pickled, or both deregistered it, and a size failed with "cannot be shipped to a
+# compile worker: KeyError: <class 'slice'>" (CI). One pickling at a time per process.
+PICKLER_LOCK = threading.Lock()
+
+
 def dump_graph(
     gm: torch.fx.GraphModule, name: str = "graph", size_guards: tuple[Any, ...] = ()
 ) -> bytes:
@@ -161,21 +170,27 @@ def dump_graph(
     from torch.fx._graph_pickler import GraphPickler
 
     try:
-        return bytes(GraphPickler.dumps(shippable_copy(gm, size_guards)))
+        copy = shippable_copy(gm, size_guards)
+        with PICKLER_LOCK:
+            return bytes(GraphPickler.dumps(copy))
     except Exception as exc:
         raise UnshippableGraphError(
             f"{name} cannot be shipped to a compile worker: {type(exc).__name__}: {exc}"
         ) from exc
 
 
-def _load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:
+def load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:
+    """The GraphModule in `dump_graph`'s bytes, with the fake mode (fresh shape env) its
+    metadata lives in. Raises whatever GraphPickler raises on bad bytes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    gm = GraphPickler.loads(data, fake_mode)
-    assert isinstance(gm, torch.fx.GraphModule)
+    with PICKLER_LOCK:
+        gm = GraphPickler.loads(data, fake_mode)
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"graph bytes hold a {type(gm).__name__}, not a GraphModule")
     return gm, fake_mode
 
 
@@ -332,7 +347,7 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
     target = spec.target
     # The graph's symbols are made when it loads: the shape configuration covers both.
     with torch.no_grad(), _shape_config(size_oblivious):
-        gm, fake_mode = _load_graph(spec.graph)
+        gm, fake_mode = load_graph(spec.graph)
         if target.kind is TargetKind.SIZE:
             inputs = _concrete_inputs(gm, target.start)
             artifact = standalone_compile(

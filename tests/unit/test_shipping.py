@@ -257,3 +257,39 @@ def test_a_piece_that_one_size_alone_reaches_gets_that_size_in_the_generals_plac
         other = next(p.index for p in h.pieces if p is not one)
         assert targets[one.index] == {"size:1": "general"}, targets
         assert targets[other]["general"] == "general", targets
+
+
+def test_graphs_ship_and_load_on_several_threads_at_once(mlp_graph: Recorded) -> None:
+    # GraphPickler registers `slice` as a pytree node around each dumps/loads and takes it
+    # off after: two at once on two threads (two workers' jobs) took it off under each
+    # other, and a size failed to ship with "KeyError: <class 'slice'>" (CI).
+    import sys
+    import threading
+
+    from pwdaemon.workers.compiler import load_graph
+
+    (gm,) = mlp_graph.gms
+    errors: list[BaseException] = []
+    start = threading.Barrier(4, timeout=30)
+
+    def ship() -> None:
+        try:
+            start.wait()
+            for _ in range(15):
+                shipped, _ = load_graph(dump_graph(gm, "MLP graph 0"))
+                assert [n.op for n in shipped.graph.nodes] == [n.op for n in gm.graph.nodes]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ship) for _ in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the race runs
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == [], errors[:1]
