@@ -630,7 +630,7 @@ def test_two_captures_of_one_piece_both_get_their_graph(
     monkeypatch.setattr(graphs, "capture_graph", capture)
     # No GPU to warm up. The fake warm-up waits (up to 5 s) until both jobs are in theirs:
     # a job that checked the slot before its warm-up and took it after took it over from
-    # the other, which then waited forever (seen in CI, about one run in ten).
+    # the other, which then waited forever (a fresh-clone CI run failed so).
     warming: list[int] = []
     both_warming = threading.Event()
 
