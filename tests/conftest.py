@@ -6,6 +6,7 @@ import atexit
 import copy
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +118,18 @@ def _prewarm_done() -> None:
     thread = prewarm._thread
     if thread is not None:
         thread.join(120)
+
+
+@pytest.fixture
+def fast_switching() -> Iterator[None]:
+    # Switch threads every microsecond so interleavings that a loaded machine produces
+    # now and then happen on every run.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 @pytest.fixture(autouse=True)

@@ -259,11 +259,12 @@ def test_a_piece_that_one_size_alone_reaches_gets_that_size_in_the_generals_plac
         assert targets[other]["general"] == "general", targets
 
 
-def test_graphs_ship_and_load_on_several_threads_at_once(mlp_graph: Recorded) -> None:
+def test_graphs_ship_and_load_on_several_threads_at_once(
+    mlp_graph: Recorded, fast_switching: None
+) -> None:
     # GraphPickler registers `slice` as a pytree node around each dumps/loads and takes it
     # off after: two at once on two threads (two workers' jobs) took it off under each
     # other, and a size failed to ship with "KeyError: <class 'slice'>" (CI).
-    import sys
     import threading
 
     from pwdaemon.workers.compiler import load_graph
@@ -282,14 +283,9 @@ def test_graphs_ship_and_load_on_several_threads_at_once(mlp_graph: Recorded) ->
             errors.append(exc)
 
     threads = [threading.Thread(target=ship) for _ in range(4)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes: the race runs
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        sys.setswitchinterval(interval)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
     assert not any(t.is_alive() for t in threads)
     assert errors == [], errors[:1]

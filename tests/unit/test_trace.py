@@ -15,9 +15,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -299,18 +298,6 @@ class YieldingBreak(nn.Module):
 @torch._dynamo.disable
 def _yield_gil() -> None:
     os.sched_yield()  # not synchronisation: only makes thread interleavings likely
-
-
-@pytest.fixture
-def fast_switching() -> Iterator[None]:
-    # Switch threads every microsecond so interleavings that a loaded machine produces
-    # now and then happen on every run.
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 @pytest.mark.parametrize("cls", [Plain, Broken, YieldingBreak])
@@ -702,7 +689,9 @@ def test_a_model_warmed_up_while_its_module_imports_is_traced_without_deadlock(
     assert app.TRACED is True and app.PIECES == 1
 
 
-def test_collecting_torch_warnings_survives_loggers_created_on_another_thread() -> None:
+def test_collecting_torch_warnings_survives_loggers_created_on_another_thread(
+    fast_switching: None,
+) -> None:
     # Inductor's imports on the loader's set-up thread create loggers while the trace
     # thread starts collecting torch's warnings; listing the logger table in Python
     # raised "dictionary changed size during iteration" there, and the failed background
@@ -720,8 +709,6 @@ def test_collecting_torch_warnings_survives_loggers_created_on_another_thread() 
             i += 1
 
     creator = threading.Thread(target=create_loggers)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as CPython will
     creator.start()
     try:
         for _ in range(30):
@@ -730,4 +717,3 @@ def test_collecting_torch_warnings_survives_loggers_created_on_another_thread() 
     finally:
         stop.set()
         creator.join(10)
-        sys.setswitchinterval(interval)
