@@ -157,6 +157,11 @@ class Runner:
             await self.graphs.run(st, job)
             return
         key = self.store.key(job.piece, job.target) if self.store is not None else None
+        # Taken before the first await: a peer's artifact announced by the store watcher
+        # while this job looks the key up must not load beside it (seen in CI: a replica
+        # loaded one key twice, from the store and as the peer's). `_peer_artifact`
+        # leaves a compiling job alone; a claim held elsewhere queues this one again.
+        job.state, job.reason = JobState.COMPILING, None
         if key is not None and self.store is not None:
             path = await run_gated(self.store.lookup, key)
             if path is not None:

@@ -503,6 +503,65 @@ def test_a_key_a_peer_published_before_the_claim_is_loaded_not_compiled(
     assert "size:4" not in _labels(ex.jobs)  # claimed, looked up again, not compiled
 
 
+def test_a_peer_artifact_announced_during_the_jobs_own_lookup_is_loaded_once(
+    mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in CI: a replica loaded one key twice ({"compiled": 1, "store": 2, "peer": 1}
+    # for three keys). The watcher announced the peer's artifact while the job's own
+    # store lookup ran on a thread, the job still queued: both loaded it.
+    from pwdaemon.engine import runner as runner_module
+    from pwdaemon.engine.loop import Engine
+    from pwdaemon.store.manifest import Manifest
+    from pwdaemon.store.store import ArtifactStore
+
+    peer_artifact = tmp_path / "peer.bin"
+    handles: list[pwd.Handle] = []
+    announced: list[Any] = []  # the size-4 key, once the "peer" has announced it
+    peer_handled = threading.Event()  # the engine has acted on the announcement
+    lookup, manifest, peer_task = StoreLink.lookup, ArtifactStore.manifest, Engine._peer_artifact
+
+    def lookup_during_which_the_peer_publishes(self: StoreLink, key: Any) -> Any:
+        if key.target != "size:4":
+            return lookup(self, key)
+        if not announced:  # the job's own lookup: the peer publishes meanwhile
+            announced.append(key)
+            handles[0].engine._on_store_event(key.digest, peer_artifact)
+            assert peer_handled.wait(10), "the engine never acted on the peer's artifact"
+        return peer_artifact
+
+    def peer_manifest(self: ArtifactStore, key: Any) -> Any:
+        if announced and key in (announced[0], announced[0].digest):
+            return Manifest(announced[0], "0" * 64, 0, 1.0, 0.0, 0.0, peer_artifact)
+        return manifest(self, key)
+
+    async def recorded_peer_task(self: Engine, digest: str) -> None:
+        try:
+            await peer_task(self, digest)
+        finally:
+            peer_handled.set()
+
+    loaded: list[str] = []
+
+    def load_peer_artifact(path: str) -> Any:
+        loaded.append(path)
+        return handles[0].table().eager.runnable  # what the peer compiled, in effect
+
+    monkeypatch.setattr(StoreLink, "lookup", lookup_during_which_the_peer_publishes)
+    monkeypatch.setattr(ArtifactStore, "manifest", peer_manifest)
+    monkeypatch.setattr(Engine, "_peer_artifact", recorded_peer_task)
+    monkeypatch.setattr(runner_module, "load_artifact", load_peer_artifact)
+    ex = FakeExecutor()
+    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=tmp_path)
+    handles.append(h)
+    try:
+        _call_sizes(mlp, [4])
+        assert h.wait(sizes=[4], timeout=20), str(h.status().pieces[0].entries)
+    finally:
+        h.detach()
+    assert peer_handled.is_set() and loaded == [str(peer_artifact)]
+    assert "size:4" not in _labels(ex.jobs)
+
+
 def test_status_carries_enums_that_compare_as_text(mlp: nn.Module) -> None:
     ex = FakeExecutor()
     h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=False)
