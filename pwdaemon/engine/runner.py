@@ -160,7 +160,7 @@ class Runner:
         # Taken before the first await: a peer's artifact announced by the store watcher
         # while this job looks the key up must not load beside it (seen in CI: a replica
         # loaded one key twice, from the store and as the peer's). `_peer_artifact`
-        # leaves a compiling job alone; a claim held elsewhere queues this one again.
+        # leaves a compiling job alone; the lookup after the claim finds what it left.
         job.state, job.reason = JobState.COMPILING, None
         if key is not None and self.store is not None:
             path = await run_gated(self.store.lookup, key)
@@ -171,20 +171,24 @@ class Runner:
         claim = None
         if key is not None and self.store is not None and self.store.enabled:
             claim = await run_gated(self.store.store.claim, key)
+            # Looked up again after the claim, whoever holds it. Ours: a peer that
+            # published the key between the lookup above and this claim has released its
+            # claim already, and compiling now would build the key twice (seen in CI: two
+            # replicas, 4 compiles of 3). The peer's: it may have published and not yet
+            # released, and the watcher's word of it came while this job was taken
+            # (ignored above), so without this look the job would wait out its retry.
+            path = await run_gated(self.store.lookup, key)
+            if path is not None:
+                if claim is not None:
+                    claim.release()
+                await self.load_stored(st, job, key, JobSource.STORE)
+                return
             if claim is None:
                 # Another process compiles this key; its artifact arrives through the
                 # watcher (or the store, on this job's next turn).
                 job.state, job.reason = JobState.QUEUED, "another process is compiling it"
                 job.not_before = time.monotonic() + _CLAIMED_RETRY_S
                 self.queue.push(job)
-                return
-            # Looked up again under the claim: a peer that published the key between the
-            # lookup above and this claim has released its claim already, and compiling
-            # now would build the key twice (seen in CI: two replicas, 4 compiles of 3).
-            path = await run_gated(self.store.lookup, key)
-            if path is not None:
-                claim.release()
-                await self.load_stored(st, job, key, JobSource.STORE)
                 return
         try:
             await self._compile(st, job, key)

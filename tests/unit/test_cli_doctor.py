@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 TESTS = Path(__file__).resolve().parents[1]  # factories.py lives in tests/
 
 
@@ -45,16 +43,3 @@ def test_doctor_refuses_a_bad_factory_with_a_usage_error() -> None:
     r = _doctor("factories:no_such_factory")
     assert r.returncode == 2
     assert "has no attribute 'no_such_factory'" in r.stdout
-
-
-@pytest.mark.slow
-def test_doctor_compiles_gpt2_for_real() -> None:
-    # GPT-2's graph held metadata that did not pickle: the doctor must ship and compile it.
-    r = _doctor(
-        "pwdaemon.real_models:gpt2", "--inputs", "pwdaemon.real_models:gpt2_inputs", "--json"
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    report = json.loads(r.stdout)
-    assert len(report["pieces"]) == 1
-    assert all("seconds" in c for c in report["compiles"]), report["compiles"]
-    assert report["expected_warmup_s"] > 0

@@ -455,12 +455,15 @@ def test_the_engines_store_lookups_and_worker_calls_run_gated(
     assert ex.gated == {"start": True, "run": True}
 
 
+@pytest.mark.parametrize("peer_holds_the_claim", [False, True])
 def test_a_key_a_peer_published_before_the_claim_is_loaded_not_compiled(
-    mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peer_holds_the_claim: bool
 ) -> None:
     # Seen in CI: two replicas compiled one key twice. The job looked the key up (a
     # miss), waited for its workers to start, and by the time it claimed the key the peer
-    # had compiled it, published it and released its claim.
+    # had compiled it, published it and released its claim. Or the peer has published
+    # and still holds the claim: the job loads at once, not after its retry (an hour
+    # here), as the watcher's word of the artifact may have come while it was taken.
     from pwdaemon.engine import runner as runner_module
     from pwdaemon.store.store import ArtifactStore
 
@@ -474,10 +477,10 @@ def test_a_key_a_peer_published_before_the_claim_is_loaded_not_compiled(
         return lookup(self, key)
 
     def claim_after_the_peer(self: ArtifactStore, key: Any) -> Any:
-        got = claim(self, key)
-        if getattr(key, "target", None) == "size:4":
-            published.set()
-        return got
+        if getattr(key, "target", None) != "size:4":
+            return claim(self, key)
+        published.set()
+        return None if peer_holds_the_claim else claim(self, key)
 
     handles: list[pwd.Handle] = []
     loaded: list[str] = []
@@ -489,6 +492,7 @@ def test_a_key_a_peer_published_before_the_claim_is_loaded_not_compiled(
     monkeypatch.setattr(StoreLink, "lookup", peer_lookup)
     monkeypatch.setattr(ArtifactStore, "claim", claim_after_the_peer)
     monkeypatch.setattr(runner_module, "load_artifact", load_peer_artifact)
+    monkeypatch.setattr(runner_module, "_CLAIMED_RETRY_S", 3600.0)
     ex = FakeExecutor()
     h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=tmp_path)
     handles.append(h)
