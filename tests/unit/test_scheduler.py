@@ -455,6 +455,27 @@ def test_the_engines_store_lookups_and_worker_calls_run_gated(
     assert ex.gated == {"start": True, "run": True}
 
 
+def _attach_recording_loads(
+    mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[pwd.Handle, FakeExecutor, list[str]]:
+    """Attach `mlp` (size 4, a store in `tmp_path`, a fake executor) with every artifact
+    load recorded by path; the eager runnable stands in for what was loaded."""
+    from pwdaemon.engine import runner as runner_module
+
+    handles: list[pwd.Handle] = []
+    loaded: list[str] = []
+
+    def load_recorded(path: str) -> Any:
+        loaded.append(path)
+        return handles[0].table().eager.runnable
+
+    monkeypatch.setattr(runner_module, "load_artifact", load_recorded)
+    ex = FakeExecutor()
+    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=tmp_path)
+    handles.append(h)
+    return h, ex, loaded
+
+
 @pytest.mark.parametrize("peer_holds_the_claim", [False, True])
 def test_a_key_a_peer_published_before_the_claim_is_loaded_not_compiled(
     mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, peer_holds_the_claim: bool
@@ -482,20 +503,10 @@ def test_a_key_a_peer_published_before_the_claim_is_loaded_not_compiled(
         published.set()
         return None if peer_holds_the_claim else claim(self, key)
 
-    handles: list[pwd.Handle] = []
-    loaded: list[str] = []
-
-    def load_peer_artifact(path: str) -> Any:
-        loaded.append(path)
-        return handles[0].table().eager.runnable  # what the peer compiled, in effect
-
     monkeypatch.setattr(StoreLink, "lookup", peer_lookup)
     monkeypatch.setattr(ArtifactStore, "claim", claim_after_the_peer)
-    monkeypatch.setattr(runner_module, "load_artifact", load_peer_artifact)
     monkeypatch.setattr(runner_module, "_CLAIMED_RETRY_S", 3600.0)
-    ex = FakeExecutor()
-    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=tmp_path)
-    handles.append(h)
+    h, ex, loaded = _attach_recording_loads(mlp, tmp_path, monkeypatch)
     try:
         _call_sizes(mlp, [4])
         assert h.wait(sizes=[4], timeout=20), str(h.status().pieces[0].entries)
@@ -513,7 +524,6 @@ def test_a_peer_artifact_announced_during_the_jobs_own_lookup_is_loaded_once(
     # Seen in CI: a replica loaded one key twice ({"compiled": 1, "store": 2, "peer": 1}
     # for three keys). The watcher announced the peer's artifact while the job's own
     # store lookup ran on a thread, the job still queued: both loaded it.
-    from pwdaemon.engine import runner as runner_module
     from pwdaemon.engine.loop import Engine
     from pwdaemon.store.manifest import Manifest
     from pwdaemon.store.store import ArtifactStore
@@ -544,18 +554,10 @@ def test_a_peer_artifact_announced_during_the_jobs_own_lookup_is_loaded_once(
         finally:
             peer_handled.set()
 
-    loaded: list[str] = []
-
-    def load_peer_artifact(path: str) -> Any:
-        loaded.append(path)
-        return handles[0].table().eager.runnable  # what the peer compiled, in effect
-
     monkeypatch.setattr(StoreLink, "lookup", lookup_during_which_the_peer_publishes)
     monkeypatch.setattr(ArtifactStore, "manifest", peer_manifest)
     monkeypatch.setattr(Engine, "_peer_artifact", recorded_peer_task)
-    monkeypatch.setattr(runner_module, "load_artifact", load_peer_artifact)
-    ex = FakeExecutor()
-    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=tmp_path)
+    h, ex, loaded = _attach_recording_loads(mlp, tmp_path, monkeypatch)
     handles.append(h)
     try:
         _call_sizes(mlp, [4])
