@@ -456,10 +456,11 @@ def test_the_engines_store_lookups_and_worker_calls_run_gated(
 
 
 def _attach_recording_loads(
-    mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int = 1
 ) -> tuple[pwd.Handle, FakeExecutor, list[str]]:
-    """Attach `mlp` (size 4, a store in `tmp_path`, a fake executor) with every artifact
-    load recorded by path; the eager runnable stands in for what was loaded."""
+    """Attach `mlp` (size 4, a store in `tmp_path`, a fake executor, `workers` runners)
+    with every artifact load recorded by path; the eager runnable stands in for what was
+    loaded."""
     from pwdaemon.engine import runner as runner_module
 
     handles: list[pwd.Handle] = []
@@ -471,7 +472,8 @@ def _attach_recording_loads(
 
     monkeypatch.setattr(runner_module, "load_artifact", load_recorded)
     ex = FakeExecutor()
-    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=_compiler(), executor=ex, store=tmp_path)
+    compiler = pwd.CompileConfig(workers=workers, backoff_s=0.01)
+    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=compiler, executor=ex, store=tmp_path)
     handles.append(h)
     return h, ex, loaded
 
@@ -566,6 +568,73 @@ def test_a_peer_artifact_announced_during_the_jobs_own_lookup_is_loaded_once(
         h.detach()
     assert peer_handled.is_set() and loaded == [str(peer_artifact)]
     assert "size:4" not in _labels(ex.jobs)
+
+
+def test_a_job_in_its_own_lookup_is_not_queued_again_by_the_store_plan(
+    mlp: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found reading the code: the warm-restart plan queues a queued planned job again
+    # with the store's priority. A job in the middle of its own store lookup was still
+    # queued, so it was pushed again and a second runner loaded it beside the first.
+    from pwdaemon.engine.planner import Planner
+    from pwdaemon.engine.runner import Runner
+
+    stored_artifact = tmp_path / "stored.bin"
+    looking = threading.Event()  # size 4's job is in its first lookup
+    planned = threading.Event()  # the store's plan for the piece has run
+    requeued = threading.Event()  # size 4 was pushed onto the queue a second time
+    second_run = threading.Event()  # a runner took size 4's job a second time
+    pushes: list[Any] = []
+    runs: list[Any] = []
+    plan_from_store, enqueue, run = Planner.plan_from_store, Planner.enqueue, Runner.run
+
+    def stored_targets(self: StoreLink, piece: Any) -> list[Target]:
+        assert looking.wait(10), "size 4's job never looked itself up"
+        return [Target.size(4)]
+
+    async def recorded_plan(self: Planner, st: Any) -> None:
+        try:
+            await plan_from_store(self, st)
+        finally:
+            planned.set()
+
+    def recorded_enqueue(self: Planner, st: Any, job: Any) -> None:
+        if job.target.label == "size:4":
+            pushes.append(job)
+            if len(pushes) > 1:
+                requeued.set()
+        enqueue(self, st, job)
+
+    async def recorded_run(self: Runner, job: Any) -> None:
+        if job.target.label == "size:4":
+            runs.append(job)
+            if len(runs) > 1:
+                second_run.set()
+        await run(self, job)
+
+    def lookup_outlasting_the_store_plan(self: StoreLink, key: Any) -> Any:
+        if key.target != "size:4":
+            return None  # the general compiles (fake executor)
+        if not looking.is_set():
+            looking.set()
+            assert planned.wait(10), "the store's plan never ran"
+            if requeued.is_set():  # give the second runner its chance to take it too
+                second_run.wait(10)
+        return stored_artifact
+
+    monkeypatch.setattr(StoreLink, "stored_targets", stored_targets)
+    monkeypatch.setattr(StoreLink, "lookup", lookup_outlasting_the_store_plan)
+    monkeypatch.setattr(Planner, "plan_from_store", recorded_plan)
+    monkeypatch.setattr(Planner, "enqueue", recorded_enqueue)
+    monkeypatch.setattr(Runner, "run", recorded_run)
+    h, _, loaded = _attach_recording_loads(mlp, tmp_path, monkeypatch, workers=2)
+    try:
+        _call_sizes(mlp, [4])
+        assert h.wait(sizes=[4], timeout=20), str(h.status().pieces[0].entries)
+    finally:
+        h.detach()
+    assert looking.is_set() and planned.is_set()
+    assert loaded == [str(stored_artifact)], (loaded, len(pushes), len(runs))
 
 
 def test_status_carries_enums_that_compare_as_text(mlp: nn.Module) -> None:
