@@ -27,8 +27,8 @@ from pwdaemon.workers.executor import JobSpec
 FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
 
 
-def _compiler(**kw: Any) -> pwd.CompileConfig:
-    return pwd.CompileConfig(workers=1, backoff_s=0.01, **kw)
+def _compiler(workers: int = 1, **kw: Any) -> pwd.CompileConfig:
+    return pwd.CompileConfig(workers=workers, backoff_s=0.01, **kw)
 
 
 def _call_sizes(model: nn.Module, sizes: list[int], width: int = 16) -> None:
@@ -472,8 +472,9 @@ def _attach_recording_loads(
 
     monkeypatch.setattr(runner_module, "load_artifact", load_recorded)
     ex = FakeExecutor()
-    compiler = pwd.CompileConfig(workers=workers, backoff_s=0.01)
-    h = pwd.attach(mlp, sizes=[4], policy=FAST, compiler=compiler, executor=ex, store=tmp_path)
+    h = pwd.attach(
+        mlp, sizes=[4], policy=FAST, compiler=_compiler(workers), executor=ex, store=tmp_path
+    )
     handles.append(h)
     return h, ex, loaded
 
