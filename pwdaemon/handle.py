@@ -67,6 +67,9 @@ class Handle:
             def remember(strategy: ShapeStrategy, why: str) -> None:
                 link.remember_failed_strategy(key, strategy, why)
 
+        # Set by the model's first call as it returns: the engine starts then, so that
+        # its start does not share that call's time (`pwdaemon.engine.deferred_start`).
+        self._first_call_returned = threading.Event()
         self._tracer = Tracer(
             model,
             dynamic=dict(options.dynamic) if options.dynamic is not None else None,
@@ -79,6 +82,7 @@ class Handle:
             failed=failed,
             on_fall_back=remember,
             guards=options.guards,
+            first_call_returned=self._first_call_returned,
         )
         # The engine reads the tracer's records for status and metrics (read-only: the
         # engine sits below the handle and knows the tracer only as `TraceRecords`).
@@ -195,7 +199,10 @@ class Handle:
                     "nn.Module.compile(); pwdaemon compiles it itself: attach the plain module"
                 )
             if self.options.compile:
-                self.engine.start()
+                if self._tracer.background is not None:
+                    self.engine.start_after_first_call(self._first_call_returned)
+                else:  # the first call traces inline: the set-up overlaps that trace
+                    self.engine.start()
             self._previous_impl = self.model._compiled_call_impl
             self.model._pwdaemon_handle = self  # type: ignore[assignment]
             # The one assignment that routes model(...) through pwdaemon.

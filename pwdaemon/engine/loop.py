@@ -34,6 +34,7 @@ import anyio.from_thread
 import anyio.to_thread
 
 from pwdaemon.engine import report
+from pwdaemon.engine.deferred_start import DeferredStart
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.graphs import GraphCapture, wants_graph
 from pwdaemon.engine.jobs import (
@@ -85,6 +86,7 @@ class Engine:
             options.executor if options.executor is not None else ProcessExecutor(self.config, env)
         )
         self.closed = False
+        self._deferred: DeferredStart | None = None
         # Traced pieces, appended by a serving thread, planned by the tick (deque
         # append and popleft are atomic: no lock between the two threads).
         self._new_pieces: collections.deque[GraphPiece] = collections.deque()
@@ -173,6 +175,27 @@ class Engine:
         self._portal = self._portal_cm.__enter__()
         self._main_future = self._portal.start_task_soon(self._main)
 
+    def start_after_first_call(self, first_call_returned: threading.Event) -> None:
+        """`start()` once the model's first call has returned (the serving path sets
+        `first_call_returned`), or soon after without one; at once on `wait` or `flush`.
+        See `pwdaemon.engine.deferred_start` for why."""
+        self._deferred = DeferredStart(self.start, first_call_returned, self.name)
+
+    @property
+    def started(self) -> bool:
+        """Whether the loop has been started (by `start` or a deferred start)."""
+        return self._portal is not None
+
+    def wait_started(self, timeout: float) -> bool:
+        """Block up to `timeout` until the loop has been started; whether it has."""
+        if self._deferred is not None:
+            return self._deferred.started.wait(timeout)
+        return self.started
+
+    def _start_if_deferred(self) -> None:
+        if self._deferred is not None:
+            self._deferred.start_now()
+
     def _start_watcher(self) -> None:
         # On a loop worker thread, not in attach(): importing watchdog and starting its
         # observer thread cost ~30 ms, a third of attach()'s whole budget. Gated: that
@@ -193,6 +216,8 @@ class Engine:
         if self.closed:
             return
         self.closed = True
+        if self._deferred is not None:  # not started yet: it never will be
+            self._deferred.cancel(timeout)
         if self._watcher is not None:
             self._watcher.stop(timeout)
         self._save_profiles()
@@ -233,6 +258,7 @@ class Engine:
 
     def flush(self) -> None:
         """Run one tick on the loop now: counters folded into metrics and policy."""
+        self._start_if_deferred()
         if self._portal is not None and not self.closed:
             self._portal.call(self._tick_now)
 
@@ -356,6 +382,7 @@ class Engine:
         self, sizes: Iterable[int] | None, timeout: float | None, tier: Tier | None = None
     ) -> bool:
         """See `Waiters.wait` (never call it on the loop thread: it blocks)."""
+        self._start_if_deferred()
         return self.waiters.wait(sizes, timeout, tier)
 
     def status(self) -> HandleStatus:

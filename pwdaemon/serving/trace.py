@@ -146,12 +146,15 @@ class Tracer:
         failed: Mapping[ShapeStrategy, str] | None = None,
         on_fall_back: Callable[[ShapeStrategy, str], None] | None = None,
         guards: GuardMode = GuardMode.EVERY_CALL,
+        first_call_returned: threading.Event | None = None,
     ) -> None:
         """`guards`: see `serving.direct`. `failed`: strategies an earlier run of this
         model saw fail (with dynamo's reason), skipped here; `on_fall_back(strategy,
         reason)` is told of each failure on a size guard dynamo could not decide (on the
-        tracing thread), to remember it for the next run."""
+        tracing thread), to remember it for the next run. `first_call_returned` is set
+        when the call that starts the background trace returns (the engine starts then)."""
         self.model = model
+        self._first_call_returned = first_call_returned
         # trace="background": see `serving.background`; None traces inline.
         self.background = BackgroundTrace(self._settle_step, size_cap) if background else None
         self.shape_id = f"pwdaemon_size_{id(self):x}"
@@ -241,6 +244,8 @@ class Tracer:
                 return call_eager(self.model, args, kwargs)
             finally:
                 start_without_waiting(thread)  # after this call: see BackgroundTrace.prepare
+                if self._first_call_returned is not None:
+                    self._first_call_returned.set()
         return self._first_call(args, kwargs)
 
     def serve(self, args: tuple[Any, ...], kwargs: dict[str, Any], key: Key | None = None) -> Any:

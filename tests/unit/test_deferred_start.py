@@ -1,0 +1,124 @@
+"""The engine starts once the model's first call has returned, not inside it.
+
+Proves: `DeferredStart` calls its start once, when the first call's event is set, when
+its wait runs out without one, or at once on `start_now`; a cancel before the start
+means never, and its thread ends. End to end (fake executor, real engine and tracer):
+`attach()` leaves the engine unstarted, the first call starts it once it has returned,
+`flush()` starts it without a call, and a detach before any call starts nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import pwdaemon as pwd
+from pwdaemon.engine import deferred_start
+from pwdaemon.engine.deferred_start import DeferredStart
+from pwdaemon.testing import FakeExecutor
+
+TIMEOUT = 20.0
+NEVER_S = 3600.0  # a wait that does not run out within a test
+
+
+class Starts:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def _starter_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pwdaemon-start-")]
+
+
+def test_the_start_runs_once_when_the_first_call_returned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
+    returned, starts = threading.Event(), Starts()
+    deferred = DeferredStart(starts, returned, "t")
+    assert not deferred.started.wait(0.05)
+    returned.set()
+    assert deferred.started.wait(TIMEOUT)
+    deferred.start_now()  # started already: nothing more
+    assert starts.count == 1
+
+
+def test_the_start_runs_without_a_call_once_its_wait_ran_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", 0.01)
+    starts = Starts()
+    deferred = DeferredStart(starts, threading.Event(), "t")
+    assert deferred.started.wait(TIMEOUT)
+    assert starts.count == 1
+
+
+def test_a_cancel_before_the_start_means_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
+    returned, starts = threading.Event(), Starts()
+    deferred = DeferredStart(starts, returned, "t")
+    deferred.cancel(TIMEOUT)
+    assert not _starter_threads()
+    deferred.start_now()
+    assert starts.count == 0
+    assert not deferred.started.is_set()
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def test_attach_starts_the_engine_once_the_first_call_returned(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
+    handle = pwd.attach(model, executor=FakeExecutor(), store=False, trace="background")
+    try:
+        assert not handle.engine.started
+        with torch.inference_mode():
+            model(torch.randn(3, 16))
+        assert handle.engine.wait_started(TIMEOUT)
+        assert handle.engine.started
+    finally:
+        handle.detach()
+    assert not _starter_threads()
+
+
+def test_flush_starts_the_engine_without_a_call(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
+    handle = pwd.attach(model, executor=FakeExecutor(), store=False, trace="background")
+    try:
+        assert not handle.engine.started
+        handle.engine.flush()
+        assert handle.engine.started
+    finally:
+        handle.detach()
+
+
+def test_a_detach_before_any_call_starts_nothing(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
+    handle = pwd.attach(model, executor=FakeExecutor(), store=False, trace="background")
+    handle.detach()
+    assert not handle.engine.started
+    assert not _starter_threads()
+
+
+def test_an_inline_trace_starts_the_engine_at_attach(model: nn.Module) -> None:
+    # The first call traces inline, for seconds: the engine's set-up overlaps it.
+    handle = pwd.attach(model, executor=FakeExecutor(), store=False, trace="inline")
+    try:
+        assert handle.engine.started
+    finally:
+        handle.detach()
