@@ -7,9 +7,9 @@ gated or not (the loop thread is not gated, and an import cannot park mid-module
 Measured on this project's 2-core CPU box, the demo model on a warm store, 8 fresh
 processes per variant, alternated: eager's first call took a median 4.9 ms,
 `attach(compile=False)` 6.0 ms, `attach()` starting the engine at once 9.4 ms, and
-`attach()` with the engine started once that call had returned 6.0 ms; with this module,
-10 processes each: eager 4.7 ms, before 8.1 ms, after 5.0 ms. The trace thread starts the
-same way (`pwdaemon.serving.background`).
+`attach()` with the engine started once that call had returned 6.0 ms; with this module
+(the gate still held from attach), 14 processes each: eager 3.9 ms, before 7.7 ms, after
+5.6 ms. The trace thread starts the same way (`pwdaemon.serving.background`).
 """
 
 from __future__ import annotations

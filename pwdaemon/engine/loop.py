@@ -169,8 +169,10 @@ class Engine:
         """Start the loop thread and, with a store, its watcher."""
         # Held until the plan completes: every serving call from now on is counted, so
         # the gated work the loop starts (the loader's set-up, the trace, loads) parks
-        # for calls already in progress when it begins (`pwdaemon.serving.gate`).
-        self._plan_hold = GateHold(GATE, expect_call=True)
+        # for calls already in progress when it begins (`pwdaemon.serving.gate`). Taken
+        # at attach already where the start waits for the first call.
+        if self._plan_hold is None:
+            self._plan_hold = GateHold(GATE, expect_call=True)
         self._portal_cm = anyio.from_thread.start_blocking_portal(name=f"pwdaemon-{self.name}")
         self._portal = self._portal_cm.__enter__()
         self._main_future = self._portal.start_task_soon(self._main)
@@ -179,6 +181,10 @@ class Engine:
         """`start()` once the model's first call has returned (the serving path sets
         `first_call_returned`), or soon after without one; at once on `wait` or `flush`.
         See `pwdaemon.engine.deferred_start` for why."""
+        # The gate is held from now, not from the start: a call that begins before the
+        # gate is held is never counted, so gated work the start begins during such a
+        # call (a second call right after the first) would not park for it.
+        self._plan_hold = GateHold(GATE, expect_call=True)
         self._deferred = DeferredStart(self.start, first_call_returned, self.name)
 
     @property
