@@ -76,13 +76,19 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
 
 
+def _attach_unstarted(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> pwd.Handle:
+    """Attached with the default background trace and a start that waits for a call."""
+    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
+    handle = pwd.attach(model, executor=FakeExecutor(), store=False, trace="background")
+    assert not handle.engine.started
+    return handle
+
+
 def test_attach_starts_the_engine_once_the_first_call_returned(
     model: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
-    handle = pwd.attach(model, executor=FakeExecutor(), store=False, trace="background")
+    handle = _attach_unstarted(model, monkeypatch)
     try:
-        assert not handle.engine.started
         with torch.inference_mode():
             model(torch.randn(3, 16))
         assert handle.engine.wait_started(TIMEOUT)
@@ -95,10 +101,8 @@ def test_attach_starts_the_engine_once_the_first_call_returned(
 def test_flush_starts_the_engine_without_a_call(
     model: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
-    handle = pwd.attach(model, executor=FakeExecutor(), store=False, trace="background")
+    handle = _attach_unstarted(model, monkeypatch)
     try:
-        assert not handle.engine.started
         handle.engine.flush()
         assert handle.engine.started
     finally:
@@ -108,8 +112,7 @@ def test_flush_starts_the_engine_without_a_call(
 def test_a_detach_before_any_call_starts_nothing(
     model: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(deferred_start, "FIRST_CALL_WAIT_S", NEVER_S)
-    handle = pwd.attach(model, executor=FakeExecutor(), store=False, trace="background")
+    handle = _attach_unstarted(model, monkeypatch)
     handle.detach()
     assert not handle.engine.started
     assert not _starter_threads()
