@@ -9,6 +9,10 @@ trace, guards included (`torch.compile(fn, fullgraph=True).aot_compile(...)`,
 torch). This measures what loading one would cost instead, and whether it works on the
 real models: nothing in pwdaemon uses it yet.
 
+`--guards portable` traces with torch's `keep_portable_guards_unsafe` filter (tensor
+metadata, shape and global-state guards only): it drops the guards on object identity
+(ID_MATCH) that torch 2.13 cannot save for BERT or Llama, to show what fails next.
+
 Each model runs in two fresh processes (imports done before the clock starts, as after
 `import pwdaemon`): the first traces with every input's batch dimension marked unbacked
 (pwdaemon's default strategy) and a backend that keeps the FX graph (no Inductor
@@ -17,6 +21,7 @@ from the same seed, loads the saved trace and calls it at each size, checking ev
 output against eager (the guards are checked on every call by the loaded function).
 
     python bench/trace_load.py [--models demo,bert,gpt2,llama,sequential] [--sizes 1,4,16]
+                               [--guards all|portable]
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pwdaemon.real_models import model_spec
 
 mode, name, path = sys.argv[1:4]
 sizes = [int(s) for s in sys.argv[4].split(",")]
+guards = sys.argv[5]
 cpu = torch.device("cpu")
 
 def build():
@@ -67,8 +73,11 @@ with torch.inference_mode():
         for t in [*args, *kwargs.values()]:
             if isinstance(t, torch.Tensor):
                 torch._dynamo.decorators.mark_unbacked(t, 0)
+        options = {}
+        if guards == "portable":
+            options["guard_filter_fn"] = torch.compiler.keep_portable_guards_unsafe
         start = time.monotonic()
-        compiled = torch.compile(model.forward, fullgraph=True,
+        compiled = torch.compile(model.forward, fullgraph=True, options=options,
                                  backend=lambda gm, ex: GraphModuleSerializableCallable(gm))
         result = compiled.aot_compile((args, kwargs))
         out["trace_s"] = time.monotonic() - start
@@ -93,9 +102,9 @@ print(json.dumps(out))
 """
 
 
-def run(mode: str, model: str, path: str, sizes: str) -> dict[str, object]:
+def run(mode: str, model: str, path: str, sizes: str, guards: str) -> dict[str, object]:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, model, path, sizes],
+        [sys.executable, "-c", CHILD, mode, model, path, sizes, guards],
         capture_output=True,
         text=True,
         check=False,
@@ -115,15 +124,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="demo,bert,gpt2,llama,sequential")
     ap.add_argument("--sizes", default="1,4,16")
+    ap.add_argument(
+        "--guards",
+        choices=("all", "portable"),
+        default="all",
+        help="portable: keep only the guards torch calls portable (unsafe; see above)",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="pwdaemon-trace-load-") as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.trace")
-            saved = run("save", model, path, args.sizes)
-            loaded = run("load", model, path, args.sizes) if "error" not in saved else {}
+            saved = run("save", model, path, args.sizes, args.guards)
+            loaded = (
+                run("load", model, path, args.sizes, args.guards) if "error" not in saved else {}
+            )
             rows.append((model, saved, loaded))
-    print(f"dynamo's trace in a fresh process against loading it (sizes {args.sizes}):\n")
+    print(
+        f"dynamo's trace in a fresh process against loading it (sizes {args.sizes}, "
+        f"guards {args.guards}):\n"
+    )
     print("| model | trace s | load s | trace ÷ load | outputs vs eager (max abs diff) |")
     print("|---|---|---|---|---|")
     for model, saved, loaded in rows:
