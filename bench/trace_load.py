@@ -11,7 +11,13 @@ real models: nothing in pwdaemon uses it yet.
 
 `--guards portable` traces with torch's `keep_portable_guards_unsafe` filter (tensor
 metadata, shape and global-state guards only): it drops the guards on object identity
-(ID_MATCH) that torch 2.13 cannot save for BERT or Llama, to show what fails next.
+(ID_MATCH) that torch 2.13 cannot save for BERT or Llama, and the guards on the module's
+Python state (unsafe: a changed attribute or config is not noticed). `--entry call`
+traces a module-level `call_module(model, args, kwargs)` instead of `model.forward`:
+transformers decorates `forward`, and the saved trace names the function it traced by
+qualified name, which then resolves to the decorator's wrapper ("not the same object").
+Loading then supplies the modules the trace's bytecode names by object id
+(`___module_collections_<id>_c0`), imported again in the loading process.
 
 Each model runs in two fresh processes (imports done before the clock starts, as after
 `import pwdaemon`): the first traces with every input's batch dimension marked unbacked
@@ -21,7 +27,7 @@ from the same seed, loads the saved trace and calls it at each size, checking ev
 output against eager (the guards are checked on every call by the loaded function).
 
     python bench/trace_load.py [--models demo,bert,gpt2,llama,sequential] [--sizes 1,4,16]
-                               [--guards all|portable]
+                               [--guards all|portable] [--entry forward|call]
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 TOLERANCE = 1e-4  # float32 on CPU: the same graph run eagerly, so differences are tiny
 
 CHILD = r"""
-import json, sys, time
+import importlib, io, json, re, sys, time
 import torch
 import pwdaemon  # noqa: F401  (imports dynamo, as a serving process has)
 from pwdaemon.models import demo_model, example_tokens
@@ -46,7 +52,10 @@ from pwdaemon.real_models import model_spec
 
 mode, name, path = sys.argv[1:4]
 sizes = [int(s) for s in sys.argv[4].split(",")]
-guards = sys.argv[5]
+guards, entry = sys.argv[5:7]
+
+def call_module(model, args, kwargs):
+    return model(*args, **kwargs)
 cpu = torch.device("cpu")
 
 def build():
@@ -76,23 +85,41 @@ with torch.inference_mode():
         options = {}
         if guards == "portable":
             options["guard_filter_fn"] = torch.compiler.keep_portable_guards_unsafe
+        if hasattr(torch._dynamo.config, "enable_aot_compile"):  # off by default before 2.13
+            torch._dynamo.config.enable_aot_compile = True
         start = time.monotonic()
-        compiled = torch.compile(model.forward, fullgraph=True, options=options,
+        fn = call_module if entry == "call" else model.forward
+        compiled = torch.compile(fn, fullgraph=True, options=options,
                                  backend=lambda gm, ex: GraphModuleSerializableCallable(gm))
-        result = compiled.aot_compile((args, kwargs))
+        example = ((model, args, kwargs), {}) if entry == "call" else (args, kwargs)
+        result = compiled.aot_compile(example)
         out["trace_s"] = time.monotonic() - start
         result.save_compiled_function(path)
         out["bytes"] = len(open(path, "rb").read())
     else:
         start = time.monotonic()
+        scope = dict(globals() if entry == "call" else model.forward.__globals__)
         with open(path, "rb") as f:
-            fn = torch.compiler.load_compiled_function(f, f_globals=model.forward.__globals__)
+            data = f.read()
+        for _ in range(3):
+            try:
+                fn = torch.compiler.load_compiled_function(io.BytesIO(data), f_globals=scope)
+                break
+            except RuntimeError as err:
+                # "Missing required external references: ['___module_collections_<id>_c0']":
+                # modules the bytecode names by their id in the saving process.
+                refs = re.findall(r"'(___module_([\w.]+?)_\d+_c\d+)'", str(err))
+                if not refs:
+                    raise
+                scope.update({ref: importlib.import_module(name) for ref, name in refs})
         out["load_s"] = time.monotonic() - start
         diffs = {}
         start = time.monotonic()
         for n in sizes:
             args, kwargs = inputs(n)
-            got = flat_tensors(fn(model, *args, **kwargs))
+            got = flat_tensors(
+                fn(model, args, kwargs) if entry == "call" else fn(model, *args, **kwargs)
+            )
             want = flat_tensors(model(*args, **kwargs))
             assert len(got) == len(want), (len(got), len(want))
             diffs[n] = max(float((g - w).abs().max()) for g, w in zip(got, want))
@@ -102,9 +129,9 @@ print(json.dumps(out))
 """
 
 
-def run(mode: str, model: str, path: str, sizes: str, guards: str) -> dict[str, object]:
+def run(mode: str, model: str, path: str, sizes: str, guards: str, entry: str) -> dict[str, object]:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, model, path, sizes, guards],
+        [sys.executable, "-c", CHILD, mode, model, path, sizes, guards, entry],
         capture_output=True,
         text=True,
         check=False,
@@ -130,19 +157,27 @@ def main() -> None:
         default="all",
         help="portable: keep only the guards torch calls portable (unsafe; see above)",
     )
+    ap.add_argument(
+        "--entry",
+        choices=("forward", "call"),
+        default="forward",
+        help="call: trace a module-level function that calls the model (see above)",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="pwdaemon-trace-load-") as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.trace")
-            saved = run("save", model, path, args.sizes, args.guards)
+            saved = run("save", model, path, args.sizes, args.guards, args.entry)
             loaded = (
-                run("load", model, path, args.sizes, args.guards) if "error" not in saved else {}
+                run("load", model, path, args.sizes, args.guards, args.entry)
+                if "error" not in saved
+                else {}
             )
             rows.append((model, saved, loaded))
     print(
         f"dynamo's trace in a fresh process against loading it (sizes {args.sizes}, "
-        f"guards {args.guards}):\n"
+        f"guards {args.guards}, entry {args.entry}):\n"
     )
     print("| model | trace s | load s | trace ÷ load | outputs vs eager (max abs diff) |")
     print("|---|---|---|---|---|")
