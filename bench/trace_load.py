@@ -18,16 +18,21 @@ transformers decorates `forward`, and the saved trace names the function it trac
 qualified name, which then resolves to the decorator's wrapper ("not the same object").
 Loading then supplies the modules the trace's bytecode names by object id
 (`___module_collections_<id>_c0`), imported again in the loading process.
+`--strategy backed_oblivious` marks sizes as pwdaemon's second strategy does (backed,
+under `backed_size_oblivious`), which pwdaemon falls back to where an unbacked trace fails
+(BERT and Llama on torch 2.11).
 
 Each model runs in two fresh processes (imports done before the clock starts, as after
-`import pwdaemon`): the first traces with every input's batch dimension marked unbacked
-(pwdaemon's default strategy) and a backend that keeps the FX graph (no Inductor
-compile: the time is dynamo's), and saves the result; the second builds the model again
-from the same seed, loads the saved trace and calls it at each size, checking every
-output against eager (the guards are checked on every call by the loaded function).
+`import pwdaemon`): the first traces with every input's batch dimension marked as
+pwdaemon's tracer marks it (`mark_size`: one shape id for all of them) and a backend that
+keeps the FX graph (no Inductor compile: the time is dynamo's), and saves the result; the
+second builds the model again from the same seed, loads the saved trace and calls it at
+each size with unmarked inputs, checking every output against eager (the guards are
+checked on every call by the loaded function).
 
     python bench/trace_load.py [--models demo,bert,gpt2,llama,sequential] [--sizes 1,4,16]
                                [--guards all|portable] [--entry forward|call]
+                               [--strategy unbacked|backed_oblivious]
 """
 
 from __future__ import annotations
@@ -49,10 +54,12 @@ import torch
 import pwdaemon  # noqa: F401  (imports dynamo, as a serving process has)
 from pwdaemon.models import demo_model, example_tokens
 from pwdaemon.real_models import model_spec
+from pwdaemon.serving.strategy import ShapeStrategy, mark_size, tracing
 
 mode, name, path = sys.argv[1:4]
 sizes = [int(s) for s in sys.argv[4].split(",")]
 guards, entry = sys.argv[5:7]
+strategy = ShapeStrategy(sys.argv[7])
 
 def call_module(model, args, kwargs):
     return model(*args, **kwargs)
@@ -81,7 +88,7 @@ with torch.inference_mode():
         args, kwargs = inputs(sizes[-1])
         for t in [*args, *kwargs.values()]:
             if isinstance(t, torch.Tensor):
-                torch._dynamo.decorators.mark_unbacked(t, 0)
+                mark_size(t, 0, strategy, "batch")  # as pwdaemon's tracer marks a call
         options = {}
         if guards == "portable":
             options["guard_filter_fn"] = torch.compiler.keep_portable_guards_unsafe
@@ -92,7 +99,8 @@ with torch.inference_mode():
         compiled = torch.compile(fn, fullgraph=True, options=options,
                                  backend=lambda gm, ex: GraphModuleSerializableCallable(gm))
         example = ((model, args, kwargs), {}) if entry == "call" else (args, kwargs)
-        result = compiled.aot_compile(example)
+        with tracing(strategy):
+            result = compiled.aot_compile(example)
         out["trace_s"] = time.monotonic() - start
         result.save_compiled_function(path)
         out["bytes"] = len(open(path, "rb").read())
@@ -117,6 +125,8 @@ with torch.inference_mode():
         start = time.monotonic()
         for n in sizes:
             args, kwargs = inputs(n)
+            # Unmarked: the saved guards fail a marked tensor ("_has_dynamo_dim_marking is
+            # present on runtime tensor but was absent at compile time").
             got = flat_tensors(
                 fn(model, args, kwargs) if entry == "call" else fn(model, *args, **kwargs)
             )
@@ -129,9 +139,22 @@ print(json.dumps(out))
 """
 
 
-def run(mode: str, model: str, path: str, sizes: str, guards: str, entry: str) -> dict[str, object]:
+def run(
+    mode: str, model: str, path: str, sizes: str, args: argparse.Namespace
+) -> dict[str, object]:
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, model, path, sizes, guards, entry],
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            mode,
+            model,
+            path,
+            sizes,
+            args.guards,
+            args.entry,
+            args.strategy,
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -163,21 +186,23 @@ def main() -> None:
         default="forward",
         help="call: trace a module-level function that calls the model (see above)",
     )
+    ap.add_argument(
+        "--strategy",
+        choices=("unbacked", "backed_oblivious"),
+        default="unbacked",
+        help="how the inputs' sizes are marked (pwdaemon's shape strategies)",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="pwdaemon-trace-load-") as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.trace")
-            saved = run("save", model, path, args.sizes, args.guards, args.entry)
-            loaded = (
-                run("load", model, path, args.sizes, args.guards, args.entry)
-                if "error" not in saved
-                else {}
-            )
+            saved = run("save", model, path, args.sizes, args)
+            loaded = run("load", model, path, args.sizes, args) if "error" not in saved else {}
             rows.append((model, saved, loaded))
     print(
         f"dynamo's trace in a fresh process against loading it (sizes {args.sizes}, "
-        f"guards {args.guards}, entry {args.entry}):\n"
+        f"guards {args.guards}, entry {args.entry}, strategy {args.strategy}):\n"
     )
     print("| model | trace s | load s | trace ÷ load | outputs vs eager (max abs diff) |")
     print("|---|---|---|---|---|")
