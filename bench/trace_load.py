@@ -120,6 +120,8 @@ with torch.inference_mode():
                 if not refs:
                     raise
                 scope.update({ref: importlib.import_module(name) for ref, name in refs})
+        else:
+            raise RuntimeError("external references still missing after three loads")
         out["load_s"] = time.monotonic() - start
         diffs = {}
         start = time.monotonic()
