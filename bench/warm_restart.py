@@ -10,13 +10,18 @@ For each size: seconds from `attach()` until it serves specialized, per run, and
 ratio. Target: every size specialized in the previous run serves specialized within
 2 s of attach.
 
-    python bench/warm_restart.py [--sizes 1,2,4,8,16] [--store DIR]
+`--repeat R` runs the two warm children R times each, alternated, and judges the target
+on the median over the runs (this box's speed varies about 2x between hours; one run
+decides nothing); the per-size table shows the first run of each.
+
+    python bench/warm_restart.py [--sizes 1,2,4,8,16] [--store DIR] [--repeat R]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,13 +77,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,2,4,8,16")
     ap.add_argument("--store", default=None, help="store dir (default: a fresh temp dir)")
+    ap.add_argument("--repeat", type=int, default=1, help="warm runs of each kind")
     args = ap.parse_args()
     store = args.store or tempfile.mkdtemp(prefix="pwdaemon-warm-bench-")
     started = time.monotonic()
-    cold = run(store, args.sizes, "cold")
-    warm = run(store, args.sizes, "warm")
-    early = run(store, args.sizes, "warm-prewarmed")
     sizes = [int(s) for s in args.sizes.split(",")]
+    cold = run(store, args.sizes, "cold")
+    runs: dict[str, list[dict]] = {"warm": [], "warm + prewarm": []}
+    for _ in range(max(1, args.repeat)):  # alternated: a slow spell hits both kinds
+        runs["warm"].append(run(store, args.sizes, "warm"))
+        runs["warm + prewarm"].append(run(store, args.sizes, "warm-prewarmed"))
+    warm, early = runs["warm"][0], runs["warm + prewarm"][0]
     print(f"demo model, store {store}, sizes {sizes} (total {time.monotonic() - started:.0f} s)")
     print(
         f"first call (dynamo trace): cold {cold['first_call_s']:.2f} s, "
@@ -90,28 +99,39 @@ def main() -> None:
     )
     print("| size | cold | warm | warm + prewarm | cold/warm |")
     print("|---|---|---|---|---|")
-    worst = {"warm": 0.0, "warm + prewarm": 0.0}
     for n in sizes:
         c, w, e = (r["swapped"].get(str(n)) for r in (cold, warm, early))
         if c is None or w is None or e is None:
-            # A size that never served specialized misses the target (its run timed out
-            # or gave the size up): never report it as met.
-            for name, got in (("warm", w), ("warm + prewarm", e)):
-                if got is None:
-                    worst[name] = float("inf")
             print(f"| {n} | {c} | {w} | {e} | - |")
             continue
-        worst["warm"] = max(worst["warm"], w[0])
-        worst["warm + prewarm"] = max(worst["warm + prewarm"], e[0])
         print(
             f"| {n} | {c[0]:.2f} | {w[0]:.2f} ({w[1]}) | {e[0]:.2f} ({e[1]}) | {c[0] / w[0]:.1f}x |"
         )
-    for name, r in (("cold", cold), ("warm", warm), ("warm + prewarm", early)):
-        if not r["ok"]:
-            print(f"{name}: wait() returned False (a size was given up or timed out)")
-    for name, secs in worst.items():
-        verdict = "met" if secs <= 2.0 else "missed"
-        print(f"{name}: every size specialized {secs:.2f} s after attach (target 2 s: {verdict})")
+    if not cold["ok"]:
+        print("cold: wait() returned False (a size was given up or timed out)")
+    for name, results in runs.items():
+        if not all(r["ok"] for r in results):
+            print(f"{name}: wait() returned False in a run (a size was given up or timed out)")
+        every = sorted(all_specialized_s(r, sizes) for r in results)
+        median = statistics.median(every)
+        verdict = "met" if median <= 2.0 else "missed"
+        spread = (
+            f" over {len(every)} runs ({every[0]:.2f}-{every[-1]:.2f})" if len(every) > 1 else ""
+        )
+        print(
+            f"{name}: every size specialized {median:.2f} s after attach{spread} "
+            f"(target 2 s: {verdict})"
+        )
+
+
+def all_specialized_s(result: dict, sizes: list[int]) -> float:
+    """Seconds from attach until the last of `sizes` served specialized in one run.
+
+    A size that never did misses the target (its run timed out or gave it up): infinite,
+    never reported as met.
+    """
+    got = [result["swapped"].get(str(n)) for n in sizes]
+    return float("inf") if any(g is None for g in got) else max(g[0] for g in got)
 
 
 if __name__ == "__main__":
