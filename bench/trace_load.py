@@ -63,6 +63,7 @@ strategy = ShapeStrategy(sys.argv[7])
 
 def call_module(model, args, kwargs):
     return model(*args, **kwargs)
+
 cpu = torch.device("cpu")
 
 def build():
@@ -141,9 +142,7 @@ print(json.dumps(out))
 """
 
 
-def run(
-    mode: str, model: str, path: str, sizes: str, args: argparse.Namespace
-) -> dict[str, object]:
+def run(mode: str, model: str, path: str, args: argparse.Namespace) -> dict[str, object]:
     proc = subprocess.run(
         [
             sys.executable,
@@ -152,7 +151,7 @@ def run(
             mode,
             model,
             path,
-            sizes,
+            args.sizes,
             args.guards,
             args.entry,
             args.strategy,
@@ -199,8 +198,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pwdaemon-trace-load-") as tmp:
         for model in args.models.split(","):
             path = str(Path(tmp) / f"{model}.trace")
-            saved = run("save", model, path, args.sizes, args)
-            loaded = run("load", model, path, args.sizes, args) if "error" not in saved else {}
+            saved = run("save", model, path, args)
+            loaded = run("load", model, path, args) if "error" not in saved else {}
             rows.append((model, saved, loaded))
     print(
         f"dynamo's trace in a fresh process against loading it (sizes {args.sizes}, "
