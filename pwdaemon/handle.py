@@ -25,6 +25,7 @@ from pwdaemon.engine.cpu_budget import check_cpu_budget, pause_wanted
 from pwdaemon.engine.events import HandleStatus, PlanCompleteEvent, SwapEvent
 from pwdaemon.engine.loop import Engine
 from pwdaemon.engine.options import AttachOptions, TraceMode
+from pwdaemon.engine.saved_traces import StoredTraces
 from pwdaemon.engine.store_link import StoreLink, model_id
 from pwdaemon.service.client import ServiceChoice, executor_for
 from pwdaemon.serving.cudagraph import GraphConfig
@@ -57,7 +58,7 @@ class Handle:
         self.options = options
         self.name = options.name
         self.store = options.store.store if options.store is not None else None
-        link, failed, remember = options.store, {}, None
+        link, failed, remember, shelf = options.store, {}, None, None
         if link is not None:
             # A strategy that failed for this model in an earlier run costs a whole trace
             # again (BERT on an H200: 25 s of the first 32, under traffic): skip it.
@@ -66,6 +67,9 @@ class Handle:
 
             def remember(strategy: ShapeStrategy, why: str) -> None:
                 link.remember_failed_strategy(key, strategy, why)
+
+            if options.saved_trace:
+                shelf = StoredTraces(link, key)
 
         # Set by the model's first call as it returns: the engine starts then, so that
         # its start does not share that call's time (`pwdaemon.engine.deferred_start`).
@@ -83,6 +87,7 @@ class Handle:
             on_fall_back=remember,
             guards=options.guards,
             first_call_returned=self._first_call_returned,
+            shelf=shelf,
         )
         # The engine reads the tracer's records for status and metrics (read-only: the
         # engine sits below the handle and knows the tracer only as `TraceRecords`).
@@ -264,6 +269,7 @@ def attach(
     guards: str = "every_call",
     service: ServiceChoice = "auto",
     freeze_heap: bool = True,
+    saved_trace: bool = True,
 ) -> Handle:
     """Serve `model` through pwdaemon; callers keep calling `model(...)`.
 
@@ -301,6 +307,14 @@ def attach(
       walks torch's, transformers' and dynamo's ~400,000 objects holding the GIL (190-510
       ms that every serving call waited for); the last detach unfreezes them. False
       leaves the collector alone (`pwdaemon.serving.heap` says more).
+    - `saved_trace`: with a store and trace="background" (default True), a model that
+      dynamo traced as one whole graph has that trace saved in the store (torch's
+      precompile), and the next start loads it (10-100 ms) instead of tracing (1-2.5 s
+      of the GIL here). The saved trace keeps torch's portable guards only (tensor
+      metadata, shapes, grad mode): a change to the module's Python attributes made
+      after the save (its config, a hook) is not seen by it; the model's class, weights'
+      names, shapes and dtypes, and the training flag are checked. False traces every
+      start (`pwdaemon.serving.saved_trace` says more).
 
     Every argument is parsed and checked here, into one `AttachOptions`, before the
     model or the store is touched: a bad value raises and changes nothing.
@@ -331,6 +345,7 @@ def attach(
         trace=TraceMode.parse(trace),
         guards=GuardMode.parse(guards),
         freeze_heap=freeze_heap,
+        saved_trace=saved_trace,
     )
     link = _store_link(store, compiler)
     if link is not None:

@@ -63,6 +63,8 @@ def main() -> None:
         for e in p.entries
         if e.target != "eager"
     ]
+    saved_trace = h.status().trace.saved_trace.value
+    pieces = len(h.pieces)
     h.detach()
     print(
         json.dumps(
@@ -74,6 +76,8 @@ def main() -> None:
                 "loads": sources,
                 "max_err": max_err,
                 "entries": entries,
+                "saved_trace": saved_trace,
+                "pieces": pieces,
             }
         )
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from pwdaemon.engine.jobs import JobReason, JobSource, JobState
 from pwdaemon.serving.range_table import Range, Tier
+from pwdaemon.serving.saved_trace import SavedTraceOutcome
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace_record import (
     FASTPATH_HINT,
@@ -127,12 +128,17 @@ class TraceStatus:
     direct_calls: int = 0  # calls they took without dynamo in front
     direct_dropped: Mapping[str, int] = field(default_factory=dict)  # reason -> count
     direct_refused: int = 0  # signatures kept on dynamo's path (a graph break)
+    saved_trace: SavedTraceOutcome = SavedTraceOutcome.NONE  # see serving.saved_trace
+    saved_trace_detail: str = ""  # how long it took, or why not
 
     def lines(self, pieces: int) -> list[str]:
         """The readable form `HandleStatus.__str__` prints (indented two spaces)."""
         head = "settled" if self.settled else "settling"
         strategy = self.strategy.value if self.strategy is not None else "-"
         out = [f"  trace: {head}, {pieces} piece(s), strategy {strategy}"]
+        if self.saved_trace is not SavedTraceOutcome.NONE:
+            detail = f": {one_line(self.saved_trace_detail)}" if self.saved_trace_detail else ""
+            out.append(f"    saved trace: {self.saved_trace.value.replace('_', ' ')}{detail}")
         if self.settled and not pieces:
             out.append("    no graph captured: the model serves eager")
             if any(b.fake_tensor_break for b in self.graph_breaks):

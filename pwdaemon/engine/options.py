@@ -58,6 +58,9 @@ class AttachOptions:
     graphs: GraphConfig = field(default_factory=GraphConfig)
     trace: TraceMode = TraceMode.BACKGROUND
     guards: GuardMode = GuardMode.EVERY_CALL
+    saved_trace: bool = True
+    """With a store and a background trace: load the trace an earlier run saved instead
+    of tracing, and save this run's (`pwdaemon.serving.saved_trace`)."""
     freeze_heap: bool = True
     """Keep objects alive at attach, after set-up and after traces out of the garbage
     collector's walks while attached (`pwdaemon.serving.heap`)."""
@@ -78,6 +81,8 @@ class AttachOptions:
             raise TypeError(f"trace must be a TraceMode, got {self.trace!r}")
         if not isinstance(self.freeze_heap, bool):
             raise TypeError(f"freeze_heap must be a bool, got {self.freeze_heap!r}")
+        if not isinstance(self.saved_trace, bool):
+            raise TypeError(f"saved_trace must be a bool, got {self.saved_trace!r}")
         if self.size_cap < 1:
             raise ValueError(f"size_cap must be >= 1, got {self.size_cap}")
         if len(self.sizes) > self.policy.budget:

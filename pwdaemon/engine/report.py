@@ -31,6 +31,7 @@ from pwdaemon.metrics.stats import ModelMetrics, PieceMetrics, TraceMetrics
 from pwdaemon.serving.direct import DirectCalls
 from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target, Tier
+from pwdaemon.serving.saved_trace import SavedTraceOutcome
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace_record import (
     AttemptOutcome,
@@ -74,6 +75,10 @@ class TraceRecords(Protocol):
     def trace_error(self) -> BaseException | None: ...
     @property
     def direct(self) -> DirectCalls | None: ...
+    @property
+    def saved_trace(self) -> SavedTraceOutcome: ...
+    @property
+    def saved_trace_detail(self) -> str: ...
 
 
 def status(
@@ -128,6 +133,8 @@ def trace_status(trace: TraceRecords) -> TraceStatus:
         error_calls=errors.calls,
         errors_by_type=dict(errors.by_type),
         trace_error=None if error is None else f"{type(error).__name__}: {error}",
+        saved_trace=trace.saved_trace,
+        saved_trace_detail=trace.saved_trace_detail,
         **_direct_status(trace.direct),
     )
 

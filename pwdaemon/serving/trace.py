@@ -44,9 +44,16 @@ from pwdaemon.serving.entry import call_eager, make_entry
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.heap import HEAP
+from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.misses import DEFAULT_HOT_CALLS, Misses
 from pwdaemon.serving.piece import GraphPiece
+from pwdaemon.serving.saved_trace import (
+    LoadedTrace,
+    SavedTraceOutcome,
+    SavedTraceSlot,
+    TraceShelf,
+)
 from pwdaemon.serving.strategy import (
     ORDER,
     TRACE_LOCK,
@@ -147,12 +154,16 @@ class Tracer:
         on_fall_back: Callable[[ShapeStrategy, str], None] | None = None,
         guards: GuardMode = GuardMode.EVERY_CALL,
         first_call_returned: threading.Event | None = None,
+        shelf: TraceShelf | None = None,
     ) -> None:
         """`guards`: see `serving.direct`. `failed`: strategies an earlier run of this
         model saw fail (with dynamo's reason), skipped here; `on_fall_back(strategy,
         reason)` is told of each failure on a size guard dynamo could not decide (on the
         tracing thread), to remember it for the next run. `first_call_returned` is set
-        when the call that starts the background trace returns (the engine starts then)."""
+        when the call that starts the background trace returns (the engine starts then).
+        `shelf`: where this model's saved trace is kept (`serving.saved_trace`): with a
+        background trace, one stored by an earlier run is loaded instead of tracing, and
+        a trace that settles as one piece is saved for the next run."""
         self.model = model
         self._first_call_returned = first_call_returned
         # trace="background": see `serving.background`; None traces inline.
@@ -180,6 +191,9 @@ class Tracer:
         self._on_fall_back = on_fall_back
         # Signatures served before skip dynamo's guard check (serving.direct).
         self.direct = DirectCalls() if guards is GuardMode.RECHECKED else None
+        self.saved = SavedTraceSlot(shelf if background else None, self.name)
+        # Set once, under TRACE_LOCK, before `settled`: a settled call reads it unlocked.
+        self._loaded: LoadedTrace | None = None
         failed = failed or {}
         first = next((s for s in ORDER if s not in failed), ORDER[-1])
         for strategy in ORDER[: ORDER.index(first)]:
@@ -218,6 +232,16 @@ class Tracer:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.settled:
+            loaded = self._loaded
+            if loaded is not None:
+                try:
+                    ran, out = loaded.serve(args, kwargs)
+                except Exception as exc:
+                    return self._eager_after_error(exc, args, kwargs)
+                if ran:
+                    return out
+                # Its guards refused the call: dynamo's own path below (a miss, traced
+                # if its signature comes often).
             direct = self.direct
             key = None
             if direct is not None and (key := call_key(args, kwargs)) is not None:
@@ -445,11 +469,56 @@ class Tracer:
     # ---- background tracing (serving.background) -----------------------------------
 
     def _settle_step(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        # On the trace thread: one tracing call; True once settled.
+        # On the trace thread: one tracing call; True once settled. The first step loads
+        # a saved trace instead where the shelf has one; the step that settles saves one.
         with TRACE_LOCK:
+            if not self.settled and self.saved.untried:
+                self._load_saved()
             if not self.settled:
                 self._settling_call(args, kwargs)
+                if self.settled:
+                    self._save(args, kwargs)
             return self.settled
+
+    def _load_saved(self) -> None:
+        # Under TRACE_LOCK on the trace thread, before any tracing call.
+        record = self.saved.load(self.model, self.strategy)
+        loaded = self.saved.loaded
+        if record is None or loaded is None:
+            return
+        piece = self._new_piece(record.gm, record.facts, record.strategy, 0)
+        loaded.bind(piece.dispatcher)
+        self._loaded = loaded
+        self._accept(self._attempt, [piece], {}, RecompileCause.SETTLING, "")
+        self.settled = True
+        HEAP.refreeze()
+
+    def _save(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Under TRACE_LOCK on the trace thread, once the trace settled. It traces the
+        # model again (0.1-1.9 s on this box, gated as the trace is): a restart skips it.
+        if len(self.pieces) != 1 or self.graph_breaks:
+            self.saved.note(
+                SavedTraceOutcome.NOT_SAVED,
+                f"{len(self.pieces)} piece(s), {len(self.graph_breaks)} graph break(s): "
+                "only a model traced as one whole graph is saved",
+            )
+            return
+        piece = self.pieces[0]
+        call_args = tuple(copy_for_trace(a) for a in args)
+        call_kwargs = {k: copy_for_trace(v) for k, v in kwargs.items()}
+        self.marks.mark(call_args, call_kwargs, piece.strategy)
+        self.saved.save(
+            self.model, piece.strategy, piece.gm, piece.fingerprint, (call_args, call_kwargs)
+        )
+
+    @property
+    def saved_trace(self) -> SavedTraceOutcome:
+        """What became of this model's saved trace (`serving.saved_trace`)."""
+        return self.saved.outcome
+
+    @property
+    def saved_trace_detail(self) -> str:
+        return self.saved.detail
 
     @property
     def trace_error(self) -> BaseException | None:
@@ -486,6 +555,19 @@ class Tracer:
         # Called by dynamo inside a tracing call (TRACE_LOCK held by this thread).
         facts: GraphFacts = analyse_graph(gm)
         index = len(self.pieces) + len(attempt.captured)
+        piece = self._new_piece(gm, facts, attempt.strategy, index)
+        if piece.output_marks:
+            # Outputs of a piece followed by another (a graph break) must carry the size
+            # mark into dynamo's resumed frame, or it would trace that frame static.
+            piece.dispatcher.mark_outputs = self._output_marker(
+                piece.output_marks, attempt.strategy
+            )
+        attempt.captured.append(piece)
+        return piece.dispatcher
+
+    def _new_piece(
+        self, gm: torch.fx.GraphModule, facts: GraphFacts, strategy: ShapeStrategy, index: int
+    ) -> GraphPiece:
         dispatcher = Dispatcher(
             index,
             gm.forward,
@@ -505,19 +587,14 @@ class Tracer:
             output_marks=facts.output_marks,
             fingerprint=facts.fingerprint,
             placeholder_specs=facts.placeholder_specs,
-            strategy=attempt.strategy,
+            strategy=strategy,
             size_indices=facts.size_indices,
             size_symbols=facts.size_symbols,
             size_guards=facts.size_guards,
             # Shared with every piece: see GraphPiece.calls_before_trace.
             calls_before_trace=self.background.calls_before if self.background else {},
         )
-        if piece.output_marks:
-            # Outputs of a piece followed by another (a graph break) must carry the size
-            # mark into dynamo's resumed frame, or it would trace that frame static.
-            dispatcher.mark_outputs = self._output_marker(piece.output_marks, attempt.strategy)
-        attempt.captured.append(piece)
-        return dispatcher
+        return piece
 
     def _output_marker(
         self, marks: tuple[tuple[int, int], ...], strategy: ShapeStrategy

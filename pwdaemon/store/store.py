@@ -9,8 +9,9 @@ same artifact in any process. The store is a plain directory:
       quarantine/                            corrupt entries moved out of the way
       claims/<digest>.claim                  "I am compiling this key" (pid, host, time)
       inductor/                              TORCHINDUCTOR_CACHE_DIR for workers and servers
-      profiles/                              per-model size histograms and failed shape
-                                             strategies, for warm restarts
+      profiles/                              per-model size histograms, failed shape
+                                             strategies and saved traces, for warm
+                                             restarts
 
 Writes are atomic (see `files`): a manifest appearing means its artifact is complete,
 which is what `watch()` relies on. Artifacts are code that the loading process runs, so
@@ -64,6 +65,9 @@ DEFAULT_STALE_CLAIM_S = 3600.0
 # Rewriting a manifest on every lookup would cost an fsync per load; last-used only
 # needs to be good enough to order entries for gc.
 DEFAULT_TOUCH_INTERVAL_S = 60.0
+# A saved trace's file: `<magic> <model id> <sha256 of the payload>\n<payload>`.
+_TRACE_MAGIC = "pwdaemon-trace-1"
+_TRACE_SUFFIX = ".trace"
 # `verify_entry` verdicts that are not a problem with the entry.
 _OK = "ok"
 _MISSING = "missing"
@@ -502,6 +506,49 @@ class ArtifactStore:
         """The saved strategy failures, or {} if there are none or they cannot be read."""
         failed = self._load_record(f"strategies:{model_id}", "failed")
         return {str(k): str(v) for k, v in failed.items()}
+
+    # ---- saved traces (pwdaemon.serving.saved_trace)
+
+    def _trace_path(self, model_id: str) -> Path:
+        return self.profiles_dir / f"{sha256_text(f'trace:{model_id}')[:40]}{_TRACE_SUFFIX}"
+
+    def save_trace(self, model_id: str, payload: bytes) -> Path | None:
+        """Store a model's saved trace for its next start (None: a counted write error)."""
+        header = f"{_TRACE_MAGIC} {model_id} {hashlib.sha256(payload).hexdigest()}\n"
+        path = self._trace_path(model_id)
+        try:
+            self._ensure_dir(self.profiles_dir)
+            write_atomically(
+                path.parent, path.name, [header.encode(), payload], file_mode=self.file_mode
+            )
+        except OSError as exc:
+            self.note_write_error(exc, "save a trace")
+            return None
+        return path
+
+    def load_trace(self, model_id: str) -> bytes | None:
+        """The saved trace's bytes if present, the model's and intact, else None (a
+        corrupt one is logged). A trace is code this process runs: raises
+        UnsafeStoreError when the store or the file could be written by others."""
+        path = self._trace_path(model_id)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        self.check_permissions()
+        check_stat(path, st, trusted_uids=self._trusted_uids, what="file")
+        try:
+            data = path.read_bytes()
+            line, _, payload = data.partition(b"\n")
+            magic, model, digest = line.decode().split(" ")
+            if magic != _TRACE_MAGIC or model != model_id:
+                raise ValueError("not this model's trace")
+            if hashlib.sha256(payload).hexdigest() != digest:
+                raise ValueError("checksum mismatch")
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            log.warning("ignoring unreadable saved trace %s: %s", path, exc)
+            return None
+        return payload
 
     def _save_record(self, model: str, field: str, value: Any, what: str) -> Path | None:
         record = {"model": model, "updated": self.clock(), field: value}

@@ -41,15 +41,30 @@ def test_restart_is_warm_and_rebuilds_no_kernel(tmp_path: Path) -> None:
     cold = _result(_spawn(store, "3,5"))
     assert cold["ok"] and cold["max_err"] < 1e-4, cold
     assert cold["loads"].get("compiled") == 3  # general, size 3, size 5
+    assert cold["saved_trace"] == "saved", cold
     kernels = _kernels(store)
     assert kernels, "CPU kernels must live in the store's Inductor cache"
     warm = _result(_spawn(store, "3,5"))
     assert warm["ok"] and warm["max_err"] < 1e-4, warm
     assert warm["tiers"] == {"3": "size", "5": "size"}
     assert warm["loads"] == {"store": 3}  # nothing compiled
+    assert warm["saved_trace"] == "loaded", warm  # nor traced
     assert _kernels(store) == kernels  # not a single kernel rebuilt
     assert all(e["source"] == "store" for e in warm["events"])
     print(f"cold ready {cold['ready_s']:.2f}s, warm ready {warm['ready_s']:.2f}s")
+
+
+def test_a_restart_compiles_a_new_size_from_the_trace_it_loaded(tmp_path: Path) -> None:
+    # The loaded piece's graph is the one the store keys name (same fingerprint) and
+    # ships to a worker as a traced one does: size 6 compiles from it, and serves right.
+    store = tmp_path / "store"
+    cold = _result(_spawn(store, "3"))
+    assert cold["ok"] and cold["saved_trace"] == "saved", cold
+    warm = _result(_spawn(store, "3,6"))
+    assert warm["ok"] and warm["saved_trace"] == "loaded", warm
+    assert warm["loads"] == {"store": 2, "compiled": 1}, warm  # general and 3; 6 is new
+    assert warm["tiers"] == {"3": "size", "6": "size"}, warm
+    assert warm["max_err"] < 1e-4, warm
 
 
 def test_two_replicas_compile_each_key_once(tmp_path: Path) -> None:

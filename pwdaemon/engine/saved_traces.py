@@ -1,0 +1,83 @@
+"""The store's shelf of saved traces: one per model, for its next start.
+
+`pwdaemon.serving.saved_trace` makes and loads a trace's dynamo part; this module puts a
+`TraceRecord` into the artifact store and takes it out again, with its graph shipped as
+a worker's graph is (`dump_graph`: fake metadata and size guards kept, so the engine can
+compile new sizes from a loaded piece as from a traced one).
+
+The record is keyed by what the trace depends on and the module's weights do not touch:
+`store_link.model_id` (class and package version, torch's version, size marks, training
+flag, every parameter's and buffer's name, shape, dtype and device), Python's version
+(the bytecode is Python's own) and the record's format.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from typing import Any
+
+from pwdaemon.engine.store_link import StoreLink
+from pwdaemon.serving.graph_facts import GraphFacts
+from pwdaemon.serving.saved_trace import TraceRecord
+from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.workers.compiler import dump_graph, load_graph
+
+__all__ = ("StoredTraces", "trace_key")
+
+# Bumped when TraceRecord's stored form changes: an older record is then not found.
+FORMAT = 1
+
+
+def trace_key(model_key: str) -> str:
+    """The store id of a model's saved trace (`model_key`: `store_link.model_id`)."""
+    python = ".".join(str(v) for v in sys.version_info[:3])
+    return f"{model_key}-py{python}-f{FORMAT}"
+
+
+class StoredTraces:
+    """`TraceShelf` for one model in one artifact store (trace thread only)."""
+
+    def __init__(self, link: StoreLink, model_key: str) -> None:
+        self._link = link
+        self._key = trace_key(model_key)
+
+    def load(self) -> TraceRecord | None:
+        """The stored record, or None when there is none (or the store is refused).
+        Raises on a record that does not unpickle or whose graph does not load."""
+        if not self._link.enabled:
+            return None
+        payload = self._link.store.load_trace(self._key)
+        if payload is None:
+            return None
+        # The store checked who could have written it: a trace is code we run anyway.
+        fields: dict[str, Any] = pickle.loads(payload)
+        gm, _ = load_graph(fields["graph"])
+        gm.recompile()
+        facts = fields["facts"]
+        if not isinstance(facts, GraphFacts):
+            raise TypeError(f"saved facts are a {type(facts).__name__}")
+        return TraceRecord(
+            strategy=ShapeStrategy(fields["strategy"]),
+            facts=facts,
+            gm=gm,
+            dynamo=bytes(fields["dynamo"]),
+            module_refs=dict(fields["module_refs"]),
+            builtin_refs=frozenset(fields["builtin_refs"]),
+            training=bool(fields["training"]),
+        )
+
+    def save(self, record: TraceRecord) -> None:
+        """Store `record` (a store that cannot be written counts a write error)."""
+        if not self._link.enabled:
+            return
+        fields = {
+            "strategy": record.strategy.value,
+            "facts": record.facts,
+            "graph": dump_graph(record.gm, "the saved trace's graph", record.facts.size_guards),
+            "dynamo": record.dynamo,
+            "module_refs": dict(record.module_refs),
+            "builtin_refs": sorted(record.builtin_refs),
+            "training": record.training,
+        }
+        self._link.store.save_trace(self._key, pickle.dumps(fields))

@@ -1,0 +1,221 @@
+"""A saved trace: stored when a background trace settles as one graph, loaded by the next
+attach of the same model instead of tracing, and refused whenever it could be wrong.
+
+Real dynamo, real precompile, a real store on disk; compile=False (no Inductor: the
+graph tier serves, so outputs are the traced graph's own).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Broken, SmallMLP
+
+import pwdaemon as pwd
+from pwdaemon.serving.saved_trace import SavedTraceOutcome
+
+TOLERANCE = 1e-5  # the graph tier runs the traced FX graph: the same ops as eager
+
+
+def _attach(model: torch.nn.Module, store: Path, **kwargs: object) -> pwd.Handle:
+    return pwd.attach(model, store=store, compile=False, trace="background", **kwargs)  # type: ignore[arg-type]
+
+
+def _first_call(h: pwd.Handle, model: torch.nn.Module, x: torch.Tensor) -> None:
+    model(x)
+    assert h.wait_traced(120)
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return SmallMLP().eval()
+
+
+def _outcome(h: pwd.Handle) -> tuple[SavedTraceOutcome, str]:
+    trace = h.status().trace
+    return trace.saved_trace, trace.saved_trace_detail
+
+
+def _frames() -> int:
+    return int(torch._dynamo.utils.counters["frames"]["total"])
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Iterator[Path]:
+    """A store holding SmallMLP's saved trace (traced with the weights of seed 0)."""
+    store = tmp_path / "store"
+    model = _mlp(0)
+    h = _attach(model, store)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.SAVED, detail
+    finally:
+        h.detach()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield store
+
+
+def test_a_restart_loads_the_saved_trace_instead_of_tracing(saved: Path) -> None:
+    model = _mlp(1)  # other weights: a restart loads new ones into the same model
+    reference = copy.deepcopy(model)
+    h = _attach(model, saved)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.LOADED, detail
+        assert _frames() == 0  # dynamo traced nothing
+        for n in (1, 3, 4, 17):
+            x = torch.randn(n, 16)
+            assert torch.allclose(model(x), reference(x), atol=TOLERANCE)
+        assert {1, 3, 17} <= set(h.dispatchers[0].counts)  # the loaded piece served them
+        assert h.status().trace.miss_calls == 0
+    finally:
+        h.detach()
+
+
+def test_a_call_the_saved_guards_refuse_runs_through_dynamo(saved: Path) -> None:
+    model = _mlp(1)
+    reference = copy.deepcopy(model)
+    h = _attach(model, saved)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        assert _outcome(h)[0] is SavedTraceOutcome.LOADED
+        x = torch.randn(2, 5, 16)  # another rank: the saved tensor guards refuse it
+        assert torch.allclose(model(x), reference(x), atol=TOLERANCE)
+        assert h.status().trace.miss_calls == 1  # served eager by dynamo's path, counted
+    finally:
+        h.detach()
+
+
+def test_training_mode_set_after_the_load_leaves_the_saved_trace(saved: Path) -> None:
+    model = _mlp(1)
+    reference = copy.deepcopy(model).train()
+    h = _attach(model, saved)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        assert _outcome(h)[0] is SavedTraceOutcome.LOADED
+        model.train()  # the saved guards do not see module state: checked beside them
+        x = torch.randn(4, 16)
+        assert torch.allclose(model(x), reference(x), atol=TOLERANCE)
+        assert h.status().trace.miss_calls == 1
+    finally:
+        h.detach()
+
+
+def test_a_corrupt_saved_trace_is_traced_again_and_replaced(saved: Path) -> None:
+    (path,) = (saved / "profiles").glob("*.trace")
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    model = _mlp(1)
+    h = _attach(model, saved)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.SAVED, detail  # ignored, traced, saved anew
+        assert _frames() > 0
+    finally:
+        h.detach()
+
+
+def test_a_saved_trace_others_could_write_is_refused(saved: Path) -> None:
+    (path,) = (saved / "profiles").glob("*.trace")
+    os.chmod(path, 0o660)
+    model = _mlp(1)
+    reference = copy.deepcopy(model)
+    h = _attach(model, saved)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        outcome, detail = _outcome(h)
+        # Refused and traced instead; the trace it saves replaces the file.
+        assert outcome is SavedTraceOutcome.SAVED and "writable by group" in detail, detail
+        assert _frames() > 0
+        x = torch.randn(3, 16)
+        assert torch.allclose(model(x), reference(x), atol=TOLERANCE)
+    finally:
+        h.detach()
+    assert os.stat(path).st_mode & 0o077 == 0
+
+
+def test_saved_trace_false_neither_loads_nor_saves(saved: Path) -> None:
+    model = _mlp(1)
+    h = _attach(model, saved, saved_trace=False)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        assert _outcome(h)[0] is SavedTraceOutcome.NONE
+        assert _frames() > 0
+    finally:
+        h.detach()
+
+
+def test_a_model_with_a_graph_break_is_not_saved(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Broken().eval()
+    h = _attach(model, tmp_path / "store")
+    try:
+        _first_call(h, model, torch.randn(4, 8))
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.NOT_SAVED and "2 piece(s)" in detail, detail
+        assert "saved trace: not saved" in str(h.status())
+    finally:
+        h.detach()
+    assert not list((tmp_path / "store" / "profiles").glob("*.trace"))
+
+
+MODULE = """
+import torch
+from torch import nn
+
+
+class Changing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x)) {op}
+"""
+
+
+def test_a_changed_forward_is_traced_again_not_served_from_the_old_trace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store key holds the class name and the weights' shapes, not the code: a new
+    # deployment with the same weights but another forward must not serve the old graph.
+    source = tmp_path / "changing_model.py"
+    source.write_text(MODULE.format(op="* 2"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    store = tmp_path / "store"
+    module = importlib.import_module("changing_model")
+    model = module.Changing().eval()
+    h = _attach(model, store)
+    try:
+        _first_call(h, model, torch.randn(4, 8))
+        assert _outcome(h)[0] is SavedTraceOutcome.SAVED
+    finally:
+        h.detach()
+    torch._dynamo.reset()
+    source.write_text(MODULE.format(op="* 3"))  # same lines, other code
+    del sys.modules["changing_model"]
+    module = importlib.import_module("changing_model")
+    model = module.Changing().eval()
+    h = _attach(model, store)
+    try:
+        _first_call(h, model, torch.randn(4, 8))
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.SAVED, detail  # refused, traced, saved anew
+        assert "changed since the trace was saved" in detail, detail
+        x = torch.randn(5, 8)
+        assert torch.allclose(model(x), torch.relu(model.lin(x)) * 3, atol=TOLERANCE)
+    finally:
+        h.detach()
+        sys.modules.pop("changing_model", None)
