@@ -10,6 +10,9 @@ serving path timed on its own, in the same process, beside the whole call:
   time, no sync), and `marks`: pwdaemon's size marks on the call's inputs;
 - `direct`: the cache entry's compiled code called as a plain function (no guard
   check, no size marks: what a call costs without dynamo in front);
+- `call, saved trace` and `saved guard check`: the call and its guard check in a second
+  attach of a copy of the model that loaded the trace the first one saved
+  (`pwdaemon.serving.saved_trace`), at the same tier;
 - on CUDA, the graph runnable's parts: `replay` alone, `runnable` (input copies, replay,
   output copies), and the output copies per method (`clone` each, `_foreach_clone`).
 
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -74,7 +79,7 @@ def measure(model_name: str, opts: argparse.Namespace) -> list[tuple[str, int, s
             timed(fn)
         return statistics.median(timed(fn) for _ in range(opts.iters)) * 1e6
 
-    with torch.inference_mode(), pwd.attach(model, sizes=sizes, store=False) as handle:
+    def settle(handle: pwd.Handle, model: Any) -> None:
         handle.wait_traced(opts.timeout)
         deadline = time.monotonic() + opts.timeout
         while time.monotonic() < deadline:
@@ -82,6 +87,11 @@ def measure(model_name: str, opts: argparse.Namespace) -> list[tuple[str, int, s
                 model(*calls[n][0], **calls[n][1])
             if handle.wait(sizes=sizes, tier=tier, timeout=0.05):
                 break
+
+    store = tempfile.mkdtemp(prefix="pwdaemon-call-overhead-")
+    loaded_model = copy.deepcopy(model)
+    with torch.inference_mode(), pwd.attach(model, sizes=sizes, store=store) as handle:
+        settle(handle, model)
         tracer = handle._tracer
         attempt = tracer._attempt
         for n in sizes:
@@ -112,6 +122,22 @@ def measure(model_name: str, opts: argparse.Namespace) -> list[tuple[str, int, s
             add(n, "clone each", gpu_us(lambda: [o.clone() for o in outs]))  # noqa: B023
             if hasattr(torch, "_foreach_clone"):
                 add(n, "_foreach_clone", gpu_us(lambda: torch._foreach_clone(outs)))  # noqa: B023
+    torch._dynamo.reset()
+    # Fresh inputs: the marks put on `calls` above would fail the saved guards (a loaded
+    # trace is called with unmarked tensors), and every call would be a miss.
+    calls = {n: inputs(n) for n in sizes}
+    with torch.inference_mode(), pwd.attach(loaded_model, sizes=sizes, store=store) as handle:
+        settle(handle, loaded_model)
+        loaded = handle._tracer.saved.loaded
+        for n in sizes:
+            args, kwargs = calls[n]
+            if loaded is None:
+                add(n, f"saved trace {handle._tracer.saved_trace.value}", float("nan"))
+                continue
+            add(n, "call, saved trace", gpu_us(lambda: loaded_model(*args, **kwargs)))  # noqa: B023
+            check = loaded.guard_check
+            add(n, "saved guard check", _host_us(lambda: check(*args, **kwargs), opts.iters))  # noqa: B023
+    shutil.rmtree(store, ignore_errors=True)
     return rows
 
 

@@ -217,7 +217,7 @@ class LoadedTrace:
     def __init__(self, fn: Any, call: PieceCall, record: TraceRecord, model: torch.nn.Module):
         self._fn = fn
         self._run: Callable[..., Any] = fn.fn  # dynamo's bytecode, behind the guard check
-        self._guard_check: Callable[..., bool] = fn.guard_check
+        self.guard_check: Callable[..., bool] = fn.guard_check  # torch's, as the call runs it
         self.call = call
         self.record = record
         self._model = model
@@ -231,7 +231,7 @@ class LoadedTrace:
         if self._model.training != self.record.training:
             return False, None
         try:
-            accepted = self._guard_check(*args, **kwargs)
+            accepted = self.guard_check(*args, **kwargs)
         except TypeError:  # arguments the entry's signature does not bind
             return False, None
         if not accepted:

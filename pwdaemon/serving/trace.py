@@ -495,7 +495,7 @@ class Tracer:
 
     def _save(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Under TRACE_LOCK on the trace thread, once the trace settled. It traces the
-        # model again (0.1-1.9 s on this box, gated as the trace is): a restart skips it.
+        # model again (0.1-2.8 s on this box, gated as the trace is): a restart skips it.
         if len(self.pieces) != 1 or self.graph_breaks:
             self.saved.note(
                 SavedTraceOutcome.NOT_SAVED,
