@@ -213,6 +213,22 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def run_script(script: Path, timeout: float) -> tuple[dict[str, Any], str]:
+    """Run `script` in a fresh interpreter with the repository importable; its last
+    `RESULT {json}` line, parsed, and its stderr. Fails the test when it fails."""
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    return result, proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the script's own bound; Llama took > 300 s beside a CPU burner
 @pytest.mark.parametrize("name", MODELS)
@@ -221,17 +237,8 @@ def test_real_model_from_an_unguarded_script_gets_specialized(name: str, tmp_pat
     script.write_text(
         SCRIPT.format(test_dir=str(Path(__file__).parent), name=name, store=str(tmp_path / "store"))
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    result = json.loads(lines[-1][len("RESULT ") :])
-    assert result["specialized"], (result, proc.stderr[-12000:])
+    result, stderr = run_script(script, timeout=900)
+    assert result["specialized"], (result, stderr[-12000:])
     assert result["plan_done"], result
     assert result["worst"] <= 1e-4, result  # float32; Inductor reorders reductions
     for index, tiers in result["tiers"].items():

@@ -11,14 +11,11 @@ loaded piece are tested in test_warm_restart.py.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from test_real_models import run_script
 
 pytestmark = pytest.mark.slow
 
@@ -76,16 +73,7 @@ def _run(name: str, store: Path, script: Path, *, perturb: bool) -> dict:
             test_dir=str(Path(__file__).parent), name=name, store=str(store), perturb=perturb
         )
     )
-    proc = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    result: dict = json.loads(lines[-1][len("RESULT ") :])
+    result, _ = run_script(script, timeout=600)
     return result
 
 
