@@ -1,13 +1,13 @@
 """Dynamo's trace against loading a saved one (torch's precompile), per model.
 
-A warm restart still runs dynamo's trace of the model in the serving process before a
-stored artifact can serve (pwdaemon's store key covers the traced graph): on the demo
-model here ~0.9 s of the ~2 s until every size is specialized, and on an H200 BERT's
+A warm restart used to run dynamo's trace of the model in the serving process before a
+stored artifact could serve (pwdaemon's store key covers the traced graph): on the demo
+model here ~0.9 s of the ~2 s until every size was specialized, and on an H200 BERT's
 trace took 15 s under paced traffic (it parks while calls run). torch can save a whole
 trace, guards included (`torch.compile(fn, fullgraph=True).aot_compile(...)`,
 `save_compiled_function`, `torch.compiler.load_compiled_function`; experimental in
 torch). This measures what loading one would cost instead, and whether it works on the
-real models: nothing in pwdaemon uses it yet.
+real models (pwdaemon's saved traces, `pwdaemon.serving.saved_trace`, grew from it).
 
 `--guards portable` traces with torch's `keep_portable_guards_unsafe` filter (tensor
 metadata, shape and global-state guards only): it drops the guards on object identity
