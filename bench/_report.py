@@ -30,6 +30,8 @@ Definitions (also printed under the table):
   attached model on each hot size: the median over adjacent pairs of rounds of static's
   seconds per call / pwdaemon's. On this shared 2-core machine it still moved by about
   +-5 % between runs.
+- *dynamo graphs*: frames dynamo compiled in the process; 0 for pwdaemon-warm when it
+  loaded the trace pwdaemon-cold saved (`pwdaemon.serving.saved_trace`).
 - *compile CPU*: the process's own CPU during calls where dynamo compiled a frame (and
   upfront's set-up), plus all descendant processes' CPU (compile workers and the C++
   compiler), taken once the system settled.

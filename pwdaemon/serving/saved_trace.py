@@ -306,11 +306,14 @@ class SavedTraceSlot:
         self.outcome = SavedTraceOutcome.NONE
         self.detail = ""
         self.loaded: LoadedTrace | None = None
+        self._tried = False
 
     @property
     def untried(self) -> bool:
-        """Nothing loaded or saved yet (and a shelf to do it with)."""
-        return self._shelf is not None and self.outcome is SavedTraceOutcome.NONE
+        """No load tried yet (and a shelf to try it with). One try, before the first
+        tracing call: a trace another process saves while this one traces must not add
+        a second piece of the same graph (each of its keys then loaded twice)."""
+        return self._shelf is not None and not self._tried
 
     def note(self, outcome: SavedTraceOutcome, detail: str) -> None:
         self.outcome, self.detail = outcome, detail
@@ -319,8 +322,9 @@ class SavedTraceSlot:
     def load(self, model: torch.nn.Module, strategy: ShapeStrategy) -> TraceRecord | None:
         """The shelf's record, loaded for `model` into `loaded`; None when there is none or
         it cannot serve (noted NOT_LOADED with the reason: the caller traces)."""
-        if self._shelf is None:
+        if self._shelf is None or self._tried:
             return None
+        self._tried = True
         start = time.monotonic()
         try:
             record = self._shelf.load()

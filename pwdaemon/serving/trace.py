@@ -472,7 +472,7 @@ class Tracer:
         # On the trace thread: one tracing call; True once settled. The first step loads
         # a saved trace instead where the shelf has one; the step that settles saves one.
         with TRACE_LOCK:
-            if not self.settled and self.saved.untried:
+            if not self.settled and not self.pieces and self.saved.untried:
                 self._load_saved()
             if not self.settled:
                 self._settling_call(args, kwargs)

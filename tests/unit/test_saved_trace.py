@@ -219,3 +219,29 @@ def test_a_changed_forward_is_traced_again_not_served_from_the_old_trace(
     finally:
         h.detach()
         sys.modules.pop("changing_model", None)
+
+
+def test_a_trace_saved_by_another_process_meanwhile_adds_no_second_piece(
+    saved: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two replicas start together: this one finds nothing stored and traces; the other
+    # saves its trace meanwhile. The next settling step must not load it beside the
+    # piece already traced (CI: every key of the model then loaded twice).
+    from pwdaemon.engine.saved_traces import StoredTraces
+
+    load = StoredTraces.load
+    tries: list[bool] = []
+
+    def not_yet(self: StoredTraces) -> object:
+        tries.append(True)
+        return None if len(tries) == 1 else load(self)
+
+    monkeypatch.setattr(StoredTraces, "load", not_yet)
+    model = _mlp(1)
+    h = _attach(model, saved)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        assert len(h.pieces) == 1 and len(tries) == 1
+        assert _outcome(h)[0] is SavedTraceOutcome.SAVED
+    finally:
+        h.detach()
