@@ -296,8 +296,9 @@ def _first_line(exc: BaseException) -> str:
 class SavedTraceSlot:
     """One tracer's saved trace: what became of it, and the loaded one once it serves.
 
-    Used on the trace thread under TRACE_LOCK; `loaded` is set once, before the tracer
-    marks itself settled, and read without a lock by settled calls.
+    Used on the trace thread under TRACE_LOCK; `loaded` is set once, bound to its piece's
+    dispatcher before the tracer marks itself settled, and read without a lock by settled
+    calls.
     """
 
     def __init__(self, shelf: TraceShelf | None, name: str) -> None:
@@ -309,11 +310,9 @@ class SavedTraceSlot:
         self._tried = False
 
     @property
-    def untried(self) -> bool:
-        """No load tried yet (and a shelf to try it with). One try, before the first
-        tracing call: a trace another process saves while this one traces must not add
-        a second piece of the same graph (each of its keys then loaded twice)."""
-        return self._shelf is not None and not self._tried
+    def active(self) -> bool:
+        """There is a shelf: traces are loaded from it and saved to it."""
+        return self._shelf is not None
 
     def note(self, outcome: SavedTraceOutcome, detail: str) -> None:
         self.outcome, self.detail = outcome, detail
@@ -321,7 +320,11 @@ class SavedTraceSlot:
 
     def load(self, model: torch.nn.Module, strategy: ShapeStrategy) -> TraceRecord | None:
         """The shelf's record, loaded for `model` into `loaded`; None when there is none or
-        it cannot serve (noted NOT_LOADED with the reason: the caller traces)."""
+        it cannot serve (noted NOT_LOADED with the reason: the caller traces).
+
+        Tried once, before the first tracing call: a trace another process saves while
+        this one traces must not add a second piece of the same graph (each of its keys
+        then loaded twice)."""
         if self._shelf is None or self._tried:
             return None
         self._tried = True
@@ -354,7 +357,7 @@ class SavedTraceSlot:
     ) -> None:
         """Trace again with torch's precompile and put the record on the shelf (see
         `save_trace`); the outcome is noted either way."""
-        if self._shelf is None or self.loaded is not None:
+        if self._shelf is None:
             return
         # A stored trace that did not load is replaced: say why it was not used.
         before = (

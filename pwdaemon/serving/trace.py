@@ -48,12 +48,7 @@ from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.misses import DEFAULT_HOT_CALLS, Misses
 from pwdaemon.serving.piece import GraphPiece
-from pwdaemon.serving.saved_trace import (
-    LoadedTrace,
-    SavedTraceOutcome,
-    SavedTraceSlot,
-    TraceShelf,
-)
+from pwdaemon.serving.saved_trace import SavedTraceOutcome, SavedTraceSlot, TraceShelf
 from pwdaemon.serving.strategy import (
     ORDER,
     TRACE_LOCK,
@@ -192,8 +187,6 @@ class Tracer:
         # Signatures served before skip dynamo's guard check (serving.direct).
         self.direct = DirectCalls() if guards is GuardMode.RECHECKED else None
         self.saved = SavedTraceSlot(shelf if background else None, self.name)
-        # Set once, under TRACE_LOCK, before `settled`: a settled call reads it unlocked.
-        self._loaded: LoadedTrace | None = None
         failed = failed or {}
         first = next((s for s in ORDER if s not in failed), ORDER[-1])
         for strategy in ORDER[: ORDER.index(first)]:
@@ -232,7 +225,7 @@ class Tracer:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.settled:
-            loaded = self._loaded
+            loaded = self.saved.loaded  # set before `settled`: read unlocked
             if loaded is not None:
                 try:
                     ran, out = loaded.serve(args, kwargs)
@@ -472,7 +465,7 @@ class Tracer:
         # On the trace thread: one tracing call; True once settled. The first step loads
         # a saved trace instead where the shelf has one; the step that settles saves one.
         with TRACE_LOCK:
-            if not self.settled and not self.pieces and self.saved.untried:
+            if not self.settled and not self.pieces:
                 self._load_saved()
             if not self.settled:
                 self._settling_call(args, kwargs)
@@ -488,7 +481,6 @@ class Tracer:
             return
         piece = self._new_piece(record.gm, record.facts, record.strategy, 0)
         loaded.bind(piece.dispatcher)
-        self._loaded = loaded
         self._accept(self._attempt, [piece], {}, RecompileCause.SETTLING, "")
         self.settled = True
         HEAP.refreeze()
@@ -496,6 +488,8 @@ class Tracer:
     def _save(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # Under TRACE_LOCK on the trace thread, once the trace settled. It traces the
         # model again (0.1-2.8 s on this box, gated as the trace is): a restart skips it.
+        if not self.saved.active:
+            return  # no store, or saved_trace=False: no copies, nothing to report
         if len(self.pieces) != 1 or self.graph_breaks:
             self.saved.note(
                 SavedTraceOutcome.NOT_SAVED,

@@ -171,6 +171,20 @@ def test_a_model_with_a_graph_break_is_not_saved(tmp_path: Path) -> None:
     assert not list((tmp_path / "store" / "profiles").glob("*.trace"))
 
 
+def test_without_a_store_nothing_is_said_of_a_saved_trace(tmp_path: Path) -> None:
+    # No shelf: the settled trace is not copied for a save, nor reported as not saved.
+    torch.manual_seed(0)
+    model = Broken().eval()
+    h = pwd.attach(model, store=False, compile=False, trace="background")
+    try:
+        _first_call(h, model, torch.randn(4, 8))
+        assert len(h.pieces) == 2
+        assert _outcome(h) == (SavedTraceOutcome.NONE, "")
+        assert "saved trace" not in str(h.status())
+    finally:
+        h.detach()
+
+
 MODULE = """
 import torch
 from torch import nn
