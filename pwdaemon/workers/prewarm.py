@@ -2,15 +2,19 @@
 
 The first `CompiledArtifact.load` in a process pays for Inductor's imports, probing the
 CPU's vector ISA with a compiler subprocess and hashing torch's source for cache keys:
-about 3 s of CPU on a 2-core machine. `attach()` starts it on a background thread; a
-server that calls `pwdaemon.prewarm()` at process start hides it behind its own start-up
-(loading weights, say), so a warm restart serves specialized sooner.
+about 3 s of CPU on a 2-core machine. On a GPU the first load of a Triton kernel also
+hashes Triton's compiler sources and its 0.5 GB `libtriton.so` (`triton_key`, part of
+Triton's cache key): 1.2 s of the H200 machine's warm restart, after the imports, on the
+loading thread. `attach()` starts it all on background threads; a server that calls
+`pwdaemon.prewarm()` at process start hides it behind its own start-up (loading
+weights, say), so a warm restart serves specialized sooner.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from pwdaemon.serving.gate import GATE, GateClosed
 from pwdaemon.serving.heap import HEAP
@@ -26,8 +30,10 @@ def _work() -> None:
     # Gated: it parks while serving calls are in progress (`pwdaemon.serving.gate`).
     # At the lowest niceness for its whole life (`pwdaemon.serving.priority`); the
     # probe's compilers inherit it.
+    hashing: threading.Thread | None = None
     try:
         with GATE.background(), lowest_niceness():
+            hashing = start_triton_key()
             set_up_inductor(probe_cpu=False)
             HEAP.refreeze()  # Inductor's modules stay: out of collections' walks
             if not pick_recorded_isa() and not workers_probe_cpu():
@@ -40,6 +46,52 @@ def _work() -> None:
         pass  # the interpreter exits
     except Exception:
         log.debug("pwdaemon: loader pre-warm failed", exc_info=True)
+    if hashing is not None:
+        # A load joins the pre-warm: after this, its kernels find the key computed.
+        hashing.join()
+
+
+def start_triton_key() -> threading.Thread | None:
+    """Compute Triton's source key on a thread of its own, beside Inductor's imports;
+    None where no Triton kernel will load (no CUDA, no Triton).
+
+    Triton caches the key for the process (`functools.lru_cache`), so the first kernel
+    load finds it. Measured on the H200 machine (torch 2.11): 1.2 s on the loading thread
+    after the 1.2 s of imports, in a warm restart of about 2 s from attach to every size
+    specialized. hashlib lets go of the GIL while it hashes `libtriton.so`, so the thread
+    runs on another core beside the imports. Not replayed from a record as torch's key
+    is (`setup_record.torch_key`): Triton's key has no setter, and the cache is a
+    closure that only the function itself fills.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        # Triton's own module, not torch's `triton_compat`: two threads importing torch's
+        # circular `_inductor` modules at once can deadlock; Triton's import never needs
+        # a module the Inductor imports beside it hold.
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        try:
+            from triton.compiler.compiler import triton_key
+        except ImportError:
+            return None
+    thread = threading.Thread(
+        target=_hash_triton, args=(triton_key,), name="pwdaemon-triton-key", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _hash_triton(triton_key: Callable[[], object]) -> None:
+    try:
+        with GATE.background(), lowest_niceness():
+            triton_key()
+    except GateClosed:
+        pass  # the interpreter exits
+    except Exception:
+        log.debug("pwdaemon: Triton's source key failed", exc_info=True)
 
 
 # The first `pick_vec_isa()` of the process, whoever makes it: the probe is not

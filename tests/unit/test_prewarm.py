@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import threading
+import types
 from typing import Any
 
 import pytest
+import torch
 from torch._inductor import CompiledArtifact
 
 from pwdaemon.serving.priority import LOWEST_NICENESS
@@ -74,3 +78,59 @@ def test_the_pre_warm_runs_at_the_lowest_niceness(monkeypatch: pytest.MonkeyPatc
     serving = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     prewarm.prewarm().join(120)
     assert seen == [max(serving, LOWEST_NICENESS)]
+
+
+def _fake_triton(monkeypatch: pytest.MonkeyPatch, computed: list[tuple[str, int]]) -> None:
+    # A stand-in for `triton.runtime.cache` whose key is cached per process as Triton's is
+    # (an lru_cache): it records where it was computed.
+    @functools.lru_cache
+    def triton_key() -> str:
+        computed.append(
+            (
+                threading.current_thread().name,
+                os.getpriority(os.PRIO_PROCESS, threading.get_native_id()),
+            )
+        )
+        return "key"
+
+    cache = types.ModuleType("triton.runtime.cache")
+    cache.triton_key = triton_key  # type: ignore[attr-defined]
+    for name, module in (
+        ("triton", types.ModuleType("triton")),
+        ("triton.runtime", types.ModuleType("triton.runtime")),
+        ("triton.runtime.cache", cache),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_on_a_gpu_the_pre_warm_computes_tritons_key_on_a_thread_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Triton hashes its sources and libtriton.so on the first kernel load of a process
+    # (1.2 s of the H200 machine's warm restart): the pre-warm computes it beside
+    # Inductor's imports, and is over only once it is.
+    computed: list[tuple[str, int]] = []
+    _fake_triton(monkeypatch, computed)
+    imports_began = threading.Event()
+
+    def set_up(*, probe_cpu: bool) -> None:
+        imports_began.set()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(prewarm, "_thread", None)  # a process that has not pre-warmed yet
+    monkeypatch.setattr(prewarm, "set_up_inductor", set_up)
+    monkeypatch.setattr(prewarm, "pick_recorded_isa", lambda: True)
+    serving = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    prewarm.prewarm().join(60)
+    assert imports_began.is_set()
+    assert computed == [("pwdaemon-triton-key", max(serving, LOWEST_NICENESS))]
+
+
+def test_without_cuda_the_pre_warm_leaves_tritons_key_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    computed: list[tuple[str, int]] = []
+    _fake_triton(monkeypatch, computed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert prewarm.start_triton_key() is None
+    assert computed == []
