@@ -152,7 +152,8 @@ def _compile_pieces(jobs: list[tuple[Any, Target]], workdir: str) -> list[dict[s
         for piece, target in jobs:
             try:
                 spec = JobSpec(
-                    dump_graph(piece.gm, f"piece {piece.index}", piece.size_guards),
+                    piece.shipped
+                    or dump_graph(piece.gm, f"piece {piece.index}", piece.size_guards),
                     target,
                     str(Path(workdir) / f"g{piece.index}-{target.label.replace(':', '_')}.bin"),
                     compile_options({}, piece),
@@ -193,7 +194,7 @@ def diagnose(
         pieces: list[dict[str, Any]] = []
         for p in handle.pieces:
             try:
-                shipped = len(dump_graph(p.gm, f"piece {p.index}"))
+                shipped = len(p.shipped or dump_graph(p.gm, f"piece {p.index}"))
                 ship_error = None
             except Exception as exc:
                 shipped, ship_error = 0, f"{type(exc).__name__}: {exc}"

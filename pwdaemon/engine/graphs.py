@@ -19,7 +19,6 @@ import torch
 
 from pwdaemon.engine.jobs import Job, JobSource, JobState, PieceState
 from pwdaemon.engine.queue import JobQueue
-from pwdaemon.engine.store_link import piece_device
 from pwdaemon.engine.torch_thread import run_torch_work
 from pwdaemon.serving.cudagraph import (
     CudaGraphRunnable,
@@ -47,7 +46,7 @@ _SLOT_RETRY_S = 0.1
 
 def wants_graph(config: GraphConfig, piece: GraphPiece) -> bool:
     """Whether sizes of `piece` get a CUDA-graph job once their tier-2 runnable is live."""
-    return config.enabled and torch.cuda.is_available() and piece_device(piece).startswith("cuda")
+    return config.enabled and torch.cuda.is_available() and piece.device.startswith("cuda")
 
 
 class GraphCapture:

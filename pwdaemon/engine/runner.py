@@ -276,6 +276,8 @@ class Runner:
 
     async def _graph_bytes(self, st: PieceState) -> bytes:
         # Pickled once per piece, on a thread (GraphPickler takes a while on big graphs).
+        if st.graph_bytes is None and st.piece.shipped is not None:
+            st.graph_bytes = st.piece.shipped  # a loaded trace's, as it was stored
         if st.graph_bytes is None:
             index = st.piece.index
             if index in self._unshippable:

@@ -62,15 +62,6 @@ def model_id(model: torch.nn.Module, dynamic: Mapping[str, int] | None) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-def piece_device(piece: GraphPiece) -> str:
-    """The device the piece's tensors live on (the compile target's device)."""
-    for node in piece.gm.graph.nodes:
-        v = node.meta.get("example_value") if node.op == "placeholder" else None
-        if isinstance(v, torch.Tensor):
-            return str(v.device)
-    return "cpu"
-
-
 class StoreLink:
     """The engine's view of one `ArtifactStore` (shared by all pieces of a model)."""
 
@@ -78,15 +69,11 @@ class StoreLink:
         self.store = store
         self.options = dict(options)
         self.enabled = True
-        self._devices: dict[int, str] = {}
 
     def key(self, piece: GraphPiece, target: Target) -> ArtifactKey:
         """The store key of (piece, target): graph, target, device, torch, options."""
-        device = self._devices.get(piece.index)
-        if device is None:
-            device = self._devices[piece.index] = piece_device(piece)
         options = compile_options(self.options, piece)
-        return make_key(piece.fingerprint, target.label, device=device, options=options)
+        return make_key(piece.fingerprint, target.label, device=piece.device, options=options)
 
     def lookup(self, key: ArtifactKey) -> Path | None:
         """The verified artifact for `key`, or None (also once the store is refused)."""

@@ -40,6 +40,10 @@ class GraphFacts:
     # Dynamo's guards on the size alone (sympy booleans over `SIZE`), recorded
     # when the graph was captured: the sizes a call can bring to this piece.
     size_guards: tuple[Any, ...] = ()
+    # Where the graph's tensors live (its first tensor placeholder's device, "cuda:0"):
+    # the compile target's device, kept here so that a piece whose graph carries no
+    # metadata (a loaded trace's: `engine.saved_traces`) still knows it.
+    device: str = "cpu"
 
     def admits(self, size: int) -> bool:
         """Whether a call of `size` can reach this piece (its size guards hold)."""
@@ -187,6 +191,11 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
                         marks.append((i, d))
                         break
     specs = tuple(_placeholder_spec(n) for n in placeholders)
+    devices = [
+        str(v.device)
+        for v in (n.meta.get("example_value") for n in placeholders)
+        if isinstance(v, torch.Tensor)
+    ]
     # A shipped copy carries the guards of the piece it was cut from (its fresh shape env
     # holds none); a live piece reads them from the shape env it was traced in.
     if SIZE_GUARDS_META in output_node.meta:
@@ -211,4 +220,5 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
         fingerprint=fingerprint,
         placeholder_specs=specs,
         size_guards=size_guards,
+        device=devices[0] if devices else "cpu",
     )

@@ -42,6 +42,11 @@ class GraphPiece:
     # that came before the trace was done are as hot as the ones after.
     calls_before_trace: dict[int, int] = field(default_factory=dict)
     size_guards: tuple[Any, ...] = ()  # see GraphFacts.size_guards
+    device: str = "cpu"  # see GraphFacts.device
+    # The graph as `dump_graph` ships it to a compile worker, where it came ready-made (a
+    # loaded trace: `engine.saved_traces`); `gm` then carries no fake metadata, and the
+    # serving process never unpickles it.
+    shipped: bytes | None = None
 
     @property
     def specializable(self) -> bool:

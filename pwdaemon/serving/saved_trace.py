@@ -108,6 +108,9 @@ class TraceRecord:
     module_refs: Mapping[str, str] = field(default_factory=dict)  # ref -> module name
     builtin_refs: frozenset[str] = frozenset()  # builtins the bytecode names
     training: bool = False
+    # A loaded record's graph as a compile worker gets it (`GraphPiece.shipped`); its
+    # `gm` is then the graph without metadata, enough to serve eagerly.
+    shipped: bytes | None = None
 
 
 class TraceShelf(Protocol):

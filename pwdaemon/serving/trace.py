@@ -479,7 +479,7 @@ class Tracer:
         loaded = self.saved.loaded
         if record is None or loaded is None:
             return
-        piece = self._new_piece(record.gm, record.facts, record.strategy, 0)
+        piece = self._new_piece(record.gm, record.facts, record.strategy, 0, record.shipped)
         loaded.bind(piece.dispatcher)
         self._accept(self._attempt, [piece], {}, RecompileCause.SETTLING, "")
         self.settled = True
@@ -560,7 +560,12 @@ class Tracer:
         return piece.dispatcher
 
     def _new_piece(
-        self, gm: torch.fx.GraphModule, facts: GraphFacts, strategy: ShapeStrategy, index: int
+        self,
+        gm: torch.fx.GraphModule,
+        facts: GraphFacts,
+        strategy: ShapeStrategy,
+        index: int,
+        shipped: bytes | None = None,
     ) -> GraphPiece:
         dispatcher = Dispatcher(
             index,
@@ -585,6 +590,8 @@ class Tracer:
             size_indices=facts.size_indices,
             size_symbols=facts.size_symbols,
             size_guards=facts.size_guards,
+            device=facts.device,
+            shipped=shipped,
             # Shared with every piece: see GraphPiece.calls_before_trace.
             calls_before_trace=self.background.calls_before if self.background else {},
         )

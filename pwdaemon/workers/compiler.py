@@ -194,6 +194,40 @@ def load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:
     return gm, fake_mode
 
 
+def dump_plain_graph(gm: torch.fx.GraphModule) -> bytes:
+    """GraphPickler bytes of `gm`'s graph without any node metadata: what runs it eagerly
+    (its code), not what compiles it. Loads in milliseconds where `dump_graph`'s fake
+    tensors and symbolic shapes take a tenth of a second. Raises ValueError where the
+    loaded copy's code would differ from `gm`'s."""
+    from torch.fx._graph_pickler import GraphPickler
+
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        env[node].meta = {}
+    # As `shippable_copy`: only the attributes the graph names go with it.
+    plain = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    with PICKLER_LOCK:
+        data = bytes(GraphPickler.dumps(plain))
+    if load_plain_graph(data).code != gm.code:
+        raise ValueError("the graph without metadata has other code")
+    return data
+
+
+def load_plain_graph(data: bytes) -> torch.fx.GraphModule:
+    """The GraphModule in `dump_plain_graph`'s bytes (no metadata to fake: a bare fake
+    mode). Raises whatever GraphPickler raises on bad bytes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+
+    with PICKLER_LOCK:
+        gm = GraphPickler.loads(data, FakeTensorMode())
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"graph bytes hold a {type(gm).__name__}, not a GraphModule")
+    return gm
+
+
 def _inference_fakes(gm: torch.fx.GraphModule, fake_mode: Any) -> list[Any]:
     # Serving is inference: parameters arrive with requires_grad=True, which would
     # make AOTAutograd build a training graph (and specialise unbacked sizes).

@@ -82,6 +82,29 @@ def test_a_restart_loads_the_saved_trace_instead_of_tracing(saved: Path) -> None
         h.detach()
 
 
+def test_a_loaded_piece_serves_a_graph_without_metadata_and_ships_the_stored_one(
+    saved: Path,
+) -> None:
+    # The restart unpickles no fake tensors: the eager graph carries no metadata, and
+    # what a compile worker would get is the stored graph as it was stored.
+    from pwdaemon.workers.compiler import load_graph
+
+    model = _mlp(1)
+    h = _attach(model, saved)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        assert _outcome(h)[0] is SavedTraceOutcome.LOADED
+        (piece,) = h.pieces
+        assert all(not node.meta for node in piece.gm.graph.nodes)
+        assert piece.device == "cpu" and piece.shipped is not None
+        shipped, _ = load_graph(piece.shipped)
+        assert shipped.code == piece.gm.code
+        values = [n.meta.get("example_value") for n in shipped.graph.nodes if n.op == "placeholder"]
+        assert any(isinstance(v, torch.Tensor) for v in values)  # what a compile needs
+    finally:
+        h.detach()
+
+
 def test_a_call_the_saved_guards_refuse_runs_through_dynamo(saved: Path) -> None:
     model = _mlp(1)
     reference = copy.deepcopy(model)
