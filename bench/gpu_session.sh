@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh check            # tests + matrix (parallel), then BERT table
 #   bash bench/gpu_session.sh matrix [M [SYS]] # all GPU tests beside the full matrix, then M
 #   bash bench/gpu_session.sh models M [SYS]   # the model table for model M
+#   bash bench/gpu_session.sh warm [MODELS]    # warm restart (bench/warm_restart.py)
 #
 # SIZES, ITERS, MIN_WARMUP_S, SETTLE_S and BUDGET_S (seconds for the call) shorten a run.
 # Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
@@ -82,6 +83,20 @@ matrix)  # every GPU test (transformers ones included) beside the full model mat
     ;;
 models)
     models_table "$2" "${3:-eager,dynamic,static,whole_graph,pwdaemon,pwdaemon_warm}"
+    ;;
+warm)  # seconds from attach to every size specialized: cold, warm, warm traced, prewarmed
+    # The machine's Python runs with PYTHONDONTWRITEBYTECODE: every process would compile
+    # torch's source on import (warm restarts of 4.9 s instead of 1.9 s on 2026-12-04);
+    # a deployment has its bytecode, so it is compiled once first (~11 s on 16 cores).
+    unset PYTHONDONTWRITEBYTECODE
+    for m in torch triton transformers sympy; do
+        d=$(python3 -c "import $m, os; print(os.path.dirname($m.__file__))") &&
+            python3 -m compileall -q -j 0 "$d" >/dev/null 2>&1
+    done
+    python3 -m compileall -q -j 0 /tmp/site pwdaemon >/dev/null 2>&1
+    timeout "$(left)" python3 bench/warm_restart.py --device cuda \
+        --models "${2:-demo,llama,bert}" --repeat "${REPEAT:-2}" --verbose 2>&1 |
+        tee "$OUT/warm_restart.log"
     ;;
 esac
 echo "call took $(( $(date +%s) - start )) s"

@@ -171,6 +171,10 @@ class Handle:
         None (default) for the best tier the device supports: the CUDA graph on a GPU
         with graphs enabled, else the compiled size. True when done; False on timeout,
         or at once when a wanted size was given up at that tier.
+
+        A CUDA graph is captured on a serving call of its size, so on a GPU the default
+        waits for traffic of those sizes: with none coming (a warm-up script, a restart
+        that awaits its store), wait for `Tier.SIZE`.
         """
         return self.engine.wait(sizes, timeout, tier)
 
