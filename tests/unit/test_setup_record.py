@@ -58,19 +58,19 @@ def test_a_corrupt_record_is_read_as_empty_and_replaced(tmp_path: Path) -> None:
     assert list(json.loads(path.read_text()).values()) == [True]
 
 
-def test_the_fingerprint_changes_when_the_compiler_is_rebuilt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_fingerprint_changes_when_the_compiler_is_rebuilt(tmp_path: Path) -> None:
     compiler = tmp_path / "g++"
     compiler.write_text("#!/bin/sh\n")
     compiler.chmod(0o755)
-    monkeypatch.setattr(config.cpp, "cxx", (None, str(compiler)))
-    before = machine_fingerprint()
-    assert machine_fingerprint() == before
-    compiler.write_text("#!/bin/sh\n# a newer build\n")
-    assert machine_fingerprint() != before
-    monkeypatch.setattr(config.cpp, "cxx", (None, "no-such-compiler-here"))
-    assert machine_fingerprint() != before
+    # config.patch, not monkeypatch: monkeypatch's undo deleted torch's `cpp.cxx` option,
+    # and every later compiler lookup in the process failed (`cxx does not exist`).
+    with config.patch({"cpp.cxx": (None, str(compiler))}):
+        before = machine_fingerprint()
+        assert machine_fingerprint() == before
+        compiler.write_text("#!/bin/sh\n# a newer build\n")
+        assert machine_fingerprint() != before
+    with config.patch({"cpp.cxx": (None, "no-such-compiler-here")}):
+        assert machine_fingerprint() != before
 
 
 class CountingPrecompile:
