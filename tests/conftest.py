@@ -120,6 +120,17 @@ def _prewarm_done() -> None:
         thread.join(120)
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    # Before pytest's logging plugin walks every logger to capture the teardown's logs:
+    # a pre-warm that an engine started during the test creates loggers on its thread as
+    # it imports Inductor, and the walk failed with "dictionary changed size during
+    # iteration" (tests/unit/test_trace.py + test_status.py run alone, ~1 run in 4),
+    # before `_fresh_dynamo`'s teardown could wait for it.
+    _prewarm_done()
+    return (yield)
+
+
 @pytest.fixture
 def fast_switching() -> Iterator[None]:
     # Switch threads every microsecond so interleavings that a loaded machine produces
