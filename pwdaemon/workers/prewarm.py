@@ -3,7 +3,7 @@
 The first `CompiledArtifact.load` in a process pays for Inductor's imports, probing the
 CPU's vector ISA with a compiler subprocess and hashing torch's source for cache keys:
 about 3 s of CPU on a 2-core machine. On a GPU the first load of a Triton kernel also
-hashes Triton's compiler sources and its 0.5 GB `libtriton.so` (`triton_key`, part of
+hashes Triton's compiler sources and its `libtriton.so` (`triton_key`, part of
 Triton's cache key): 1.2 s of the H200 machine's warm restart, after the imports, on the
 loading thread. `attach()` starts it all on background threads; a server that calls
 `pwdaemon.prewarm()` at process start hides it behind its own start-up (loading
@@ -68,9 +68,11 @@ def start_triton_key() -> threading.Thread | None:
     if not torch.cuda.is_available():
         return None
     try:
-        # Triton's own module, not torch's `triton_compat`: two threads importing torch's
-        # circular `_inductor` modules at once can deadlock; Triton's import never needs
-        # a module the Inductor imports beside it hold.
+        # Triton's own module, not torch's `triton_compat`: that would import
+        # `torch._inductor` here, before `set_up_inductor` installs the lazy templates.
+        # Imported on the pre-warm's thread, so the hashing thread imports nothing of
+        # torch's beside Inductor's imports (two threads importing torch's circular
+        # modules at once can deadlock).
         from triton.runtime.cache import triton_key
     except ImportError:
         try:

@@ -22,7 +22,8 @@ try:
 except ImportError:
     from triton.compiler.compiler import triton_key
 pwdaemon.prewarm().join(120)
-print(triton_key.cache_info().currsize)
+info = getattr(triton_key, "cache_info", None)
+print(info().currsize if info is not None else "uncached")
 """
 
 
@@ -30,4 +31,7 @@ def test_the_pre_warm_computes_tritons_key_before_any_kernel_loads() -> None:
     out = subprocess.run(
         [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=180, check=True
     )
-    assert out.stdout.split()[-1] == "1", out.stderr[-2000:]
+    answer = out.stdout.split()[-1]
+    if answer == "uncached":
+        pytest.skip("this Triton does not cache its source key (nothing to compute early)")
+    assert answer == "1", out.stderr[-2000:]
