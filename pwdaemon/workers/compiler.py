@@ -411,6 +411,20 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
     return {"path": spec.out_path, "seconds": time.perf_counter() - started}
 
 
+# A load re-creates the artifact's kernels through Inductor's async compile, which with
+# more than one compile thread hands them to its pools: a C++ kernel's module loads on a
+# thread of Inductor's own (not gated: it takes the GIL while a serving call runs), and
+# the first Triton kernel starts Inductor's compile subprocess pool, a sidecar process and
+# `compile_threads` workers that each import torch (min(32, CPUs) of them in every
+# serving replica; a sampled warm restart on the H200 showed the pool's reader thread in
+# the serving process). The serving process loads what compile workers built and
+# compiles nothing itself, so a load runs with one compile thread: all of it on the
+# loading thread, gated. Inductor's config is process-wide (`patch` sets and restores
+# module state): two loads patching at once could restore each other's value, so one
+# load patches at a time. `compile_threads` is not part of Inductor's cache keys.
+LOAD_CONFIG_LOCK = threading.Lock()
+
+
 def load_artifact(path: str) -> Any:
     """Load a saved artifact in this process (the serving side; off the serving thread)."""
     from torch._inductor import CompiledArtifact
@@ -428,5 +442,6 @@ def load_artifact(path: str) -> Any:
     # header (g++ and openssl subprocesses, ~0.3 s): at serving's priority they took a
     # core from serving's OpenMP team (a 181 ms BERT call beside them, 2-core box). The
     # caller is a thread of its own that ends after the load (`run_torch_work`).
-    with lowest_niceness():
+    # With one compile thread (`LOAD_CONFIG_LOCK` says why).
+    with LOAD_CONFIG_LOCK, torch._inductor.config.patch(compile_threads=1), lowest_niceness():
         return CompiledArtifact.load(path=path, format="binary")

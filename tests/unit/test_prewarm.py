@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from torch._inductor import CompiledArtifact
+from torch._inductor import config as inductor_config
 
 from pwdaemon.serving.priority import LOWEST_NICENESS
 from pwdaemon.workers import compiler, prewarm
@@ -134,3 +135,27 @@ def test_without_cuda_the_pre_warm_leaves_tritons_key_alone(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert prewarm.start_triton_key() is None
     assert computed == []
+
+
+def test_an_artifact_loads_with_one_compile_thread_and_leaves_the_setting_as_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With more compile threads Inductor loads C++ kernels on its own (ungated) pool
+    # threads and starts its compile subprocess pool for Triton kernels: a serving
+    # process compiles nothing, so its loads run with one, and the user's setting stays.
+    seen: list[int | None] = []
+
+    def load(**kwargs: Any) -> str:
+        seen.append(inductor_config.compile_threads)
+        return "runnable"
+
+    monkeypatch.setattr(CompiledArtifact, "load", staticmethod(load))
+    prewarm.prewarm().join(120)
+    with inductor_config.patch(compile_threads=4):
+        loaders = [threading.Thread(target=compiler.load_artifact, args=("a",)) for _ in range(4)]
+        for loader in loaders:
+            loader.start()
+        for loader in loaders:
+            loader.join(30)
+        assert seen == [1, 1, 1, 1]
+        assert inductor_config.compile_threads == 4
