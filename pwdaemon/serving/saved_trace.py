@@ -321,9 +321,9 @@ class SavedTraceSlot:
         self.outcome, self.detail = outcome, detail
         log.info("pwdaemon: %s: saved trace %s: %s", self._name, outcome.value, detail)
 
-    def load(self, model: torch.nn.Module, strategy: ShapeStrategy) -> TraceRecord | None:
-        """The shelf's record, loaded for `model` into `loaded`; None when there is none or
-        it cannot serve (noted NOT_LOADED with the reason: the caller traces).
+    def load(self, model: torch.nn.Module, strategy: ShapeStrategy) -> LoadedTrace | None:
+        """The shelf's record loaded for `model`, kept in `loaded` too; None when there is
+        none or it cannot serve (noted NOT_LOADED with the reason: the caller traces).
 
         Tried once, before the first tracing call: a trace another process saves while
         this one traces must not add a second piece of the same graph (each of its keys
@@ -348,7 +348,7 @@ class SavedTraceSlot:
         self.note(
             SavedTraceOutcome.LOADED, f"loaded in {time.monotonic() - start:.3f} s, not traced"
         )
-        return record
+        return self.loaded
 
     def save(
         self,

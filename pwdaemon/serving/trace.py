@@ -475,10 +475,10 @@ class Tracer:
 
     def _load_saved(self) -> None:
         # Under TRACE_LOCK on the trace thread, before any tracing call.
-        record = self.saved.load(self.model, self.strategy)
-        loaded = self.saved.loaded
-        if record is None or loaded is None:
+        loaded = self.saved.load(self.model, self.strategy)
+        if loaded is None:
             return
+        record = loaded.record
         piece = self._new_piece(record.gm, record.facts, record.strategy, 0, record.shipped)
         loaded.bind(piece.dispatcher)
         self._accept(self._attempt, [piece], {}, RecompileCause.SETTLING, "")
