@@ -201,13 +201,9 @@ def dump_plain_graph(gm: torch.fx.GraphModule) -> bytes:
     loaded copy's code would differ from `gm`'s."""
     from torch.fx._graph_pickler import GraphPickler
 
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-        env[node].meta = {}
-    # As `shippable_copy`: only the attributes the graph names go with it.
-    plain = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    plain = shippable_copy(gm)  # new nodes and meta dicts: `gm` keeps its metadata
+    for node in plain.graph.nodes:
+        node.meta = {}
     with PICKLER_LOCK:
         data = bytes(GraphPickler.dumps(plain))
     if load_plain_graph(data).code != gm.code:
