@@ -5,7 +5,8 @@
 #   bash bench/gpu_session.sh check            # tests + matrix (parallel), then BERT table
 #   bash bench/gpu_session.sh matrix [M [SYS]] # all GPU tests beside the full matrix, then M
 #   bash bench/gpu_session.sh models M [SYS]   # the model table for model M
-#   bash bench/gpu_session.sh warm [MODELS]    # warm restart (bench/warm_restart.py)
+#   bash bench/gpu_session.sh warm [MODELS]    # warm restart (bench/warm_restart.py);
+#                                              # BASELINE=DIR: also another checkout's
 #
 # SIZES, ITERS, MIN_WARMUP_S, SETTLE_S and BUDGET_S (seconds for the call) shorten a run.
 # Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
@@ -93,10 +94,10 @@ warm)  # seconds from attach to every size specialized: cold, warm, warm traced,
         d=$(python3 -c "import $m, os; print(os.path.dirname($m.__file__))") &&
             python3 -m compileall -q -j 0 "$d" >/dev/null 2>&1
     done
-    python3 -m compileall -q -j 0 /tmp/site pwdaemon >/dev/null 2>&1
+    python3 -m compileall -q -j 0 /tmp/site pwdaemon ${BASELINE:-} >/dev/null 2>&1
     timeout "$(left)" python3 bench/warm_restart.py --device cuda \
-        --models "${2:-demo,llama,bert}" --repeat "${REPEAT:-2}" --verbose 2>&1 |
-        tee "$OUT/warm_restart.log"
+        --models "${2:-demo,llama,bert}" --repeat "${REPEAT:-2}" --verbose \
+        ${BASELINE:+--baseline "$BASELINE"} 2>&1 | tee "$OUT/warm_restart.log"
     ;;
 esac
 echo "call took $(( $(date +%s) - start )) s"

@@ -11,7 +11,10 @@ Fresh processes serve the same sizes from the same (initially empty) artifact st
   before any stored artifact can serve (what every warm restart did before the trace was
   saved), the peer of the row above;
 - warm + prewarm: as warm, with `pwdaemon.prewarm()` run to its end before attach (a
-  server that loads weights meanwhile).
+  server that loads weights meanwhile);
+- warm, baseline (with `--baseline DIR`): as warm, with the pwdaemon of another checkout
+  (DIR put first on the children's PYTHONPATH), so a change is measured against the code
+  before it in the same run, on the same store.
 
 For each size: seconds from `attach()` until it serves specialized, per run, and the
 ratio. Target: every size specialized in the previous run serves specialized within
@@ -23,13 +26,14 @@ decides nothing); the per-size table shows the first run of each.
 
     python bench/warm_restart.py [--models demo,bert,llama] [--sizes 1,2,4,8,16]
                                  [--device cpu|cuda] [--dtype fp32|fp16] [--repeat R]
-                                 [--store DIR]
+                                 [--store DIR] [--baseline DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -82,22 +86,36 @@ trace = h.status().trace
 h.detach()
 print(json.dumps({"ok": ok, "first_call_s": first_call, "mode": mode,
                   "saved_trace": trace.saved_trace.value, "detail": trace.saved_trace_detail,
+                  "pwdaemon": pwd.__file__,
                   "swapped": {str(k): v for k, v in swapped.items()}}))
 """
 
 WARM_MODES = {"warm": "warm", "warm-traced": "warm, traced", "warm-prewarmed": "warm + prewarm"}
+# The child runs it as "warm"; only the pwdaemon it imports differs (`run`).
+BASELINE_MODE = {"warm-baseline": "warm, baseline"}
 
 
 def run(store: str, model: str, mode: str, args: argparse.Namespace) -> dict:
+    env, cwd = dict(os.environ), None
+    if mode == "warm-baseline":
+        # `python -c` puts its working directory first on sys.path, before PYTHONPATH.
+        cwd = args.baseline
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.baseline, env.get("PYTHONPATH")) if p)
     out = subprocess.run(
         [sys.executable, "-c", CHILD, store, model, args.device, args.dtype, mode, args.sizes],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
+        cwd=cwd,
     )
     if out.returncode != 0:
         raise SystemExit(f"{model} {mode} run failed:\n{out.stderr[-4000:]}")
     result: dict = json.loads(out.stdout.strip().splitlines()[-1])
+    if mode == "warm-baseline" and not Path(result["pwdaemon"]).is_relative_to(
+        Path(args.baseline).resolve()
+    ):
+        raise SystemExit(f"the baseline run imported {result['pwdaemon']}, not {args.baseline}")
     if args.verbose:  # one line per run, as it ends (a long run shows where it is)
         print(
             f"  {model} {mode}: every size {all_specialized_s(result, size_list(args)):.2f} s, "
@@ -124,9 +142,10 @@ def all_specialized_s(result: dict, sizes: list[int]) -> float:
 def bench_model(model: str, store: str, args: argparse.Namespace) -> None:
     started = time.monotonic()
     cold = run(store, model, "cold", args)
-    runs: dict[str, list[dict]] = {mode: [] for mode in WARM_MODES}
+    modes = {**WARM_MODES, **(BASELINE_MODE if args.baseline else {})}
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(max(1, args.repeat)):  # alternated: a slow spell hits every kind
-        for mode in WARM_MODES:
+        for mode in modes:
             runs[mode].append(run(store, model, mode, args))
     firsts = {mode: results[0] for mode, results in runs.items()}
     print(
@@ -141,11 +160,11 @@ def bench_model(model: str, store: str, args: argparse.Namespace) -> None:
         "seconds from attach() to serving specialized; warm + prewarm: pwdaemon.prewarm()"
         " called at process start, finished before attach (as while weights load)"
     )
-    print(f"| size | cold | {' | '.join(WARM_MODES.values())} | cold/warm |")
-    print("|---|---|---|---|---|---|")
+    print(f"| size | cold | {' | '.join(modes.values())} | cold/warm |")
+    print("|---" * (len(modes) + 3) + "|")
     for n in size_list(args):
         c = cold["swapped"].get(str(n))
-        cells = [firsts[mode]["swapped"].get(str(n)) for mode in WARM_MODES]
+        cells = [firsts[mode]["swapped"].get(str(n)) for mode in modes]
         shown = " | ".join(f"{w[0]:.2f} ({w[1]})" if w else "-" for w in cells)
         ratio = f"{c[0] / cells[0][0]:.1f}x" if c and cells[0] else "-"
         print(f"| {n} | {f'{c[0]:.2f}' if c else '-'} | {shown} | {ratio} |")
@@ -153,7 +172,7 @@ def bench_model(model: str, store: str, args: argparse.Namespace) -> None:
         print("cold: wait() returned False (a size was given up or timed out)")
     medians = {}
     for mode, results in runs.items():
-        label = WARM_MODES[mode]
+        label = modes[mode]
         if not all(r["ok"] for r in results):
             print(f"{label}: wait() returned False in a run (a size was given up or timed out)")
         every = sorted(all_specialized_s(r, size_list(args)) for r in results)
@@ -168,6 +187,8 @@ def bench_model(model: str, store: str, args: argparse.Namespace) -> None:
         )
     if medians["warm"] > 0:
         print(f"warm, traced ÷ warm: {medians['warm-traced'] / medians['warm']:.2f}x")
+        if "warm-baseline" in medians:
+            print(f"warm, baseline ÷ warm: {medians['warm-baseline'] / medians['warm']:.2f}x")
 
 
 def main() -> None:
@@ -179,10 +200,15 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="store dir (default: a fresh temp dir each)")
     ap.add_argument("--repeat", type=int, default=1, help="warm runs of each kind")
     ap.add_argument("--verbose", action="store_true", help="a line per run as it ends")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="a checkout whose pwdaemon also runs warm (put first on PYTHONPATH)",
+    )
     args = ap.parse_args()
     for model in args.models.split(","):
         store = (
-            str(Path(args.store) / model)
+            str(Path(args.store).resolve() / model)
             if args.store
             else tempfile.mkdtemp(prefix=f"pwdaemon-warm-bench-{model}-")
         )

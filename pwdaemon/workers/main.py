@@ -58,9 +58,15 @@ def _warm_up() -> None:
     import torch.fx._graph_pickler  # noqa: F401
 
     import pwdaemon.workers.compiler  # noqa: F401
-    from pwdaemon.workers.prewarm import set_up_inductor, workers_probe_cpu
+    from pwdaemon.workers.prewarm import set_up_inductor, start_triton_key, workers_probe_cpu
 
+    # On a GPU, every worker's first Triton compile needs Triton's source key (1.2 s of
+    # hashing on the H200 machine, replayed from the store's record once one process
+    # computed it): worked out beside the imports.
+    hashing = start_triton_key()
     set_up_inductor(probe_cpu=workers_probe_cpu())
+    if hashing is not None:
+        hashing.join()
 
 
 def _watch_parent(parent_pid: int) -> None:

@@ -5,20 +5,23 @@ CPU's vector ISA with a compiler subprocess and hashing torch's source for cache
 about 3 s of CPU on a 2-core machine. On a GPU the first load of a Triton kernel also
 hashes Triton's compiler sources and its `libtriton.so` (`triton_key`, part of
 Triton's cache key): 1.2 s of the H200 machine's warm restart, after the imports, on the
-loading thread. `attach()` starts it all on background threads; a server that calls
-`pwdaemon.prewarm()` at process start hides it behind its own start-up (loading
-weights, say), so a warm restart serves specialized sooner.
+loading thread, unless the store recorded it (`triton_source_key`). `attach()` starts
+it all on background threads; a server that calls `pwdaemon.prewarm()` at process start
+hides it behind its own start-up (loading weights, say), so a warm restart serves
+specialized sooner.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 
 from pwdaemon.serving.gate import GATE, GateClosed
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.priority import lowest_niceness
+from pwdaemon.workers import triton_source_key
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +55,15 @@ def _work() -> None:
 
 
 def start_triton_key() -> threading.Thread | None:
-    """Compute Triton's source key on a thread of its own, beside Inductor's imports;
-    None where no Triton kernel will load (no CUDA, no Triton).
+    """Compute or replay Triton's source key on a thread of its own, beside Inductor's
+    imports; None where no Triton kernel will load (no CUDA, no Triton).
 
     Triton caches the key for the process (`functools.lru_cache`), so the first kernel
     load finds it. Measured on the H200 machine (torch 2.11): 1.2 s on the loading thread
-    after the 1.2 s of imports, in a warm restart of about 2 s from attach to every size
-    specialized. hashlib lets go of the GIL while it hashes `libtriton.so`, so the thread
-    runs on another core beside the imports. Not replayed from a record as torch's key
-    is (`setup_record.torch_key`): Triton's key has no setter, and the cache is a
-    closure that only the function itself fills.
+    after the imports, in a warm restart of about 2 s from attach to every size
+    specialized. A process whose store recorded the key for these Triton files replays
+    it (`triton_source_key`, milliseconds); one that computes it runs beside the imports
+    on another core (hashlib lets go of the GIL while it hashes `libtriton.so`).
     """
     import torch
 
@@ -73,23 +75,32 @@ def start_triton_key() -> threading.Thread | None:
         # Imported on the pre-warm's thread, so the hashing thread imports nothing of
         # torch's beside Inductor's imports (two threads importing torch's circular
         # modules at once can deadlock).
-        from triton.runtime.cache import triton_key
-    except ImportError:
+        import triton
+
         try:
-            from triton.compiler.compiler import triton_key
+            from triton.runtime.cache import triton_key
         except ImportError:
-            return None
+            from triton.compiler.compiler import triton_key
+    except ImportError:
+        return None
+    # Where and which Triton, to key a recorded key by (without them it is computed).
+    where, version = getattr(triton, "__file__", None), getattr(triton, "__version__", None)
+    root = os.path.dirname(where) if isinstance(where, str) and version is not None else None
     thread = threading.Thread(
-        target=_hash_triton, args=(triton_key,), name="pwdaemon-triton-key", daemon=True
+        target=_hash_triton,
+        args=(triton_key, root, str(version)),
+        name="pwdaemon-triton-key",
+        daemon=True,
     )
     thread.start()
     return thread
 
 
-def _hash_triton(triton_key: Callable[[], object]) -> None:
+def _hash_triton(triton_key: Callable[[], object], root: str | None, version: str) -> None:
     try:
         with GATE.background(), lowest_niceness():
-            triton_key()
+            record = triton_source_key.record_for_environment() if root else None
+            triton_source_key.prime(triton_key, root or "", version, record)
     except GateClosed:
         pass  # the interpreter exits
     except Exception:

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 # Bump when a record's meaning changes: an old record is then simply not found.
 _RECORD_VERSION = 2
-_RECORD_DIR = "pwdaemon-setup"
+RECORD_DIR = "pwdaemon-setup"
 # Readable by whoever reads the Inductor cache beside it (its kernels are no more private).
 _RECORD_MODE = 0o644
 # Environment that changes what the compiler finds (headers, libraries) or which one runs.
@@ -124,7 +124,8 @@ def _stable(value: object) -> object:
     return _ADDRESS.sub("", repr(value))
 
 
-def _digest(value: object) -> str:
+def digest(value: object) -> str:
+    """A sha256 of `value`'s JSON form: what a recorded question is keyed by."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=_stable).encode()).hexdigest()
 
 
@@ -176,8 +177,8 @@ class SetupRecord:
 
 def isa_question(isa: object, arch_flags: str, code: str) -> str:
     """One probe: which ISA class, with which flags, building which program."""
-    digest = hashlib.sha256(code.encode()).hexdigest()[:16]
-    return f"isa|{type(isa).__name__}|{arch_flags}|{digest}"
+    code_digest = hashlib.sha256(code.encode()).hexdigest()[:16]
+    return f"isa|{type(isa).__name__}|{arch_flags}|{code_digest}"
 
 
 def header_question(header: str, hashable_cmd_line: str, compile_command: dict[str, Any]) -> str:
@@ -185,7 +186,7 @@ def header_question(header: str, hashable_cmd_line: str, compile_command: dict[s
     import torch
 
     found = os.path.join(os.path.dirname(torch.__file__), "include", header)
-    return "header|" + _digest([header, _file_identity(found), hashable_cmd_line, compile_command])
+    return "header|" + digest([header, _file_identity(found), hashable_cmd_line, compile_command])
 
 
 def install() -> None:
@@ -202,7 +203,7 @@ def install() -> None:
 
             global _record
             name = f"{machine_fingerprint()}.json"
-            record = _record = SetupRecord(Path(cache_dir()) / _RECORD_DIR / name)
+            record = _record = SetupRecord(Path(cache_dir()) / RECORD_DIR / name)
             probe = cpu_vec_isa.VecISA.check_build
             cpu_vec_isa.VecISA.check_build = _recorded_probe(probe, record)  # type: ignore[method-assign,assignment]
             precompile = getattr(codecache, "_precompile_header", None)
@@ -272,11 +273,10 @@ def _recorded_header(precompile: Callable[..., str], record: SetupRecord) -> Cal
 _TORCH_KEY_SUFFIXES = (*importlib.machinery.all_suffixes(), ".cpp", ".ld")
 
 
-def torch_source_question(root: str) -> str:
-    """Which torch source key is asked for: torch's version and build, its directory, and
-    the name, size and modification time of every file the key may read under it."""
-    import torch
-
+def source_files(root: str, suffixes: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """The name (relative to `root`), size and modification time of every file under
+    `root` ending in one of `suffixes`, `__pycache__` left out, sorted: what a source
+    key's replay is keyed by (a walk of stat calls, no file read)."""
     files: list[tuple[str, int, int]] = []
     pending = [root]
     while pending:
@@ -286,12 +286,21 @@ def torch_source_question(root: str) -> str:
                 if entry.is_dir(follow_symlinks=False):
                     if entry.name != "__pycache__":
                         pending.append(entry.path)
-                elif entry.name.endswith(_TORCH_KEY_SUFFIXES):
+                elif entry.name.endswith(suffixes):
                     st = entry.stat()
                     files.append((os.path.relpath(entry.path, root), st.st_size, st.st_mtime_ns))
     files.sort()
+    return files
+
+
+def torch_source_question(root: str) -> str:
+    """Which torch source key is asked for: torch's version and build, its directory, and
+    the name, size and modification time of every file the key may read under it."""
+    import torch
+
+    files = source_files(root, _TORCH_KEY_SUFFIXES)
     facts = [torch.__version__, getattr(torch.version, "git_version", None), root, files]
-    return "torch_key|" + _digest(facts)
+    return "torch_key|" + digest(facts)
 
 
 def torch_key() -> bytes:
