@@ -8,6 +8,11 @@ to the real path (real Inductor in real workers), which pwdaemon's own tests als
 `inject_fault` makes the next compiles of one target fail, on either path: the fault
 travels in the job (`JobSpec.fault`) to the executor, and a real worker process acts
 it out (raises, dies, or hangs past the job timeout).
+
+`wait_for_prewarm` is for a test suite's teardown: the first `attach()` of a process
+starts the loader's pre-warm, which imports Inductor on a thread of its own, creating
+loggers while pytest's logging plugin may be walking them ("dictionary changed size
+during iteration" in a later test's teardown, about 1 run in 4 of two of our files).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pwdaemon.workers.process import CompileError
 if TYPE_CHECKING:
     from pwdaemon.handle import Handle
 
-__all__ = ("FAULTS", "FakeExecutor", "inject_fault")
+__all__ = ("FAULTS", "FakeExecutor", "inject_fault", "wait_for_prewarm")
 
 FAULTS = ("raise", "crash", "hang")
 """What a worker does with an injected fault: raise in the compile, die mid-job
@@ -105,3 +110,20 @@ class FakeExecutor:
         """Open the gate so no job stays blocked."""
         if self.gate is not None:
             self.gate.set()
+
+
+def wait_for_prewarm(timeout: float = 120.0) -> bool:
+    """Wait until the loader's pre-warm (started by the process's first attach, or by
+    `pwdaemon.prewarm()`) has ended; True if it has, or never started.
+
+    Call it before a test's teardown, where pytest's logging plugin walks every logger:
+    in a conftest, `@pytest.hookimpl(wrapper=True, tryfirst=True)` on
+    `pytest_runtest_teardown`, calling this before `yield` (pwdaemon's own conftest does).
+    """
+    from pwdaemon.workers import prewarm
+
+    thread = prewarm.started()
+    if thread is None:
+        return True
+    thread.join(timeout)
+    return not thread.is_alive()

@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from pwdaemon.testing import wait_for_prewarm
+
 # The default artifact store of every attach() in the tests: a fresh directory per
 # session, never the user's ~/.cache/pwdaemon (spawned workers inherit it too).
 os.environ["PWDAEMON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pwdaemon-test-store-")
@@ -113,11 +115,7 @@ def _prewarm_done() -> None:
     # those imports failed with "dictionary changed size during iteration" in a later
     # test's teardown (tests/unit/test_scheduler.py, about 1 run in 5), and gated threads
     # change the switch interval that some tests check.
-    from pwdaemon.workers import prewarm
-
-    thread = prewarm._thread
-    if thread is not None:
-        thread.join(120)
+    wait_for_prewarm(120)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -184,3 +184,9 @@ def prewarm() -> threading.Thread:
             _thread = threading.Thread(target=_work, name="pwdaemon-prewarm", daemon=True)
             _thread.start()
         return _thread
+
+
+def started() -> threading.Thread | None:
+    """The pre-warm's thread, if this process started one."""
+    with _lock:
+        return _thread

@@ -159,3 +159,19 @@ def test_an_artifact_loads_with_one_compile_thread_and_leaves_the_setting_as_it_
             loader.join(30)
         assert seen == [1, 1, 1, 1]
         assert inductor_config.compile_threads == 4
+
+
+def test_wait_for_prewarm_returns_once_the_pre_warm_has_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The helper a user's conftest calls before pytest's teardown walks the loggers.
+    from pwdaemon.testing import wait_for_prewarm
+
+    monkeypatch.setattr(prewarm, "_thread", None)  # a process that has not pre-warmed yet
+    assert wait_for_prewarm(1)
+    release = threading.Event()
+    monkeypatch.setattr(prewarm, "_work", lambda: release.wait(30))
+    prewarm.prewarm()
+    assert not wait_for_prewarm(0.05)  # still importing: not over
+    release.set()
+    assert wait_for_prewarm(30)
