@@ -78,6 +78,7 @@ def prime(
         return key_fn()
     known = record.lookup(asked)
     if isinstance(known, str) and fill_cache(key_fn, known):
+        log.debug("pwdaemon: Triton's source key replayed from %s", record.path)
         return key_fn()
     key = key_fn()
     if isinstance(key, str):
