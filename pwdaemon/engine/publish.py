@@ -110,10 +110,13 @@ class Publisher:
     def fail(self, job: Job, outcome: str, reason: str, *, retry: bool = True) -> None:
         """Count a failure (`outcome`: failed, crashed, timeout, rejected, skipped...);
         queue a retry after a backoff while attempts last, else give the job up."""
-        self.counters.jobs_by_outcome[(job.target.kind.value, outcome)] += 1
-        self.counters.failures_by_reason[outcome] += 1
         if self._closed():
+            # Detach stopped its worker under it: the compile did not fail, so it is
+            # counted as cancelled, not as the crash the worker's end looked like.
             outcome, reason, retry = "cancelled", "detached", False
+        self.counters.jobs_by_outcome[(job.target.kind.value, outcome)] += 1
+        if outcome != "cancelled":
+            self.counters.failures_by_reason[outcome] += 1
         if retry and job.attempts <= self.config.retries:
             delay = self.config.backoff_s * (2 ** (job.attempts - 1))
             job.state = JobState.QUEUED
@@ -128,7 +131,12 @@ class Publisher:
             job.state = JobState.CANCELLED if outcome == "cancelled" else JobState.FAILED
             tries = f" after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
             job.reason = f"{outcome}{tries}: {reason}"
-        log.warning(
-            "pwdaemon: gave up on %s of graph %d: %s", job.target.label, job.piece.index, job.reason
+        # A job cut short by detach is what the caller asked for: not worth a warning.
+        log.log(
+            logging.DEBUG if outcome == "cancelled" else logging.WARNING,
+            "pwdaemon: gave up on %s of graph %d: %s",
+            job.target.label,
+            job.piece.index,
+            job.reason,
         )
         self.waiters.check_plan_complete()

@@ -6,6 +6,7 @@ pin down ordering, hotness, budget, retries, validation and callbacks quickly.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.testing import FakeExecutor, inject_fault
 from pwdaemon.workers.executor import JobSpec
+from pwdaemon.workers.process import CompileError
 
 FAST = pwd.PolicyConfig(hot_calls=2, tick_s=0.01)
 
@@ -109,6 +111,55 @@ def test_failures_retry_with_backoff_then_give_up(mlp: nn.Module, reference: nn.
         torch.testing.assert_close(mlp(x), reference(x))
     finally:
         h.detach()
+
+
+class _WorkersKilledAtClose(FakeExecutor):
+    """As a real pool at detach: `close` kills the worker of the job in flight, whose
+    run then ends as a crash, and returns once the engine has dealt with that job."""
+
+    def __init__(self, dealt_with: threading.Event) -> None:
+        super().__init__()
+        self.started, self.killed = threading.Event(), threading.Event()
+        self.dealt_with = dealt_with
+
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        self.jobs.append(spec.target)
+        self.started.set()
+        self.killed.wait(timeout)
+        raise CompileError("crashed", "worker died mid-job (killed by signal 9)")
+
+    def close(self, timeout: float) -> None:
+        self.killed.set()
+        self.dealt_with.wait(timeout)
+
+
+def test_a_compile_cut_short_by_detach_is_cancelled_not_counted_as_a_crash(
+    mlp: nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Detach kills the workers; a job in flight then ends as a crash. It is a
+    # cancellation: counted as one, not in the failure metrics, and no warning.
+    dealt_with = threading.Event()
+    ex = _WorkersKilledAtClose(dealt_with)
+    h = pwd.attach(mlp, policy=FAST, compiler=_compiler(), executor=ex, store=False)
+    publisher = h.engine.publisher
+    fail = publisher.fail
+
+    def noted_fail(*args: Any, **kwargs: Any) -> None:
+        fail(*args, **kwargs)
+        dealt_with.set()
+
+    publisher.fail = noted_fail  # type: ignore[method-assign]
+    _call_sizes(mlp, [4])
+    assert ex.started.wait(20), "no job started"  # the general's, in flight
+    with caplog.at_level(logging.DEBUG, logger="pwdaemon"):
+        h.detach()
+    assert dealt_with.is_set()
+    counters = h.engine.counters
+    assert counters.jobs_by_outcome[("general", "cancelled")] == 1
+    assert ("general", "crashed") not in counters.jobs_by_outcome
+    assert not counters.failures_by_reason
+    gave_up = [r for r in caplog.records if "gave up on general" in r.getMessage()]
+    assert [r.levelno for r in gave_up] == [logging.DEBUG]
 
 
 def test_validation_rejects_wrong_runnable_and_keeps_old_tier(mlp: nn.Module) -> None:
