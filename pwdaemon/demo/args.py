@@ -26,7 +26,8 @@ from rich.console import Console
 
 from pwdaemon.demo.options import (
     DEFAULT_DURATION_S,
-    QUICK_DURATION_S,
+    QUICK_SWAPS,
+    SHORT_RUN_S,
     STOP_GRACE_S,
     DemoOptions,
     default_threads,
@@ -70,12 +71,13 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         default=None,
         metavar="SECONDS",
         help=f"how long to run the traffic (default {DEFAULT_DURATION_S:g}; "
-        f"{QUICK_DURATION_S:g} with --quick)",
+        "the limit with --quick)",
     )
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"a short run (~{QUICK_DURATION_S:g} s)",
+        help=f"a short run: ends {STOP_GRACE_S:g} s after the first {QUICK_SWAPS} sizes "
+        "went live (seconds on a warm store; within --duration)",
     )
     parser.add_argument("--seed", type=int, default=0, help="traffic and weights seed (default 0)")
     parser.add_argument(
@@ -150,11 +152,10 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def options_from_args(args: argparse.Namespace) -> DemoOptions:
-    """The run's options from the parsed `demo` flags (--quick shortens the run and
-    its phases; decode sizes stay below --max-size)."""
-    duration = args.duration
-    if duration is None:
-        duration = QUICK_DURATION_S if args.quick else DEFAULT_DURATION_S
+    """The run's options from the parsed `demo` flags (--quick ends the run after a few
+    swaps and shortens its phases; decode sizes stay below --max-size)."""
+    duration = DEFAULT_DURATION_S if args.duration is None else args.duration
+    stop_after_swaps = args.stop_after_swaps or (QUICK_SWAPS if args.quick else 0)
     decode_max = min(DemoOptions.decode_max, max(1, args.max_size - 1))
     return DemoOptions(
         duration=duration,
@@ -163,13 +164,13 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
         rate=args.rate,
         decode_max=decode_max,
         prefill_max=max(args.max_size, decode_max + 1),
-        phases=3 if duration <= QUICK_DURATION_S else 4,
+        phases=3 if args.quick or duration <= SHORT_RUN_S else 4,
         check_every=args.check_every,
         workers=args.workers,
         store=args.store,
         fresh=args.fresh,
         general=args.general,
-        stop_after_swaps=args.stop_after_swaps,
+        stop_after_swaps=stop_after_swaps,
         threads=args.threads,
     )
 

@@ -221,6 +221,11 @@ def load_plain_graph(data: bytes) -> torch.fx.GraphModule:
         gm = GraphPickler.loads(data, FakeTensorMode())
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"graph bytes hold a {type(gm).__name__}, not a GraphModule")
+    # GraphPickler restores the code's text but not `forward` (a GraphModule's forward
+    # lives on a class of its own, made by `recompile`): without this a loaded trace's
+    # eager-tier calls raised "missing the required forward function" and were answered
+    # by the plain module instead.
+    gm.recompile()
     return gm
 
 

@@ -10,7 +10,7 @@ import pytest
 import pwdaemon
 from pwdaemon.cli.main import build_parser, main
 from pwdaemon.demo.args import cmd_demo, options_from_args
-from pwdaemon.demo.options import DEFAULT_DURATION_S, QUICK_DURATION_S, DemoOptions
+from pwdaemon.demo.options import DEFAULT_DURATION_S, QUICK_SWAPS, DemoOptions
 
 
 def demo_options(*argv: str) -> DemoOptions:
@@ -60,10 +60,17 @@ def test_demo_defaults() -> None:
     assert opts.prefill_max == 512 and opts.decode_max == 128
 
 
-def test_demo_quick_and_duration() -> None:
-    assert demo_options("--quick").duration == QUICK_DURATION_S
+def test_demo_quick_ends_after_a_few_swaps_within_the_duration() -> None:
+    # A fixed short run specialized nothing on a fresh store on a 2-core machine: --quick
+    # ends a few seconds after the first swaps instead, with the duration as its limit.
+    quick = demo_options("--quick")
+    assert quick.stop_after_swaps == QUICK_SWAPS and quick.duration == DEFAULT_DURATION_S
+    assert quick.phases == 3
+    assert demo_options("--quick", "--stop-after-swaps", "1").stop_after_swaps == 1
     assert demo_options("--quick", "--duration", "7.5").duration == 7.5
     assert demo_options("--duration", "90").duration == 90.0
+    assert demo_options("--duration", "90").stop_after_swaps == 0
+    assert demo_options("--duration", "15").phases == 3
 
 
 def test_demo_flags() -> None:

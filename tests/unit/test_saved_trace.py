@@ -77,7 +77,11 @@ def test_a_restart_loads_the_saved_trace_instead_of_tracing(saved: Path) -> None
             x = torch.randn(n, 16)
             assert torch.allclose(model(x), reference(x), atol=TOLERANCE)
         assert {1, 3, 17} <= set(h.dispatchers[0].counts)  # the loaded piece served them
-        assert h.status().trace.miss_calls == 0
+        trace = h.status().trace
+        assert trace.miss_calls == 0
+        # Served by the loaded graph itself, not by the plain module after it raised (a
+        # loaded graph without `forward` did, and every output above was still right).
+        assert trace.error_calls == 0, trace.errors_by_type
     finally:
         h.detach()
 
