@@ -86,7 +86,7 @@ trace = h.status().trace
 h.detach()
 print(json.dumps({"ok": ok, "first_call_s": first_call, "mode": mode,
                   "saved_trace": trace.saved_trace.value, "detail": trace.saved_trace_detail,
-                  "pwdaemon": pwd.__file__,
+                  "pwdaemon": pwd.__file__, "error_calls": trace.error_calls,
                   "swapped": {str(k): v for k, v in swapped.items()}}))
 """
 
@@ -116,6 +116,8 @@ def run(store: str, model: str, mode: str, args: argparse.Namespace) -> dict:
         Path(args.baseline).resolve()
     ):
         raise SystemExit(f"the baseline run imported {result['pwdaemon']}, not {args.baseline}")
+    if result["error_calls"]:  # answered right by the plain module, but a broken path
+        print(f"  {model} {mode}: {result['error_calls']} call(s) raised on pwdaemon's path")
     if args.verbose:  # one line per run, as it ends (a long run shows where it is)
         print(
             f"  {model} {mode}: every size {all_specialized_s(result, size_list(args)):.2f} s, "

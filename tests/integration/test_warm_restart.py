@@ -49,6 +49,7 @@ def test_restart_is_warm_and_rebuilds_no_kernel(tmp_path: Path) -> None:
     assert warm["tiers"] == {"3": "size", "5": "size"}
     assert warm["loads"] == {"store": 3}  # nothing compiled
     assert warm["saved_trace"] == "loaded", warm  # nor traced
+    assert cold["error_calls"] == 0 and warm["error_calls"] == 0, warm["errors_by_type"]
     assert _kernels(store) == kernels  # not a single kernel rebuilt
     assert all(e["source"] == "store" for e in warm["events"])
     print(f"cold ready {cold['ready_s']:.2f}s, warm ready {warm['ready_s']:.2f}s")
@@ -65,6 +66,7 @@ def test_a_restart_compiles_a_new_size_from_the_trace_it_loaded(tmp_path: Path) 
     assert warm["loads"] == {"store": 2, "compiled": 1}, warm  # general and 3; 6 is new
     assert warm["tiers"] == {"3": "size", "6": "size"}, warm
     assert warm["max_err"] < 1e-4, warm
+    assert warm["error_calls"] == 0, warm["errors_by_type"]  # the loaded graph served
 
 
 def test_two_replicas_compile_each_key_once(tmp_path: Path) -> None:
