@@ -60,21 +60,14 @@ def graph_identity(graph: bytes) -> tuple[str, str]:
 
     The bytes themselves differ between processes for the same model; this does not.
     """
-    import torch
-
     from pwdaemon.serving.graph_facts import analyse_graph
 
     try:
         gm, _ = load_graph(graph)  # under the pickler's lock (GraphPickler is not thread-safe)
     except TypeError as exc:
         raise ServiceUnavailable(f"graph payload: {exc}") from exc
-    device = "cpu"
-    for node in gm.graph.nodes:
-        v = node.meta.get("example_value") if node.op == "placeholder" else None
-        if isinstance(v, torch.Tensor):
-            device = str(v.device)
-            break
-    return str(analyse_graph(gm)["fingerprint"]), device
+    facts = analyse_graph(gm)
+    return facts.fingerprint, facts.device
 
 
 class ServiceExecutor:
