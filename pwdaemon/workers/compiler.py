@@ -183,15 +183,21 @@ def load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:
     """The GraphModule in `dump_graph`'s bytes, with the fake mode (fresh shape env) its
     metadata lives in. Raises whatever GraphPickler raises on bad bytes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx._graph_pickler import GraphPickler
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    return _unpickle_graph(data, fake_mode), fake_mode
+
+
+def _unpickle_graph(data: bytes, fake_mode: Any) -> torch.fx.GraphModule:
+    # The one GraphPickler load of `load_graph` and `load_plain_graph`, under the lock.
+    from torch.fx._graph_pickler import GraphPickler
+
     with PICKLER_LOCK:
         gm = GraphPickler.loads(data, fake_mode)
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"graph bytes hold a {type(gm).__name__}, not a GraphModule")
-    return gm, fake_mode
+    return gm
 
 
 def dump_plain_graph(gm: torch.fx.GraphModule) -> bytes:
@@ -215,12 +221,8 @@ def load_plain_graph(data: bytes) -> torch.fx.GraphModule:
     """The GraphModule in `dump_plain_graph`'s bytes (no metadata to fake: a bare fake
     mode). Raises whatever GraphPickler raises on bad bytes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx._graph_pickler import GraphPickler
 
-    with PICKLER_LOCK:
-        gm = GraphPickler.loads(data, FakeTensorMode())
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"graph bytes hold a {type(gm).__name__}, not a GraphModule")
+    gm = _unpickle_graph(data, FakeTensorMode())
     # GraphPickler restores the code's text but not `forward` (a GraphModule's forward
     # lives on a class of its own, made by `recompile`): without this a loaded trace's
     # eager-tier calls raised "missing the required forward function" and were answered
