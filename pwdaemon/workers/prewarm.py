@@ -85,10 +85,12 @@ def start_triton_key() -> threading.Thread | None:
         return None
     # Where and which Triton, to key a recorded key by (without them it is computed).
     where, version = getattr(triton, "__file__", None), getattr(triton, "__version__", None)
-    root = os.path.dirname(where) if isinstance(where, str) and version is not None else None
+    package = None
+    if isinstance(where, str) and version is not None:
+        package = (os.path.dirname(where), str(version))
     thread = threading.Thread(
         target=_hash_triton,
-        args=(triton_key, root, str(version)),
+        args=(triton_key, package),
         name="pwdaemon-triton-key",
         daemon=True,
     )
@@ -96,11 +98,15 @@ def start_triton_key() -> threading.Thread | None:
     return thread
 
 
-def _hash_triton(triton_key: Callable[[], object], root: str | None, version: str) -> None:
+def _hash_triton(triton_key: Callable[[], object], package: tuple[str, str] | None) -> None:
+    # `package`: Triton's directory and version, None where Triton does not say them.
     try:
         with GATE.background(), lowest_niceness():
-            record = triton_source_key.record_for_environment() if root else None
-            triton_source_key.prime(triton_key, root or "", version, record)
+            if package is None:
+                triton_key()
+            else:
+                record = triton_source_key.record_for_environment()
+                triton_source_key.prime(triton_key, *package, record)
     except GateClosed:
         pass  # the interpreter exits
     except Exception:
