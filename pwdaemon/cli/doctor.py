@@ -137,7 +137,7 @@ def _compile_pieces(jobs: list[tuple[Any, Target]], workdir: str) -> list[dict[s
     one's seconds or its error."""
     from pwdaemon.config import CompileConfig
     from pwdaemon.engine.store_link import compile_options
-    from pwdaemon.workers.compiler import JobSpec, dump_graph
+    from pwdaemon.workers.compiler import JobSpec, graph_for_worker
     from pwdaemon.workers.executor import ProcessExecutor
 
     # One worker for every compile: a worker's start (torch's and Inductor's imports,
@@ -152,8 +152,7 @@ def _compile_pieces(jobs: list[tuple[Any, Target]], workdir: str) -> list[dict[s
         for piece, target in jobs:
             try:
                 spec = JobSpec(
-                    piece.shipped
-                    or dump_graph(piece.gm, f"piece {piece.index}", piece.size_guards),
+                    graph_for_worker(piece, f"piece {piece.index}"),
                     target,
                     str(Path(workdir) / f"g{piece.index}-{target.label.replace(':', '_')}.bin"),
                     compile_options({}, piece),

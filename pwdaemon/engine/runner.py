@@ -34,7 +34,7 @@ from pwdaemon.workers.compiler import (
     JobSpec,
     SpecializedCompileError,
     UnshippableGraphError,
-    dump_graph,
+    graph_for_worker,
     load_artifact,
 )
 from pwdaemon.workers.executor import Executor
@@ -276,18 +276,16 @@ class Runner:
 
     async def _graph_bytes(self, st: PieceState) -> bytes:
         # Pickled once per piece, on a thread (GraphPickler takes a while on big graphs).
-        if st.graph_bytes is None and st.piece.shipped is not None:
-            st.graph_bytes = st.piece.shipped  # a loaded trace's, as it was stored
+        # A loaded trace's piece comes with its bytes (`graph_for_worker`).
         if st.graph_bytes is None:
             index = st.piece.index
             if index in self._unshippable:
                 raise UnshippableGraphError(self._unshippable[index])
             try:
                 st.graph_bytes = await run_torch_work(
-                    dump_graph,
-                    st.piece.gm,
+                    graph_for_worker,
+                    st.piece,
                     f"graph piece {index} of {self.name}",
-                    st.piece.size_guards,
                     switch_interval=self.config.switch_interval_s,
                 )
             except UnshippableGraphError as exc:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,6 +24,9 @@ from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
 from pwdaemon.workers.prewarm import ISA_LOCK, prewarm
+
+if TYPE_CHECKING:  # the serving side's type; a worker never imports the call path
+    from pwdaemon.serving.piece import GraphPiece
 
 FAULTS = ("raise", "crash", "hang")
 
@@ -177,6 +180,15 @@ def dump_graph(
         raise UnshippableGraphError(
             f"{name} cannot be shipped to a compile worker: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def graph_for_worker(piece: GraphPiece, name: str) -> bytes:
+    """What a compile worker gets for `piece`: a loaded trace's graph as it was stored
+    (`GraphPiece.shipped`, its `gm` carries no metadata), else `dump_graph` of its `gm`
+    with its size guards (raising `UnshippableGraphError` naming `name`)."""
+    if piece.shipped is not None:
+        return piece.shipped
+    return dump_graph(piece.gm, name, piece.size_guards)
 
 
 def load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:

@@ -73,8 +73,8 @@ def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import pwdaemon as pwd
-    from pwdaemon.engine import runner
     from pwdaemon.testing import FakeExecutor
+    from pwdaemon.workers import compiler
 
     dumps: list[str] = []
 
@@ -84,7 +84,7 @@ def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
         dumps.append(name)
         raise UnshippableGraphError(f"{name} cannot be shipped to a compile worker: test")
 
-    monkeypatch.setattr(runner, "dump_graph", refuse)
+    monkeypatch.setattr(compiler, "dump_graph", refuse)  # what `graph_for_worker` calls
     torch.manual_seed(0)
     model, ex = MLP().eval(), FakeExecutor()
     policy = pwd.PolicyConfig(hot_calls=1, tick_s=0.01)
