@@ -360,7 +360,7 @@ def attach(
         env = link.store.inductor_env() if link is not None else {}
         options = dataclasses.replace(options, executor=executor_for(service, compiler, env))
         if isinstance(options.executor, ProcessExecutor):
-            check_cpu_budget(compiler)  # the workers share this host's CPUs with serving
+            check_cpu_budget(compiler, model)  # the workers share this host's CPUs with serving
     check_bytecode_cache()  # Inductor's imports after attach must not compile sources
     handle = Handle(model, options)
     handle._attach()

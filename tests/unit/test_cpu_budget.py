@@ -11,6 +11,10 @@ from pwdaemon.config import CompileConfig
 from pwdaemon.engine import cpu_budget
 
 
+CPU_MODEL = torch.nn.Linear(4, 4)
+META_MODEL = torch.nn.Linear(4, 4, device="meta")  # stands in for a GPU model
+
+
 @pytest.fixture
 def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu_budget, "usable_cpus", lambda: 2)
@@ -24,8 +28,8 @@ def test_oversubscribed_workers_at_normal_priority_warn_once(
 ) -> None:
     config = CompileConfig(workers=1, idle_priority=False)
     with caplog.at_level(logging.INFO, logger=cpu_budget.__name__):
-        cpu_budget.check_cpu_budget(config)
-        cpu_budget.check_cpu_budget(config)
+        cpu_budget.check_cpu_budget(config, CPU_MODEL)
+        cpu_budget.check_cpu_budget(config, CPU_MODEL)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "2 torch threads serving + 1 compile worker(s) > 2 CPUs" in warnings[0].message
@@ -33,9 +37,30 @@ def test_oversubscribed_workers_at_normal_priority_warn_once(
 
 
 @pytest.mark.usefixtures("two_cpus")
-def test_idle_priority_workers_are_only_noted(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.skipif(not cpu_budget.idle_priority_works(CompileConfig()), reason="no SCHED_IDLE")
+def test_idle_priority_workers_beside_a_cpu_model_on_every_cpu_warn_once_with_the_thread_advice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # SCHED_IDLE and pausing do not keep serving's own second thread from waiting for a
+    # vCPU to wake: the serving thread count is what the warning names.
+    config = CompileConfig(workers=1, idle_priority=True)
     with caplog.at_level(logging.INFO, logger=cpu_budget.__name__):
-        cpu_budget.check_cpu_budget(CompileConfig(workers=1, idle_priority=True))
+        cpu_budget.check_cpu_budget(config, CPU_MODEL)
+        cpu_budget.check_cpu_budget(config, CPU_MODEL)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "SCHED_IDLE" in warnings[0].message
+    assert "torch.set_num_threads(1)" in warnings[0].message
+    assert len(caplog.records) == 2  # the second attach: a note, not another warning
+
+
+@pytest.mark.usefixtures("two_cpus")
+@pytest.mark.skipif(not cpu_budget.idle_priority_works(CompileConfig()), reason="no SCHED_IDLE")
+def test_idle_priority_workers_beside_a_gpu_model_are_only_noted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger=cpu_budget.__name__):
+        cpu_budget.check_cpu_budget(CompileConfig(workers=1, idle_priority=True), META_MODEL)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("SCHED_IDLE" in r.message for r in caplog.records)
 
@@ -52,8 +77,7 @@ def test_threads_and_workers_that_fit_say_nothing(monkeypatch: pytest.MonkeyPatc
 def test_workers_pause_during_calls_only_where_a_cpu_model_oversubscribes_the_cpus(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cpu_model = torch.nn.Linear(4, 4)
-    meta_model = torch.nn.Linear(4, 4, device="meta")  # stands in for a GPU model
+    cpu_model, meta_model = CPU_MODEL, META_MODEL
     auto = CompileConfig(workers=1)
     assert cpu_budget.pause_wanted(auto, cpu_model)
     assert not cpu_budget.pause_wanted(auto, meta_model)
