@@ -80,9 +80,10 @@ def check_cpu_budget(config: CompileConfig, model: nn.Module) -> None:
     machine's own wake-ups of an idle vCPU for a second OpenMP thread: on this project's
     2-vCPU VM a plain eager model, no compiler anywhere, answered calls paced 10 ms apart
     with a 99th percentile 8-19x and a worst 20-41x its median on 2 torch threads, and
-    1.4-2.4x and 2-5x on 1, at the same median (transformers BERT and Llama, tiny
-    configs, `bench/models.py --threads`). The thread count is the server's to choose:
-    pwdaemon says what it costs and leaves it.
+    1.4-2.7x and 2-9x on 1 (the demo, transformers BERT and Llama, tiny configs,
+    `bench/models.py --threads`). One thread costs back-to-back calls of a batch of 16
+    1.2-1.7x there, so the count is the server's to choose: pwdaemon says what it costs
+    and leaves it.
     """
     global _warned
     overlap = oversubscription(config)
@@ -104,8 +105,8 @@ def check_cpu_budget(config: CompileConfig, model: nn.Module) -> None:
         _warned = True
         log.warning(
             "%s. With a torch thread on every CPU, serving's slowest warm-up calls still "
-            "wait for a CPU (README, 'The first request and warm-up'): %s in the serving "
-            "process leaves one to the workers",
+            "wait for a CPU: %s in the serving process leaves one to the workers, at some "
+            "cost to large batches (README, 'The first request and warm-up')",
             note,
             advice,
         )
