@@ -10,7 +10,6 @@ import torch
 from pwdaemon.config import CompileConfig
 from pwdaemon.engine import cpu_budget
 
-
 CPU_MODEL = torch.nn.Linear(4, 4)
 META_MODEL = torch.nn.Linear(4, 4, device="meta")  # stands in for a GPU model
 
