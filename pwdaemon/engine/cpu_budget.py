@@ -8,7 +8,9 @@ only CPU time serving leaves idle, but on that VM a SCHED_IDLE worker still kept
 for whole calls (eager calls of 30-190 ms against 2 ms, `bench/stalls.py`): serving's
 OpenMP threads spin instead of sleeping, so they are never woken onto its CPU. Where they
 do not fit, the workers are therefore also stopped during serving calls
-(`pause_wanted`, `pwdaemon.serving.pause`); with another priority it is worth a warning.
+(`pause_wanted`, `pwdaemon.serving.pause`). Neither keeps serving's own second OpenMP
+thread from waiting for a vCPU to wake, so for a CPU model the overlap is worth a warning
+whatever the workers' priority (`check_cpu_budget`).
 """
 
 from __future__ import annotations

@@ -196,8 +196,9 @@ class Engine:
         # its first loop runs, on the loop thread, which is not gated: ~13 ms of
         # imports (`anyio._backends._asyncio`, its streams and sockets) that a second
         # call 10 ms after the first shared the GIL with (Llama: 10.8 ms against 2 ms).
-        # Imported here first, gated, they park while a call runs.
-        with GATE.background():
+        # Imported here first, gated, they park while a call runs. (An anyio whose backend
+        # lives elsewhere imports it on the loop thread, ungated, as before.)
+        with GATE.background(), contextlib.suppress(ImportError):
             importlib.import_module(_LOOP_BACKEND)
         self.start()
 
