@@ -94,7 +94,8 @@ def test_quick_run_writes_a_row_per_system(tmp_path: Path) -> None:
 @pytest.mark.timeout(300)
 def test_models_repeat_reports_the_median_of_its_runs(tmp_path: Path) -> None:
     # bench/models.py --repeat: each (model, system) runs twice in fresh processes and
-    # the table quotes the median of the two runs' steady-state medians. The combining
+    # the table quotes the median of the two runs' steady-state medians (and of their
+    # 99th-percentile warm-up calls). The combining
     # is the same for every system and model, so eager on one model proves it;
     # pwdaemon's rows are checked in tests/integration/test_first_request.py.
     jsonl = tmp_path / "runs.jsonl"
@@ -112,6 +113,8 @@ def test_models_repeat_reports_the_median_of_its_runs(tmp_path: Path) -> None:
             "10",
             "--repeat",
             "2",
+            "--threads",
+            "1",
             "--min-warmup",
             "0",
             "--out",
@@ -130,6 +133,10 @@ def test_models_repeat_reports_the_median_of_its_runs(tmp_path: Path) -> None:
     assert all("error" not in r for r in runs), runs
     # Warm-up calls are compared with medians of calls paced alike.
     assert all(set(r["paced_ms"]) == set(r["eager_paced_ms"]) == {"1", "2"} for r in runs)
+    # --threads reaches every system's process; the 99th percentile is one of the calls'
+    # ratios' order statistics, so never above the worst.
+    assert [r["threads"] for r in runs] == [1, 1]
+    assert all(0 < r["warmup_p99_ratio"] <= r["warmup_worst_ratio"] for r in runs), runs
     saved = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
     combined = {r["model"]: r for r in saved}
     assert set(combined) == {"sequential"}
@@ -139,7 +146,10 @@ def test_models_repeat_reports_the_median_of_its_runs(tmp_path: Path) -> None:
             want = sum(r["steady_ms"][n] for r in mine) / 2  # the median of two runs
             assert abs(result["steady_ms"][n] - want) < 1e-9
         assert result["runs"] == 2
+        want_p99 = sum(r["warmup_p99_ratio"] for r in mine) / 2
+        assert abs(result["warmup_p99_ratio"] - want_p99) < 1e-9
     assert "medians of 2 runs" in proc.stdout
+    assert "--threads 1`" in proc.stdout and "p99 warm-up ÷ median" in proc.stdout
 
 
 @pytest.mark.slow
