@@ -22,10 +22,25 @@ def two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("two_cpus")
-def test_oversubscribed_workers_at_normal_priority_warn_once(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize(
+    "idle_priority",
+    [
+        False,
+        # SCHED_IDLE and pausing do not keep serving's own second thread from waiting
+        # for a vCPU to wake: for a CPU model the serving thread count is worth a warning.
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not cpu_budget.idle_priority_works(CompileConfig()), reason="no SCHED_IDLE"
+            ),
+        ),
+    ],
+    ids=["normal-priority", "idle-priority"],
+)
+def test_workers_beside_a_cpu_model_on_every_cpu_warn_once_naming_the_thread_count(
+    caplog: pytest.LogCaptureFixture, idle_priority: bool
 ) -> None:
-    config = CompileConfig(workers=1, idle_priority=False)
+    config = CompileConfig(workers=1, idle_priority=idle_priority)
     with caplog.at_level(logging.INFO, logger=cpu_budget.__name__):
         cpu_budget.check_cpu_budget(config, CPU_MODEL)
         cpu_budget.check_cpu_budget(config, CPU_MODEL)
@@ -33,24 +48,7 @@ def test_oversubscribed_workers_at_normal_priority_warn_once(
     assert len(warnings) == 1
     assert "2 torch threads serving + 1 compile worker(s) > 2 CPUs" in warnings[0].message
     assert "torch.set_num_threads(1)" in warnings[0].message
-
-
-@pytest.mark.usefixtures("two_cpus")
-@pytest.mark.skipif(not cpu_budget.idle_priority_works(CompileConfig()), reason="no SCHED_IDLE")
-def test_idle_priority_workers_beside_a_cpu_model_on_every_cpu_warn_once_with_the_thread_advice(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # SCHED_IDLE and pausing do not keep serving's own second thread from waiting for a
-    # vCPU to wake: the serving thread count is what the warning names.
-    config = CompileConfig(workers=1, idle_priority=True)
-    with caplog.at_level(logging.INFO, logger=cpu_budget.__name__):
-        cpu_budget.check_cpu_budget(config, CPU_MODEL)
-        cpu_budget.check_cpu_budget(config, CPU_MODEL)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert "SCHED_IDLE" in warnings[0].message
-    assert "torch.set_num_threads(1)" in warnings[0].message
-    assert len(caplog.records) == 2  # the second attach: a note, not another warning
+    assert ("SCHED_IDLE" in warnings[0].message) == idle_priority
 
 
 @pytest.mark.usefixtures("two_cpus")
