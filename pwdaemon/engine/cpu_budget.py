@@ -98,10 +98,8 @@ def check_cpu_budget(config: CompileConfig, model: nn.Module) -> None:
             f"pwdaemon: {overlap}; workers run under SCHED_IDLE{how}, so compiles mostly "
             "take idle CPU time (a saturated machine compiles slowly)"
         )
-        if model_device(model).type != "cpu":
-            log.info("%s", note)  # a GPU model's calls wait on the GPU, not the CPUs
-            return
-        if _warned:
+        if _warned or model_device(model).type != "cpu":
+            # Said once per process; and a GPU model's calls wait on the GPU, not the CPUs.
             log.info("%s", note)
             return
         _warned = True

@@ -74,17 +74,16 @@ def test_threads_and_workers_that_fit_say_nothing(monkeypatch: pytest.MonkeyPatc
 def test_workers_pause_during_calls_only_where_a_cpu_model_oversubscribes_the_cpus(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cpu_model, meta_model = CPU_MODEL, META_MODEL
     auto = CompileConfig(workers=1)
-    assert cpu_budget.pause_wanted(auto, cpu_model)
-    assert not cpu_budget.pause_wanted(auto, meta_model)
-    assert cpu_budget.pause_wanted(CompileConfig(workers=1, pause_during_calls=True), meta_model)
+    assert cpu_budget.pause_wanted(auto, CPU_MODEL)
+    assert not cpu_budget.pause_wanted(auto, META_MODEL)
+    assert cpu_budget.pause_wanted(CompileConfig(workers=1, pause_during_calls=True), META_MODEL)
     assert not cpu_budget.pause_wanted(
-        CompileConfig(workers=1, pause_during_calls=False), cpu_model
+        CompileConfig(workers=1, pause_during_calls=False), CPU_MODEL
     )
     # Only SCHED_IDLE workers are ever stopped (`Worker`'s comment says why).
     assert not cpu_budget.pause_wanted(
-        CompileConfig(workers=1, idle_priority=False, pause_during_calls=True), cpu_model
+        CompileConfig(workers=1, idle_priority=False, pause_during_calls=True), CPU_MODEL
     )
     monkeypatch.setattr(cpu_budget, "usable_cpus", lambda: 8)
-    assert not cpu_budget.pause_wanted(auto, cpu_model)  # 2 threads + 1 worker fit
+    assert not cpu_budget.pause_wanted(auto, CPU_MODEL)  # 2 threads + 1 worker fit
