@@ -12,18 +12,23 @@ bytes now go to the workers as they were stored, never unpickled in the serving 
 The record is keyed by what the trace depends on and the module's weights do not touch:
 `store_link.model_id` (class and package version, torch's version, size marks, training
 flag, every parameter's and buffer's name, shape, dtype and device), Python's version
-(the bytecode is Python's own) and the record's format.
+(the bytecode is Python's own), the process-wide settings its guards check on every
+call (`saved_trace.process_state`: torch's thread count above all, which replicas on
+other hosts, or a server following pwdaemon's own advice, set differently) and the
+record's format. The settings are read as the record is loaded or saved, on the trace
+thread, as dynamo reads them there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import sys
 from typing import Any
 
 from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.serving.graph_facts import GraphFacts
-from pwdaemon.serving.saved_trace import TraceRecord
+from pwdaemon.serving.saved_trace import TraceRecord, process_state
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.workers.compiler import dump_graph, dump_plain_graph, load_plain_graph
 
@@ -34,9 +39,11 @@ FORMAT = 2
 
 
 def trace_key(model_key: str) -> str:
-    """The store id of a model's saved trace (`model_key`: `store_link.model_id`)."""
+    """The store id of a model's saved trace under this process's settings
+    (`model_key`: `store_link.model_id`)."""
     python = ".".join(str(v) for v in sys.version_info[:3])
-    return f"{model_key}-py{python}-f{FORMAT}"
+    settings = hashlib.sha256(process_state().encode()).hexdigest()[:12]
+    return f"{model_key}-py{python}-s{settings}-f{FORMAT}"
 
 
 class StoredTraces:
@@ -44,14 +51,14 @@ class StoredTraces:
 
     def __init__(self, link: StoreLink, model_key: str) -> None:
         self._link = link
-        self._key = trace_key(model_key)
+        self._model_key = model_key
 
     def load(self) -> TraceRecord | None:
         """The stored record, or None when there is none (or the store is refused).
         Raises on a record that does not unpickle or whose graph does not load."""
         if not self._link.enabled:
             return None
-        payload = self._link.store.load_trace(self._key)
+        payload = self._link.store.load_trace(trace_key(self._model_key))
         if payload is None:
             return None
         # The store checked who could have written it: a trace is code we run anyway.
@@ -85,4 +92,4 @@ class StoredTraces:
             "builtin_refs": sorted(record.builtin_refs),
             "training": record.training,
         }
-        self._link.store.save_trace(self._key, pickle.dumps(fields))
+        self._link.store.save_trace(trace_key(self._model_key), pickle.dumps(fields))

@@ -181,9 +181,22 @@ class Misses:
         start_without_waiting(self.thread)
 
     def _trace_ended(self, rec: MissRecord, changed: bool) -> None:
-        """Record how the trace of a hot signature ended: traced, or left eager."""
-        rec.state = MissState.TRACED if changed else MissState.NOT_CAPTURED
-        if not changed:
+        """Record how the trace of a hot signature ended (on the thread that traced):
+        traced, served by a piece captured since, or left eager."""
+        if changed:
+            rec.state = MissState.TRACED
+        elif self._tracer.last_call_served():
+            # Two inputs became hot before either was traced (n=1 and n>1 after a
+            # restart whose saved trace they both missed), and the first one's piece
+            # serves this one too: not a failure, nothing stays eager.
+            rec.state = MissState.SERVED
+            log.info(
+                "pwdaemon: %s: input %s is served by a piece captured since it became hot",
+                self._tracer.name,
+                rec.signature,
+            )
+        else:
+            rec.state = MissState.NOT_CAPTURED
             log.warning(
                 "pwdaemon: %s: input %s was traced but dynamo captured no piece; it stays eager",
                 self._tracer.name,

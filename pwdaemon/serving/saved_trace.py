@@ -39,6 +39,7 @@ import contextlib
 import enum
 import importlib
 import io
+import json
 import logging
 import re
 import time
@@ -70,6 +71,7 @@ __all__ = (
     "TraceRecord",
     "TraceShelf",
     "load_trace",
+    "process_state",
     "save_trace",
 )
 
@@ -81,6 +83,38 @@ _MODEL_REF = "model"
 # Modules the saved bytecode names by their id in the saving process
 # ("___module_collections_140592021082880_c1"); imported again when loading.
 _MODULE_REF = re.compile(r"^___module_(?P<module>[\w.]+?)_\d+_c\d+$")
+
+
+# Fields of dynamo's global-state guard that a call sets for itself (`no_grad`,
+# `autocast`, a torch-function mode): a call under another of them is the ordinary miss
+# path's to trace. The guard's other fields are the process's settings.
+_PER_CALL_STATE = frozenset(
+    {"grad_mode", "autocast_state", "torch_function", "torch_function_all_disabled"}
+)
+
+
+def process_state() -> str:
+    """The process-wide settings a saved trace's guards check on every call, as text:
+    torch's thread count, default dtype, deterministic algorithms, TF32 and reduced-
+    precision reductions (the fields of dynamo's `GlobalStateGuard`, read from torch so
+    that a field a later torch adds counts too).
+
+    A trace saved under other settings is rejected by its guards on every call: a
+    restart with `torch.set_num_threads(1)` after a run with 2 threads loaded the saved
+    trace, loaded every stored size into its piece and reported them live, while every
+    call missed it and ran eager until a hot input was traced again (4.5 s for tiny
+    Llama). Part of the saved trace's store key, so each setting keeps its own."""
+    guard_type = getattr(getattr(torch._C, "_dynamo", None), "guards", None)
+    guard_type = getattr(guard_type, "GlobalStateGuard", None)
+    try:
+        fields = json.loads(guard_type().__getstate__())  # type: ignore[misc]
+    except Exception:  # a torch without it: the two settings servers change most
+        fields = {
+            "num_threads": torch.get_num_threads(),
+            "default_dtype": str(torch.get_default_dtype()),
+        }
+    state = {k: v for k, v in fields.items() if k not in _PER_CALL_STATE}
+    return json.dumps(state, sort_keys=True, separators=(",", ":"))
 
 
 class SavedTraceError(Exception):

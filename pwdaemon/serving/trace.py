@@ -284,6 +284,11 @@ class Tracer:
             self.direct.register(key, attempt.entry, served.last, args, kwargs)
         return out
 
+    def last_call_served(self) -> bool:
+        """Whether a piece served the last call this thread made through the tracer
+        (dispatchers note themselves in a thread-local as they serve)."""
+        return getattr(self._served, "last", None) is not None
+
     def _first_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         # Until the pieces are known, calls trace one at a time in the process: two
         # threads tracing one frame at once would capture it twice, and the

@@ -82,6 +82,9 @@ class MissState(enum.Enum):
     HOT = "hot"  # the next call with this signature is traced
     TRACED = "traced"  # traced; dynamo captured a piece for it
     NOT_CAPTURED = "not_captured"  # traced, but dynamo captured nothing: stays eager
+    # Traced, and a piece captured since it became hot serves it (another hot
+    # input's trace covered it): nothing new to capture, and its calls hit that piece.
+    SERVED = "served"
 
 
 @dataclass

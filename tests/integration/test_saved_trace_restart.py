@@ -7,6 +7,9 @@ loads it instead of tracing (dynamo's frame counter stays at 0) and serves every
 through the loaded graph with outputs equal to eager's (float32, 1e-5: the graph tier
 runs the same ops). compile=False: what is proven is the trace; the compiled tiers of a
 loaded piece are tested in test_warm_restart.py.
+
+A restart with another torch thread count traces again and saves its own trace beside
+the first: the saved guards check the thread count on every call.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ SCRIPT = textwrap.dedent(
     from test_real_models import build, inputs, main_output
     import pwdaemon as pwd
 
-    name, store, perturb = {name!r}, {store!r}, {perturb!r}
+    name, store, perturb, threads = {name!r}, {store!r}, {perturb!r}, {threads!r}
+    if threads:
+        torch.set_num_threads(threads)
     model = build(name)
     if perturb:
         torch.manual_seed(1)
@@ -67,10 +72,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(name: str, store: Path, script: Path, *, perturb: bool) -> dict:
+def _run(name: str, store: Path, script: Path, *, perturb: bool, threads: int = 0) -> dict:
     script.write_text(
         SCRIPT.format(
-            test_dir=str(Path(__file__).parent), name=name, store=str(store), perturb=perturb
+            test_dir=str(Path(__file__).parent),
+            name=name,
+            store=str(store),
+            perturb=perturb,
+            threads=threads,
         )
     )
     result, _ = run_script(script, timeout=600)
@@ -96,3 +105,19 @@ def test_a_restarted_process_serves_the_trace_the_last_one_saved(name: str, tmp_
     # load), and misses no call the trace did not (torch 2.11's trace missed one).
     assert set(cold["served"]) - {4} <= set(warm["served"]), (cold, warm)
     assert warm["misses"] <= cold["misses"], (cold, warm)
+
+
+def test_a_restart_with_another_thread_count_traces_and_keeps_both_traces(tmp_path: Path) -> None:
+    # Before the thread count was part of the key, the 1-thread restart loaded the
+    # 2-thread trace, whose guards then rejected every call: each ran eager, counted as
+    # a miss, until a hot input was traced again.
+    store = tmp_path / "store"
+    two = _run("llama", store, tmp_path / "two.py", perturb=False, threads=2)
+    assert two["traced"] and two["outcome"] == "saved", f"{two['detail']}; {two}"
+    one = _run("llama", store, tmp_path / "one.py", perturb=True, threads=1)
+    assert one["traced"] and one["outcome"] == "saved", f"{one['detail']}; {one}"
+    assert one["frames"] > 0 and one["worst"] <= 1e-5, one
+    assert one["misses"] <= two["misses"] and set(two["served"]) <= set(one["served"]), (two, one)
+    again = _run("llama", store, tmp_path / "again.py", perturb=True, threads=2)
+    assert again["outcome"] == "loaded" and again["frames"] == 0, f"{again['detail']}; {again}"
+    assert again["misses"] <= two["misses"] and again["worst"] <= 1e-5, (two, again)

@@ -19,7 +19,7 @@ import torch
 from conftest import Broken, SmallMLP
 
 import pwdaemon as pwd
-from pwdaemon.serving.saved_trace import SavedTraceOutcome
+from pwdaemon.serving.saved_trace import SavedTraceOutcome, process_state
 
 TOLERANCE = 1e-5  # the graph tier runs the traced FX graph: the same ops as eager
 
@@ -152,6 +152,38 @@ def test_a_corrupt_saved_trace_is_traced_again_and_replaced(saved: Path) -> None
         assert _frames() > 0
     finally:
         h.detach()
+
+
+def test_another_thread_count_traces_again_and_keeps_both_saved_traces(saved: Path) -> None:
+    # The saved guards check torch's thread count on every call: loaded under another
+    # count, the trace would refuse every call.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        model = _mlp(1)
+        h = _attach(model, saved)
+        try:
+            _first_call(h, model, torch.randn(4, 16))
+            outcome, detail = _outcome(h)
+            assert outcome is SavedTraceOutcome.SAVED, detail
+            assert _frames() > 0
+        finally:
+            h.detach()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(list((saved / "profiles").glob("*.trace"))) == 2
+
+
+def test_the_saved_trace_key_holds_process_settings_not_a_calls_grad_mode() -> None:
+    threads = torch.get_num_threads()
+    state = process_state()
+    with torch.no_grad():
+        assert process_state() == state
+    torch.set_num_threads(threads + 1)
+    try:
+        assert process_state() != state
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_saved_trace_others_could_write_is_refused(saved: Path) -> None:

@@ -604,6 +604,40 @@ def test_with_background_trace_a_hot_input_is_traced_off_the_serving_call() -> N
         assert record.calls == tracer.miss.hot_calls + 1  # served by the new piece since
 
 
+def test_a_hot_input_served_by_a_piece_traced_since_is_not_left_eager(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Two signatures (grad mode on, n=1 and n>1) both hot before either is traced: the
+    # piece traced for the first serves the second, whose trace then captures nothing.
+    # That is not an input left eager (it was reported as one, with a warning).
+    fresh_counters()
+    model, reference = make(Plain)
+    with pwd.attach(model, compile=False, store=False, trace="inline") as handle:
+        with torch.inference_mode():
+            for n in (2, 3):
+                model(torch.randn(n, WIDTH))
+        tracer = handle._tracer
+        assert tracer.settled and len(handle.pieces) == 1
+        hot = tracer.miss.hot_calls
+        with torch.enable_grad():
+            for n in (1, 3):
+                for _ in range(hot):
+                    model(torch.randn(n, WIDTH))
+            assert len(tracer.miss.hot) == 2, tracer.misses
+            with caplog.at_level(logging.INFO, logger="pwdaemon"):
+                for n in (1, 3):  # each hot signature's next call is traced
+                    x = torch.randn(n, WIDTH)
+                    torch.testing.assert_close(model(x), reference(x))
+        states = {r.signature.split()[0]: r.state for r in tracer.misses.values()}
+        assert states == {"n=1": MissState.TRACED, "n>1": MissState.SERVED}, states
+        assert len(handle.pieces) == 2
+        assert "stays eager" not in caplog.text and "served by a piece" in caplog.text
+        with torch.enable_grad():
+            x = torch.randn(5, WIDTH)
+            torch.testing.assert_close(model(x), reference(x))
+        assert tracer.miss_calls == 2 * hot  # served by piece 1 since
+
+
 @pytest.mark.parametrize("kind", ["non-contiguous", "grad"])
 def test_stray_input_runs_eager_until_hot_then_is_traced_once(kind: str) -> None:
     fresh_counters()
