@@ -27,7 +27,7 @@ from pwdaemon.engine.jobs import (
 )
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.torch_thread import run_torch_work
-from pwdaemon.engine.validation import reject_category, validate
+from pwdaemon.engine.validation import reject_category, tile_input, validate
 from pwdaemon.engine.waiters import Waiters
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.heap import HEAP
@@ -69,7 +69,10 @@ class Publisher:
         # general compile of a two-symbol backed graph answered batch 1 for every
         # batch), it would pass a check at the one size it got right. No recorded input
         # in the range yet: nothing to run, and the swap is not counted as validated.
-        for size, args in dispatcher.samples_for(range_) if self.config.validate else ():
+        samples, tiled_from = dispatcher.samples_for(range_), None
+        if not samples and range_ is not None:
+            samples, tiled_from = self._tiled_sample(job, range_.start)
+        for size, args in samples if self.config.validate else ():
             current = dispatcher.table.lookup(size).runnable
             # A captured graph falls back to tier 2 while a sibling replays; the
             # comparison must run the graph itself, so it waits for the pool instead.
@@ -84,7 +87,12 @@ class Publisher:
             )
             if why is not None:
                 self.counters.rejects_by_reason[reject_category(why)] += 1
-                self.fail(job, "rejected", f"validation on size {size}: {why}", retry=False)
+                on = (
+                    f"size {size}"
+                    if tiled_from is None
+                    else (f"size {size}, an input tiled from a recorded one of size {tiled_from}")
+                )
+                self.fail(job, "rejected", f"validation on {on}: {why}", retry=False)
                 return
             validated = True
         tier = job.target.tier
@@ -106,6 +114,22 @@ class Publisher:
             graph_job = Job(job.piece, Target.graph(n), JobReason.GRAPH, (PriorityBand.GRAPH, n))
             self.queue.push(st.add(graph_job))
         self.waiters.check_plan_complete()
+
+    def _tiled_sample(
+        self, job: Job, size: int
+    ) -> tuple[list[tuple[int, tuple[Any, ...]]], int | None]:
+        """No recorded input in the job's range: one of `size` tiled from the recorded
+        input nearest in size (`validation.tile_input`), with the size it came from;
+        nothing when the piece has none or cannot be tiled."""
+        piece = job.piece
+        if not self.config.validate or piece.size_dims is None:
+            return [], None
+        recorded = list(piece.dispatcher.samples.items())  # serving threads add to it
+        if not recorded:
+            return [], None
+        from_size, args = min(recorded, key=lambda item: abs(item[0] - size))
+        tiled = tile_input(args, from_size, size, piece.size_indices, piece.size_dims)
+        return ([(size, tiled)], from_size) if tiled is not None else ([], None)
 
     def fail(self, job: Job, outcome: str, reason: str, *, retry: bool = True) -> None:
         """Count a failure (`outcome`: failed, crashed, timeout, rejected, skipped...);

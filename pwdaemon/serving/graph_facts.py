@@ -44,6 +44,10 @@ class GraphFacts:
     # the compile target's device, kept here so that a piece whose graph carries no
     # metadata (a loaded trace's: `engine.saved_traces`) still knows it.
     device: str = "cpu"
+    # Per placeholder, the dimensions that carry the size (`()` for none, an int, module
+    # state); None when some dimension is another expression of the size (`2*s0`), where
+    # an input of one size cannot be tiled into another (`engine.validation.tile_input`).
+    size_dims: tuple[tuple[int, ...], ...] | None = None
 
     def admits(self, size: int) -> bool:
         """Whether a call of `size` can reach this piece (its size guards hold)."""
@@ -159,6 +163,26 @@ def _size_guards(placeholders: list[torch.fx.Node], size_exprs: list[Any]) -> tu
     return tuple(out)
 
 
+def _size_dims(
+    placeholders: list[torch.fx.Node], symbols: set[Any]
+) -> tuple[tuple[int, ...], ...] | None:
+    out: list[tuple[int, ...]] = []
+    for node in placeholders:
+        v = node.meta.get("example_value")
+        dims: list[int] = []
+        if isinstance(v, torch.Tensor):
+            for d, s in enumerate(v.shape):
+                if not isinstance(s, torch.SymInt):
+                    continue
+                expr = s.node.expr
+                if expr in symbols:
+                    dims.append(d)
+                elif expr.free_symbols & symbols:
+                    return None
+        out.append(tuple(dims))
+    return tuple(out)
+
+
 def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
     """Find the size SymInt placeholders, other symbols, output structure and marks."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -221,4 +245,5 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
         placeholder_specs=specs,
         size_guards=size_guards,
         device=devices[0] if devices else "cpu",
+        size_dims=_size_dims(placeholders, marked | set(size_exprs)) if size_exprs else None,
     )

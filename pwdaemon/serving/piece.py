@@ -43,6 +43,7 @@ class GraphPiece:
     calls_before_trace: dict[int, int] = field(default_factory=dict)
     size_guards: tuple[Any, ...] = ()  # see GraphFacts.size_guards
     device: str = "cpu"  # see GraphFacts.device
+    size_dims: tuple[tuple[int, ...], ...] | None = None  # see GraphFacts.size_dims
     # The graph as `dump_graph` ships it to a compile worker, where it came ready-made (a
     # loaded trace: `engine.saved_traces`); `gm` then carries no fake metadata, and the
     # serving process never unpickles it.

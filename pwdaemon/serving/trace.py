@@ -596,6 +596,7 @@ class Tracer:
             size_symbols=facts.size_symbols,
             size_guards=facts.size_guards,
             device=facts.device,
+            size_dims=facts.size_dims,
             shipped=shipped,
             # Shared with every piece: see GraphPiece.calls_before_trace.
             calls_before_trace=self.background.calls_before if self.background else {},

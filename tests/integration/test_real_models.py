@@ -179,16 +179,21 @@ SCRIPT = textwrap.dedent(
     name = {name!r}
     model = build(name)
     reference = copy.deepcopy(model)
-    handle = pwd.attach(model, sizes=[1], store={store!r})
+    # Size 3 is configured and never called before it goes live: it is validated on a
+    # recorded input tiled to size 3 (`engine.validation.tile_input`).
+    handle = pwd.attach(model, sizes=[1, 3], store={store!r})
+    swaps = []
+    handle.on_swap(lambda e: swaps.append((e.graph, str(e.range), e.tier.value, e.validated)))
     with torch.inference_mode():
         for n in (1, 8, 1, 5):
             args, kwargs = inputs(name, n)
             model(*args, **kwargs)
     specialized = handle.wait(sizes=[1], timeout=540)
     plan_done = handle.wait(timeout=540)  # the general compile may still be running
+    tiers_3 = [handle.table(p.index).lookup(3).tier.value for p in handle.pieces]
     worst = 0.0
     with torch.inference_mode():
-        for n in (1, 8, 5):
+        for n in (1, 8, 5, 3):
             args, kwargs = inputs(name, n)
             got = main_output(model(*args, **kwargs))
             want = main_output(reference(*args, **kwargs))
@@ -205,6 +210,9 @@ SCRIPT = textwrap.dedent(
         tiers=tiers,
         pieces=len(handle.pieces),
         strategies=[p.strategy.value for p in handle.pieces],
+        swaps=swaps,
+        tiers_3=tiers_3,
+        specializable=[p.specializable for p in handle.pieces],
         status=repr(handle.status())[:3000],
     )
     handle.detach()
@@ -243,6 +251,12 @@ def test_real_model_from_an_unguarded_script_gets_specialized(name: str, tmp_pat
     assert result["worst"] <= 1e-4, result  # float32; Inductor reorders reductions
     for index, tiers in result["tiers"].items():
         assert tiers["1"] == "size" and tiers["8"] != "eager", f"piece {index} left on {tiers}"
+    # Size 3 went live on every piece that specializes, checked on a tiled input (and
+    # not rejected by it); `worst` above includes its outputs.
+    size_3 = [s for s in result["swaps"] if s[1] == "3" and s[2] == "size"]
+    want = [i for i, ok in enumerate(result["specializable"]) if ok]
+    assert sorted(s[0] for s in size_3) == want and all(s[3] for s in size_3), result["swaps"]
+    assert all(t == "size" for i, t in enumerate(result["tiers_3"]) if i in want), result
 
 
 @pytest.mark.slow

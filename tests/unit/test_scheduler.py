@@ -183,6 +183,44 @@ def test_validation_rejects_wrong_runnable_and_keeps_old_tier(mlp: nn.Module) ->
         h.detach()
 
 
+def test_a_size_no_call_has_brought_yet_is_validated_on_a_recorded_input_tiled_to_it(
+    mlp: nn.Module, reference: nn.Module
+) -> None:
+    # Configured (or loaded from the store on a warm restart) before any call of its
+    # size: it went live unchecked, and its first serving call paid the compiled code's
+    # first-invocation costs. Checked now on size 2's recorded rows, repeated to 5.
+    def off_by_one_at_5(target: Target, fn: Callable[..., Any]) -> Callable[..., Any]:
+        if target.label != "size:5":
+            return fn
+        return lambda *a: tuple(o + 1 for o in fn(*a))
+
+    gate = threading.Event()
+    ex = FakeExecutor(transform=off_by_one_at_5, gate=gate)
+    h = pwd.attach(
+        mlp, sizes=[3, 5], policy=FAST, compiler=_compiler(retries=0), executor=ex, store=False
+    )
+    events: list[pwd.SwapEvent] = []
+    h.on_swap(events.append)
+    try:
+        _call_sizes(mlp, [2])
+        gate.set()
+        assert h.wait(sizes=[3], timeout=20)
+        assert h.wait(timeout=20)  # the plan ended: size 5 given up
+        entry = next(e for e in h.status().pieces[0].entries if e.target == "size:5")
+        assert entry.state == "failed", str(entry)
+        reason = entry.reason or ""
+        assert "validation on size 5, an input tiled from a recorded one of size 2" in reason
+        assert "differs beyond" in reason
+        assert h.engine.rejects_by_reason["mismatch"] == 1
+        (size_3,) = [e for e in events if e.range == pwd.Range.of(3)]
+        assert size_3.validated
+        assert h.table().lookup(5).tier is pwd.Tier.GENERAL
+        x = torch.randn(5, 16)
+        torch.testing.assert_close(mlp(x), reference(x))
+    finally:
+        h.detach()
+
+
 def test_a_general_runnable_is_validated_at_its_smallest_and_largest_sizes(
     mlp: nn.Module, reference: nn.Module
 ) -> None:
@@ -297,7 +335,7 @@ def test_callbacks_fire_off_the_serving_thread_and_survive_a_raising_one(
         assert [e.version for e in events] == [1, 2, 3]
         assert all(e.source == "compiled" and e.graph == 0 for e in events)
         assert events[0].validated and events[1].validated  # a size-2 input was recorded
-        assert not events[2].validated  # no size-3 call yet: nothing to validate on
+        assert events[2].validated  # no size-3 call yet: size 2's input, tiled to 3
         assert threading.get_ident() not in threads
         assert len(plans) == 1 and plans[0].live == 3 and plans[0].failed == 0
         late: list[pwd.PlanCompleteEvent] = []
