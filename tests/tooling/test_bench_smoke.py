@@ -186,3 +186,45 @@ def test_paired_times_every_system_in_one_process() -> None:
         assert [float(c) > 0 for c in cells[2:7]] == [True] * 5, row
         assert cells[7] == "size", row  # pwdaemon served specialized
         assert float(cells[8]) > 0, row
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_late_sizes_times_the_first_call_of_a_size_loaded_before_its_traffic() -> None:
+    # bench/late_sizes.py: a cold process fills a store; warm ones (this checkout, and
+    # again as the --baseline) serve size 1 until size 2 has gone live from the store,
+    # then time size 2's first call against its median. With a recorded size-1 input,
+    # size 2 was validated on it, tiled (real Inductor, real workers).
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "late_sizes.py"),
+            "--models",
+            "sequential",
+            "--sizes",
+            "1,2",
+            "--repeat",
+            "1",
+            "--threads",
+            "1",
+            "--baseline",
+            str(REPO),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=290,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {
+        cells[1]: cells
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in proc.stdout.splitlines()
+            if line.startswith("| 2 |")
+        )
+    }
+    assert set(rows) == {"warm", "warm, baseline"}, proc.stdout
+    for cells in rows.values():
+        assert float(cells[2]) > 0 and cells[6] == "1/1", proc.stdout
+    assert "saved trace in the warm runs: loaded" in proc.stdout
