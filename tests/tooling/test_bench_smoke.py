@@ -228,3 +228,37 @@ def test_late_sizes_times_the_first_call_of_a_size_loaded_before_its_traffic() -
     for cells in rows.values():
         assert float(cells[2]) > 0 and cells[6] == "1/1", proc.stdout
     assert "saved trace in the warm runs: loaded" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_floor_attributes_each_slow_call_or_counts_it_unexplained() -> None:
+    # bench/floor.py: paced pure-Python and eager calls in fresh processes, with what
+    # the serving thread met during each call over 2x its median.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "floor.py"),
+            "--model",
+            "sequential",
+            "--threads",
+            "1",
+            "--calls",
+            "30",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in proc.stdout.splitlines()
+        if line.startswith(("| pure Python", "| eager"))
+    ]
+    assert [r[0] for r in rows] == ["pure Python", "eager sequential"], proc.stdout
+    for r in rows:
+        slow, calls = (int(v) for v in r[5].split(" of "))
+        assert calls == 30 and 0 <= slow <= calls
+        assert float(r[3]) >= float(r[4]) >= 0.5  # the worst is never below the p99
+        assert all(0 <= int(v) <= slow for v in r[6:11]), r

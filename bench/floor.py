@@ -1,0 +1,180 @@
+"""The machine's floor for the worst warm-up call: paced calls with no pwdaemon at all.
+
+The issue's target (worst warm-up call ≤ 2x the median of its size) is judged on calls
+10 ms apart. This bench times, in a fresh process per row, calls paced that way of
+
+- `python`: a pure-Python loop of about 1 ms (no torch op: what the CPU and the VM give
+  a single thread);
+- `eager`: the plain model (`--model`, sizes 1, 4, 16 in turn), on `--threads` torch
+  threads (each count in its own process);
+
+and for every call more than 2x its size's median, what the serving thread met during
+it, read around the call: an involuntary context switch (`getrusage(RUSAGE_THREAD)`:
+another thread or process took its CPU), a voluntary one (it slept: an OpenMP barrier
+waiting for a worker thread), a page fault, a garbage collection (`gc.callbacks`), or
+none of these.
+
+    python bench/floor.py [--model llama] [--threads 1,2] [--calls 1500] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+PACE_S = 0.01  # bench/models.py's pacing
+SIZES = (1, 4, 16)
+
+
+def child(workload: str, model_name: str, threads: int, calls: int) -> dict[str, Any]:
+    import gc
+    import resource
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    if workload == "eager":
+        from pwdaemon.real_models import model_spec
+
+        spec = model_spec(model_name, "tiny")
+        model = spec.build(torch.device("cpu"), torch.float32)
+        inputs = {n: spec.inputs(n, torch.device("cpu"), torch.float32) for n in SIZES}
+
+        def work(n: int) -> None:
+            args, kwargs = inputs[n]
+            model(*args, **kwargs)
+
+        sizes: tuple[int, ...] = SIZES
+    else:
+        loops = 20_000
+        t = time.perf_counter()
+        sum(range(loops))
+        loops = max(1, int(loops * 1e-3 / (time.perf_counter() - t)))  # about 1 ms
+
+        def work(n: int) -> None:
+            s = 0
+            for i in range(loops):
+                s += i
+
+        sizes = (0,)
+    collections: list[tuple[float, float]] = []
+    began = [0.0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            collections.append((began[0], time.perf_counter()))
+
+    gc.callbacks.append(on_gc)
+    rows: list[tuple[int, float, float, int, int, int]] = []
+    with torch.inference_mode():
+        for n in sizes:
+            work(n)  # first calls are not warm-up's subject here
+        for i in range(calls):
+            n = sizes[i % len(sizes)]
+            r0 = resource.getrusage(resource.RUSAGE_THREAD)
+            t0 = time.perf_counter()
+            work(n)
+            t1 = time.perf_counter()
+            r1 = resource.getrusage(resource.RUSAGE_THREAD)
+            rows.append(
+                (
+                    n,
+                    t0,
+                    t1,
+                    r1.ru_nivcsw - r0.ru_nivcsw,
+                    r1.ru_nvcsw - r0.ru_nvcsw,
+                    r1.ru_minflt - r0.ru_minflt + r1.ru_majflt - r0.ru_majflt,
+                )
+            )
+            time.sleep(PACE_S)
+    gc.callbacks.remove(on_gc)
+    median = {n: statistics.median(t1 - t0 for m, t0, t1, *_ in rows if m == n) for n in sizes}
+    ratios = sorted((t1 - t0) / median[n] for n, t0, t1, *_ in rows)
+    slow = [r for r in rows if (r[2] - r[1]) / median[r[0]] > 2.0]
+
+    def collected(t0: float, t1: float) -> bool:
+        return any(s < t1 and e > t0 for s, e in collections)
+
+    causes = {"involuntary switch": 0, "voluntary switch": 0, "page fault": 0, "collection": 0}
+    unexplained = 0
+    for _, t0, t1, invol, vol, faults in slow:
+        hit = False
+        for name, met in (
+            ("involuntary switch", invol > 0),
+            ("voluntary switch", vol > 0),
+            ("page fault", faults > 0),
+            ("collection", collected(t0, t1)),
+        ):
+            if met:
+                causes[name] += 1
+                hit = True
+        unexplained += not hit
+    return {
+        "workload": workload,
+        "threads": threads,
+        "median_ms": {str(n): m * 1e3 for n, m in median.items()},
+        "worst": ratios[-1],
+        "p99": ratios[int(0.99 * (len(ratios) - 1))],
+        "calls": len(rows),
+        "over_2x": len(slow),
+        "causes": causes,
+        "none_of_these": unexplained,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="llama", help="a pwdaemon.real_models name")
+    ap.add_argument("--threads", default="1,2", help="torch thread counts, one process each")
+    ap.add_argument("--calls", type=int, default=1500)
+    ap.add_argument("--repeat", type=int, default=1, help="processes per row, alternated")
+    ap.add_argument("--child", nargs=4, metavar=("WORKLOAD", "MODEL", "THREADS", "CALLS"))
+    args = ap.parse_args()
+    if args.child:
+        workload, model, threads, calls = args.child
+        print(json.dumps(child(workload, model, int(threads), int(calls))))
+        return
+    rows = [("python", 1)] + [("eager", int(t)) for t in args.threads.split(",")]
+    results: list[dict[str, Any]] = []
+    for _ in range(max(1, args.repeat)):
+        for workload, threads in rows:
+            command = [sys.executable, __file__, "--child", workload, args.model]
+            out = subprocess.run(
+                [*command, str(threads), str(args.calls)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if out.returncode != 0:
+                raise SystemExit(f"{workload} {threads} failed:\n{out.stderr[-3000:]}")
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(
+        f"`python bench/floor.py --model {args.model} --threads {args.threads} "
+        f"--calls {args.calls} --repeat {args.repeat}` (calls {PACE_S * 1e3:.0f} ms apart)"
+    )
+    print(
+        "| workload | torch threads | median ms | worst ÷ median | p99 ÷ median | calls > 2x "
+        "| with an involuntary switch | voluntary | page fault | collection | none of these |"
+    )
+    print("|---" * 11 + "|")
+    for r in results:
+        c = r["causes"]
+        medians = "/".join(f"{m:.2f}" for m in r["median_ms"].values())
+        name = "pure Python" if r["workload"] == "python" else f"eager {args.model}"
+        print(
+            f"| {name} | {r['threads']} | {medians} | {r['worst']:.1f} | {r['p99']:.2f} | "
+            f"{r['over_2x']} of {r['calls']} | {c['involuntary switch']} | "
+            f"{c['voluntary switch']} | {c['page fault']} | {c['collection']} | "
+            f"{r['none_of_these']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
