@@ -12,10 +12,11 @@ bench measures what such a size's first call costs, per model, in fresh processe
 - warm, baseline (with `--baseline DIR`): the same with another checkout's pwdaemon
   (DIR first on the children's PYTHONPATH), alternated with warm on the same store.
 
-Printed per size: the first call ÷ the median of the calls after it (median over the
-runs, and their range), the first call's ms, and in how many runs the swap was
-validated (`SwapEvent.validated`). The issue's target for any warm-up call is 2x the
-median of its size on its tier.
+Printed per model: seconds from `attach()` until every late size was live (validation
+runs before each such swap now: what it adds shows here). Per size: the first call ÷ the
+median of the calls after it (median over the runs, and their range), the first call's
+ms, and in how many runs the swap was validated (`SwapEvent.validated`). The issue's
+target for any warm-up call is 2x the median of its size on its tier.
 
     python bench/late_sizes.py [--models llama,bert] [--sizes 1,4,16] [--repeat 6]
                                [--threads 1] [--store DIR] [--baseline DIR]
@@ -53,15 +54,18 @@ else:
 calls = {n: inputs(n) for n in sizes}
 late = sizes[1:]
 live, all_live = {}, threading.Event()
+t_attach = time.monotonic()
 h = pwd.attach(model, store=store,
                policy=pwd.PolicyConfig(hot_calls=2, tick_s=0.02, cold_after_s=3600))
 
 def on_swap(e):
     if e.size is not None and e.tier is pwd.Tier.SIZE:
         live[e.size] = e.validated
-        if all(n in live for n in late):
+        if all(n in live for n in late) and not all_live.is_set():
+            out["live_s"] = time.monotonic() - t_attach
             all_live.set()
 
+out = {"mode": mode, "pwdaemon": pwd.__file__}
 h.on_swap(on_swap)
 
 def call(n):
@@ -70,7 +74,6 @@ def call(n):
     model(*args, **kwargs)
     return time.perf_counter() - t
 
-out = {"mode": mode, "pwdaemon": pwd.__file__}
 with torch.inference_mode():
     if mode == "cold":  # every size hot, then wait until each is specialized
         for n in sizes:
@@ -196,6 +199,12 @@ def main() -> None:
                 runs[kind].append(run(store, model, kind, args))
         traces = sorted({r.get("trace", "?") for rs in runs.values() for r in rs})
         print(f"\n{model}, store {store}, saved trace in the warm runs: {', '.join(traces)}")
+        for kind, results in runs.items():
+            every = sorted(r.get("live_s", float("inf")) for r in results)
+            print(
+                f"{KINDS[kind]}: every late size live {statistics.median(every):.2f} s after "
+                f"attach ({every[0]:.2f}-{every[-1]:.2f})"
+            )
         print(report(model, runs, sizes))
 
 

@@ -228,6 +228,7 @@ def test_late_sizes_times_the_first_call_of_a_size_loaded_before_its_traffic() -
     for cells in rows.values():
         assert float(cells[2]) > 0 and cells[6] == "1/1", proc.stdout
     assert "saved trace in the warm runs: loaded" in proc.stdout
+    assert proc.stdout.count("every late size live") == 2, proc.stdout
 
 
 @pytest.mark.timeout(120)
