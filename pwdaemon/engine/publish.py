@@ -68,10 +68,12 @@ class Publisher:
         # recorded in its range so far: compiled wrong for all but one size (seen: a
         # general compile of a two-symbol backed graph answered batch 1 for every
         # batch), it would pass a check at the one size it got right. No recorded input
-        # in the range yet: nothing to run, and the swap is not counted as validated.
+        # in the range yet: the recorded input nearest in size, tiled to the range's
+        # first size; none at all: nothing to run, and the swap is not counted as
+        # validated.
         samples, tiled_from = dispatcher.samples_for(range_), None
-        if not samples and range_ is not None:
-            samples, tiled_from = self._tiled_sample(job, range_.start)
+        if not samples and range_ is not None and self.config.validate:
+            samples, tiled_from = await self._tiled_sample(job, range_.start)
         for size, args in samples if self.config.validate else ():
             current = dispatcher.table.lookup(size).runnable
             # A captured graph falls back to tier 2 while a sibling replays; the
@@ -87,11 +89,9 @@ class Publisher:
             )
             if why is not None:
                 self.counters.rejects_by_reason[reject_category(why)] += 1
-                on = (
-                    f"size {size}"
-                    if tiled_from is None
-                    else (f"size {size}, an input tiled from a recorded one of size {tiled_from}")
-                )
+                on = f"size {size}"
+                if tiled_from is not None:
+                    on += f", an input tiled from a recorded one of size {tiled_from}"
                 self.fail(job, "rejected", f"validation on {on}: {why}", retry=False)
                 return
             validated = True
@@ -115,20 +115,28 @@ class Publisher:
             self.queue.push(st.add(graph_job))
         self.waiters.check_plan_complete()
 
-    def _tiled_sample(
+    async def _tiled_sample(
         self, job: Job, size: int
     ) -> tuple[list[tuple[int, tuple[Any, ...]]], int | None]:
         """No recorded input in the job's range: one of `size` tiled from the recorded
         input nearest in size (`validation.tile_input`), with the size it came from;
         nothing when the piece has none or cannot be tiled."""
         piece = job.piece
-        if not self.config.validate or piece.size_dims is None:
-            return [], None
         recorded = list(piece.dispatcher.samples.items())  # serving threads add to it
-        if not recorded:
+        if piece.size_dims is None or not recorded:
             return [], None
         from_size, args = min(recorded, key=lambda item: abs(item[0] - size))
-        tiled = tile_input(args, from_size, size, piece.size_indices, piece.size_dims)
+        # Torch ops, so on a torch-work thread: on this long-lived loop thread a CPU op
+        # would leave an OpenMP team beside serving for good (`engine.torch_thread`).
+        tiled = await run_torch_work(
+            tile_input,
+            args,
+            from_size,
+            size,
+            piece.size_indices,
+            piece.size_dims,
+            switch_interval=None,
+        )
         return ([(size, tiled)], from_size) if tiled is not None else ([], None)
 
     def fail(self, job: Job, outcome: str, reason: str, *, retry: bool = True) -> None:
