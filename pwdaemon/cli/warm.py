@@ -68,6 +68,13 @@ def add_warm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     p.add_argument("--dir", help="artifact store (default: PWDAEMON_CACHE_DIR or ~/.cache)")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="the torch thread count the servers set (torch.set_num_threads): CPU "
+        "artifacts are compiled for it and keyed by it (default: torch's own)",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole warm")
     p.set_defaults(func=cmd_warm)
 
@@ -103,6 +110,13 @@ def cmd_warm(args: argparse.Namespace) -> int:
     except ValueError as exc:
         console.print(f"[red]pwdaemon warm:[/] {exc}")
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            console.print(
+                f"[red]pwdaemon warm:[/] --threads must be at least 1, got {args.threads}"
+            )
+            return 2
+        torch.set_num_threads(args.threads)
     compiler = pwd.CompileConfig(**({"workers": args.workers} if args.workers else {}))
     policy = pwd.PolicyConfig(hot_calls=1 << 30, budget=max(len(args.sizes), 1))
     handle = pwd.attach(

@@ -22,7 +22,7 @@ from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
-from pwdaemon.workers.compiler import SIZE_OBLIVIOUS_OPTION
+from pwdaemon.workers.compiler import CPU_THREADS_OPTION, SIZE_OBLIVIOUS_OPTION
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,13 @@ def parse_target(label: str) -> Target | None:
 
 def compile_options(options: Mapping[str, Any], piece: GraphPiece) -> dict[str, Any]:
     """The options a compile of `piece` is sent with, and its store key hashes: the
-    configured ones, plus the shape configuration the piece was traced under."""
+    configured ones, plus the shape configuration the piece was traced under and, for a
+    CPU piece, this process's torch thread count (`CPU_THREADS_OPTION` says why)."""
     out = dict(options)
     if piece.strategy is ShapeStrategy.BACKED_OBLIVIOUS:
         out[SIZE_OBLIVIOUS_OPTION] = True
+    if piece.device.startswith("cpu"):
+        out[CPU_THREADS_OPTION] = torch.get_num_threads()
     return out
 
 

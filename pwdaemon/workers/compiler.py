@@ -41,6 +41,16 @@ FAULTS = ("raise", "crash", "hang")
 # unchanged.
 SIZE_OBLIVIOUS_OPTION = "pwdaemon.backed_size_oblivious"
 
+# Another, for a CPU piece: the serving process's torch thread count, which the worker
+# compiles under. Inductor's C++ kernels are generated for the compiling process's count
+# (`parallel_num_threads()`), and torch 2.13 writes it into the kernel
+# (`#pragma omp parallel num_threads(N)`) unless it equals the CPU count: a worker at
+# torch's default (the physical cores) gave a server that had set
+# `torch.set_num_threads(1)` kernels that ran N threads each, and the service compiled
+# for every replica with its own count. In the options, so in the store key: artifacts
+# built for one count are not loaded by a process running another.
+CPU_THREADS_OPTION = "pwdaemon.cpu_threads"
+
 # Sizes a general compile must hold for (its guards are evaluated at each): the small
 # sizes where "the size is 1" and "the size is the hint" differ from every other size.
 GENERAL_PROBE_SIZES = (1, 2, 3, 17)
@@ -393,6 +403,10 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
     started = time.perf_counter()
     options = dict(spec.options)
     size_oblivious = bool(options.pop(SIZE_OBLIVIOUS_OPTION, False))
+    threads = options.pop(CPU_THREADS_OPTION, None)
+    if threads is not None:
+        # A worker process compiles one job at a time; each job says its count.
+        torch.set_num_threads(int(threads))
     target = spec.target
     # The graph's symbols are made when it loads: the shape configuration covers both.
     with torch.no_grad(), _shape_config(size_oblivious):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -27,13 +28,16 @@ from torch import nn
 
 from pwdaemon.config import CompileConfig
 from pwdaemon.engine.store_link import compile_options
+from pwdaemon.engine.validation import tile_input
 from pwdaemon.serving.gate import ServingGate
+from pwdaemon.serving.graph_facts import analyse_graph
 from pwdaemon.serving.pause import PAUSE
 from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.workers import starvation
 from pwdaemon.workers.compiler import (
+    CPU_THREADS_OPTION,
     SIZE_OBLIVIOUS_OPTION,
     JobSpec,
     dump_graph,
@@ -121,6 +125,43 @@ def test_jobs_compile_in_a_worker_and_match_eager(
                 continue
             assert_matches(runnable(*args), expected)
     assert executor.pids() == [pid] and executor.restarts == 0
+
+
+@pytest.mark.slow
+def test_a_cpu_compile_is_built_for_the_thread_count_its_job_names(
+    mlp_graph: Recorded, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Inductor builds C++ kernels for the compiling process's thread count, and writes
+    # it into them unless it is the CPU count: a worker at torch's default gave a server
+    # that had set its own count kernels running the worker's. Counts above the CPU
+    # count are written in, so they show in the generated source; each job sets its own.
+    (gm,) = mlp_graph.gms
+    graph = dump_graph(gm, "MLP graph 0")
+    facts = analyse_graph(gm)
+    recorded, _ = mlp_graph.calls[0][0]
+    args = tile_input(recorded, _size_of(recorded), 4096, facts.size_indices, facts.size_dims or ())
+    assert args is not None
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    cpus = os.cpu_count() or 1
+    ex = ProcessExecutor(CompileConfig(workers=1, start_timeout_s=300))
+    ex.start()
+    try:
+        for threads in (cpus + 1, cpus + 2):
+            out = tmp_path / f"t{threads}"
+            out.mkdir()
+            job = JobSpec(
+                graph, Target.size(4096), str(out / "a.bin"), {CPU_THREADS_OPTION: threads}
+            )
+            runnable = load_artifact(ex.run(job, timeout=600)["path"])
+            assert_matches(runnable(*args), gm(*args))
+            written = {
+                m
+                for p in (tmp_path / "inductor").rglob("*.cpp")
+                for m in re.findall(r"omp parallel num_threads\((\d+)\)", p.read_text())
+            }
+            assert str(threads) in written, written
+    finally:
+        ex.close(5.0)
 
 
 @pytest.mark.slow
@@ -578,7 +619,7 @@ def test_a_backed_piece_traced_at_size_1_gets_a_general_for_every_size(
     # `4 // 16` at size 16 (SIGFPE in this process, validating it).
     piece = backed_bert_piece
     options = compile_options({}, piece)
-    assert options == {SIZE_OBLIVIOUS_OPTION: True}
+    assert options == {SIZE_OBLIVIOUS_OPTION: True, CPU_THREADS_OPTION: torch.get_num_threads()}
     graph = dump_graph(piece.gm, "bert", piece.size_guards)
     job = JobSpec(graph, Target.general(), str(tmp_path / "general.bin"), options)
     runnable = load_artifact(shared_executor.run(job, timeout=600)["path"])

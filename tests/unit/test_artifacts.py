@@ -13,9 +13,15 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
+import torch
 
+from pwdaemon.engine.store_link import compile_options
+from pwdaemon.serving.piece import GraphPiece
+from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.store import (
     SERVICE_CACHE_DIR,
     ArtifactKey,
@@ -27,6 +33,7 @@ from pwdaemon.store import (
     options_hash,
 )
 from pwdaemon.store.files import ORPHAN_GRACE_S, TMP_PREFIX
+from pwdaemon.workers.compiler import CPU_THREADS_OPTION
 
 WAIT_S = 20.0  # upper bound for anything asynchronous; a pass takes far less
 
@@ -848,3 +855,25 @@ def test_store_that_cannot_be_created_degrades_to_misses(
     assert store.write_errors == 2
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert not (tmp_path / "ro").exists()
+
+
+def test_a_cpu_piece_is_compiled_and_keyed_for_this_process_thread_count() -> None:
+    # Inductor's C++ kernels are built for the compiling process's thread count (see
+    # CPU_THREADS_OPTION): the worker compiles for the serving process's, and artifacts
+    # built for one count are not loaded under another. A GPU piece's key is shared.
+    cpu = cast(GraphPiece, SimpleNamespace(strategy=ShapeStrategy.UNBACKED, device="cpu"))
+    gpu = cast(GraphPiece, SimpleNamespace(strategy=ShapeStrategy.UNBACKED, device="cuda:0"))
+    threads = torch.get_num_threads()
+    try:
+        keys = []
+        for n in (threads, threads + 1):
+            torch.set_num_threads(n)
+            assert compile_options({"max_autotune": False}, cpu) == {
+                "max_autotune": False,
+                CPU_THREADS_OPTION: n,
+            }
+            assert compile_options({}, gpu) == {}
+            keys.append(make_key("g", "size:4", device="cpu", options=compile_options({}, cpu)))
+    finally:
+        torch.set_num_threads(threads)
+    assert keys[0].digest != keys[1].digest
