@@ -31,7 +31,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_warm_then_attach_serves_specialized_without_compiling(tmp_path: Path) -> None:
+    # For a server on another torch thread count than torch's default: CPU artifacts
+    # are compiled and keyed for the count (`--threads`), so the attach below, on that
+    # count, finds them.
     store = tmp_path / "store"
+    threads = torch.get_num_threads() + 1
     r = _cli(
         "warm",
         "factories:small_mlp",
@@ -41,6 +45,8 @@ def test_warm_then_attach_serves_specialized_without_compiling(tmp_path: Path) -
         "factories:small_inputs",
         "--dir",
         str(store),
+        "--threads",
+        str(threads),
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "general" in r.stdout and "compiled" in r.stdout
@@ -53,6 +59,8 @@ def test_warm_then_attach_serves_specialized_without_compiling(tmp_path: Path) -
     from factories import small_inputs, small_mlp
 
     model, ref = small_mlp(), small_mlp()
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     h = pwd.attach(model, store=store, policy=pwd.PolicyConfig(hot_calls=10**9))
     try:
         model(small_inputs(2))  # capture; 3 is never called
@@ -63,6 +71,7 @@ def test_warm_then_attach_serves_specialized_without_compiling(tmp_path: Path) -
             torch.testing.assert_close(model(x), ref(x), atol=1e-4, rtol=1e-4)
     finally:
         h.detach()
+        torch.set_num_threads(default_threads)
 
 
 def test_warm_reports_bad_factories() -> None:
