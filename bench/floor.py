@@ -3,8 +3,8 @@
 The issue's target (worst warm-up call ≤ 2x the median of its size) is judged on calls
 10 ms apart. This bench times, in a fresh process per row, calls paced that way of
 
-- `python`: a pure-Python loop of about 1 ms (no torch op: what the CPU and the VM give
-  a single thread);
+- `python`: pure-Python loops of about `--python-ms` each (no torch op: what the CPU and
+  the VM give a single thread; the shorter the call, the more a fixed hiccup weighs);
 - `eager`: the plain model (`--model`, sizes 1, 4, 16 in turn), on `--threads` torch
   threads (each count in its own process);
 
@@ -14,7 +14,8 @@ another thread or process took its CPU), a voluntary one (it slept: an OpenMP ba
 waiting for a worker thread), a page fault, a garbage collection (`gc.callbacks`), or
 none of these.
 
-    python bench/floor.py [--model llama] [--threads 1,2] [--calls 1500] [--repeat 1]
+    python bench/floor.py [--model llama] [--threads 1,2] [--python-ms 0.2,1]
+                          [--calls 1500] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -51,15 +52,17 @@ def child(workload: str, model_name: str, threads: int, calls: int) -> dict[str,
 
         sizes: tuple[int, ...] = SIZES
     else:
+        target_s = float(workload.partition(":")[2] or 1.0) * 1e-3
         loops = 20_000
-        t = time.perf_counter()
-        sum(range(loops))
-        loops = max(1, int(loops * 1e-3 / (time.perf_counter() - t)))  # about 1 ms
 
         def work(n: int) -> None:
             s = 0
             for i in range(loops):
                 s += i
+
+        t = time.perf_counter()
+        work(0)
+        loops = max(1, int(loops * target_s / (time.perf_counter() - t)))
 
         sizes = (0,)
     collections: list[tuple[float, float]] = []
@@ -133,6 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama", help="a pwdaemon.real_models name")
     ap.add_argument("--threads", default="1,2", help="torch thread counts, one process each")
+    ap.add_argument("--python-ms", default="0.2,1", help="pure-Python call lengths, ms")
     ap.add_argument("--calls", type=int, default=1500)
     ap.add_argument("--repeat", type=int, default=1, help="processes per row, alternated")
     ap.add_argument("--child", nargs=4, metavar=("WORKLOAD", "MODEL", "THREADS", "CALLS"))
@@ -141,7 +145,8 @@ def main() -> None:
         workload, model, threads, calls = args.child
         print(json.dumps(child(workload, model, int(threads), int(calls))))
         return
-    rows = [("python", 1)] + [("eager", int(t)) for t in args.threads.split(",")]
+    rows = [(f"python:{ms}", 1) for ms in args.python_ms.split(",")]
+    rows += [("eager", int(t)) for t in args.threads.split(",")]
     results: list[dict[str, Any]] = []
     for _ in range(max(1, args.repeat)):
         for workload, threads in rows:
@@ -157,7 +162,8 @@ def main() -> None:
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(
         f"`python bench/floor.py --model {args.model} --threads {args.threads} "
-        f"--calls {args.calls} --repeat {args.repeat}` (calls {PACE_S * 1e3:.0f} ms apart)"
+        f"--python-ms {args.python_ms} --calls {args.calls} --repeat {args.repeat}` "
+        f"(calls {PACE_S * 1e3:.0f} ms apart)"
     )
     print(
         "| workload | torch threads | median ms | worst ÷ median | p99 ÷ median | calls > 2x "
@@ -167,7 +173,8 @@ def main() -> None:
     for r in results:
         c = r["causes"]
         medians = "/".join(f"{m:.2f}" for m in r["median_ms"].values())
-        name = "pure Python" if r["workload"] == "python" else f"eager {args.model}"
+        kind, _, ms = r["workload"].partition(":")
+        name = f"pure Python, {ms} ms" if kind == "python" else f"eager {args.model}"
         print(
             f"| {name} | {r['threads']} | {medians} | {r['worst']:.1f} | {r['p99']:.2f} | "
             f"{r['over_2x']} of {r['calls']} | {c['involuntary switch']} | "
