@@ -25,13 +25,11 @@ target for any warm-up call is 2x the median of its size on its tier.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from _children import run_child
 
 CHILD = r"""
 import json, statistics, sys, threading, time
@@ -112,27 +110,10 @@ KINDS = {"warm": "warm", "warm-baseline": "warm, baseline"}
 
 
 def run(store: str, model: str, mode: str, args: argparse.Namespace) -> dict:
-    env, cwd = dict(os.environ), None
-    if mode == "warm-baseline":
-        # `python -c` puts its working directory first on sys.path, before PYTHONPATH.
-        cwd = args.baseline
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.baseline, env.get("PYTHONPATH")) if p)
+    baseline = args.baseline if mode == "warm-baseline" else None
     child_mode = "warm" if mode == "warm-baseline" else mode
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, store, model, child_mode, str(args.threads), args.sizes],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        cwd=cwd,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{model} {mode} run failed:\n{out.stderr[-4000:]}")
-    result: dict = json.loads(out.stdout.strip().splitlines()[-1])
-    if mode == "warm-baseline" and not Path(result["pwdaemon"]).is_relative_to(
-        Path(args.baseline).resolve()
-    ):
-        raise SystemExit(f"the baseline run imported {result['pwdaemon']}, not {args.baseline}")
+    argv = [store, model, child_mode, str(args.threads), args.sizes]
+    result = run_child(CHILD, argv, f"{model} {mode} run", baseline)
     if not result["ok"]:
         print(f"  {model} {mode}: not every size went live (see its run)")
     return result

@@ -32,14 +32,12 @@ decides nothing); the per-size table shows the first run of each.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _children import run_child
 
 CHILD = r"""
 import json, sys, time
@@ -96,26 +94,9 @@ BASELINE_MODE = {"warm-baseline": "warm, baseline"}
 
 
 def run(store: str, model: str, mode: str, args: argparse.Namespace) -> dict:
-    env, cwd = dict(os.environ), None
-    if mode == "warm-baseline":
-        # `python -c` puts its working directory first on sys.path, before PYTHONPATH.
-        cwd = args.baseline
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.baseline, env.get("PYTHONPATH")) if p)
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, store, model, args.device, args.dtype, mode, args.sizes],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-        cwd=cwd,
-    )
-    if out.returncode != 0:
-        raise SystemExit(f"{model} {mode} run failed:\n{out.stderr[-4000:]}")
-    result: dict = json.loads(out.stdout.strip().splitlines()[-1])
-    if mode == "warm-baseline" and not Path(result["pwdaemon"]).is_relative_to(
-        Path(args.baseline).resolve()
-    ):
-        raise SystemExit(f"the baseline run imported {result['pwdaemon']}, not {args.baseline}")
+    baseline = args.baseline if mode == "warm-baseline" else None
+    argv = [store, model, args.device, args.dtype, mode, args.sizes]
+    result = run_child(CHILD, argv, f"{model} {mode} run", baseline)
     if result["error_calls"]:  # answered right by the plain module, but a broken path
         print(f"  {model} {mode}: {result['error_calls']} call(s) raised on pwdaemon's path")
     if args.verbose:  # one line per run, as it ends (a long run shows where it is)
