@@ -604,6 +604,16 @@ def test_with_background_trace_a_hot_input_is_traced_off_the_serving_call() -> N
         assert record.calls == tracer.miss.hot_calls + 1  # served by the new piece since
 
 
+def _settled_on_one_piece(handle: pwd.Handle, model: nn.Module) -> trace_module.Tracer:
+    """Calls of sizes 2 and 3 under inference mode: the tracer, settled on one piece."""
+    with torch.inference_mode():
+        for n in (2, 3):
+            model(torch.randn(n, WIDTH))
+    tracer = handle._tracer
+    assert tracer.settled and len(handle.pieces) == 1
+    return tracer
+
+
 def test_a_hot_input_served_by_a_piece_traced_since_is_not_left_eager(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -613,11 +623,7 @@ def test_a_hot_input_served_by_a_piece_traced_since_is_not_left_eager(
     fresh_counters()
     model, reference = make(Plain)
     with pwd.attach(model, compile=False, store=False, trace="inline") as handle:
-        with torch.inference_mode():
-            for n in (2, 3):
-                model(torch.randn(n, WIDTH))
-        tracer = handle._tracer
-        assert tracer.settled and len(handle.pieces) == 1
+        tracer = _settled_on_one_piece(handle, model)
         hot = tracer.miss.hot_calls
         with torch.enable_grad():
             for n in (1, 3):
@@ -654,11 +660,7 @@ def test_stray_input_runs_eager_until_hot_then_is_traced_once(kind: str) -> None
             return model(x)
 
     with pwd.attach(model, compile=False, store=False) as handle:
-        with torch.inference_mode():
-            for n in (2, 3):
-                model(torch.randn(n, WIDTH))
-        tracer = handle._tracer
-        assert tracer.settled and len(handle.pieces) == 1
+        tracer = _settled_on_one_piece(handle, model)
         hot = tracer.miss.hot_calls
         for _ in range(hot):
             x = stray(5)
