@@ -71,10 +71,13 @@ class Publisher:
         # in the range yet: the recorded input nearest in size, tiled to the range's
         # first size; none at all: nothing to run, and the swap is not counted as
         # validated.
-        samples, tiled_from = dispatcher.samples_for(range_), None
-        if not samples and range_ is not None and self.config.validate:
-            samples, tiled_from = await self._tiled_sample(job, range_.start)
-        for size, args in samples if self.config.validate else ():
+        samples: list[tuple[int, tuple[Any, ...]]] = []
+        tiled_from = None
+        if self.config.validate:
+            samples = dispatcher.samples_for(range_)
+            if not samples and range_ is not None:
+                samples, tiled_from = await self._tiled_sample(job, range_.start)
+        for size, args in samples:
             current = dispatcher.table.lookup(size).runnable
             # A captured graph falls back to tier 2 while a sibling replays; the
             # comparison must run the graph itself, so it waits for the pool instead.
