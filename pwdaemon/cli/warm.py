@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pwdaemon.demo.args import positive_int
+
 
 def load_object(spec: str) -> Any:
     """ "package.module:name" -> the object; ValueError with a readable reason."""
@@ -70,7 +72,7 @@ def add_warm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--workers", type=int, default=None)
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="the torch thread count the servers set (torch.set_num_threads): CPU "
         "artifacts are compiled for it and keyed by it (default: torch's own)",
@@ -111,11 +113,6 @@ def cmd_warm(args: argparse.Namespace) -> int:
         console.print(f"[red]pwdaemon warm:[/] {exc}")
         return 2
     if args.threads is not None:
-        if args.threads < 1:
-            console.print(
-                f"[red]pwdaemon warm:[/] --threads must be at least 1, got {args.threads}"
-            )
-            return 2
         torch.set_num_threads(args.threads)
     compiler = pwd.CompileConfig(**({"workers": args.workers} if args.workers else {}))
     policy = pwd.PolicyConfig(hot_calls=1 << 30, budget=max(len(args.sizes), 1))

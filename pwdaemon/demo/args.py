@@ -47,7 +47,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (the CLI's counts)."""
     try:
         value = int(text)
     except ValueError:
@@ -94,7 +95,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     parser.add_argument(
         "--max-size",
-        type=_positive_int,
+        type=positive_int,
         default=DemoOptions.prefill_max,
         metavar="N",
         help=f"largest (prefill) batch (default {DemoOptions.prefill_max}; decode sizes "
@@ -102,14 +103,14 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     parser.add_argument(
         "--check-every",
-        type=_positive_int,
+        type=positive_int,
         default=DemoOptions.check_every,
         metavar="N",
         help=f"compare every Nth call with an eager reference (default {DemoOptions.check_every})",
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="compile worker processes (default: pwdaemon's, a quarter of the CPUs)",
@@ -122,7 +123,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     parser.add_argument(
         "--stop-after-swaps",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         metavar="N",
         help=f"end early, {STOP_GRACE_S:g} s after N specialized sizes went live "
@@ -130,7 +131,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help=f"serving's intra-op threads (default {default_threads()}: half the CPUs, "
