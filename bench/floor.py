@@ -27,7 +27,8 @@ import subprocess
 import sys
 from typing import Any
 
-PACE_S = 0.01  # bench/models.py's pacing
+from models import PACE_S, p99
+
 SIZES = (1, 4, 16)
 
 
@@ -124,7 +125,7 @@ def child(workload: str, model_name: str, threads: int, calls: int) -> dict[str,
         "threads": threads,
         "median_ms": {str(n): m * 1e3 for n, m in median.items()},
         "worst": ratios[-1],
-        "p99": ratios[int(0.99 * (len(ratios) - 1))],
+        "p99": p99(ratios),
         "calls": len(rows),
         "over_2x": len(slow),
         "causes": causes,
@@ -176,7 +177,7 @@ def main() -> None:
         kind, _, ms = r["workload"].partition(":")
         name = f"pure Python, {ms} ms" if kind == "python" else f"eager {args.model}"
         print(
-            f"| {name} | {r['threads']} | {medians} | {r['worst']:.1f} | {r['p99']:.2f} | "
+            f"| {name} | {r['threads']} | {medians} | {r['worst']:.2f} | {r['p99']:.2f} | "
             f"{r['over_2x']} of {r['calls']} | {c['involuntary switch']} | "
             f"{c['voluntary switch']} | {c['page fault']} | {c['collection']} | "
             f"{r['none_of_these']} |"

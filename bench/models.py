@@ -345,7 +345,7 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
         "warmup_worst_ratio": max(ratios) if ratios else None,
         "warmup_worst_ratio_back_to_back": max(back_to_back) if back_to_back else None,
         "warmup_worst_ratio_repeat": max(repeat_ratios) if repeat_ratios else None,
-        "warmup_p99_ratio": _p99(ratios),
+        "warmup_p99_ratio": p99(ratios),
         "threads": torch.get_num_threads(),
         # Every warm-up call: seconds after set-up, size, tier, ms, ÷ its median.
         "warmup_log": [
@@ -476,7 +476,7 @@ def combine(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _p99(ratios: list[float]) -> float | None:
+def p99(ratios: list[float]) -> float | None:
     """The 99th percentile: what one call in a hundred exceeds, where the worst of
     ~1,500 warm-up calls is one event (eager's own worst here is 2-40x its median)."""
     if len(ratios) < 2:
