@@ -53,9 +53,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any
 
+from pwdaemon.serving import imports
+from pwdaemon.serving.dynamo_skip import codes_of, skip_in_dynamo
 from pwdaemon.serving.imports import IMPORT_WATCH, import_awaited, in_import
 from pwdaemon.serving.pause import PAUSE
 
@@ -488,24 +490,7 @@ def _raise_in_thread(ident: int, exc: type[BaseException]) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
 
 
-def _skip_in_dynamo(code: CodeType) -> None:
-    # CPython runs a profile hook as an ordinary frame, so on a thread where dynamo's
-    # frame callback is installed (the trace thread) dynamo would convert the hook itself:
-    # a "graph break" on its Event, dynamo's per-call overhead on every profile event, a
-    # compiled frame counted among the model's. Tell dynamo to run it as it is.
-    try:
-        from torch._dynamo.eval_frame import skip_code
-    except ImportError:  # not in every torch: the hook then costs more, nothing breaks
-        return
-    skip_code(code)
-
-
 _HOOK_CODE = ServingGate._hook(ServingGate()).__code__  # every gate's hooks share it
-_skip_in_dynamo(_HOOK_CODE)
-# The collection callback too: it runs on whatever thread collects, a serving thread
-# inside the model's compiled call included.
-_skip_in_dynamo(ServingGate._on_collection.__code__)
-_skip_in_dynamo(ServingGate._hook_if_called.__code__)
 
 
 def _is_gate_hook(profile: object) -> bool:
@@ -573,3 +558,21 @@ def _restore_interval() -> None:
         _interval_users -= 1
         if _interval_users == 0:
             sys.setswitchinterval(_saved_interval)
+
+
+# Last, once every function here exists: the hook, the collection callback and all they
+# call (this module's, the import checks', the threading events they wait on) run as
+# they are on a thread where dynamo's frame callback is installed (see dynamo_skip).
+skip_in_dynamo(
+    codes_of(
+        (
+            sys.modules[__name__],
+            ServingGate,
+            GateHold,
+            imports,
+            threading.Event,
+            threading.Condition,
+        ),
+        frozenset({__file__, imports.__file__, threading.__file__}),
+    )
+)

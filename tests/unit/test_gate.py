@@ -348,3 +348,56 @@ def test_a_gated_thread_waiting_for_an_import_does_not_keep_it_running(
     waiter.join(30)
     assert not importer.is_alive() and not waiter.is_alive()
     assert during <= 5 * GATED_GC_THRESHOLD, during
+
+
+def _gate_codes_dynamo_converted() -> list[str]:
+    """Code of the gate's, the import checks' or threading's that dynamo's frame
+    callback was handed (torch's own record of the frames it converted)."""
+    from torch._dynamo.convert_frame import input_codes
+
+    from pwdaemon.serving import gate, imports
+
+    files = {gate.__file__, imports.__file__, threading.__file__}
+    codes = [ref() for ref in input_codes.seen]
+    return [f"{c.co_name} ({c.co_filename})" for c in codes if c and c.co_filename in files]
+
+
+def test_dynamo_never_converts_what_the_gates_hook_calls(collections_off: None) -> None:
+    # The hook runs on a gated thread whatever that thread runs, a compiled call with
+    # dynamo's frame callback installed included (the trace thread's first call): what
+    # the hook calls must then run as it is, not be converted by dynamo (a frame counted
+    # among the model's, and dynamo's per-frame work inside the hook while a serving
+    # call waits). With collection off the hook is on for the whole block, so the
+    # compiled calls below run hooked, with and without a serving call in progress.
+    import torch
+    from torch._dynamo.utils import counters
+
+    def plus_one(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    compiled = torch.compile(plus_one, backend="eager")
+    x = torch.zeros(2)
+    frames = counters["frames"]["ok"]
+    calls_made = threading.Event()
+    serving = threading.Event()
+    done = threading.Event()
+
+    def work() -> None:
+        with GATE.background():
+            for _ in range(3_000):  # idle: the hook looks at the clock every few events
+                compiled(x)
+            serving.set()
+            calls_made.wait(10)
+            for _ in range(300):  # a call in progress: the hook parks and takes slices
+                compiled(x)
+        done.set()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    assert serving.wait(60)
+    with GATE.call():
+        calls_made.set()
+        assert done.wait(60)
+    thread.join(10)
+    assert _gate_codes_dynamo_converted() == []
+    assert counters["frames"]["ok"] - frames == 1  # plus_one, and nothing else
