@@ -6,7 +6,8 @@ The issue's target (worst warm-up call ≤ 2x the median of its size) is judged 
 - `python`: pure-Python loops of about `--python-ms` each (no torch op: what the CPU and
   the VM give a single thread; the shorter the call, the more a fixed hiccup weighs);
 - `eager`: the plain model (`--model`, sizes 1, 4, 16 in turn), on `--threads` torch
-  threads (each count in its own process);
+  threads (each count in its own process), on `--device` (on a GPU each call ends with a
+  device sync, as a served call's output is read);
 
 and for every call more than 2x its size's median, what the serving thread met during
 it, read around the call: an involuntary context switch (`getrusage(RUSAGE_THREAD)`:
@@ -16,6 +17,7 @@ none of these.
 
     python bench/floor.py [--model llama] [--threads 1,2] [--python-ms 0.2,1]
                           [--calls 1500] [--repeat 1]
+                          [--device cpu|cuda] [--preset tiny|issue] [--dtype fp32|fp16]
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ import subprocess
 import sys
 from typing import Any
 
-from models import PACE_S, p99
+from models import DTYPES, PACE_S, p99
 
 SIZES = (1, 4, 16)
 
 
-def child(workload: str, model_name: str, threads: int, calls: int) -> dict[str, Any]:
+def child(
+    workload: str,
+    model_name: str,
+    threads: int,
+    calls: int,
+    device_name: str,
+    preset: str,
+    dtype_name: str,
+) -> dict[str, Any]:
     import gc
     import resource
     import time
@@ -43,13 +53,17 @@ def child(workload: str, model_name: str, threads: int, calls: int) -> dict[str,
     if workload == "eager":
         from pwdaemon.real_models import model_spec
 
-        spec = model_spec(model_name, "tiny")
-        model = spec.build(torch.device("cpu"), torch.float32)
-        inputs = {n: spec.inputs(n, torch.device("cpu"), torch.float32) for n in SIZES}
+        device = torch.device(device_name)
+        dtype = getattr(torch, DTYPES[dtype_name])
+        spec = model_spec(model_name, preset)
+        model = spec.build(device, dtype)
+        inputs = {n: spec.inputs(n, device, dtype) for n in SIZES}
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
         def work(n: int) -> None:
             args, kwargs = inputs[n]
             model(*args, **kwargs)
+            sync()
 
         sizes: tuple[int, ...] = SIZES
     else:
@@ -140,11 +154,17 @@ def main() -> None:
     ap.add_argument("--python-ms", default="0.2,1", help="pure-Python call lengths, ms")
     ap.add_argument("--calls", type=int, default=1500)
     ap.add_argument("--repeat", type=int, default=1, help="processes per row, alternated")
+    ap.add_argument("--device", default="cpu", help="the eager rows' device: cpu, cuda")
+    ap.add_argument("--preset", default="tiny", choices=("tiny", "issue"))
+    ap.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     ap.add_argument("--child", nargs=4, metavar=("WORKLOAD", "MODEL", "THREADS", "CALLS"))
     args = ap.parse_args()
     if args.child:
         workload, model, threads, calls = args.child
-        print(json.dumps(child(workload, model, int(threads), int(calls))))
+        found = child(
+            workload, model, int(threads), int(calls), args.device, args.preset, args.dtype
+        )
+        print(json.dumps(found))
         return
     rows = [(f"python:{ms}", 1) for ms in args.python_ms.split(",")]
     rows += [("eager", int(t)) for t in args.threads.split(",")]
@@ -152,8 +172,9 @@ def main() -> None:
     for _ in range(max(1, args.repeat)):
         for workload, threads in rows:
             command = [sys.executable, __file__, "--child", workload, args.model]
+            command += [str(threads), str(args.calls), "--device", args.device]
             out = subprocess.run(
-                [*command, str(threads), str(args.calls)],
+                [*command, "--preset", args.preset, "--dtype", args.dtype],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -163,7 +184,8 @@ def main() -> None:
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(
         f"`python bench/floor.py --model {args.model} --threads {args.threads} "
-        f"--python-ms {args.python_ms} --calls {args.calls} --repeat {args.repeat}` "
+        f"--python-ms {args.python_ms} --calls {args.calls} --repeat {args.repeat} "
+        f"--device {args.device} --preset {args.preset} --dtype {args.dtype}` "
         f"(calls {PACE_S * 1e3:.0f} ms apart)"
     )
     print(
@@ -175,7 +197,7 @@ def main() -> None:
         c = r["causes"]
         medians = "/".join(f"{m:.2f}" for m in r["median_ms"].values())
         kind, _, ms = r["workload"].partition(":")
-        name = f"pure Python, {ms} ms" if kind == "python" else f"eager {args.model}"
+        name = f"pure Python, {ms} ms" if kind == "python" else f"eager {args.model}, {args.device}"
         print(
             f"| {name} | {r['threads']} | {medians} | {r['worst']:.2f} | {r['p99']:.2f} | "
             f"{r['over_2x']} of {r['calls']} | {c['involuntary switch']} | "

@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh check            # tests + matrix (parallel), then BERT table
 #   bash bench/gpu_session.sh matrix [M [SYS]] # all GPU tests beside the full matrix, then M
 #   bash bench/gpu_session.sh models M [SYS]   # the model table for model M
+#   bash bench/gpu_session.sh floor [MODELS]   # the host's floor (bench/floor.py), then
+#                                              # the GPU tests
 #   bash bench/gpu_session.sh warm [MODELS]    # warm restart (bench/warm_restart.py);
 #                                              # BASELINE=DIR: also another checkout's
 #
@@ -84,6 +86,18 @@ matrix)  # every GPU test (transformers ones included) beside the full model mat
     ;;
 models)
     models_table "$2" "${3:-eager,dynamic,static,whole_graph,pwdaemon,pwdaemon_warm}"
+    ;;
+floor)  # the host's floor (bench/floor.py: pure Python, eager on the GPU), then the GPU tests
+    for m in ${2:-llama,bert}; do
+        timeout "$(left)" python3 bench/floor.py --device cuda --preset issue --dtype fp16 \
+            --model "$m" --threads "${THREADS:-1,16}" --repeat "${REPEAT:-1}" \
+            2>&1 | tee -a "$OUT/floor.log"
+    done
+    timeout "$(left)" python3 -m pytest tests/integration/test_cudagraph.py -v -s -rA \
+        --tb=short -p no:cacheprovider -o addopts="--strict-markers" --timeout 120 \
+        >"$OUT/gpu_tests.log" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed|capture pauses|graph memory" \
+        "$OUT/gpu_tests.log" | tail -14
     ;;
 warm)  # seconds from attach to every size specialized: cold, warm, warm traced, prewarmed
     # The machine's Python runs with PYTHONDONTWRITEBYTECODE: every process would compile

@@ -259,7 +259,7 @@ def test_floor_attributes_each_slow_call_or_counts_it_unexplained() -> None:
         for line in proc.stdout.splitlines()
         if line.startswith(("| pure Python", "| eager"))
     ]
-    assert [r[0] for r in rows] == ["pure Python, 1 ms", "eager sequential"], proc.stdout
+    assert [r[0] for r in rows] == ["pure Python, 1 ms", "eager sequential, cpu"], proc.stdout
     for r in rows:
         slow, calls = (int(v) for v in r[5].split(" of "))
         assert calls == 30 and 0 <= slow <= calls
