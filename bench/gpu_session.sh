@@ -88,7 +88,7 @@ models)
     models_table "$2" "${3:-eager,dynamic,static,whole_graph,pwdaemon,pwdaemon_warm}"
     ;;
 floor)  # the host's floor (bench/floor.py: pure Python, eager on the GPU), then the GPU tests
-    for m in ${2:-llama,bert}; do
+    for m in $(echo "${2:-llama,bert}" | tr , " "); do
         timeout "$(left)" python3 bench/floor.py --device cuda --preset issue --dtype fp16 \
             --model "$m" --threads "${THREADS:-1,16}" --repeat "${REPEAT:-1}" \
             2>&1 | tee -a "$OUT/floor.log"

@@ -15,6 +15,7 @@ computing; far below: it waited, for the GIL, a lock or a CPU) and the time it s
 garbage collections.
 
     python bench/stalls.py [--model bert] [--seconds 80] [--stall-ms 40] [--store DIR]
+                           [--threads N]
     python bench/stalls.py --device cuda --dtype fp16 --preset issue   # on a GPU
 
 On CUDA every call ends with `torch.cuda.synchronize()` (as bench/models.py times it).
@@ -194,6 +195,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
     parser.add_argument("--preset", default="tiny", choices=("tiny", "issue"))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument(
         "--store", help="artifact store to use (default: a fresh one); run twice for a warm one"
     )
@@ -210,6 +212,8 @@ def main() -> None:
 
     import pwdaemon as pwd
 
+    if opts.threads:
+        torch.set_num_threads(opts.threads)  # before attach, as a server sets it
     model, calls = _build(opts.model, opts.device, opts.dtype, opts.preset)
     cuda = torch.device(opts.device).type == "cuda"
     handle = pwd.attach(model, sizes=list(_SIZES), store=opts.store or tempfile.mkdtemp())
