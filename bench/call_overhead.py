@@ -128,7 +128,8 @@ def measure(model_name: str, opts: argparse.Namespace) -> list[tuple[str, int, s
     calls = {n: inputs(n) for n in sizes}
     with torch.inference_mode(), pwd.attach(loaded_model, sizes=sizes, store=store) as handle:
         settle(handle, loaded_model)
-        loaded = handle._tracer.saved.loaded
+        traces = handle._tracer.saved.loaded
+        loaded = traces[0] if traces else None
         for n in sizes:
             args, kwargs = calls[n]
             if loaded is None:

@@ -34,16 +34,19 @@ from pwdaemon.workers.compiler import dump_graph, dump_plain_graph, load_plain_g
 
 __all__ = ("StoredTraces", "trace_key")
 
-# Bumped when TraceRecord's stored form changes: an older record is then not found.
-FORMAT = 2
+# Bumped when TraceRecord's stored form or meaning changes: an older record is then not
+# found (3: the facts are the serving piece's; format 2 records of a model with a size
+# symbol per input misread them, see `saved_trace.save_trace`).
+FORMAT = 3
 
 
-def trace_key(model_key: str) -> str:
-    """The store id of a model's saved trace under this process's settings
-    (`model_key`: `store_link.model_id`)."""
+def trace_key(model_key: str, index: int = 0) -> str:
+    """The store id of a model's saved trace number `index` (`serving.saved_slot`) under
+    this process's settings (`model_key`: `store_link.model_id`)."""
     python = ".".join(str(v) for v in sys.version_info[:3])
     settings = hashlib.sha256(process_state().encode()).hexdigest()[:12]
-    return f"{model_key}-py{python}-s{settings}-f{FORMAT}"
+    piece = f"-r{index}" if index else ""
+    return f"{model_key}-py{python}-s{settings}-f{FORMAT}{piece}"
 
 
 class StoredTraces:
@@ -53,12 +56,12 @@ class StoredTraces:
         self._link = link
         self._model_key = model_key
 
-    def load(self) -> TraceRecord | None:
-        """The stored record, or None when there is none (or the store is refused).
-        Raises on a record that does not unpickle or whose graph does not load."""
+    def load(self, index: int) -> TraceRecord | None:
+        """The stored record number `index`, or None when there is none (or the store is
+        refused). Raises on a record that does not unpickle or whose graph does not load."""
         if not self._link.enabled:
             return None
-        payload = self._link.store.load_trace(trace_key(self._model_key))
+        payload = self._link.store.load_trace(trace_key(self._model_key, index))
         if payload is None:
             return None
         # The store checked who could have written it: a trace is code we run anyway.
@@ -78,8 +81,9 @@ class StoredTraces:
             shipped=bytes(fields["graph"]),
         )
 
-    def save(self, record: TraceRecord) -> None:
-        """Store `record` (a store that cannot be written counts a write error)."""
+    def save(self, index: int, record: TraceRecord) -> None:
+        """Store `record` as number `index` (a store that cannot be written counts a
+        write error)."""
         if not self._link.enabled:
             return
         fields = {
@@ -92,4 +96,4 @@ class StoredTraces:
             "builtin_refs": sorted(record.builtin_refs),
             "training": record.training,
         }
-        self._link.store.save_trace(trace_key(self._model_key), pickle.dumps(fields))
+        self._link.store.save_trace(trace_key(self._model_key, index), pickle.dumps(fields))

@@ -164,9 +164,15 @@ class Misses:
                     torch.set_grad_enabled(modes[0]),
                     TRACE_LOCK,
                 ):
+                    pieces, breaks = len(tracer.pieces), len(tracer.graph_breaks)
                     _, changed = tracer.trace_call(
                         args_copy, kwargs_copy, RecompileCause.HOT_SIGNATURE, sig
                     )
+                    new = tracer.pieces[pieces:]
+                    if len(new) == 1 and len(tracer.graph_breaks) == breaks:
+                        # A whole call captured as one piece: saved for the next start
+                        # beside the first call's (`saved_slot`), on this thread, gated.
+                        tracer.saved.save(tracer.model, new[0], (args, kwargs), tracer.marks)
             except GateClosed:
                 pass  # the interpreter exits
             except BaseException as exc:  # a thread of ours: log, never raise

@@ -14,7 +14,7 @@ import torch
 import torch.fx
 
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
-from pwdaemon.serving.graph_facts import admits, only_size
+from pwdaemon.serving.graph_facts import GraphFacts, admits, only_size
 from pwdaemon.serving.strategy import ShapeStrategy
 
 __all__ = ("GraphPiece", "wrap_compiled")
@@ -48,6 +48,24 @@ class GraphPiece:
     # loaded trace: `engine.saved_traces`); `gm` then carries no fake metadata, and the
     # serving process never unpickles it.
     shipped: bytes | None = None
+
+    @property
+    def facts(self) -> GraphFacts:
+        """The facts this piece was made from (`GraphFacts`), as they were at capture."""
+        return GraphFacts(
+            size_index=self.size_index,
+            size_indices=self.size_indices,
+            size_symbol=self.size_symbol,
+            size_symbols=self.size_symbols,
+            extra_symbols=self.extra_symbols,
+            returns_tuple=self.returns_tuple,
+            output_marks=self.output_marks,
+            fingerprint=self.fingerprint,
+            placeholder_specs=self.placeholder_specs,
+            size_guards=self.size_guards,
+            device=self.device,
+            size_dims=self.size_dims,
+        )
 
     @property
     def specializable(self) -> bool:

@@ -7,7 +7,8 @@ missed its 2 s target. torch's precompile saves a traced frame with its guards
 (`torch.compile(fn, fullgraph=True).aot_compile(...)`, experimental in torch): loading it
 takes 10-100 ms here (`bench/trace_load.py`).
 
-What is saved, once a background trace settles as one piece with no graph break:
+What is saved, once a background trace settles as one piece with no graph break (and
+for each piece a later input's trace adds alone, `saved_slot`):
 
 - dynamo's transformed bytecode of a fresh entry frame (`entry.make_entry`, traced again
   with the same marks and strategy, so the graph is the same; its fingerprint must be the
@@ -40,9 +41,7 @@ import enum
 import importlib
 import io
 import json
-import logging
 import re
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -65,7 +64,6 @@ except ImportError:  # pragma: no cover - older torch
 __all__ = (
     "LoadedTrace",
     "PieceCall",
-    "SavedTraceSlot",
     "SavedTraceError",
     "SavedTraceOutcome",
     "TraceRecord",
@@ -75,7 +73,6 @@ __all__ = (
     "save_trace",
 )
 
-log = logging.getLogger(__name__)
 
 # The name the entry frame's global `model` is saved under: the module is not pickled
 # (its weights change between runs), the loading process hands its own.
@@ -148,11 +145,13 @@ class TraceRecord:
 
 
 class TraceShelf(Protocol):
-    """Where one model's saved trace is kept (the engine layer implements it)."""
+    """Where one model's saved traces are kept, by index: 0 the first call's, then the
+    traces of inputs the earlier ones refused (`saved_slot`; the engine layer implements
+    it)."""
 
-    def load(self) -> TraceRecord | None: ...
+    def load(self, index: int) -> TraceRecord | None: ...
 
-    def save(self, record: TraceRecord) -> None: ...
+    def save(self, index: int, record: TraceRecord) -> None: ...
 
 
 class PieceCall(SerializableCallable):
@@ -191,13 +190,14 @@ def save_trace(
     model: torch.nn.Module,
     strategy: ShapeStrategy,
     piece_gm: torch.fx.GraphModule,
-    fingerprint: str,
+    facts: GraphFacts,
     call: tuple[tuple[Any, ...], dict[str, Any]],
 ) -> TraceRecord:
     """Trace `model` again with torch's precompile on `call` (inputs marked as the
     serving trace marked its own: fresh copies, the caller's are not touched) and return
-    what a restart needs. Raises SavedTraceError when torch cannot save it or the graph
-    differs from the serving piece's (`fingerprint`)."""
+    what a restart needs: the record holds the serving piece's graph and `facts`. Raises
+    SavedTraceError when torch cannot save it or the graph differs from the serving
+    piece's (`facts.fingerprint`)."""
     portable = getattr(torch.compiler, "keep_portable_guards_unsafe", None)
     if not PRECOMPILE or portable is None:
         raise SavedTraceError(f"torch {torch.__version__} cannot save a trace")
@@ -229,7 +229,7 @@ def save_trace(
         data = result.serialize(result, external_data={_MODEL_REF: model}).serialized_data
     except Exception as exc:  # dynamo's own errors, unpicklable state: not saved
         raise SavedTraceError(f"{type(exc).__name__}: {_first_line(exc)}") from exc
-    if len(traced) != 1 or traced[0].fingerprint != fingerprint:
+    if len(traced) != 1 or traced[0].fingerprint != facts.fingerprint:
         raise SavedTraceError("traced again, the graph differs from the one serving")
     artifacts = result._artifacts
     env = artifacts.runtime_env
@@ -245,7 +245,13 @@ def save_trace(
             raise SavedTraceError(f"the saved trace needs {ref!r}, which a restart cannot supply")
         modules[ref] = match["module"]
     used = frozenset(ref for ref in refs if hasattr(builtins, ref))
-    return TraceRecord(strategy, traced[0], piece_gm, data, modules, used, model.training)
+    # The serving piece's facts, not the ones read from this trace's graph: the same code,
+    # but the graph precompile hands the backend keeps no example inputs on its
+    # placeholders (`grapharg.example`), where `analyse_graph` finds the marks. A graph
+    # with a size symbol per input (the backed strategy: BERT's input_ids and
+    # attention_mask) then read as one size and "other symbols", and a restart served it
+    # on the general tier alone: no size compiles, no CUDA graphs (BERT on an H200).
+    return TraceRecord(strategy, facts, piece_gm, data, modules, used, model.training)
 
 
 class LoadedTrace:
@@ -328,87 +334,3 @@ def _check_sources(fn: Any) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:300]
-
-
-class SavedTraceSlot:
-    """One tracer's saved trace: what became of it, and the loaded one once it serves.
-
-    Used on the trace thread under TRACE_LOCK; `loaded` is set once, bound to its piece's
-    dispatcher before the tracer marks itself settled, and read without a lock by settled
-    calls.
-    """
-
-    def __init__(self, shelf: TraceShelf | None, name: str) -> None:
-        self._shelf = shelf
-        self._name = name
-        self.outcome = SavedTraceOutcome.NONE
-        self.detail = ""
-        self.loaded: LoadedTrace | None = None
-        self._tried = False
-
-    @property
-    def active(self) -> bool:
-        """There is a shelf: traces are loaded from it and saved to it."""
-        return self._shelf is not None
-
-    def note(self, outcome: SavedTraceOutcome, detail: str) -> None:
-        self.outcome, self.detail = outcome, detail
-        log.info("pwdaemon: %s: saved trace %s: %s", self._name, outcome.value, detail)
-
-    def load(self, model: torch.nn.Module, strategy: ShapeStrategy) -> LoadedTrace | None:
-        """The shelf's record loaded for `model`, kept in `loaded` too; None when there is
-        none or it cannot serve (noted NOT_LOADED with the reason: the caller traces).
-
-        Tried once, before the first tracing call: a trace another process saves while
-        this one traces must not add a second piece of the same graph (each of its keys
-        then loaded twice)."""
-        if self._shelf is None or self._tried:
-            return None
-        self._tried = True
-        start = time.monotonic()
-        try:
-            record = self._shelf.load()
-            if record is None:
-                return None  # nothing stored: traced, then saved
-            if record.strategy is not strategy:
-                raise SavedTraceError(
-                    f"saved with strategy {record.strategy.value}, this run traces with "
-                    f"{strategy.value}"
-                )
-            self.loaded = load_trace(record, model)
-        except Exception as exc:  # SavedTraceError, a shelf that cannot read: trace
-            self.note(SavedTraceOutcome.NOT_LOADED, f"traced instead: {exc}")
-            return None
-        self.note(
-            SavedTraceOutcome.LOADED, f"loaded in {time.monotonic() - start:.3f} s, not traced"
-        )
-        return self.loaded
-
-    def save(
-        self,
-        model: torch.nn.Module,
-        strategy: ShapeStrategy,
-        piece_gm: torch.fx.GraphModule,
-        fingerprint: str,
-        call: tuple[tuple[Any, ...], dict[str, Any]],
-    ) -> None:
-        """Trace again with torch's precompile and put the record on the shelf (see
-        `save_trace`); the outcome is noted either way."""
-        if self._shelf is None:
-            return
-        # A stored trace that did not load is replaced: say why it was not used.
-        before = (
-            f" (replacing one that was not loaded: {self.detail})"
-            if self.outcome is SavedTraceOutcome.NOT_LOADED
-            else ""
-        )
-        start = time.monotonic()
-        try:
-            self._shelf.save(save_trace(model, strategy, piece_gm, fingerprint, call))
-        except Exception as exc:  # SavedTraceError, a store that cannot be written
-            self.note(SavedTraceOutcome.NOT_SAVED, f"{exc}{before}")
-            return
-        self.note(
-            SavedTraceOutcome.SAVED,
-            f"traced again and saved in {time.monotonic() - start:.2f} s{before}",
-        )

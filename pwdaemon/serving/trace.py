@@ -44,11 +44,11 @@ from pwdaemon.serving.entry import call_eager, make_entry
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.heap import HEAP
-from pwdaemon.serving.inputs import copy_for_trace
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.misses import DEFAULT_HOT_CALLS, Misses
 from pwdaemon.serving.piece import GraphPiece
-from pwdaemon.serving.saved_trace import SavedTraceOutcome, SavedTraceSlot, TraceShelf
+from pwdaemon.serving.saved_slot import SavedTraceSlot
+from pwdaemon.serving.saved_trace import SavedTraceOutcome, TraceShelf
 from pwdaemon.serving.strategy import (
     ORDER,
     TRACE_LOCK,
@@ -225,16 +225,15 @@ class Tracer:
 
     def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.settled:
-            loaded = self.saved.loaded  # set before `settled`: read unlocked
-            if loaded is not None:
+            for loaded in self.saved.loaded:  # set before `settled`: read unlocked
                 try:
                     ran, out = loaded.serve(args, kwargs)
                 except Exception as exc:
                     return self._eager_after_error(exc, args, kwargs)
                 if ran:
                     return out
-                # Its guards refused the call: dynamo's own path below (a miss, traced
-                # if its signature comes often).
+            # Every loaded trace's guards refused the call (or none was loaded): dynamo's
+            # own path below (a miss, traced if its signature comes often).
             direct = self.direct
             key = None
             if direct is not None and (key := call_key(args, kwargs)) is not None:
@@ -480,13 +479,15 @@ class Tracer:
 
     def _load_saved(self) -> None:
         # Under TRACE_LOCK on the trace thread, before any tracing call.
-        loaded = self.saved.load(self.model, self.strategy)
-        if loaded is None:
+        pieces = []
+        for index, loaded in enumerate(self.saved.load(self.model, self.strategy)):
+            record = loaded.record
+            piece = self._new_piece(record.gm, record.facts, record.strategy, index, record.shipped)
+            loaded.bind(piece.dispatcher)
+            pieces.append(piece)
+        if not pieces:
             return
-        record = loaded.record
-        piece = self._new_piece(record.gm, record.facts, record.strategy, 0, record.shipped)
-        loaded.bind(piece.dispatcher)
-        self._accept(self._attempt, [piece], {}, RecompileCause.SETTLING, "")
+        self._accept(self._attempt, pieces, {}, RecompileCause.SETTLING, "")
         self.settled = True
         HEAP.refreeze()
 
@@ -502,13 +503,7 @@ class Tracer:
                 "only a model traced as one whole graph is saved",
             )
             return
-        piece = self.pieces[0]
-        call_args = tuple(copy_for_trace(a) for a in args)
-        call_kwargs = {k: copy_for_trace(v) for k, v in kwargs.items()}
-        self.marks.mark(call_args, call_kwargs, piece.strategy)
-        self.saved.save(
-            self.model, piece.strategy, piece.gm, piece.fingerprint, (call_args, call_kwargs)
-        )
+        self.saved.save(self.model, self.pieces[0], (args, kwargs), self.marks)
 
     @property
     def saved_trace(self) -> SavedTraceOutcome:

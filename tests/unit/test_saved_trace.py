@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Broken, SmallMLP
+from torch import nn
 
 import pwdaemon as pwd
 from pwdaemon.serving.saved_trace import SavedTraceOutcome, process_state
@@ -244,6 +245,130 @@ def test_without_a_store_nothing_is_said_of_a_saved_trace(tmp_path: Path) -> Non
         h.detach()
 
 
+class TwoInputs(nn.Module):
+    """Two inputs of the call's size that no op makes equal: under the backed strategy
+    each has a size symbol of its own (as BERT's input_ids and attention_mask on a GPU,
+    where the unbacked strategy fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * mask.mean()
+
+
+def test_a_loaded_piece_has_the_size_symbols_of_the_piece_that_was_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read from the graph precompile traces (no marked example inputs on it), the second
+    # input's symbol looked like another dynamic size: the restart's piece was served on
+    # the general tier alone, with no size compiles and no CUDA graphs.
+    import pwdaemon.serving.strategy as strategy_module
+    import pwdaemon.serving.trace as trace_module
+    from pwdaemon.serving.strategy import ShapeStrategy
+
+    backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
+    monkeypatch.setattr(trace_module, "ORDER", backed)
+    monkeypatch.setattr(strategy_module, "ORDER", backed)
+    store = tmp_path / "store"
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    call = (torch.randn(4, 16), torch.randn(4, 3))
+    h = _attach(model, store)
+    try:
+        model(*call)
+        assert h.wait_traced(120)
+        assert _outcome(h)[0] is SavedTraceOutcome.SAVED, _outcome(h)
+        (traced,) = h.pieces
+        assert len(traced.size_symbols) == 2 and traced.specializable, traced.facts
+    finally:
+        h.detach()
+    torch._dynamo.reset()
+    h = _attach(model, store)
+    try:
+        model(*call)
+        assert h.wait_traced(120)
+        assert _outcome(h)[0] is SavedTraceOutcome.LOADED, _outcome(h)
+        (loaded,) = h.pieces
+        assert loaded.facts == traced.facts
+        assert loaded.specializable and not loaded.extra_symbols
+        x, mask = torch.randn(5, 16), torch.randn(5, 3)
+        assert torch.allclose(model(x, mask), model.lin(x) * mask.mean(), atol=TOLERANCE)
+    finally:
+        h.detach()
+
+
+class OwnSizeOne(nn.Module):
+    """A model whose trace at size 1 holds a guard `size == 1` under the backed
+    strategy (as transformers' attention does on a GPU): larger sizes get a second
+    piece, traced when they come often."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return y * 2 if x.shape[0] == 1 else y
+
+
+def _backed_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwdaemon.serving.strategy as strategy_module
+    import pwdaemon.serving.trace as trace_module
+    from pwdaemon.serving.strategy import ShapeStrategy
+
+    backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
+    monkeypatch.setattr(trace_module, "ORDER", backed)
+    monkeypatch.setattr(strategy_module, "ORDER", backed)
+
+
+def _until_two_pieces(h: pwd.Handle, model: nn.Module) -> None:
+    # Size 4 misses the size-1 piece until it is hot; its trace runs on a thread.
+    for _ in range(50):
+        model(torch.randn(4, 16))
+        if len(h.pieces) == 2:
+            break
+        h._tracer.miss.traced.wait(10)
+    assert h._tracer.miss.traced.wait(60) and len(h.pieces) == 2
+
+
+def test_a_piece_a_later_input_adds_is_saved_and_a_restart_loads_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _backed_only(monkeypatch)
+    store = tmp_path / "store"
+    torch.manual_seed(0)
+    model = OwnSizeOne().eval()
+    h = _attach(model, store)
+    try:
+        _first_call(h, model, torch.randn(1, 16))
+        _until_two_pieces(h, model)
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.SAVED and "piece 1's trace saved" in detail, detail
+        traced = [p.facts for p in h.pieces]
+        assert traced[0].size_guards != traced[1].size_guards  # size 1, and the others
+    finally:
+        h.detach()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    h = _attach(model, store)
+    try:
+        _first_call(h, model, torch.randn(1, 16))
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.LOADED and detail.startswith("2 traces"), detail
+        assert [p.facts for p in h.pieces] == traced
+        for n in (1, 4, 1, 9):
+            x = torch.randn(n, 16)
+            want = model.lin(x) * (2 if n == 1 else 1)
+            assert torch.allclose(model(x), want, atol=TOLERANCE)
+        assert _frames() == 0  # neither piece traced again
+        assert h.status().trace.miss_calls == 0
+        assert set(h.dispatchers[0].counts) == {1} and set(h.dispatchers[1].counts) == {4, 9}
+    finally:
+        h.detach()
+
+
 MODULE = """
 import torch
 from torch import nn
@@ -305,9 +430,9 @@ def test_a_trace_saved_by_another_process_meanwhile_adds_no_second_piece(
     load = StoredTraces.load
     tries: list[bool] = []
 
-    def not_yet(self: StoredTraces) -> object:
+    def not_yet(self: StoredTraces, index: int) -> object:
         tries.append(True)
-        return None if len(tries) == 1 else load(self)
+        return None if len(tries) == 1 else load(self, index)
 
     monkeypatch.setattr(StoredTraces, "load", not_yet)
     model = _mlp(1)
