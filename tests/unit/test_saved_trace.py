@@ -245,6 +245,17 @@ def test_without_a_store_nothing_is_said_of_a_saved_trace(tmp_path: Path) -> Non
         h.detach()
 
 
+def _backed_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trace with the backed strategy alone (the one a GPU's attention falls back to)."""
+    import pwdaemon.serving.strategy as strategy_module
+    import pwdaemon.serving.trace as trace_module
+    from pwdaemon.serving.strategy import ShapeStrategy
+
+    backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
+    monkeypatch.setattr(trace_module, "ORDER", backed)
+    monkeypatch.setattr(strategy_module, "ORDER", backed)
+
+
 class TwoInputs(nn.Module):
     """Two inputs of the call's size that no op makes equal: under the backed strategy
     each has a size symbol of its own (as BERT's input_ids and attention_mask on a GPU,
@@ -264,13 +275,7 @@ def test_a_loaded_piece_has_the_size_symbols_of_the_piece_that_was_saved(
     # Read from the graph precompile traces (no marked example inputs on it), the second
     # input's symbol looked like another dynamic size: the restart's piece was served on
     # the general tier alone, with no size compiles and no CUDA graphs.
-    import pwdaemon.serving.strategy as strategy_module
-    import pwdaemon.serving.trace as trace_module
-    from pwdaemon.serving.strategy import ShapeStrategy
-
-    backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
-    monkeypatch.setattr(trace_module, "ORDER", backed)
-    monkeypatch.setattr(strategy_module, "ORDER", backed)
+    _backed_only(monkeypatch)
     store = tmp_path / "store"
     torch.manual_seed(0)
     model = TwoInputs().eval()
@@ -311,16 +316,6 @@ class OwnSizeOne(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.lin(x)
         return y * 2 if x.shape[0] == 1 else y
-
-
-def _backed_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pwdaemon.serving.strategy as strategy_module
-    import pwdaemon.serving.trace as trace_module
-    from pwdaemon.serving.strategy import ShapeStrategy
-
-    backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
-    monkeypatch.setattr(trace_module, "ORDER", backed)
-    monkeypatch.setattr(strategy_module, "ORDER", backed)
 
 
 def _until_two_pieces(h: pwd.Handle, model: nn.Module) -> None:
