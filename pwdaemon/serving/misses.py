@@ -171,8 +171,10 @@ class Misses:
                     new = tracer.pieces[pieces:]
                     if len(new) == 1 and len(tracer.graph_breaks) == breaks:
                         # A whole call captured as one piece: saved for the next start
-                        # beside the first call's (`saved_slot`), on this thread, gated.
-                        tracer.saved.save(tracer.model, new[0], (args, kwargs), tracer.marks)
+                        # beside the first call's (`saved_slot`), on this thread, gated,
+                        # from the private copies (the caller's tensors are its own).
+                        call = (args_copy, kwargs_copy)
+                        tracer.saved.save(tracer.model, new[0], call, tracer.marks)
             except GateClosed:
                 pass  # the interpreter exits
             except BaseException as exc:  # a thread of ours: log, never raise
