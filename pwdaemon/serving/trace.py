@@ -156,9 +156,10 @@ class Tracer:
         reason)` is told of each failure on a size guard dynamo could not decide (on the
         tracing thread), to remember it for the next run. `first_call_returned` is set
         when the call that starts the background trace returns (the engine starts then).
-        `shelf`: where this model's saved trace is kept (`serving.saved_trace`): with a
-        background trace, one stored by an earlier run is loaded instead of tracing, and
-        a trace that settles as one piece is saved for the next run."""
+        `shelf`: where this model's saved traces are kept (`serving.saved_slot`): with a
+        background trace, those stored by an earlier run are loaded instead of tracing;
+        a trace that settles as one piece is saved for the next run, and so is each
+        piece a hot input's trace adds alone."""
         self.model = model
         self._first_call_returned = first_call_returned
         # trace="background": see `serving.background`; None traces inline.
