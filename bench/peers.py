@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # pwdaemon from this checkout when it is not installed
 
 import _report  # noqa: E402
-from _systems import IN_PROCESS_COMPILERS, SYSTEMS  # noqa: E402
+from _system_kinds import IN_PROCESS_COMPILERS, SYSTEMS  # noqa: E402
 from _trace import FULL, QUICK, TraceCall, TraceSpec, build_trace, hot_sizes  # noqa: E402
 
 QUICK_SYSTEMS = ("eager", "dynamic", "pwdaemon-cold", "pwdaemon-warm")
