@@ -6,6 +6,7 @@ them; status and metrics read them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,15 @@ from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.graph_facts import GraphFacts, admits, only_size
 from pwdaemon.serving.strategy import ShapeStrategy
 
-__all__ = ("GraphPiece", "wrap_compiled")
+__all__ = ("GraphPiece", "fact_fields", "wrap_compiled")
+
+# Every field of GraphFacts is a field of GraphPiece of the same name and meaning.
+_FACT_FIELDS = tuple(f.name for f in dataclasses.fields(GraphFacts))
+
+
+def fact_fields(facts: GraphFacts) -> dict[str, Any]:
+    """`facts` as GraphPiece's keyword arguments (`GraphPiece(**fact_fields(facts), ...)`)."""
+    return {name: getattr(facts, name) for name in _FACT_FIELDS}
 
 
 @dataclass(eq=False)
@@ -52,20 +61,7 @@ class GraphPiece:
     @property
     def facts(self) -> GraphFacts:
         """The facts this piece was made from (`GraphFacts`), as they were at capture."""
-        return GraphFacts(
-            size_index=self.size_index,
-            size_indices=self.size_indices,
-            size_symbol=self.size_symbol,
-            size_symbols=self.size_symbols,
-            extra_symbols=self.extra_symbols,
-            returns_tuple=self.returns_tuple,
-            output_marks=self.output_marks,
-            fingerprint=self.fingerprint,
-            placeholder_specs=self.placeholder_specs,
-            size_guards=self.size_guards,
-            device=self.device,
-            size_dims=self.size_dims,
-        )
+        return GraphFacts(**{name: getattr(self, name) for name in _FACT_FIELDS})
 
     @property
     def specializable(self) -> bool:

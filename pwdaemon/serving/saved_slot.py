@@ -146,7 +146,7 @@ class SavedTraceSlot:
         )
         start = time.monotonic()
         try:
-            record = save_trace(model, piece.strategy, piece.gm, piece.facts, (args, kwargs))
+            record = save_trace(model, piece, (args, kwargs))
             self._shelf.save(index, record)
         except Exception as exc:  # SavedTraceError, a store that cannot be written
             if index == 0:

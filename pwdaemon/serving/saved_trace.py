@@ -51,6 +51,7 @@ import torch.fx
 
 from pwdaemon.serving.entry import make_entry
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
+from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.strategy import ShapeStrategy, tracing
 
 try:  # torch's precompile (torch >= 2.9); without it nothing is saved or loaded
@@ -187,17 +188,14 @@ def _precompile_enabled() -> Iterator[None]:
 
 
 def save_trace(
-    model: torch.nn.Module,
-    strategy: ShapeStrategy,
-    piece_gm: torch.fx.GraphModule,
-    facts: GraphFacts,
-    call: tuple[tuple[Any, ...], dict[str, Any]],
+    model: torch.nn.Module, piece: GraphPiece, call: tuple[tuple[Any, ...], dict[str, Any]]
 ) -> TraceRecord:
     """Trace `model` again with torch's precompile on `call` (inputs marked as the
     serving trace marked its own: fresh copies, the caller's are not touched) and return
-    what a restart needs: the record holds the serving piece's graph and `facts`. Raises
-    SavedTraceError when torch cannot save it or the graph differs from the serving
-    piece's (`facts.fingerprint`)."""
+    what a restart needs: the record holds the serving `piece`'s strategy, graph and
+    facts. Raises SavedTraceError when torch cannot save it or the graph differs from
+    the piece's (its fingerprint)."""
+    strategy, facts = piece.strategy, piece.facts
     portable = getattr(torch.compiler, "keep_portable_guards_unsafe", None)
     if not PRECOMPILE or portable is None:
         raise SavedTraceError(f"torch {torch.__version__} cannot save a trace")
@@ -251,7 +249,7 @@ def save_trace(
     # with a size symbol per input (the backed strategy: BERT's input_ids and
     # attention_mask) then read as one size and "other symbols", and a restart served it
     # on the general tier alone: no size compiles, no CUDA graphs (BERT on an H200).
-    return TraceRecord(strategy, facts, piece_gm, data, modules, used, model.training)
+    return TraceRecord(strategy, facts, piece.gm, data, modules, used, model.training)
 
 
 class LoadedTrace:

@@ -46,7 +46,7 @@ from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.misses import DEFAULT_HOT_CALLS, Misses
-from pwdaemon.serving.piece import GraphPiece
+from pwdaemon.serving.piece import GraphPiece, fact_fields
 from pwdaemon.serving.saved_slot import SavedTraceSlot
 from pwdaemon.serving.saved_trace import SavedTraceOutcome, TraceShelf
 from pwdaemon.serving.strategy import (
@@ -580,22 +580,11 @@ class Tracer:
             index=index,
             gm=gm,
             dispatcher=dispatcher,
-            size_index=facts.size_index,
-            size_symbol=facts.size_symbol,
-            extra_symbols=facts.extra_symbols,
-            returns_tuple=facts.returns_tuple,
-            output_marks=facts.output_marks,
-            fingerprint=facts.fingerprint,
-            placeholder_specs=facts.placeholder_specs,
             strategy=strategy,
-            size_indices=facts.size_indices,
-            size_symbols=facts.size_symbols,
-            size_guards=facts.size_guards,
-            device=facts.device,
-            size_dims=facts.size_dims,
             shipped=shipped,
             # Shared with every piece: see GraphPiece.calls_before_trace.
             calls_before_trace=self.background.calls_before if self.background else {},
+            **fact_fields(facts),
         )
         return piece
 
