@@ -29,7 +29,7 @@ import subprocess
 import sys
 from typing import Any
 
-from models import DTYPES, PACE_S, p99
+from models import DTYPES, PACE_S, _build, p99
 
 SIZES = (1, 4, 16)
 
@@ -51,13 +51,9 @@ def child(
 
     torch.set_num_threads(threads)
     if workload == "eager":
-        from pwdaemon.real_models import model_spec
-
         device = torch.device(device_name)
-        dtype = getattr(torch, DTYPES[dtype_name])
-        spec = model_spec(model_name, preset)
-        model = spec.build(device, dtype)
-        inputs = {n: spec.inputs(n, device, dtype) for n in SIZES}
+        model, make = _build(model_name, preset, device, getattr(torch, DTYPES[dtype_name]))
+        inputs = {n: make(n) for n in SIZES}
         sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
         def work(n: int) -> None:
@@ -149,7 +145,7 @@ def child(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="llama", help="a pwdaemon.real_models name")
+    ap.add_argument("--model", default="llama", help="demo or a pwdaemon.real_models name")
     ap.add_argument("--threads", default="1,2", help="torch thread counts, one process each")
     ap.add_argument("--python-ms", default="0.2,1", help="pure-Python call lengths, ms")
     ap.add_argument("--calls", type=int, default=1500)
