@@ -10,7 +10,11 @@
 #   bash bench/gpu_session.sh warm [MODELS]    # warm restart (bench/warm_restart.py);
 #                                              # BASELINE=DIR: also another checkout's
 #
-# SIZES, ITERS, MIN_WARMUP_S, SETTLE_S and BUDGET_S (seconds for the call) shorten a run.
+#   bash bench/gpu_session.sh stalls [MODEL]   # bench/stalls.py cold, then warm on its
+#                                              # store: who ran during each slow call
+#
+# SIZES, ITERS, MIN_WARMUP_S, SETTLE_S and BUDGET_S (seconds for the call) shorten a run;
+# STALL_MS and SECONDS_PER_RUN set stalls' threshold and length.
 # Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
 # in .whl/ (watchdog, pytest-timeout; see bench/README.md). Every step is bounded by
 # `timeout` so that a call ends inside the device's 600 s limit with its logs.
@@ -23,6 +27,21 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD"
 start=$(date +%s)
 left() { echo $(( ${BUDGET_S:-570} - ($(date +%s) - start) )); }
+
+# The machine's Python runs with PYTHONDONTWRITEBYTECODE: every process would compile
+# torch's source on import (warm restarts of 4.9 s instead of 1.9 s on 2026-12-04), and
+# a background import's compile() holds the GIL for a whole module (a cold BERT start
+# on 2026-12-05: the loader's set-up compiled setuptools' modules under serving calls);
+# a deployment has its bytecode, so it is compiled once first (~11 s on 16 cores), and
+# every bench that times serving calls runs after it.
+compile_bytecode() {
+    unset PYTHONDONTWRITEBYTECODE
+    for m in torch triton transformers sympy setuptools; do
+        d=$(python3 -c "import $m, os; print(os.path.dirname($m.__file__))") &&
+            python3 -m compileall -q -j 0 "$d" >/dev/null 2>&1
+    done
+    python3 -m compileall -q -j 0 /tmp/site pwdaemon ${BASELINE:-} >/dev/null 2>&1
+}
 
 models_table() {  # model, systems
     timeout "$(left)" python3 bench/models.py --device cuda --dtype fp16 --preset issue \
@@ -85,7 +104,17 @@ matrix)  # every GPU test (transformers ones included) beside the full model mat
     [ -n "${2:-}" ] && models_table "$2" "${3:-eager,static,pwdaemon}"
     ;;
 models)
+    compile_bytecode
     models_table "$2" "${3:-eager,dynamic,static,whole_graph,pwdaemon,pwdaemon_warm}"
+    ;;
+stalls)  # each slow call's tier, the serving thread's CPU, and who else ran; cold, then warm
+    compile_bytecode
+    store=$(mktemp -d)
+    for run in cold warm; do
+        timeout "$(left)" python3 bench/stalls.py --device cuda --dtype fp16 --preset issue \
+            --model "${2:-bert}" --seconds "${SECONDS_PER_RUN:-60}" \
+            --stall-ms "${STALL_MS:-10}" --store "$store" 2>&1 | tee "$OUT/stalls_$run.log"
+    done
     ;;
 floor)  # the host's floor (bench/floor.py: pure Python, eager on the GPU), then the GPU tests
     for m in $(echo "${2:-llama,bert}" | tr , " "); do
@@ -100,15 +129,7 @@ floor)  # the host's floor (bench/floor.py: pure Python, eager on the GPU), then
         "$OUT/gpu_tests.log" | tail -14
     ;;
 warm)  # seconds from attach to every size specialized: cold, warm, warm traced, prewarmed
-    # The machine's Python runs with PYTHONDONTWRITEBYTECODE: every process would compile
-    # torch's source on import (warm restarts of 4.9 s instead of 1.9 s on 2026-12-04);
-    # a deployment has its bytecode, so it is compiled once first (~11 s on 16 cores).
-    unset PYTHONDONTWRITEBYTECODE
-    for m in torch triton transformers sympy; do
-        d=$(python3 -c "import $m, os; print(os.path.dirname($m.__file__))") &&
-            python3 -m compileall -q -j 0 "$d" >/dev/null 2>&1
-    done
-    python3 -m compileall -q -j 0 /tmp/site pwdaemon ${BASELINE:-} >/dev/null 2>&1
+    compile_bytecode
     timeout "$(left)" python3 bench/warm_restart.py --device cuda \
         --models "${2:-demo,llama,bert}" --repeat "${REPEAT:-2}" --verbose \
         ${BASELINE:+--baseline "$BASELINE"} 2>&1 | tee "$OUT/warm_restart.log"
