@@ -1,18 +1,19 @@
 """What the process was doing during each slow call of a warm-up.
 
-Attaches a model with a fresh store, calls its sizes round-robin (10 ms apart, as
-bench/models.py's warm-up does) for `--seconds`, and arms a stall dump
-(`faulthandler.dump_traceback_later`) around every call: a call slower than
-`--stall-ms` leaves every thread's stack at that moment. The report lists, per slow
-call, the threads that were running Python (not parked in a wait) with their top frame
-and the first pwdaemon frame below it. This attributed the slow warm-up calls of
-2026-12-01 (full collections, the ISA probe's and the first load's g++, imports on
-threads that did not park) where timing alone could not.
+Attaches a model with a fresh store and calls its sizes round-robin (10 ms apart, as
+bench/models.py's warm-up does) for `--seconds`. Each call slower than `--stall-ms`
+shows its tier, whether it was the first call of its size on that tier, the CPU time the
+serving thread itself spent in it (near the wall time: it was computing; far below: it
+waited, for the GIL, a lock or a CPU), the time it spent in garbage collections, and
+from `/proc/.../schedstat` who else ran meanwhile: threads by name, worker and compiler
+processes with their policy and niceness.
 
-Each slow call also shows its tier, whether it was the first call of its size on that
-tier, the CPU time the serving thread itself spent in it (near the wall time: it was
-computing; far below: it waited, for the GIL, a lock or a CPU) and the time it spent in
-garbage collections.
+`--stacks` also samples every thread's stack while a call runs past `--stall-ms`
+(`_stack_sampler.py`, with the GIL held), every `--stall-ms / 2`: per sample, how late it
+came (a GIL hold it waited out) and the threads running Python (not parked in a wait)
+with their top frame and the first pwdaemon frame below it. Stacks attributed the slow
+warm-up calls of 2026-12-01 (full collections, the ISA probe's and the first load's g++,
+imports on threads that did not park) where timing alone could not.
 
     python bench/stalls.py [--model bert] [--seconds 80] [--stall-ms 40] [--store DIR]
                            [--threads N]
@@ -24,18 +25,20 @@ On CUDA every call ends with `torch.cuda.synchronize()` (as bench/models.py time
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import gc
 import os
-import re
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-# A thread whose top frame is one of these is waiting, not running Python.
-_WAITING = (" in wait", " in _wait_for_tstate_lock", " in select", " in get", " in poll")
+from _stack_sampler import Sample, StackSampler
+
+# A thread whose innermost frame is one of these functions is waiting, not running Python.
+_WAITING = frozenset({"wait", "_wait_for_tstate_lock", "select", "get", "poll", "sleep"})
+# Or in one of these files: watchdog's inotify threads block in a read there.
+_WAITING_IN = ("watchdog/observers/inotify_c.py",)
 _SIZES = (1, 4, 16)
 
 
@@ -165,11 +168,7 @@ def sched_report(
     return lines
 
 
-def _report(dump_text: str, slow: list[Slow]) -> None:
-    parts = re.split(r"(=== call \d+\n)", dump_text)
-    stacks: dict[int, str] = {}
-    for header, body in zip(parts[1::2], parts[2::2], strict=True):
-        stacks[int(header.split()[2])] = body
+def _report(slow: list[Slow], samples: dict[int, list[Sample]]) -> None:
     for call, size, ms, at, tier, first, cpu_ms, gc_ms, sched in slow:
         seen = "first call on it" if first else "not its first"
         print(
@@ -178,13 +177,16 @@ def _report(dump_text: str, slow: list[Slow]) -> None:
         )
         for line in sched:
             print(f"    {line}")
-        for block in stacks.get(call, "").split("\n\n"):
-            frames = [ln.strip() for ln in block.splitlines() if ln.strip().startswith("File")]
-            if not frames or any(w in frames[0] for w in _WAITING):
-                continue
-            ours = next((f for f in frames if "/pwdaemon/" in f and "gate.py" not in f), "")
-            top = frames[0].split("site-packages/")[-1]
-            print(f"    {top[:100]}  <-  {ours.split('/pwdaemon/')[-1][:70]}")
+        for due, late_ms, stacks in samples.get(call, []):
+            print(f"    stacks {due * 1e3:.0f} ms into the call ({late_ms:.1f} ms late):")
+            for name, frames in stacks.items():
+                top = frames[0] if frames else ""
+                if not top or top.rpartition(" ")[2] in _WAITING or top.startswith(_WAITING_IN):
+                    continue
+                ours = next(
+                    (f for f in frames if f.startswith("pwdaemon/") and "gate.py" not in f), ""
+                )
+                print(f"      {name}: {frames[0][:90]}  <-  {ours[:70]}")
 
 
 def main() -> None:
@@ -202,9 +204,7 @@ def main() -> None:
     parser.add_argument(
         "--stacks",
         action="store_true",
-        help="dump every thread's stack during slow calls instead of reading schedstat;"
-        " faulthandler reads running threads' frames without the GIL and crashed this"
-        " process (SIGSEGV, SIGBUS) in 4 of 7 BERT runs at --stall-ms 20",
+        help="also sample every thread's stack while a call runs past --stall-ms",
     )
     opts = parser.parse_args()
 
@@ -217,47 +217,43 @@ def main() -> None:
     model, calls = _build(opts.model, opts.device, opts.dtype, opts.preset)
     cuda = torch.device(opts.device).type == "cuda"
     handle = pwd.attach(model, sizes=list(_SIZES), store=opts.store or tempfile.mkdtemp())
-    dump_path = Path(tempfile.mkdtemp()) / "stalls.txt"
+    sampler = StackSampler(opts.stall_ms / 1e3, opts.stall_ms / 2e3) if opts.stacks else None
     slow: list[Slow] = []
     seen: set[tuple[int, str]] = set()
     collections = Collections()
     serving = (os.getpid(), threading.get_native_id())
     gc.callbacks.append(collections)
     t0 = time.perf_counter()
-    with dump_path.open("w") as dump, torch.inference_mode():
+    with torch.inference_mode():
         i = 0
         while time.perf_counter() - t0 < opts.seconds:
             n = _SIZES[i % len(_SIZES)]
             args, kwargs = calls[n]
-            dump.write(f"=== call {i}\n")
-            dump.flush()
             tier = _tier(handle, n)
             first = (n, tier) not in seen
             seen.add((n, tier))
-            if opts.stacks:
-                faulthandler.dump_traceback_later(opts.stall_ms / 1e3, file=dump)
-            else:
-                sched_before = sched_snapshot()
+            sched_before = sched_snapshot()
             cpu, gc0 = time.thread_time(), collections.total_ms
+            if sampler is not None:
+                sampler.begin(i)
             start = time.perf_counter()
             model(*args, **kwargs)
             if cuda:
                 torch.cuda.synchronize()
             took = time.perf_counter() - start
+            if sampler is not None:
+                sampler.end()
             cpu_ms = (time.thread_time() - cpu) * 1e3
             gc_ms = collections.total_ms - gc0
             sched: list[str] = []
-            if opts.stacks:
-                faulthandler.cancel_dump_traceback_later()
-            elif took * 1e3 > opts.stall_ms:
-                sched = sched_report(sched_before, sched_snapshot(), serving)
             if took * 1e3 > opts.stall_ms:
+                sched = sched_report(sched_before, sched_snapshot(), serving)
                 slow.append((i, n, took * 1e3, start - t0, tier, first, cpu_ms, gc_ms, sched))
             i += 1
             time.sleep(0.01)  # traffic pacing, as bench/models.py's warm-up
     handle.detach()
     print(f"{i} calls in {opts.seconds:.0f} s, {len(slow)} over {opts.stall_ms:.0f} ms")
-    _report(dump_path.read_text(), slow)
+    _report(slow, sampler.samples if sampler is not None else {})
 
 
 if __name__ == "__main__":

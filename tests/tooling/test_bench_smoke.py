@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,38 @@ def test_floor_attributes_each_slow_call_or_counts_it_unexplained() -> None:
         assert calls == 30 and 0 <= slow <= calls
         assert float(r[3]) >= float(r[4]) >= 0.5  # the worst is never below the p99
         assert all(0 <= int(v) <= slow for v in r[6:11]), r
+
+
+@pytest.mark.timeout(60)
+def test_stack_sampler_shows_the_thread_that_kept_the_gil_through_a_slow_call() -> None:
+    # bench/_stack_sampler.py (bench/stalls.py --stacks): during a call slower than its
+    # threshold, a thread inside one long C call that keeps the GIL (building and
+    # sorting a 3M-element list, ~0.1 s here) holds the sample back until it returns;
+    # the sample says how late it came and shows that thread at its line.
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from _stack_sampler import StackSampler
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    sampler = StackSampler(after_s=0.005, every_s=0.005)
+    started = threading.Event()
+
+    def hog() -> None:
+        started.set()
+        sorted(range(3_000_000), reverse=True)
+
+    thread = threading.Thread(target=hog, name="hog")
+    sampler.begin(7)
+    thread.start()
+    assert started.wait(30)
+    thread.join()  # the serving call "waits" on the hog: it is slow because of it
+    sampler.end()
+    sampler.begin(8)  # waits for the sampler to finish call 7's samples
+    sampler.end()
+    samples = sampler.samples.get(7, [])
+    assert samples, "no sample during a call far past the threshold"
+    late = max(samples, key=lambda s: s[1])
+    assert late[1] >= 20.0, samples  # it waited out the hog's GIL hold
+    hog_frames = late[2].get("hog") or []
+    assert any("test_bench_smoke.py" in f and " hog" in f for f in hog_frames), late[2]
+    assert 8 not in sampler.samples  # a call that ended at once has none
