@@ -113,7 +113,7 @@ stalls)  # each slow call's tier, the serving thread's CPU, and who else ran; co
     for run in cold warm; do
         timeout "$(left)" python3 bench/stalls.py --device cuda --dtype fp16 --preset issue \
             --model "${2:-bert}" --seconds "${SECONDS_PER_RUN:-60}" \
-            --stall-ms "${STALL_MS:-10}" --store "$store" 2>&1 | tee "$OUT/stalls_$run.log"
+            --stall-ms "${STALL_MS:-10}" --store "$store" --stacks 2>&1 | tee "$OUT/stalls_$run.log"
     done
     ;;
 floor)  # the host's floor (bench/floor.py: pure Python, eager on the GPU), then the GPU tests
