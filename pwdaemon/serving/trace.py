@@ -349,6 +349,16 @@ class Tracer:
             last.mark_outputs = None
         reasons = [*breaks, *warnings.messages]
         undecided = [r for r in reasons if is_data_dependent(r)]
+        if not undecided and any(not p.specializable for p in new):
+            # A break on a size guard dynamo could not decide inside an inlined call is
+            # named only in its graph-break log (see TorchWarnings). Where it cost a piece
+            # the size (no size symbol: pinned to this call's size), the next strategy
+            # traces: transformers' BERT sized on its sequence dim came out as 7 pieces
+            # under the unbacked strategy, 3 of them pinned, and as one piece backed.
+            # Where every piece kept the size (a branch on `n == 1` after a piece that
+            # serves every size, run as Python), the break costs nothing and the
+            # strategy stays.
+            undecided = [r for r in warnings.graph_breaks if is_data_dependent(r)]
         nothing = not self.pieces and not new and error is None
         fallback = next_strategy(attempt.strategy)
         if (undecided or nothing) and not attempt.published and fallback is not None:

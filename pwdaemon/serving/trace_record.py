@@ -145,24 +145,45 @@ def input_signature(
     return " ".join([size_class, *parts])
 
 
+# Dynamo's graph-break log (torch's "graph_breaks" artifact): one logger per module that
+# reports breaks, at DEBUG, off unless TORCH_LOGS asks for it.
+GRAPH_BREAK_LOGS = (
+    "torch._dynamo.symbolic_convert.__graph_breaks",
+    "torch._dynamo.convert_frame.__graph_breaks",
+    "torch._dynamo.exc.__graph_breaks",
+)
+
+
 class TorchWarnings(logging.Handler):
-    """Collects torch's warnings and errors logged by this thread during a tracing call.
+    """Collects torch's warnings and errors, and dynamo's graph-break reasons, logged by
+    this thread during a tracing call.
 
     Dynamo gives up on a frame quietly when fake propagation hits a guard it cannot
     decide (nn.TransformerEncoder's fast path with unbacked sizes: no graph break is
-    counted, the frame just runs eager); the only trace of why is a log record.
+    counted, the frame just runs eager); the only trace of why is a log record. And a
+    graph break on a size guard it cannot decide inside an inlined function is not
+    counted either (torch 2.13 counts only `Unsupported` breaks; this one is a
+    `UserError`): transformers' BERT sized on its sequence dim broke at `q_length > 1`
+    in SDPA attention into 7 pieces under the unbacked strategy, where a backed trace
+    makes one. Its reason is only in the graph-break log, which is off by default: it is
+    turned on for the block and heard here alone (`graph_breaks`), not printed.
     """
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+        super().__init__(logging.DEBUG)
         self.thread = threading.get_ident()
         self.messages: list[str] = []
+        self.graph_breaks: list[str] = []  # reasons from dynamo's graph-break log
         self._loggers: list[logging.Logger] = []
+        self._turned_on: list[tuple[logging.Logger, int, bool]] = []
         self._seen: set[int] = set()
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread != self.thread or id(record) in self._seen:
             return  # another thread's compile (not ours to judge), or seen via a parent
+        graph_break = record.name in GRAPH_BREAK_LOGS
+        if record.levelno < logging.WARNING and not graph_break:
+            return  # a debug log someone turned on: not a warning
         self._seen.add(id(record))
         try:
             text = record.getMessage()
@@ -170,7 +191,14 @@ class TorchWarnings(logging.Handler):
             text = str(record.msg)
         if record.exc_info and record.exc_info[1] is not None:
             text = f"{text} {record.exc_info[1]}"
-        self.messages.append(" ".join(text.split())[:500])
+        if graph_break:
+            # "Graph break in user code at FILE:LINE / Graph Break Reason: ... / User
+            # code traceback: ...": the reason alone.
+            reason = text.partition("Graph Break Reason:")[2] or text
+            reason = reason.split("User code traceback:")[0].split("User Stack")[0]
+            self.graph_breaks.append(" ".join(reason.split())[:500])
+        else:
+            self.messages.append(" ".join(text.split())[:500])
 
     def __enter__(self) -> TorchWarnings:
         # torch._logging gives its loggers their own handlers and turns propagation
@@ -180,10 +208,19 @@ class TorchWarnings(logging.Handler):
         # "dictionary changed size during iteration" (Inductor's imports on the loader's
         # set-up thread beside the trace thread).
         table = list(logging.Logger.manager.loggerDict)
-        names = [n for n in table if n.split(".")[0] == "torch"]
-        self._loggers = [logging.getLogger(n) for n in ("torch", *names)]
+        names = {n for n in table if n.split(".")[0] == "torch"} | set(GRAPH_BREAK_LOGS)
+        self._loggers = [logging.getLogger(n) for n in ("torch", *sorted(names))]
         for logger in self._loggers:
             logger.addHandler(self)
+        for name in GRAPH_BREAK_LOGS:
+            logger = logging.getLogger(name)
+            if not logger.isEnabledFor(logging.DEBUG):
+                # Off (torch's default): on for this block, heard by this handler only.
+                # Process-wide, but the tracer holds TRACE_LOCK, and a record from
+                # another thread's compile goes nowhere (not propagated, filtered here).
+                self._turned_on.append((logger, logger.level, logger.propagate))
+                logger.setLevel(logging.DEBUG)
+                logger.propagate = False
         return self
 
     def __exit__(
@@ -192,6 +229,10 @@ class TorchWarnings(logging.Handler):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        for logger, level, propagate in self._turned_on:
+            logger.setLevel(level)
+            logger.propagate = propagate
+        self._turned_on = []
         for logger in self._loggers:
             logger.removeHandler(self)
 

@@ -299,9 +299,16 @@ def _unify_size_symbols(gm: torch.fx.GraphModule, fake_mode: Any) -> None:
 
 
 def _concrete_inputs(gm: torch.fx.GraphModule, size: int) -> list[Any]:
-    # Every symbol of a specializable piece is the size symbol (checked at capture).
+    # Every symbol of a specializable piece is the size symbol (checked at capture), so
+    # every shape and stride is an expression in it, evaluated at `size`. Not the size
+    # itself: with the size on dim 1 of a (2, s, 8) input, dim 0's stride is 8 * s, and
+    # taking it as s compiled size 5 for strides (5, 8, 1), which every real input
+    # failed (Inductor's input check: "expected size 2==2, stride 40==5 at dim=0").
     def concrete(s: Any) -> int:
-        return size if isinstance(s, torch.SymInt) else int(s)
+        if not isinstance(s, torch.SymInt):
+            return int(s)
+        expr = s.node.expr
+        return int(expr.xreplace({symbol: size for symbol in expr.free_symbols}))
 
     out: list[Any] = []
     for node in gm.graph.nodes:

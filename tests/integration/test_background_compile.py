@@ -321,3 +321,41 @@ def test_a_piece_guarded_to_batch_1_is_compiled_for_batch_1_alone(
         assert not failed, str(h.status())
         for x in inputs.values():
             torch.testing.assert_close(model(x), reference(x), **TOL)
+
+
+class PoolsTokens(nn.Module):
+    """The size is dim 1 (tokens) of a (batch, tokens, features) input, as a server that
+    batches sequences of one length at a time calls an encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).relu().sum(dim=1)
+
+
+def test_a_size_on_dim_1_specializes_its_input_with_the_strides_it_implies() -> None:
+    # With the size on dim 1, dim 0's stride is an expression in it (8 * s0). The worker
+    # built its example input for size 5 with that stride taken as the size itself (5,
+    # not 40): the compile expected a (2, 5, 8) input with strides (5, 8, 1), and
+    # validation rejected every size ("expected size 2==2, stride 40==5 at dim=0"), so
+    # a model sized on any dim but the first never left eager.
+    torch.manual_seed(0)
+    model = PoolsTokens().eval()
+    reference = PoolsTokens().eval()
+    reference.load_state_dict(model.state_dict())
+    inputs = {n: torch.randn(2, n, 8) for n in (3, 5, 7)}
+    compiler = pwd.CompileConfig(workers=1, general=False, start_timeout_s=300)
+    with (
+        torch.inference_mode(),
+        pwd.attach(model, dynamic={"x": 1}, sizes=[5], compiler=compiler, store=False) as h,
+    ):
+        for n in (3, 5, 7):
+            model(inputs[n])
+        assert h.wait(sizes=[5], timeout=300, tier=pwd.Tier.SIZE), str(h.status())
+        assert h.table().lookup(5).tier is pwd.Tier.SIZE
+        failed = [e for s in h.status().pieces for e in s.entries if e.state == "failed"]
+        assert not failed, str(h.status())
+        for x in inputs.values():
+            torch.testing.assert_close(model(x), reference(x), **TOL)
