@@ -14,6 +14,8 @@ subprocess, size 1 gets specialized, sizes 5 and 8 are served compiled (the gene
 outputs equal eager within 1e-4 (compiled kernels reorder reductions), and no piece is
 left on eager for those sizes once the plan completed. One specialized size: each
 costs a compile per piece on this 2-core machine, and one proves the unguarded path.
+And sized on their sequence dim (`dynamic=`), BERT, GPT-2 and Llama are one piece whose
+length 16 specializes, every length equal to eager within 1e-4.
 """
 
 from __future__ import annotations
@@ -299,3 +301,44 @@ def test_bert_under_the_backed_strategy_serves_every_size_right_after_its_genera
                 want = reference(*calls[n][0], **calls[n][1]).last_hidden_state
                 assert got.shape == want.shape, (n, general)
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
+def test_a_transformer_sized_on_its_sequence_dim_is_one_piece_and_specializes(
+    name: str, tmp_path: Path
+) -> None:
+    # Servers that batch requests by length size these models on dim 1. Unbacked, the
+    # attention's `q_length > 1` broke them into 7 (BERT), 3 (GPT-2) and 8 (Llama)
+    # pieces, some pinned to the first call's length, Llama's generals failing
+    # ("KeyError: u0"); and a size compile of any piece sized on dim 1 was rejected
+    # ("expected size 2==2, stride 1024==16": the worker took dim 0's stride 64*s as s).
+    # Now: one backed piece, length 16 specialized, every length right within 1e-4.
+    model = build(name)
+    reference = copy.deepcopy(model)
+
+    def tokens(length: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(length)
+        ids = torch.randint(0, VOCAB, (2, length), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones(2, length, dtype=torch.long)}
+
+    dims = {"input_ids": 1, "attention_mask": 1}
+    compiler = pwd.CompileConfig(workers=1, general=False, start_timeout_s=300)
+    store = str(tmp_path / "store")
+    with (
+        torch.inference_mode(),
+        pwd.attach(model, dynamic=dims, sizes=[16], compiler=compiler, store=store) as h,
+    ):
+        model(**tokens(16))
+        assert h.wait_traced(300)
+        for length in (8, 16, 24):
+            model(**tokens(length))
+        assert h.wait(sizes=[16], timeout=600, tier=pwd.Tier.SIZE), str(h.status())
+        assert len(h.pieces) == 1, str(h.status())
+        assert h.pieces[0].strategy is ShapeStrategy.BACKED_OBLIVIOUS
+        assert h.table().lookup(16).tier is pwd.Tier.SIZE
+        for length in (8, 16, 24, 16):
+            got = main_output(model(**tokens(length)))
+            want = main_output(reference(**tokens(length)))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
