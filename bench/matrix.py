@@ -11,6 +11,11 @@ For each model of `pwdaemon.real_models`, on the device given, under
    those sizes.
 
     python bench/matrix.py [--device cuda] [--dtype fp16] [--preset tiny|issue]
+                           [--dim batch|sequence]
+
+`--dim sequence` sizes the transformers models on their sequence dim instead (batch 2,
+`dynamic={"input_ids": 1, "attention_mask": 1}`, as a server that batches requests by
+length calls them; the other models keep dim 0): the sizes are then lengths.
 
 Prints a markdown table (the one the README and the closing notes quote).
 """
@@ -50,7 +55,23 @@ def _max_diff(a: Any, b: Any) -> float:
     )
 
 
-def child(name: str, device_name: str, dtype_name: str, preset: str, timeout: float) -> None:
+# The transformers models' token inputs, sized on the sequence dim (`--dim sequence`).
+SEQUENCE_DIMS = {"input_ids": 1, "attention_mask": 1}
+SEQUENCE_BATCH = 2
+
+
+def _sequence_inputs(model: Any, length: int, device: Any) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, model.config.vocab_size, (SEQUENCE_BATCH, length), generator=g)
+    mask = torch.ones(SEQUENCE_BATCH, length, dtype=torch.long)
+    return (), {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def child(
+    name: str, device_name: str, dtype_name: str, preset: str, timeout: float, dim: str
+) -> None:
     import torch
     from torch._dynamo.utils import counters
 
@@ -64,9 +85,13 @@ def child(name: str, device_name: str, dtype_name: str, preset: str, timeout: fl
         torch.backends.mha.set_fastpath_enabled(False)
     spec = model_spec(name, preset)
     out: dict[str, Any] = {"model": name}
+    sequence = dim == "sequence" and spec.needs_transformers
     with torch.inference_mode():
         ref = spec.build(device, dtype)
-        calls = {n: spec.inputs(n, device, dtype) for n in set(SIZES)}
+        if sequence:
+            calls = {n: _sequence_inputs(ref, n, device) for n in set(SIZES)}
+        else:
+            calls = {n: spec.inputs(n, device, dtype) for n in set(SIZES)}
         eager = {n: ref(*calls[n][0], **calls[n][1]) for n in calls}
         torch._dynamo.reset()
         peer = torch.compile(spec.build(device, dtype), dynamic=True, backend="eager")
@@ -77,7 +102,8 @@ def child(name: str, device_name: str, dtype_name: str, preset: str, timeout: fl
         counters.clear()
         model = spec.build(device, dtype)
         t0 = time.monotonic()
-        handle = pwd.attach(model, sizes=list(SPECIALIZE), store=False)
+        dynamic = SEQUENCE_DIMS if sequence else None
+        handle = pwd.attach(model, sizes=list(SPECIALIZE), store=False, dynamic=dynamic)
         try:
             first = calls[SIZES[0]]
             model(*first[0], **first[1])  # served eager; starts the background trace
@@ -146,17 +172,20 @@ def main() -> None:
     p.add_argument("--models", default="sequential,transformer_encoder,bert,gpt2,llama")
     p.add_argument("--timeout", type=float, default=400.0)
     p.add_argument("--jobs", type=int, default=1, help="models run side by side")
+    p.add_argument("--dim", default="batch", choices=("batch", "sequence"),
+                   help="the transformers models' size: batch or sequence (dim 1)")  # fmt: skip
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.child, a.device, a.dtype, a.preset, a.timeout)
+        child(a.child, a.device, a.dtype, a.preset, a.timeout, a.dim)
         return
 
     def run(name: str) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="pwdaemon-matrix-") as tmp:
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tmp}
             cmd = [sys.executable, __file__, "--child", name, "--device", a.device, "--dtype",
-                   a.dtype, "--preset", a.preset, "--timeout", str(a.timeout)]  # fmt: skip
+                   a.dtype, "--preset", a.preset, "--timeout", str(a.timeout),
+                   "--dim", a.dim]  # fmt: skip
             t0 = time.monotonic()
             try:
                 r = subprocess.run(
@@ -174,7 +203,10 @@ def main() -> None:
     # scarce); each child is its own process with its own Inductor cache either way.
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         rows = list(pool.map(run, a.models.split(",")))
-    print(f"\n{a.device}, {a.dtype}, preset {a.preset}, sizes {SIZES}, specialized {SPECIALIZE}\n")
+    sized = "sequence lengths" if a.dim == "sequence" else "sizes"
+    print(
+        f"\n{a.device}, {a.dtype}, preset {a.preset}, {sized} {SIZES}, specialized {SPECIALIZE}\n"
+    )
     print(
         "| model | pieces (torch.compile dynamic) | strategy | unique graphs | recompiles "
         "| breaks | 1, 2, 8 specialized | tiers 1/2/8 | max diff vs eager | on eager |"
