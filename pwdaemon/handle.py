@@ -93,7 +93,7 @@ class Handle:
         # engine sits below the handle and knows the tracer only as `TraceRecords`).
         # Created after the tracer, which calls `_on_piece` (and so the engine) only
         # once the model is called.
-        self.engine = Engine(options, trace=self._tracer)
+        self.engine = Engine(options, trace=self._tracer, on_strategy_failed=remember)
         self._previous_impl: Any = None
         self.detached = False
         self._metrics_server: Any = None

@@ -59,6 +59,7 @@ from pwdaemon.metrics.stats import ModelMetrics
 from pwdaemon.serving.gate import GATE, GateHold
 from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Tier
+from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.workers.executor import Executor, ProcessExecutor
 from pwdaemon.workers.prewarm import prewarm
 
@@ -74,9 +75,16 @@ class Engine:
     """Background compilation for the graph pieces of one attached model: the life
     cycle, the loop and its tick; the parts do the rest."""
 
-    def __init__(self, options: AttachOptions, trace: report.TraceRecords | None = None) -> None:
+    def __init__(
+        self,
+        options: AttachOptions,
+        trace: report.TraceRecords | None = None,
+        on_strategy_failed: Callable[[ShapeStrategy, str], None] | None = None,
+    ) -> None:
         """`trace`: the tracer's records, read-only, for status and metrics (the handle
-        passes its tracer; the engine never changes it)."""
+        passes its tracer; the engine never changes it). `on_strategy_failed(strategy,
+        why)`: remember a strategy whose general compile failed, for the model's next
+        start (the handle passes its store's memory)."""
         self.options = options
         self.trace = trace
         self.name = options.name
@@ -116,6 +124,7 @@ class Engine:
         self.publisher = Publisher(
             self.config, self.graphs, self.queue, self.waiters, self.counters, lambda: self.closed
         )
+        self.publisher.on_strategy_failed = on_strategy_failed
         self.graph_capture = GraphCapture(self.graphs, self.queue, self.publisher)
         self._workdir = Path(tempfile.mkdtemp(prefix="pwdaemon-"))
         self.runner = Runner(

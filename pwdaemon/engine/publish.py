@@ -32,6 +32,7 @@ from pwdaemon.engine.waiters import Waiters
 from pwdaemon.serving.cudagraph import GraphConfig
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.range_table import Target, TargetKind
+from pwdaemon.serving.strategy import ShapeStrategy, is_data_dependent, next_strategy
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class Publisher:
         self.waiters = waiters
         self.counters = counters
         self._closed = closed
+        # Remembers a strategy as failed for the model's next start (the handle sets it
+        # where there is a store): see `_strategy_failed`.
+        self.on_strategy_failed: Callable[[ShapeStrategy, str], None] | None = None
 
     async def publish(
         self, st: PieceState, job: Job, runnable: Any, seconds: float, source: JobSource
@@ -174,4 +178,31 @@ class Publisher:
             job.piece.index,
             job.reason,
         )
+        if job.target.kind is TargetKind.GENERAL and is_data_dependent(reason):
+            self._strategy_failed(job, reason)
         self.waiters.check_plan_complete()
+
+    def _strategy_failed(self, job: Job, reason: str) -> None:
+        # A general compile that Inductor cannot lower for the piece's symbols: a conv
+        # over an unbacked length ("could not extract specialized integer from
+        # data-dependent expression 16*Max(1, u0)") traced fine and compiled every size,
+        # but without a general every other size served eager. The backed strategy's
+        # general compiles. This run keeps its pieces (they serve right, and their size
+        # compiles stand); the next start traces with the next strategy.
+        strategy = job.piece.strategy
+        fallback = next_strategy(strategy)
+        if fallback is None or self.on_strategy_failed is None:
+            return
+        why = f"the general compile of graph {job.piece.index} failed: {reason}"
+        try:
+            self.on_strategy_failed(strategy, why)
+        except Exception as exc:  # the store is the user's disk: never raise from here
+            log.warning("pwdaemon: failed strategy not remembered: %s", exc)
+            return
+        log.warning(
+            "pwdaemon: graph %d: strategy %s failed its general compile; the next start "
+            "traces with %s",
+            job.piece.index,
+            strategy.value,
+            fallback.value,
+        )

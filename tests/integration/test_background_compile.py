@@ -11,6 +11,7 @@ import signal
 import statistics
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -359,3 +360,59 @@ def test_a_size_on_dim_1_specializes_its_input_with_the_strides_it_implies() -> 
         assert not failed, str(h.status())
         for x in inputs.values():
             torch.testing.assert_close(model(x), reference(x), **TOL)
+
+
+class ConvolvesTime(nn.Module):
+    """Sized on dim 2 (time) of a (batch, channels, time) input, as an audio model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 16, 3, padding=1)
+        self.down = nn.Conv1d(16, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.down(torch.relu(self.conv(x))))
+        return self.head(h.mean(dim=2))
+
+
+def test_a_general_compile_failing_on_a_size_guard_makes_the_next_start_trace_backed(
+    tmp_path: Path,
+) -> None:
+    # Traced unbacked, the conv model is one piece, but Inductor cannot lower its
+    # general ("could not extract specialized integer from data-dependent expression
+    # 16*Max(1, u0)"): every size without a compile of its own stayed on eager. The
+    # failure is remembered in the store as the strategy's, and the next start traces
+    # backed, whose general compiles.
+    from pwdaemon.serving.strategy import ShapeStrategy
+    from pwdaemon.serving.trace_record import AttemptOutcome
+
+    torch.manual_seed(0)
+    first = ConvolvesTime().eval()
+    state = first.state_dict()
+    compiler = pwd.CompileConfig(workers=1, retries=0, start_timeout_s=300)
+    store = str(tmp_path / "store")
+    inputs = {n: torch.randn(3, 4, n) for n in (1, 37, 100)}
+    with torch.inference_mode():
+        with pwd.attach(first, dynamic={"x": 2}, compiler=compiler, store=store) as h:
+            first(inputs[100])
+            assert h.wait_traced(120)
+            assert h.wait(timeout=300), str(h.status())
+            assert h.pieces[0].strategy is ShapeStrategy.UNBACKED
+            general = _entries(h)["general"]
+            assert general.state == "failed" and "data-dependent" in (general.reason or ""), general
+        second = ConvolvesTime().eval()
+        second.load_state_dict(state)
+        reference = ConvolvesTime().eval()
+        reference.load_state_dict(state)
+        with pwd.attach(second, dynamic={"x": 2}, compiler=compiler, store=store) as h:
+            second(inputs[100])
+            assert h.wait_traced(120)
+            tracer = h._tracer
+            assert tracer.attempts[0].strategy is ShapeStrategy.UNBACKED
+            assert tracer.attempts[0].outcome is AttemptOutcome.SKIPPED
+            assert h.pieces[0].strategy is ShapeStrategy.BACKED_OBLIVIOUS
+            assert h.wait(timeout=300), str(h.status())
+            assert _entries(h)["general"].state == "live", str(h.status())
+            for x in inputs.values():  # 1 and 37 on the general tier
+                torch.testing.assert_close(second(x), reference(x), **TOL)

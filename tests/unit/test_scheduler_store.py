@@ -12,11 +12,14 @@ from scheduling import FAST, call_sizes, compiler_config, job_labels
 from torch import nn
 
 import pwdaemon as pwd
-from pwdaemon.engine.store_link import StoreLink
+from pwdaemon.engine.store_link import StoreLink, model_id
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import Target
+from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.store.store import ArtifactStore
 from pwdaemon.testing import FakeExecutor
 from pwdaemon.workers.executor import JobSpec
+from pwdaemon.workers.process import CompileError
 
 
 class _GateRecording(FakeExecutor):
@@ -241,3 +244,46 @@ def test_a_job_in_its_own_lookup_is_not_queued_again_by_the_store_plan(
         h.detach()
     assert looking.is_set() and planned.is_set()
     assert loaded == [str(stored_artifact)], (loaded, len(pushes), len(runs))
+
+
+class _GeneralFailsOnASizeGuard(FakeExecutor):
+    """Fails every general compile as Inductor failed a conv over an unbacked length."""
+
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        if spec.target.label == "general":
+            raise CompileError(
+                "failed",
+                "InductorError: LoweringException: GuardOnDataDependentSymNode: Could not "
+                "extract specialized integer from data-dependent expression 16*Max(1, u0)",
+            )
+        return super().run(spec, timeout)
+
+
+def test_a_general_that_fails_on_a_size_guard_is_remembered_against_its_strategy(
+    mlp: nn.Module, tmp_path: Path
+) -> None:
+    # The store remembers the strategy as failed for the model (the next start skips it:
+    # tests/integration/test_background_compile.py runs that with real workers); a
+    # general that fails for another reason is not the strategy's doing.
+    store = ArtifactStore(tmp_path / "store")
+    key = model_id(mlp, None)
+    compiler = compiler_config(retries=0)
+    with pwd.attach(
+        mlp, executor=_GeneralFailsOnASizeGuard(), store=store, policy=FAST, compiler=compiler
+    ) as h:
+        call_sizes(mlp, [4])
+        assert h.wait(timeout=60), str(h.status())
+    failed = StoreLink(store, {}).failed_strategies(key)
+    assert list(failed) == [ShapeStrategy.UNBACKED], failed
+    assert "general compile of graph 0 failed" in failed[ShapeStrategy.UNBACKED]
+    other = tmp_path / "other"
+    with pwd.attach(
+        mlp,
+        executor=FakeExecutor(fail={"general": "crashed"}),
+        store=str(other),
+        policy=FAST,
+        compiler=compiler,
+    ) as h:
+        call_sizes(mlp, [4])
+        assert h.wait(timeout=60), str(h.status())
+    assert StoreLink(ArtifactStore(other), {}).failed_strategies(key) == {}
