@@ -21,16 +21,25 @@ import anyio.to_thread
 
 from pwdaemon.config import CompileConfig
 from pwdaemon.engine.graphs import GraphCapture
-from pwdaemon.engine.jobs import Counters, Job, JobSource, JobState, PieceState
+from pwdaemon.engine.jobs import (
+    Counters,
+    Job,
+    JobReason,
+    JobSource,
+    JobState,
+    PieceState,
+    PriorityBand,
+)
 from pwdaemon.engine.publish import Publisher
 from pwdaemon.engine.queue import JobQueue
 from pwdaemon.engine.store_link import StoreLink, compile_options
 from pwdaemon.engine.torch_thread import run_gated, run_torch_work
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.piece import wrap_compiled
-from pwdaemon.serving.range_table import TargetKind
+from pwdaemon.serving.range_table import Range, Target, TargetKind
 from pwdaemon.store import ArtifactKey
 from pwdaemon.workers.compiler import (
+    ABOVE_ONE,
     JobSpec,
     SpecializedCompileError,
     UnshippableGraphError,
@@ -41,6 +50,10 @@ from pwdaemon.workers.executor import Executor
 from pwdaemon.workers.process import CompileError, Outcome
 
 log = logging.getLogger(__name__)
+
+# The sizes a general that holds above 1 only is replaced by: every size a 32-bit index
+# can count (`_plan_above_one`).
+ABOVE_ONE_RANGE = Range(2, 2**31 - 1)
 
 # A job whose key another process holds the claim for waits this long before it looks
 # again (the peer's artifact usually arrives sooner, through the store watcher).
@@ -246,6 +259,8 @@ class Runner:
             if exc.reason.startswith(SpecializedCompileError.__name__):
                 # The worker refused what it compiled (it holds for some sizes only): as a
                 # failed validation, a retry compiles the same graph to the same answer.
+                if job.target.kind is TargetKind.GENERAL and ABOVE_ONE in exc.reason:
+                    self._plan_above_one(st, job)  # first: the plan is not complete yet
                 self.publisher.fail(job, "rejected", exc.reason, retry=False)
             else:
                 self.publisher.fail(job, exc.outcome, exc.reason)
@@ -273,6 +288,31 @@ class Runner:
             return
         runnable = wrap_compiled(runnable, job.piece)
         await self.publisher.publish(st, job, runnable, seconds, JobSource.COMPILED)
+
+    def _plan_above_one(self, st: PieceState, general: Job) -> None:
+        # A general whose compile assumed a size above 1 (conv nets: Inductor's conv
+        # lowering guards the batch with `s > 1` under the backed strategy) was refused,
+        # and every size without its own compile stayed on eager. The range of every
+        # size above 1 compiles with that known (`_constrain_range`) and takes the
+        # general's place, and size 1 gets its own compile.
+        piece = general.piece
+        planned = [
+            (Target.of_range(ABOVE_ONE_RANGE), JobReason.GENERAL),
+            (Target.size(1), JobReason.CONFIGURED),
+        ]
+        for i, (target, why) in enumerate(planned):
+            if target.label in st.jobs or not piece.admits(target.start):
+                continue
+            if target.kind is TargetKind.SIZE:
+                st.policy.reserve([target.start])
+            job = Job(piece, target, why, (PriorityBand.GENERAL, i))
+            self.queue.push(st.add(job))
+        log.info(
+            "pwdaemon: graph %d: its general holds above size 1 only; compiling %s and "
+            "size 1 in its place",
+            piece.index,
+            Target.of_range(ABOVE_ONE_RANGE).label,
+        )
 
     async def _graph_bytes(self, st: PieceState) -> bytes:
         # Pickled once per piece, on a thread (GraphPickler takes a while on big graphs).

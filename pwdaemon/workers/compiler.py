@@ -54,6 +54,9 @@ CPU_THREADS_OPTION = "pwdaemon.cpu_threads"
 # Sizes a general compile must hold for (its guards are evaluated at each): the small
 # sizes where "the size is 1" and "the size is the hint" differ from every other size.
 GENERAL_PROBE_SIZES = (1, 2, 3, 17)
+# In a refused general's reason where its guards fail at size 1 alone (a conv net whose
+# compile assumed a batch above 1: "s33 > 1"); the engine reads it (see its runner).
+ABOVE_ONE = "it holds for every size above 1"
 
 
 @dataclass(frozen=True)
@@ -356,8 +359,11 @@ def _probe_sizes(gm: torch.fx.GraphModule, target: Target) -> tuple[int, ...]:
     return tuple(n for n in sizes if admits(guards, n))
 
 
-def _pinning_guard(gm: torch.fx.GraphModule, fake_mode: Any, target: Target) -> str | None:
-    """A guard the compile recorded that some size of `target` fails, as text, or None.
+def _pinning_guard(
+    gm: torch.fx.GraphModule, fake_mode: Any, target: Target
+) -> tuple[str | None, frozenset[int]]:
+    """A guard the compile recorded that some size of `target` fails, as text (None:
+    none), and every probed size that some guard fails.
 
     Inductor and AOTAutograd record every assumption about a size in the shape env (a
     compile's own branches and a cache hit's guards alike); standalone_compile's artifact
@@ -369,19 +375,28 @@ def _pinning_guard(gm: torch.fx.GraphModule, fake_mode: Any, target: Target) -> 
     symbols = {e for e in _size_exprs(gm) if e.is_symbol}
     shape_env = fake_mode.shape_env
     probes = _probe_sizes(gm, target)
+    first: str | None = None
+    failing: set[int] = set()
     for sym in symbols:
         value = shape_env.replacements.get(sym)
-        pinned = value is not None and getattr(value, "is_Integer", False)
-        if pinned and any(n != int(value) for n in probes):
-            return f"{sym} = {value}"
+        if value is not None and getattr(value, "is_Integer", False):
+            wrong = {n for n in probes if n != int(value)}
+            if wrong:
+                first = first or f"{sym} = {value}"
+                failing |= wrong
     for guard in shape_env.guards:
         expr = guard.expr
         if not expr.free_symbols or not expr.free_symbols <= symbols:
             continue
         for n in probes:
-            if expr.xreplace({s: sympy.Integer(n) for s in expr.free_symbols}) is sympy.false:
-                return f"{expr} (false at size {n})"
-    return None
+            try:
+                holds = expr.xreplace({s: sympy.Integer(n) for s in expr.free_symbols})
+            except (ZeroDivisionError, ArithmeticError, TypeError):
+                holds = sympy.false  # undefined there (`Mod(x, s - 1)` at 1): not held
+            if holds is sympy.false:
+                first = first or f"{expr} (false at size {n})"
+                failing.add(n)
+    return first, frozenset(failing)
 
 
 @contextlib.contextmanager
@@ -429,17 +444,21 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
                 _constrain_range(gm, target.start, target.end)
             inputs = _inference_fakes(gm, fake_mode)
             artifact = standalone_compile(gm, inputs, dynamic_shapes="from_graph", options=options)
-            pinned = _pinning_guard(gm, fake_mode, target)
+            pinned, failing = _pinning_guard(gm, fake_mode, target)
             if pinned is not None:
                 # Inductor's caches do not key on the shape configuration, and a cached
                 # entry's guards are checked at the hint only: an entry that a compile
                 # without it left (size pinned to 1, before pwdaemon sent the option) is
                 # found again at hint 1. standalone_compile cannot save an artifact with
-                # the caches off, so the reason says how to clear them.
+                # the caches off, so the reason says how to clear them. A general whose
+                # guards fail at size 1 alone says so: the engine compiles the range of
+                # every size above 1 in its place (`ABOVE_ONE`).
+                above_one = f"; {ABOVE_ONE}" if failing == {1} else ""
                 raise SpecializedCompileError(
-                    f"the {target.label} compile holds for some sizes only (guard {pinned});"
-                    " not kept: it would serve the other sizes wrong (if Inductor's cache"
-                    " predates this pwdaemon, clear it: `pwdaemon cache clear`)"
+                    f"the {target.label} compile holds for some sizes only (guard {pinned})"
+                    f"{above_one}; not kept: it would serve the other sizes wrong (if"
+                    " Inductor's cache predates this pwdaemon, clear it: `pwdaemon cache"
+                    " clear`)"
                 )
     tmp = f"{spec.out_path}.tmp-{os.getpid()}"
     artifact.save(path=tmp, format="binary")

@@ -37,6 +37,7 @@ from pwdaemon.serving.range_table import Target
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.workers import starvation
 from pwdaemon.workers.compiler import (
+    ABOVE_ONE,
     CPU_THREADS_OPTION,
     SIZE_OBLIVIOUS_OPTION,
     JobSpec,
@@ -493,4 +494,5 @@ def test_a_general_compile_that_pins_the_size_is_refused_with_its_guard(
     finally:
         ex.close(5.0)
     assert err.value.outcome is Outcome.FAILED
+    assert ABOVE_ONE not in err.value.reason  # pinned to one size: no range replaces it
     assert not (tmp_path / "general.bin").exists()

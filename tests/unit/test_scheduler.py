@@ -20,9 +20,11 @@ from scheduling import FAST, call_sizes, compiler_config, job_labels
 from torch import nn
 
 import pwdaemon as pwd
+from pwdaemon.engine.runner import ABOVE_ONE_RANGE
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import Target
 from pwdaemon.testing import FakeExecutor, inject_fault
+from pwdaemon.workers.compiler import ABOVE_ONE
 from pwdaemon.workers.executor import JobSpec
 from pwdaemon.workers.process import CompileError
 
@@ -526,3 +528,45 @@ def test_two_captures_of_one_piece_both_get_their_graph(
             torch.testing.assert_close(mlp(x), reference(x))
     finally:
         h.detach()
+
+
+class _GeneralHoldsAboveOne(FakeExecutor):
+    """Refuses every general as the worker refuses a conv net's (guard `s >= 2`)."""
+
+    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
+        if spec.target.label == "general":
+            raise CompileError(
+                "failed",
+                "SpecializedCompileError: the general compile holds for some sizes only "
+                f"(guard s33 >= 2 (false at size 1)); {ABOVE_ONE}; not kept",
+            )
+        return super().run(spec, timeout)
+
+
+def test_a_general_that_holds_above_size_1_only_is_replaced_by_that_range_and_size_1(
+    mlp: nn.Module, reference: nn.Module
+) -> None:
+    # A conv net's general was refused (it assumed a batch above 1) and every size
+    # without its own compile stayed on eager. Now the range of every size above 1 and
+    # size 1 are compiled in its place, before the plan completes.
+    ex = _GeneralHoldsAboveOne()
+    with pwd.attach(mlp, policy=FAST, compiler=compiler_config(), executor=ex, store=False) as h:
+        call_sizes(mlp, [3])
+        assert h.wait(timeout=20), str(h.status())
+        above = Target.of_range(ABOVE_ONE_RANGE).label
+        assert job_labels(ex.jobs)[:2] == [above, "size:1"]  # (the refused general: not run)
+        entries = {e.target: e for e in h.status().pieces[0].entries}
+        assert entries["general"].state == "failed"
+        assert entries[above].state == "live" and entries["size:1"].state == "live"
+        assert h.table().lookup(1).tier is pwd.Tier.SIZE
+        for n in (2, 3, 1000):
+            assert h.table().lookup(n).tier is pwd.Tier.RANGE
+            x = torch.randn(n, 16)
+            torch.testing.assert_close(mlp(x), reference(x))
+    # A general refused for another reason is not replaced.
+    plain = FakeExecutor(fail={"general": "failed"})
+    with pwd.attach(mlp, policy=FAST, compiler=compiler_config(retries=0), executor=plain,
+                    store=False) as h:  # fmt: skip
+        call_sizes(mlp, [3])
+        assert h.wait(timeout=20), str(h.status())
+        assert job_labels(plain.jobs) == ["general"]
