@@ -52,7 +52,8 @@ class FakeExecutor:
     """An in-process executor: jobs return the graph's eager forward as the "artifact".
 
     - `fail`: target label ("general", "size:8", "range:1-16") -> outcome to raise
-      (failed | crashed | timeout), every time.
+      (failed | crashed | timeout), every time; or (outcome, reason) to raise with the
+      worker's reason as given (a refused or unlowerable general, say).
     - `gate`: when given, every job waits for it (up to the job timeout) before
       finishing, so a test can hold compiles "in flight".
     - `transform(target, runnable) -> runnable`: wrap what a job returns (e.g. add a
@@ -62,7 +63,7 @@ class FakeExecutor:
     def __init__(
         self,
         *,
-        fail: Mapping[str, str] | None = None,
+        fail: Mapping[str, str | tuple[str, str]] | None = None,
         gate: threading.Event | None = None,
         transform: Callable[[Target, Callable[..., Any]], Callable[..., Any]] | None = None,
         seconds: float = 0.0,
@@ -92,9 +93,11 @@ class FakeExecutor:
             raise CompileError("timeout", f"compile did not finish within {timeout:g} s")
         if self.gate is not None and not self.gate.wait(timeout):
             raise CompileError("timeout", f"compile did not finish within {timeout:g} s")
-        outcome = self.fail.get(spec.target.label)
-        if outcome is not None:
-            raise CompileError(outcome, f"injected {outcome} for {spec.target.label}")
+        failure = self.fail.get(spec.target.label)
+        if isinstance(failure, tuple):
+            raise CompileError(*failure)
+        if failure is not None:
+            raise CompileError(failure, f"injected {failure} for {spec.target.label}")
         gm, _ = load_graph(spec.graph)  # under the pickler's lock, as a real ship is
         gm.recompile()
         runnable: Callable[..., Any] = gm.forward

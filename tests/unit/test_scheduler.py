@@ -530,17 +530,12 @@ def test_two_captures_of_one_piece_both_get_their_graph(
         h.detach()
 
 
-class _GeneralHoldsAboveOne(FakeExecutor):
-    """Refuses every general as the worker refuses a conv net's (guard `s >= 2`)."""
-
-    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
-        if spec.target.label == "general":
-            raise CompileError(
-                "failed",
-                "SpecializedCompileError: the general compile holds for some sizes only "
-                f"(guard s33 >= 2 (false at size 1)); {ABOVE_ONE}; not kept",
-            )
-        return super().run(spec, timeout)
+# The worker's reason for refusing a conv net's general (guard `s >= 2`).
+_HOLDS_ABOVE_ONE = (
+    "failed",
+    "SpecializedCompileError: the general compile holds for some sizes only "
+    f"(guard s33 >= 2 (false at size 1)); {ABOVE_ONE}; not kept",
+)
 
 
 def test_a_general_that_holds_above_size_1_only_is_replaced_by_that_range_and_size_1(
@@ -549,12 +544,12 @@ def test_a_general_that_holds_above_size_1_only_is_replaced_by_that_range_and_si
     # A conv net's general was refused (it assumed a batch above 1) and every size
     # without its own compile stayed on eager. Now the range of every size above 1 and
     # size 1 are compiled in its place, before the plan completes.
-    ex = _GeneralHoldsAboveOne()
+    ex = FakeExecutor(fail={"general": _HOLDS_ABOVE_ONE})
     with pwd.attach(mlp, policy=FAST, compiler=compiler_config(), executor=ex, store=False) as h:
         call_sizes(mlp, [3])
         assert h.wait(timeout=20), str(h.status())
         above = Target.of_range(ABOVE_ONE_RANGE).label
-        assert job_labels(ex.jobs)[:2] == [above, "size:1"]  # (the refused general: not run)
+        assert job_labels(ex.jobs)[:3] == ["general", above, "size:1"]
         entries = {e.target: e for e in h.status().pieces[0].entries}
         assert entries["general"].state == "failed"
         assert entries[above].state == "live" and entries["size:1"].state == "live"

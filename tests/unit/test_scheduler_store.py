@@ -19,7 +19,6 @@ from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.store.store import ArtifactStore
 from pwdaemon.testing import FakeExecutor
 from pwdaemon.workers.executor import JobSpec
-from pwdaemon.workers.process import CompileError
 
 
 class _GateRecording(FakeExecutor):
@@ -246,17 +245,12 @@ def test_a_job_in_its_own_lookup_is_not_queued_again_by_the_store_plan(
     assert loaded == [str(stored_artifact)], (loaded, len(pushes), len(runs))
 
 
-class _GeneralFailsOnASizeGuard(FakeExecutor):
-    """Fails every general compile as Inductor failed a conv over an unbacked length."""
-
-    def run(self, spec: JobSpec, timeout: float) -> dict[str, Any]:
-        if spec.target.label == "general":
-            raise CompileError(
-                "failed",
-                "InductorError: LoweringException: GuardOnDataDependentSymNode: Could not "
-                "extract specialized integer from data-dependent expression 16*Max(1, u0)",
-            )
-        return super().run(spec, timeout)
+# Inductor's reason for failing a conv model's general over an unbacked length.
+_UNLOWERABLE = (
+    "failed",
+    "InductorError: LoweringException: GuardOnDataDependentSymNode: Could not extract "
+    "specialized integer from data-dependent expression 16*Max(1, u0)",
+)
 
 
 def test_a_general_that_fails_on_a_size_guard_is_remembered_against_its_strategy(
@@ -269,7 +263,11 @@ def test_a_general_that_fails_on_a_size_guard_is_remembered_against_its_strategy
     key = model_id(mlp, None)
     compiler = compiler_config(retries=0)
     with pwd.attach(
-        mlp, executor=_GeneralFailsOnASizeGuard(), store=store, policy=FAST, compiler=compiler
+        mlp,
+        executor=FakeExecutor(fail={"general": _UNLOWERABLE}),
+        store=store,
+        policy=FAST,
+        compiler=compiler,
     ) as h:
         call_sizes(mlp, [4])
         assert h.wait(timeout=60), str(h.status())
