@@ -291,7 +291,7 @@ class Runner:
 
     def _plan_above_one(self, st: PieceState, general: Job) -> None:
         # A general whose compile assumed a size above 1 (conv nets: Inductor's conv
-        # lowering guards the batch with `s > 1` under the backed strategy) was refused,
+        # lowering guards the batch with `s >= 2` under the backed strategy) was refused,
         # and every size without its own compile stayed on eager. The range of every
         # size above 1 compiles with that known (`_constrain_range`) and takes the
         # general's place, and size 1 gets its own compile.
@@ -300,19 +300,23 @@ class Runner:
             (Target.of_range(ABOVE_ONE_RANGE), JobReason.GENERAL),
             (Target.size(1), JobReason.CONFIGURED),
         ]
+        queued = []
         for i, (target, why) in enumerate(planned):
+            # Known already on a warm restart (loaded from the store) or configured.
             if target.label in st.jobs or not piece.admits(target.start):
                 continue
             if target.kind is TargetKind.SIZE:
                 st.policy.reserve([target.start])
             job = Job(piece, target, why, (PriorityBand.GENERAL, i))
             self.queue.push(st.add(job))
-        log.info(
-            "pwdaemon: graph %d: its general holds above size 1 only; compiling %s and "
-            "size 1 in its place",
-            piece.index,
-            Target.of_range(ABOVE_ONE_RANGE).label,
-        )
+            queued.append(target.label)
+        if queued:
+            log.info(
+                "pwdaemon: graph %d: its general holds above size 1 only; compiling %s in "
+                "its place",
+                piece.index,
+                " and ".join(queued),
+            )
 
     async def _graph_bytes(self, st: PieceState) -> bytes:
         # Pickled once per piece, on a thread (GraphPickler takes a while on big graphs).
