@@ -302,8 +302,14 @@ class Runner:
         ]
         queued = []
         for i, (target, why) in enumerate(planned):
-            # Known already on a warm restart (loaded from the store) or configured.
-            if target.label in st.jobs or not piece.admits(target.start):
+            known = st.jobs.get(target.label)
+            if known is not None:
+                # Loaded from the store on a warm restart, or configured: part of the
+                # plan now, so that it completes once they are live, as with a general.
+                if not known.why.planned:
+                    known.why = why
+                continue
+            if not piece.admits(target.start):
                 continue
             if target.kind is TargetKind.SIZE:
                 st.policy.reserve([target.start])

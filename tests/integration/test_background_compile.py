@@ -419,11 +419,14 @@ def test_a_general_compile_failing_on_a_size_guard_makes_the_next_start_trace_ba
                 torch.testing.assert_close(second(x), reference(x), **TOL)
 
 
-def test_a_conv_nets_general_that_assumes_a_batch_above_1_gives_way_to_that_range() -> None:
+def test_a_conv_nets_general_that_assumes_a_batch_above_1_gives_way_to_that_range(
+    tmp_path: Path,
+) -> None:
     # Inductor's conv lowering guards the batch with `s >= 2` under the backed strategy
     # (a conv net's unbacked trace captures nothing): the worker refused the general,
     # rightly, and every batch without its own compile stayed on eager. Now the range
-    # of every batch above 1 and batch 1 are compiled in its place.
+    # of every batch above 1 and batch 1 are compiled in its place; a restart loads both
+    # from the store, and its plan completes once they are live.
     from pwdaemon.engine.runner import ABOVE_ONE_RANGE
 
     torch.manual_seed(0)
@@ -435,20 +438,26 @@ def test_a_conv_nets_general_that_assumes_a_batch_above_1_gives_way_to_that_rang
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
         ).eval()  # fmt: skip
 
-    model, reference = net(), net()
-    reference.load_state_dict(model.state_dict())
+    reference = net()
+    state = reference.state_dict()
     inputs = {n: torch.randn(n, 3, 32, 32) for n in (1, 3, 5, 8)}
     compiler = pwd.CompileConfig(workers=1, start_timeout_s=300)
-    with torch.inference_mode(), pwd.attach(model, compiler=compiler, store=False) as h:
-        for n in (8, 3):
-            model(inputs[n])
-        assert h.wait_traced(120)
-        assert h.wait(timeout=300), str(h.status())
-        entries = _entries(h)
-        above = Target.of_range(ABOVE_ONE_RANGE).label
-        assert entries["general"].state == "failed", str(h.status())
-        assert entries[above].state == "live" and entries["size:1"].state == "live"
-        tiers = {n: h.table().lookup(n).tier for n in inputs}
-        assert tiers == {1: pwd.Tier.SIZE, 3: pwd.Tier.RANGE, 5: pwd.Tier.RANGE, 8: pwd.Tier.RANGE}
-        for x in inputs.values():
-            torch.testing.assert_close(model(x), reference(x), **TOL)
+    store = str(tmp_path / "store")
+    above = Target.of_range(ABOVE_ONE_RANGE).label
+    for start in ("cold", "warm"):
+        model = net()
+        model.load_state_dict(state)
+        with torch.inference_mode(), pwd.attach(model, compiler=compiler, store=store) as h:
+            for n in (8, 3):
+                model(inputs[n])
+            assert h.wait_traced(120)
+            assert h.wait(timeout=300), str(h.status())
+            entries = _entries(h)
+            assert entries["general"].state == "failed", str(h.status())
+            assert entries[above].state == "live" and entries["size:1"].state == "live"
+            want = pwd.JobSource.COMPILED if start == "cold" else pwd.JobSource.STORE
+            assert entries[above].source is want and entries["size:1"].source is want
+            tiers = {n: h.table().lookup(n).tier for n in (1, 3, 5)}
+            assert tiers == {1: pwd.Tier.SIZE, 3: pwd.Tier.RANGE, 5: pwd.Tier.RANGE}, start
+            for x in inputs.values():
+                torch.testing.assert_close(model(x), reference(x), **TOL)
