@@ -66,7 +66,12 @@ class Handle:
             failed = link.failed_strategies(key)
 
             def remember(strategy: ShapeStrategy, why: str) -> None:
-                link.remember_failed_strategy(key, strategy, why)
+                # Called from a tracing call (a serving call's, when tracing inline) and
+                # from the engine's loop: the store is the user's disk, never raise.
+                try:
+                    link.remember_failed_strategy(key, strategy, why)
+                except Exception as exc:
+                    log.warning("pwdaemon: failed strategy not remembered: %s", exc)
 
             if options.saved_trace:
                 shelf = StoredTraces(link, key)

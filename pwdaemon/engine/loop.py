@@ -84,7 +84,7 @@ class Engine:
         """`trace`: the tracer's records, read-only, for status and metrics (the handle
         passes its tracer; the engine never changes it). `on_strategy_failed(strategy,
         why)`: remember a strategy whose general compile failed, for the model's next
-        start (the handle passes its store's memory)."""
+        start (the handle passes its store's memory, which never raises)."""
         self.options = options
         self.trace = trace
         self.name = options.name

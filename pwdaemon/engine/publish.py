@@ -194,11 +194,7 @@ class Publisher:
         if fallback is None or self.on_strategy_failed is None:
             return
         why = f"the general compile of graph {job.piece.index} failed: {reason}"
-        try:
-            self.on_strategy_failed(strategy, why)
-        except Exception as exc:  # the store is the user's disk: never raise from here
-            log.warning("pwdaemon: failed strategy not remembered: %s", exc)
-            return
+        self.on_strategy_failed(strategy, why)  # never raises (the handle's)
         log.warning(
             "pwdaemon: graph %d: strategy %s failed its general compile; the next start "
             "traces with %s",

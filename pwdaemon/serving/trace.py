@@ -154,7 +154,8 @@ class Tracer:
         """`guards`: see `serving.direct`. `failed`: strategies an earlier run of this
         model saw fail (with dynamo's reason), skipped here; `on_fall_back(strategy,
         reason)` is told of each failure on a size guard dynamo could not decide (on the
-        tracing thread), to remember it for the next run. `first_call_returned` is set
+        tracing thread), to remember it for the next run; it must not raise (a tracing
+        call may be a serving call's). `first_call_returned` is set
         when the call that starts the background trace returns (the engine starts then).
         `shelf`: where this model's saved traces are kept (`serving.saved_slot`): with a
         background trace, those stored by an earlier run are loaded instead of tracing;
@@ -411,10 +412,7 @@ class Tracer:
         self._attempt = _Attempt(self, fallback)
         self.attempts.append(self._attempt.record)
         if remember and self._on_fall_back is not None:
-            try:
-                self._on_fall_back(attempt.strategy, why)
-            except Exception as exc:  # on a serving call when tracing inline: never raise
-                log.warning("pwdaemon: %s: failed strategy not remembered: %s", self.name, exc)
+            self._on_fall_back(attempt.strategy, why)  # never raises (the handle's)
 
     def _accept(
         self,

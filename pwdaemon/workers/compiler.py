@@ -55,7 +55,7 @@ CPU_THREADS_OPTION = "pwdaemon.cpu_threads"
 # sizes where "the size is 1" and "the size is the hint" differ from every other size.
 GENERAL_PROBE_SIZES = (1, 2, 3, 17)
 # In a refused general's reason where its guards fail at size 1 alone (a conv net whose
-# compile assumed a batch above 1: "s33 > 1"); the engine reads it (see its runner).
+# compile assumed a batch above 1: "s33 >= 2"); the engine reads it (see its runner).
 ABOVE_ONE = "it holds for every size above 1"
 
 
@@ -391,7 +391,7 @@ def _pinning_guard(
         for n in probes:
             try:
                 holds = expr.xreplace({s: sympy.Integer(n) for s in expr.free_symbols})
-            except (ZeroDivisionError, ArithmeticError, TypeError):
+            except (ArithmeticError, TypeError):  # ZeroDivisionError included
                 holds = sympy.false  # undefined there (`Mod(x, s - 1)` at 1): not held
             if holds is sympy.false:
                 first = first or f"{expr} (false at size {n})"
