@@ -55,20 +55,6 @@ def _max_diff(a: Any, b: Any) -> float:
     )
 
 
-# The transformers models' token inputs, sized on the sequence dim (`--dim sequence`).
-SEQUENCE_DIMS = {"input_ids": 1, "attention_mask": 1}
-SEQUENCE_BATCH = 2
-
-
-def _sequence_inputs(model: Any, length: int, device: Any) -> Any:
-    import torch
-
-    g = torch.Generator().manual_seed(length)
-    ids = torch.randint(0, model.config.vocab_size, (SEQUENCE_BATCH, length), generator=g)
-    mask = torch.ones(SEQUENCE_BATCH, length, dtype=torch.long)
-    return (), {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-
-
 def child(
     name: str, device_name: str, dtype_name: str, preset: str, timeout: float, dim: str
 ) -> None:
@@ -76,7 +62,7 @@ def child(
     from torch._dynamo.utils import counters
 
     import pwdaemon as pwd
-    from pwdaemon.real_models import model_spec
+    from pwdaemon.real_models import SEQUENCE_DIMS, model_spec, sequence_inputs
 
     device, dtype = torch.device(device_name), getattr(torch, DTYPES[dtype_name])
     if os.environ.get("MHA_FASTPATH") == "off":
@@ -89,7 +75,7 @@ def child(
     with torch.inference_mode():
         ref = spec.build(device, dtype)
         if sequence:
-            calls = {n: _sequence_inputs(ref, n, device) for n in set(SIZES)}
+            calls = {n: sequence_inputs(ref, n, device) for n in set(SIZES)}
         else:
             calls = {n: spec.inputs(n, device, dtype) for n in set(SIZES)}
         eager = {n: ref(*calls[n][0], **calls[n][1]) for n in calls}

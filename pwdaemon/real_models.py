@@ -8,7 +8,9 @@ dependency, not a runtime one).
 
 Each model is a `ModelSpec`: `build(device, dtype)` returns the module, `inputs(batch)`
 returns `(args, kwargs)` for one call whose size (dim 0 of every tensor) is `batch`.
-Sequence lengths are fixed per spec, so the one dynamic size is the batch.
+Sequence lengths are fixed per spec, so the one dynamic size is the batch; for a
+transformers model sized on its sequence dim instead, `sequence_inputs` makes the calls
+and `SEQUENCE_DIMS` is the `dynamic=` that marks them.
 
 Two presets: "tiny" (seconds to compile on a 2-core CPU) and "issue" (the shapes the
 GPU issues measured: BERT MiniLM-shaped, Llama 8 layers of 1024 with GQA).
@@ -19,12 +21,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-__all__ = ("MODEL_NAMES", "ModelSpec", "model_spec")
+__all__ = ("MODEL_NAMES", "SEQUENCE_DIMS", "ModelSpec", "model_spec", "sequence_inputs")
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -60,6 +62,21 @@ def _token_inputs(vocab: int, seq: int, mask: bool) -> Callable[..., Inputs]:
         return (), kwargs
 
     return make
+
+
+# A transformers model sized on its sequence dim, as a server that batches requests by
+# length calls it: `attach(model, dynamic=SEQUENCE_DIMS)` with `sequence_inputs` calls.
+SEQUENCE_DIMS = {"input_ids": 1, "attention_mask": 1}
+
+
+def sequence_inputs(model: nn.Module, length: int, device: torch.device, batch: int = 2) -> Inputs:
+    """One call of a transformers `model` whose size is the sequence `length` (token ids
+    from the model's vocabulary, seeded by the length; a mask of ones)."""
+    g = torch.Generator().manual_seed(length)
+    vocab = int(cast(Any, model).config.vocab_size)  # a transformers model's config
+    ids = torch.randint(0, vocab, (batch, length), generator=g).to(device)
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    return (), {"input_ids": ids, "attention_mask": mask}
 
 
 def _dense_inputs(*shape: int) -> Callable[..., Inputs]:

@@ -36,6 +36,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import pwdaemon as pwd
+from pwdaemon.real_models import SEQUENCE_DIMS, sequence_inputs
 from pwdaemon.serving.strategy import ShapeStrategy
 
 MODELS = ["bert", "gpt2", "llama", "sequential", "encoder"]
@@ -319,11 +320,9 @@ def test_a_transformer_sized_on_its_sequence_dim_is_one_piece_and_specializes(
     reference = copy.deepcopy(model)
 
     def tokens(length: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(length)
-        ids = torch.randint(0, VOCAB, (2, length), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones(2, length, dtype=torch.long)}
+        return sequence_inputs(model, length, torch.device("cpu"))[1]
 
-    dims = {"input_ids": 1, "attention_mask": 1}
+    dims = SEQUENCE_DIMS
     compiler = pwd.CompileConfig(workers=1, general=False, start_timeout_s=300)
     store = str(tmp_path / "store")
     with (

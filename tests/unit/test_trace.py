@@ -409,7 +409,7 @@ def test_bert_sized_on_its_sequence_dim_falls_back_to_one_backed_piece(
     # the strategy stayed: 7 pieces, the last 3 pinned to the first call's length (no
     # size symbol), each new length retraced. Heard, the backed strategy traces one.
     pytest.importorskip("transformers")
-    from pwdaemon.real_models import model_spec
+    from pwdaemon.real_models import SEQUENCE_DIMS, model_spec, sequence_inputs
 
     fresh_counters()
     loggers = [logging.getLogger(name) for name in GRAPH_BREAK_LOGS]
@@ -419,10 +419,9 @@ def test_bert_sized_on_its_sequence_dim_falls_back_to_one_backed_piece(
     reference = copy.deepcopy(model)
 
     def tokens(n: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(0, 100, (2, n), generator=torch.Generator().manual_seed(n))
-        return {"input_ids": ids, "attention_mask": torch.ones(2, n, dtype=torch.long)}
+        return sequence_inputs(model, n, torch.device("cpu"))[1]
 
-    dims = {"input_ids": 1, "attention_mask": 1}
+    dims = SEQUENCE_DIMS
     with torch.inference_mode(), pwd.attach(model, dynamic=dims, compile=False, store=False) as h:
         model(**tokens(8))
         assert h.wait_traced(120)
