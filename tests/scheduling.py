@@ -10,6 +10,7 @@ from torch import nn
 
 import pwdaemon as pwd
 from pwdaemon.serving.range_table import Target
+from pwdaemon.workers.compiler import ABOVE_ONE
 
 # Two calls make a size hot, the loop ticks every 10 ms: the fake executor's jobs come
 # in milliseconds.
@@ -27,3 +28,12 @@ def call_sizes(model: nn.Module, sizes: list[int], width: int = 16) -> None:
 
 def job_labels(jobs: list[Target]) -> list[str]:
     return [t.label for t in jobs]
+
+
+# The worker's reason for refusing a conv net's general (guard `s >= 2`), for
+# `FakeExecutor(fail={"general": HOLDS_ABOVE_ONE})`.
+HOLDS_ABOVE_ONE = (
+    "failed",
+    "SpecializedCompileError: the general compile holds for some sizes only "
+    f"(guard s33 >= 2 (false at size 1)); {ABOVE_ONE}; not kept",
+)

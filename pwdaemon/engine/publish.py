@@ -168,7 +168,9 @@ class Publisher:
             return
         with self.waiters.changing():
             job.state = JobState.CANCELLED if outcome == "cancelled" else JobState.FAILED
+            # No attempt: refused by an earlier run (`Runner._refused`), as the reason says.
             tries = f" after {job.attempts} attempt{'s' if job.attempts != 1 else ''}"
+            tries = tries if job.attempts else ""
             job.reason = f"{outcome}{tries}: {reason}"
         # A job cut short by detach is what the caller asked for: not worth a warning.
         log.log(

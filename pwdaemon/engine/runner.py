@@ -180,6 +180,10 @@ class Runner:
             if path is not None:
                 await self.load_stored(st, job, key, JobSource.STORE)
                 return
+            refused = await run_gated(self.store.refusal, key)
+            if refused is not None:
+                self._refused(st, job, f"refused in an earlier run: {refused}")
+                return
         await self._executor_started()
         claim = None
         if key is not None and self.store is not None and self.store.enabled:
@@ -258,10 +262,11 @@ class Runner:
         except CompileError as exc:
             if exc.reason.startswith(SpecializedCompileError.__name__):
                 # The worker refused what it compiled (it holds for some sizes only): as a
-                # failed validation, a retry compiles the same graph to the same answer.
-                if job.target.kind is TargetKind.GENERAL and ABOVE_ONE in exc.reason:
-                    self._plan_above_one(st, job)  # first: the plan is not complete yet
-                self.publisher.fail(job, "rejected", exc.reason, retry=False)
+                # failed validation, a retry compiles the same graph to the same answer,
+                # and so does the next run (remembered in the store).
+                if key is not None and self.store is not None:
+                    await run_gated(self.store.remember_refusal, key, exc.reason)
+                self._refused(st, job, exc.reason)
             else:
                 self.publisher.fail(job, exc.outcome, exc.reason)
             return
@@ -288,6 +293,11 @@ class Runner:
             return
         runnable = wrap_compiled(runnable, job.piece)
         await self.publisher.publish(st, job, runnable, seconds, JobSource.COMPILED)
+
+    def _refused(self, st: PieceState, job: Job, reason: str) -> None:
+        if job.target.kind is TargetKind.GENERAL and ABOVE_ONE in reason:
+            self._plan_above_one(st, job)  # first: the plan is not complete yet
+        self.publisher.fail(job, "rejected", reason, retry=False)
 
     def _plan_above_one(self, st: PieceState, general: Job) -> None:
         # A general whose compile assumed a size above 1 (conv nets: Inductor's conv

@@ -22,6 +22,7 @@ from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
+from pwdaemon.store.refusals import load_refusal, save_refusal
 from pwdaemon.workers.compiler import CPU_THREADS_OPTION, SIZE_OBLIVIOUS_OPTION
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,15 @@ class StoreLink:
         if not self.enabled:
             return None
         return self.store.publish(key, src, compile_seconds=seconds, extra=extra)
+
+    def refusal(self, key: ArtifactKey) -> str | None:
+        """Why a worker refused to compile `key` in an earlier run, or None."""
+        return load_refusal(self.store, key) if self.enabled else None
+
+    def remember_refusal(self, key: ArtifactKey, reason: str) -> None:
+        """Remember a worker's refusal of `key` for later runs (`pwdaemon.store.refusals`)."""
+        if self.enabled:
+            save_refusal(self.store, key, reason)
 
     def stored_targets(self, piece: GraphPiece) -> list[Target]:
         """Targets the store already holds for this piece (same torch, device, options)."""

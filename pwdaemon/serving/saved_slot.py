@@ -32,7 +32,7 @@ from pwdaemon.serving.saved_trace import (
     load_trace,
     save_trace,
 )
-from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.strategy import ORDER, ShapeStrategy
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +82,25 @@ class SavedTraceSlot:
         self._tried = True
         start = time.monotonic()
         loaded: list[LoadedTrace] = []
+        first = strategy  # the strategy of the first trace loaded
         try:
             for index in range(MAX_SAVED_TRACES):
                 record = self._shelf.load(index)
                 if record is None:
                     break  # none stored (index 0: traced, then saved)
-                if record.strategy is not strategy:
+                # A trace saved with a later strategy than this run's first is what an
+                # earlier run fell back to (a conv net's unbacked trace captures nothing,
+                # which is not remembered: it can depend on the first call's inputs).
+                # Loading it skips the failing trace and the fallback's (a CNN's warm
+                # restart: 0.8 s of tracing under traffic); the tracer takes its
+                # strategy on (`Tracer._load_saved`). All of a model's traces share one.
+                allowed = ORDER[ORDER.index(strategy) :] if not loaded else (first,)
+                if record.strategy not in allowed:
                     raise SavedTraceError(
                         f"saved with strategy {record.strategy.value}, this run traces "
-                        f"with {strategy.value}"
+                        f"with {first.value}"
                     )
+                first = record.strategy
                 loaded.append(load_trace(record, model))
         except Exception as exc:  # SavedTraceError, a shelf that cannot read
             if not loaded:

@@ -496,6 +496,16 @@ class Tracer:
             pieces.append(piece)
         if not pieces:
             return
+        saved_with = pieces[0].strategy
+        if saved_with is not self._attempt.strategy:
+            # An earlier run fell back from this strategy to the one its traces were
+            # saved with (`SavedTraceSlot.load`): later misses trace with that one too.
+            self._attempt.record.outcome = AttemptOutcome.SKIPPED
+            self._attempt.record.reason = (
+                f"an earlier run fell back from it: its saved trace is {saved_with.value}"
+            )
+            self._attempt = _Attempt(self, saved_with)
+            self.attempts.append(self._attempt.record)
         self._accept(self._attempt, pieces, {}, RecompileCause.SETTLING, "")
         self.settled = True
         HEAP.refreeze()

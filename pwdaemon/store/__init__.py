@@ -3,10 +3,10 @@
 Shared by every process of a host. Modules, one concern each: `keys` (what an
 artifact's validity depends on, hashed), `manifest` (what is recorded next to an
 artifact), `files` (atomic writes, locks), `paths` (where stores live), `safety` (who
-may have written a store), `claims` (who is compiling what), `watcher` (artifacts other
-processes publish), `store` (`ArtifactStore`: layout, publish, lookup, quarantine,
-profiles) and `maintenance` (ls, verify, gc, clear). The names below are what other
-layers use.
+may have written a store), `claims` (who is compiling what), `refusals` (compiles a
+worker refused), `watcher` (artifacts other processes publish), `store`
+(`ArtifactStore`: layout, publish, lookup, quarantine, profiles) and `maintenance` (ls,
+verify, gc, clear). The names below are what other layers use.
 """
 
 from pwdaemon.store.claims import Claim

@@ -6,6 +6,7 @@ same artifact in any process. The store is a plain directory:
     root/
       artifacts/<digest[:2]>/<digest>.bin    the artifact (CompiledArtifact, "binary")
       artifacts/<digest[:2]>/<digest>.json   its manifest, written after the artifact
+      artifacts/<digest[:2]>/<digest>.refused  a worker refused to compile it (`refusals`)
       quarantine/                            corrupt entries moved out of the way
       claims/<digest>.claim                  "I am compiling this key" (pid, host, time)
       inductor/                              TORCHINDUCTOR_CACHE_DIR for workers and servers

@@ -428,6 +428,9 @@ def test_a_conv_nets_general_that_assumes_a_batch_above_1_gives_way_to_that_rang
     # of every batch above 1 and batch 1 are compiled in its place; a restart loads both
     # from the store, and its plan completes once they are live.
     from pwdaemon.engine.runner import ABOVE_ONE_RANGE
+    from pwdaemon.serving.saved_trace import SavedTraceOutcome
+    from pwdaemon.serving.strategy import ShapeStrategy
+    from pwdaemon.serving.trace_record import AttemptOutcome
 
     torch.manual_seed(0)
 
@@ -457,6 +460,18 @@ def test_a_conv_nets_general_that_assumes_a_batch_above_1_gives_way_to_that_rang
             assert entries[above].state == "live" and entries["size:1"].state == "live"
             want = pwd.JobSource.COMPILED if start == "cold" else pwd.JobSource.STORE
             assert entries[above].source is want and entries["size:1"].source is want
+            if start == "warm":
+                # Neither traced nor compiled again: the saved trace (backed_oblivious,
+                # what the cold start fell back to) is loaded, and the general's refusal
+                # is remembered (it took 2.4 s of a 3.4 s warm start).
+                trace = h.status().trace
+                assert trace.saved_trace is SavedTraceOutcome.LOADED, trace
+                assert [(a.strategy, a.outcome) for a in trace.attempts] == [
+                    (ShapeStrategy.UNBACKED, AttemptOutcome.SKIPPED),
+                    (ShapeStrategy.BACKED_OBLIVIOUS, AttemptOutcome.ACTIVE),
+                ], trace.attempts
+                assert entries["general"].attempts == 0, entries["general"]
+                assert "refused in an earlier run" in str(entries["general"].reason)
             tiers = {n: h.table().lookup(n).tier for n in (1, 3, 5)}
             assert tiers == {1: pwd.Tier.SIZE, 3: pwd.Tier.RANGE, 5: pwd.Tier.RANGE}, start
             for x in inputs.values():

@@ -438,3 +438,68 @@ def test_a_trace_saved_by_another_process_meanwhile_adds_no_second_piece(
         assert _outcome(h)[0] is SavedTraceOutcome.SAVED
     finally:
         h.detach()
+
+
+def test_a_trace_saved_with_the_fallback_strategy_is_loaded_and_the_fallback_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A conv net's unbacked trace captures nothing, which is not remembered (it can
+    # depend on the first call's inputs): each warm restart traced unbacked for nothing,
+    # then backed again, because its saved trace (backed) was not this run's strategy.
+    from pwdaemon.serving.strategy import ShapeStrategy
+    from pwdaemon.serving.trace_record import AttemptOutcome
+
+    store = tmp_path / "store"
+    _backed_only(monkeypatch)  # what the fall-back leaves the first run with
+    model = _mlp(0)
+    h = _attach(model, store)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        assert _outcome(h)[0] is SavedTraceOutcome.SAVED, _outcome(h)
+    finally:
+        h.detach()
+    monkeypatch.undo()  # the next start begins with the unbacked strategy again
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = _mlp(1)
+    reference = copy.deepcopy(model)
+    h = _attach(model, store)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.LOADED, detail
+        assert _frames() == 0  # dynamo traced nothing, with either strategy
+        trace = h.status().trace
+        assert [(a.strategy, a.outcome) for a in trace.attempts] == [
+            (ShapeStrategy.UNBACKED, AttemptOutcome.SKIPPED),
+            (ShapeStrategy.BACKED_OBLIVIOUS, AttemptOutcome.ACTIVE),
+        ], trace.attempts
+        assert "saved trace is backed_oblivious" in (trace.attempts[0].reason or "")
+        assert h.pieces[0].strategy is ShapeStrategy.BACKED_OBLIVIOUS
+        for n in (1, 3, 17):
+            x = torch.randn(n, 16)
+            assert torch.allclose(model(x), reference(x), atol=TOLERANCE)
+        assert h.status().trace.miss_calls == 0
+    finally:
+        h.detach()
+
+
+def test_a_trace_saved_with_a_strategy_this_run_skips_is_traced_again(saved: Path) -> None:
+    # The fixture's trace is unbacked; this start skips unbacked (remembered as failed
+    # for the model), so it traces with the fallback instead of serving the old trace.
+    from pwdaemon.engine.store_link import StoreLink, model_id
+    from pwdaemon.serving.strategy import ShapeStrategy
+    from pwdaemon.store import ArtifactStore
+
+    model = _mlp(1)
+    link = StoreLink(ArtifactStore(saved), {})
+    link.remember_failed_strategy(model_id(model, None), ShapeStrategy.UNBACKED, "a test's")
+    h = _attach(model, saved)
+    try:
+        _first_call(h, model, torch.randn(4, 16))
+        outcome, detail = _outcome(h)
+        assert outcome is SavedTraceOutcome.SAVED, detail
+        assert "saved with strategy unbacked, this run traces with backed_oblivious" in detail
+        assert h.pieces[0].strategy is ShapeStrategy.BACKED_OBLIVIOUS
+    finally:
+        h.detach()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from scheduling import FAST, call_sizes, compiler_config, job_labels
+from scheduling import FAST, HOLDS_ABOVE_ONE, call_sizes, compiler_config, job_labels
 from torch import nn
 
 import pwdaemon as pwd
@@ -24,7 +24,6 @@ from pwdaemon.engine.runner import ABOVE_ONE_RANGE
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import Target
 from pwdaemon.testing import FakeExecutor, inject_fault
-from pwdaemon.workers.compiler import ABOVE_ONE
 from pwdaemon.workers.executor import JobSpec
 from pwdaemon.workers.process import CompileError
 
@@ -530,21 +529,13 @@ def test_two_captures_of_one_piece_both_get_their_graph(
         h.detach()
 
 
-# The worker's reason for refusing a conv net's general (guard `s >= 2`).
-_HOLDS_ABOVE_ONE = (
-    "failed",
-    "SpecializedCompileError: the general compile holds for some sizes only "
-    f"(guard s33 >= 2 (false at size 1)); {ABOVE_ONE}; not kept",
-)
-
-
 def test_a_general_that_holds_above_size_1_only_is_replaced_by_that_range_and_size_1(
     mlp: nn.Module, reference: nn.Module
 ) -> None:
     # A conv net's general was refused (it assumed a batch above 1) and every size
     # without its own compile stayed on eager. Now the range of every size above 1 and
     # size 1 are compiled in its place, before the plan completes.
-    ex = FakeExecutor(fail={"general": _HOLDS_ABOVE_ONE})
+    ex = FakeExecutor(fail={"general": HOLDS_ABOVE_ONE})
     with pwd.attach(mlp, policy=FAST, compiler=compiler_config(), executor=ex, store=False) as h:
         call_sizes(mlp, [3])
         assert h.wait(timeout=20), str(h.status())

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scheduling import FAST, call_sizes, compiler_config, job_labels
+from scheduling import FAST, HOLDS_ABOVE_ONE, call_sizes, compiler_config, job_labels
 from torch import nn
 
 import pwdaemon as pwd
+from pwdaemon.engine.runner import ABOVE_ONE_RANGE
 from pwdaemon.engine.store_link import StoreLink, model_id
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import Target
@@ -285,3 +286,36 @@ def test_a_general_that_fails_on_a_size_guard_is_remembered_against_its_strategy
         call_sizes(mlp, [4])
         assert h.wait(timeout=60), str(h.status())
     assert StoreLink(ArtifactStore(other), {}).failed_strategies(key) == {}
+
+
+def test_a_refused_compile_is_remembered_and_not_compiled_again_by_the_next_start(
+    mlp: nn.Module, tmp_path: Path
+) -> None:
+    # A worker's refusal (the compile holds for some sizes only) is the same for the same
+    # key every time: a conv net's warm restart spent 2.4 s of its 3.4 s compiling its
+    # general again, to be refused again. The next start takes the refusal from the
+    # store, and plans what the refusal plans (the range above 1 and size 1).
+    store = ArtifactStore(tmp_path / "store")
+    above = Target.of_range(ABOVE_ONE_RANGE).label
+    first = FakeExecutor(fail={"general": HOLDS_ABOVE_ONE})
+    with pwd.attach(mlp, executor=first, store=store, policy=FAST, compiler=compiler_config()) as h:
+        call_sizes(mlp, [3])
+        assert h.wait(timeout=60), str(h.status())
+    assert job_labels(first.jobs)[:3] == ["general", above, "size:1"]
+    refusals = list((tmp_path / "store" / "artifacts").glob("*/*.refused"))
+    assert len(refusals) == 1, refusals
+    again = FakeExecutor()  # would compile the general fine: the refusal must come first
+    with pwd.attach(mlp, executor=again, store=store, policy=FAST, compiler=compiler_config()) as h:
+        call_sizes(mlp, [3])
+        assert h.wait(timeout=60), str(h.status())
+        general = {e.target: e for e in h.status().pieces[0].entries}["general"]
+        assert general.state == "failed" and general.attempts == 0, general
+        assert general.reason is not None
+        assert general.reason.startswith("rejected: refused in an earlier run: "), general
+        assert h.table().lookup(5).tier is pwd.Tier.RANGE
+    assert "general" not in job_labels(again.jobs), job_labels(again.jobs)
+    assert job_labels(again.jobs)[:2] == [above, "size:1"]
+    # `pwdaemon cache clear` forgets refusals with the artifacts (a stale Inductor
+    # cache is one cause of a refusal).
+    store.clear()
+    assert not list((tmp_path / "store" / "artifacts").glob("*/*.refused"))
