@@ -5,15 +5,15 @@ Shared by the worker tests (real compiles of these graphs) and the shipping unit
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from pwdaemon.serving.strategy import ShapeStrategy, mark_size
+
 TOL: dict[str, Any] = {"atol": 1e-4, "rtol": 1e-4}
-_HAS_SHAPE_ID = "shape_id" in inspect.signature(torch._dynamo.decorators.mark_unbacked).parameters
 
 
 class Recorded:
@@ -39,10 +39,7 @@ class Recorded:
 
 def mark_size_unbacked(t: torch.Tensor) -> None:
     # As pwdaemon's tracer marks the size: unbacked, one symbol for every input.
-    if _HAS_SHAPE_ID:
-        torch._dynamo.decorators.mark_unbacked(t, 0, shape_id="pwdaemon_test_size")
-    else:
-        torch._dynamo.decorators.mark_unbacked(t, 0)
+    mark_size(t, 0, ShapeStrategy.UNBACKED, "pwdaemon_test_size")
 
 
 def capture(fn: Callable[..., Any], calls: list[dict[str, torch.Tensor]]) -> Recorded:

@@ -36,8 +36,9 @@ __all__ = ("StoredTraces", "trace_key")
 
 # Bumped when TraceRecord's stored form or meaning changes: an older record is then not
 # found (3: the facts are the serving piece's; format 2 records of a model with a size
-# symbol per input misread them, see `saved_trace.save_trace`).
-FORMAT = 3
+# symbol per input misread them, see `saved_trace.save_trace`. 4: the shipped graph
+# names its size symbols, `graph_facts.SIZE_SYMBOLS_META`).
+FORMAT = 4
 
 
 def trace_key(model_key: str, index: int = 0) -> str:
@@ -89,7 +90,12 @@ class StoredTraces:
         fields = {
             "strategy": record.strategy.value,
             "facts": record.facts,
-            "graph": dump_graph(record.gm, "the saved trace's graph", record.facts.size_guards),
+            "graph": dump_graph(
+                record.gm,
+                "the saved trace's graph",
+                record.facts.size_guards,
+                record.facts.size_symbols,
+            ),
             "eager": dump_plain_graph(record.gm),
             "dynamo": record.dynamo,
             "module_refs": dict(record.module_refs),

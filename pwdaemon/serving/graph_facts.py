@@ -100,6 +100,13 @@ def _size_symbols(placeholders: list[torch.fx.Node]) -> set[Any]:
 # fingerprint, so of its store key.
 SIZE_GUARDS_META = "pwdaemon_size_guards"
 
+# The output node's meta key for the names of the size's symbols, on a graph shipped to
+# a worker or the service (the marks `analyse_graph` reads them from are not shipped). A
+# piece may have other symbols too: dynamo's automatic dynamic makes a second dim that
+# varies dynamic (a transformer sized on its batch, with lengths that vary), and the
+# worker must not take that dim's symbol for the size.
+SIZE_SYMBOLS_META = "pwdaemon_size_symbols"
+
 # The size in a piece's size guards: every size symbol of the graph stands for it (they
 # are all equal at run time, see the module docstring).
 SIZE = sympy.Symbol("size", integer=True, positive=True)
@@ -163,6 +170,17 @@ def _size_guards(placeholders: list[torch.fx.Node], size_exprs: list[Any]) -> tu
     return tuple(out)
 
 
+def _shipped_size_symbols(placeholders: list[torch.fx.Node], output: torch.fx.Node) -> set[Any]:
+    # A shipped graph's size symbols, by name (`SIZE_SYMBOLS_META`); none without it.
+    names = set(output.meta.get(SIZE_SYMBOLS_META, ()))
+    symbols: set[Any] = set()
+    for node in placeholders:
+        v = node.meta.get("example_value")
+        if isinstance(v, torch.SymInt) and str(v.node.expr) in names:
+            symbols.add(v.node.expr)
+    return symbols
+
+
 def _size_dims(
     placeholders: list[torch.fx.Node], symbols: set[Any]
 ) -> tuple[tuple[int, ...], ...] | None:
@@ -186,7 +204,8 @@ def _size_dims(
 def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
     """Find the size SymInt placeholders, other symbols, output structure and marks."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    marked = _size_symbols(placeholders)
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    marked = _size_symbols(placeholders) or _shipped_size_symbols(placeholders, output_node)
     size_indices: list[int] = []
     size_exprs: list[Any] = []
     extra: list[str] = []
@@ -202,7 +221,6 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
                 size_exprs.append(expr)
         elif str(expr) not in extra:
             extra.append(str(expr))
-    output_node = next(n for n in gm.graph.nodes if n.op == "output")
     result = output_node.args[0]
     returns_tuple = isinstance(result, tuple | list)
     marks: list[tuple[int, int]] = []

@@ -2,11 +2,11 @@
 
 - `UNBACKED` (default): `mark_unbacked` with one shared shape id. Sound (dynamo raises on
   a guard it cannot decide instead of assuming), one symbol for every input sharing the
-  size, no 0/1 specialisation: one graph serves every size, size 1 included. On torch
-  2.13 CPU it captures transformers' BERT, GPT-2 and Llama and nn.Sequential as one
-  piece; nn.TransformerEncoder's fast path hits "Could not guard on data-dependent
-  expression" inside its fused kernel's meta and dynamo silently runs it eager; on torch
-  2.11 CUDA the SDPA attention of BERT and Llama does the same.
+  size, no 0/1 specialisation: one graph serves every size, size 1 included. Marked at
+  least 1 (`_UNBACKED_MIN`). On torch 2.13 CPU it captures transformers' BERT, GPT-2 and
+  Llama, nn.Sequential and nn.TransformerEncoder as one piece; on torch 2.11 CUDA the
+  SDPA attention of BERT and Llama hits "Could not guard on data-dependent expression
+  Eq(u0, 1)" and dynamo silently runs it eager.
 - `BACKED_OBLIVIOUS`: `mark_dynamic` (backed) while
   `torch.fx.experimental._config.backed_size_oblivious` is on during the tracing call
   only: framework code (broadcasting, contiguity) no longer specialises sizes 0/1, so no
@@ -41,6 +41,15 @@ class ShapeStrategy(enum.Enum):
 _MARK_PARAMS = inspect.signature(dynamo_decorators.mark_unbacked).parameters
 # shape_id (torch >= 2.11) makes every marked input share one symbol.
 _HAS_SHAPE_ID = "shape_id" in _MARK_PARAMS
+# The unbacked size is marked at least 1. A second dim that varies (a transformer sized on
+# its batch, with lengths that vary too) is made dynamic by dynamo's automatic dynamic
+# when a hot input traces; an unbacked size that may be 0 then left a reshape to -1
+# undecidable ("Could not guard on data-dependent expression Ne(16*s16*u0, 0)" in BERT's
+# attention), dynamo dropped the whole call's frame, and BERT gained a piece pinned to
+# each length (10 pieces on 7 lengths). nn.TransformerEncoder's fast path asked
+# `Eq(80*u0, 0)` and fell back to the backed strategy. A size of 0 is an empty call: no
+# piece's guards accept it, and it runs eager.
+_UNBACKED_MIN = {"min": 1} if "min" in _MARK_PARAMS else {}
 
 try:  # the flag exists on torch 2.11-2.13; guard anyway so an older torch keeps UNBACKED
     import torch.fx.experimental._config as _fx_config
@@ -80,9 +89,9 @@ def mark_size(t: torch.Tensor, dim: int, strategy: ShapeStrategy, shape_id: str)
     """
     if strategy is ShapeStrategy.UNBACKED:
         if _HAS_SHAPE_ID:
-            dynamo_decorators.mark_unbacked(t, dim, shape_id=shape_id)
+            dynamo_decorators.mark_unbacked(t, dim, shape_id=shape_id, **_UNBACKED_MIN)
         else:  # pragma: no cover - older torch: symbols unify through the graph's ops
-            dynamo_decorators.mark_unbacked(t, dim)
+            dynamo_decorators.mark_unbacked(t, dim, **_UNBACKED_MIN)
     else:
         torch._dynamo.mark_dynamic(t, dim)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pwdaemon.serving.graph_facts import SIZE_GUARDS_META, admits
+from pwdaemon.serving.graph_facts import SIZE_GUARDS_META, SIZE_SYMBOLS_META, admits
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
@@ -145,10 +145,12 @@ def _shippable(v: Any) -> Any:
 
 
 def shippable_copy(
-    gm: torch.fx.GraphModule, size_guards: tuple[Any, ...] = ()
+    gm: torch.fx.GraphModule,
+    size_guards: tuple[Any, ...] = (),
+    size_symbols: tuple[str, ...] = (),
 ) -> torch.fx.GraphModule:
-    """A copy of `gm` with only `SHIPPED_META` per node (and `size_guards` on its output
-    node); `gm` itself is not touched.
+    """A copy of `gm` with only `SHIPPED_META` per node (and `size_guards` and
+    `size_symbols` on its output node); `gm` itself is not touched.
 
     Nodes are copied into a new graph with new meta dicts (fake values are shared or
     replaced, never mutated), so the live graph the serving process runs is unchanged.
@@ -162,6 +164,8 @@ def shippable_copy(
         new.meta = {k: _shippable(node.meta[k]) for k in SHIPPED_META if k in node.meta}
         if node.op == "output" and size_guards:
             new.meta[SIZE_GUARDS_META] = tuple(size_guards)
+        if node.op == "output" and size_symbols:
+            new.meta[SIZE_SYMBOLS_META] = tuple(size_symbols)
         env[node] = new
     return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
 
@@ -175,10 +179,14 @@ PICKLER_LOCK = threading.Lock()
 
 
 def dump_graph(
-    gm: torch.fx.GraphModule, name: str = "graph", size_guards: tuple[Any, ...] = ()
+    gm: torch.fx.GraphModule,
+    name: str = "graph",
+    size_guards: tuple[Any, ...] = (),
+    size_symbols: tuple[str, ...] = (),
 ) -> bytes:
     """GraphPickler bytes of a trimmed copy of `gm` (fake metadata and symbols kept), with
-    the piece's `size_guards` (see `SIZE_GUARDS_META`).
+    the piece's `size_guards` and the names of its `size_symbols` (see
+    `SIZE_GUARDS_META`, `SIZE_SYMBOLS_META`).
 
     Raises `UnshippableGraphError` naming `name` and the reason when even the copy does
     not pickle.
@@ -186,7 +194,7 @@ def dump_graph(
     from torch.fx._graph_pickler import GraphPickler
 
     try:
-        copy = shippable_copy(gm, size_guards)
+        copy = shippable_copy(gm, size_guards, size_symbols)
         with PICKLER_LOCK:
             return bytes(GraphPickler.dumps(copy))
     except Exception as exc:
@@ -201,7 +209,7 @@ def graph_for_worker(piece: GraphPiece, name: str) -> bytes:
     with its size guards (raising `UnshippableGraphError` naming `name`)."""
     if piece.shipped is not None:
         return piece.shipped
-    return dump_graph(piece.gm, name, piece.size_guards)
+    return dump_graph(piece.gm, name, piece.size_guards, piece.facts.size_symbols)
 
 
 def load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:
@@ -273,13 +281,20 @@ def _inference_fakes(gm: torch.fx.GraphModule, fake_mode: Any) -> list[Any]:
 
 
 def _size_exprs(gm: torch.fx.GraphModule) -> list[Any]:
-    """The expressions of the graph's SymInt placeholders, in order: every one of them is
-    the size in a specializable piece (checked at capture)."""
-    return [
+    """The expressions of the graph's SymInt placeholders that are the size, in order:
+    those named in `SIZE_SYMBOLS_META`, else all of them (a graph shipped without it: the
+    size is every symbol of a specializable piece, checked at capture). A piece with
+    another dim dynamic too (a varying length beside the batch) ships its names: taking
+    the length's symbol for the size made its general equate the two and fail in
+    Inductor ("Could not extract specialized integer from data-dependent expression u0")."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    names = set(output.meta.get(SIZE_SYMBOLS_META, ()))
+    exprs = [
         v.node.expr
         for v in (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
         if isinstance(v, torch.SymInt)
     ]
+    return [e for e in exprs if str(e) in names] if names else exprs
 
 
 def _unify_size_symbols(gm: torch.fx.GraphModule, fake_mode: Any) -> None:
@@ -332,7 +347,12 @@ def _concrete_inputs(gm: torch.fx.GraphModule, size: int) -> list[Any]:
 def _constrain_range(gm: torch.fx.GraphModule, start: int, end: int) -> None:
     # Tell the compiler the size's bounds; the dispatcher only routes sizes in range.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    sym = next(n for n in placeholders if isinstance(n.meta.get("example_value"), torch.SymInt))
+    size = _size_exprs(gm)[0]
+    sym = next(
+        n
+        for n in placeholders
+        if isinstance(v := n.meta.get("example_value"), torch.SymInt) and v.node.expr == size
+    )
     with gm.graph.inserting_after(placeholders[-1]):
         gm.graph.call_function(
             torch.ops.aten.sym_constrain_range_for_size.default,
@@ -400,6 +420,25 @@ def _pinning_guard(
 
 
 @contextlib.contextmanager
+def _layout_config(target: Target, size_oblivious: bool) -> Iterator[None]:
+    # A general or range compile over an unbacked size runs without Inductor's layout
+    # optimization (channels last for conv nets): it expected a conv's output in
+    # channels last, the conv kernel returned it contiguous, and validation rejected a
+    # conv net's general ("expected size 8==8, stride 1==1024 at dim=1"), leaving every
+    # batch without its own compile on eager. Without it, one general serves every batch,
+    # 1 included. Backed compiles keep it: a conv net's general then guards `s >= 2` and
+    # gives way to the range above 1 and size 1 (`ABOVE_ONE`), while without it a conv
+    # over time guarded `s > 1` where with it the general held for every length.
+    if target.kind is TargetKind.SIZE or size_oblivious:
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(layout_optimization=False):
+        yield
+
+
+@contextlib.contextmanager
 def _shape_config(size_oblivious: bool) -> Iterator[None]:
     if not size_oblivious:
         yield
@@ -431,7 +470,7 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
         torch.set_num_threads(int(threads))
     target = spec.target
     # The graph's symbols are made when it loads: the shape configuration covers both.
-    with torch.no_grad(), _shape_config(size_oblivious):
+    with torch.no_grad(), _shape_config(size_oblivious), _layout_config(target, size_oblivious):
         gm, fake_mode = load_graph(spec.graph)
         if target.kind is TargetKind.SIZE:
             inputs = _concrete_inputs(gm, target.start)

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 import pwdaemon as pwd
-from pwdaemon.serving.range_table import Target
 from pwdaemon.testing import inject_fault
 from pwdaemon.workers.compiler import JobSpec
 from pwdaemon.workers.executor import ProcessExecutor
@@ -417,62 +416,3 @@ def test_a_general_compile_failing_on_a_size_guard_makes_the_next_start_trace_ba
             assert _entries(h)["general"].state == "live", str(h.status())
             for x in inputs.values():  # 1 and 37 on the general tier
                 torch.testing.assert_close(second(x), reference(x), **TOL)
-
-
-def test_a_conv_nets_general_that_assumes_a_batch_above_1_gives_way_to_that_range(
-    tmp_path: Path,
-) -> None:
-    # Inductor's conv lowering guards the batch with `s >= 2` under the backed strategy
-    # (a conv net's unbacked trace captures nothing): the worker refused the general,
-    # rightly, and every batch without its own compile stayed on eager. Now the range
-    # of every batch above 1 and batch 1 are compiled in its place; a restart loads both
-    # from the store, and its plan completes once they are live.
-    from pwdaemon.engine.runner import ABOVE_ONE_RANGE
-    from pwdaemon.serving.saved_trace import SavedTraceOutcome
-    from pwdaemon.serving.strategy import ShapeStrategy
-    from pwdaemon.serving.trace_record import AttemptOutcome
-
-    torch.manual_seed(0)
-
-    def net() -> nn.Module:
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
-        ).eval()  # fmt: skip
-
-    reference = net()
-    state = reference.state_dict()
-    inputs = {n: torch.randn(n, 3, 32, 32) for n in (1, 3, 5, 8)}
-    compiler = pwd.CompileConfig(workers=1, start_timeout_s=300)
-    store = str(tmp_path / "store")
-    above = Target.of_range(ABOVE_ONE_RANGE).label
-    for start in ("cold", "warm"):
-        model = net()
-        model.load_state_dict(state)
-        with torch.inference_mode(), pwd.attach(model, compiler=compiler, store=store) as h:
-            for n in (8, 3):
-                model(inputs[n])
-            assert h.wait_traced(120)
-            assert h.wait(timeout=300), str(h.status())
-            entries = _entries(h)
-            assert entries["general"].state == "failed", str(h.status())
-            assert entries[above].state == "live" and entries["size:1"].state == "live"
-            want = pwd.JobSource.COMPILED if start == "cold" else pwd.JobSource.STORE
-            assert entries[above].source is want and entries["size:1"].source is want
-            if start == "warm":
-                # Neither traced nor compiled again: the saved trace (backed_oblivious,
-                # what the cold start fell back to) is loaded, and the general's refusal
-                # is remembered (it took 2.4 s of a 3.4 s warm start).
-                trace = h.status().trace
-                assert trace.saved_trace is SavedTraceOutcome.LOADED, trace
-                assert [(a.strategy, a.outcome) for a in trace.attempts] == [
-                    (ShapeStrategy.UNBACKED, AttemptOutcome.SKIPPED),
-                    (ShapeStrategy.BACKED_OBLIVIOUS, AttemptOutcome.ACTIVE),
-                ], trace.attempts
-                assert entries["general"].attempts == 0, entries["general"]
-                assert "refused in an earlier run" in str(entries["general"].reason)
-            tiers = {n: h.table().lookup(n).tier for n in (1, 3, 5)}
-            assert tiers == {1: pwd.Tier.SIZE, 3: pwd.Tier.RANGE, 5: pwd.Tier.RANGE}, start
-            for x in inputs.values():
-                torch.testing.assert_close(model(x), reference(x), **TOL)

@@ -301,3 +301,22 @@ def test_stack_sampler_shows_the_thread_that_kept_the_gil_through_a_slow_call() 
     hog_frames = late[2].get("hog") or []
     assert any("test_bench_smoke.py" in f and " hog" in f for f in hog_frames), late[2]
     assert 8 not in sampler.samples  # a call that ended at once has none
+
+
+@pytest.mark.slow
+def test_varying_lengths_writes_a_row_per_model() -> None:
+    # bench/varying_lengths.py: GPT-2 on the default size (the batch) with lengths that
+    # vary, against torch.compile on the same stream, one row per model.
+    script = Path(__file__).resolve().parents[2] / "bench" / "varying_lengths.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--models", "gpt2", "--calls", "30", "--rounds", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("| gpt2 ")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6, row
+    pieces = int(cells[1].split()[0])
+    assert pieces >= 1 and int(cells[2]) >= 1, row

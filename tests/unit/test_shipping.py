@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from recorded import MLP, Recorded, meta_snapshot, record_mlp
+from recorded import MLP, Recorded, capture, meta_snapshot, record_mlp
 from torch import nn
 
 from pwdaemon.workers.compiler import SHIPPED_META, UnshippableGraphError, dump_graph
@@ -79,7 +79,10 @@ def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
     dumps: list[str] = []
 
     def refuse(
-        gm: torch.fx.GraphModule, name: str = "graph", size_guards: tuple[object, ...] = ()
+        gm: torch.fx.GraphModule,
+        name: str = "graph",
+        size_guards: tuple[object, ...] = (),
+        size_symbols: tuple[str, ...] = (),
     ) -> bytes:
         dumps.append(name)
         raise UnshippableGraphError(f"{name} cannot be shipped to a compile worker: test")
@@ -289,3 +292,48 @@ def test_graphs_ship_and_load_on_several_threads_at_once(
         t.join(120)
     assert not any(t.is_alive() for t in threads)
     assert errors == [], errors[:1]
+
+
+class _Pooled(nn.Module):
+    """Pools over a second dim that varies beside the size (a transformer's length)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x).mean(1)
+
+
+def test_a_graph_with_a_second_dynamic_dim_ships_which_symbol_is_the_size() -> None:
+    # Dynamo's automatic dynamic makes a second dim that varies dynamic too. The worker
+    # took every SymInt input for the size and equated the length with the batch: the
+    # general of such a piece failed in Inductor (BERT, GPT-2, Llama sized on the batch
+    # with lengths that vary). The graph now names its size symbols.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from pwdaemon.serving.graph_facts import analyse_graph
+    from pwdaemon.workers.compiler import _size_exprs
+
+    torch.manual_seed(0)
+    model = _Pooled().eval()
+    xs = [torch.randn(2, 5, 16), torch.randn(3, 9, 16)]
+    for x in xs:
+        torch._dynamo.mark_dynamic(x, 1)
+    (gm,) = capture(lambda x: model(x), [{"x": x} for x in xs]).gms
+    facts = analyse_graph(gm)
+    assert facts.size_symbols == (facts.size_symbol,) and len(facts.extra_symbols) == 1
+    for names, want in (((), 2), (facts.size_symbols, 1)):
+        data = dump_graph(gm, "pooled", facts.size_guards, names)
+        shipped = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
+        assert isinstance(shipped, torch.fx.GraphModule)
+        assert len(_size_exprs(shipped)) == want, names  # without names: every symbol
+        if names:
+            assert [str(e) for e in _size_exprs(shipped)] == list(facts.size_symbols)
+            again = analyse_graph(shipped)  # the service reads a shipped graph's facts
+            assert (again.size_symbols, again.extra_symbols) == (
+                facts.size_symbols,
+                facts.extra_symbols,
+            )

@@ -130,6 +130,17 @@ def _encoder() -> nn.Module:
     return nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
 
 
+@pytest.fixture
+def unbacked_may_be_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mark unbacked sizes without their lower bound of 1: the encoder's fused fast path
+    then asks `Eq(80*u0, 0)`, which the unbacked strategy cannot decide, and falls back
+    (a strategy that fails, for the tests of what a fall-back shows)."""
+    import pwdaemon.serving.strategy as strategy_module
+
+    monkeypatch.setattr(strategy_module, "_UNBACKED_MIN", {})
+
+
+@pytest.mark.usefixtures("unbacked_may_be_zero")
 def test_status_shows_a_strategy_fall_back_with_its_reason() -> None:
     # The encoder's fast path cannot decide a guard on an unbacked size: the next
     # strategy captures it (see test_trace.py).
@@ -151,6 +162,7 @@ def test_status_shows_a_strategy_fall_back_with_its_reason() -> None:
         assert got[_key("pwdaemon_graph_pieces", strategy="backed_oblivious")] == 1
 
 
+@pytest.mark.usefixtures("unbacked_may_be_zero")
 def test_a_strategy_that_failed_in_an_earlier_run_is_not_tried_again(tmp_path: Path) -> None:
     # A failed attempt costs a whole trace (BERT on an H200: 25 of the 32 s to its first
     # piece, under traffic): the store remembers it per model, and a restart skips it.
