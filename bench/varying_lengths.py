@@ -11,8 +11,12 @@ rounds. Between rounds the run waits for the hot inputs' background traces to en
   the seconds until a round ran with none.
 - torch.compile (`dynamic=None`, the default, `backend="eager"`) over the same stream:
   graphs dynamo made (automatic dynamic makes the length dynamic at the second one).
+- `--compile`: pwdaemon with real workers instead, waited for until its plan completes
+  (10 minutes at most) after the rounds: pieces whose every compile failed, so that they
+  serve eager for good ("on eager after plan").
 
     python bench/varying_lengths.py [--models bert,gpt2,llama] [--calls 200] [--rounds 4]
+                                    [--compile]
 
 Prints a markdown table (the README quotes it).
 """
@@ -36,7 +40,7 @@ def _stream(calls: int) -> list[tuple[int, int]]:
     return [(rng.choice(BATCHES), rng.choice(LENGTHS)) for _ in range(calls)]
 
 
-def child(name: str, calls: int, rounds: int) -> dict[str, Any]:
+def child(name: str, calls: int, rounds: int, compile: bool) -> dict[str, Any]:
     import torch
 
     import pwdaemon as pwd
@@ -62,7 +66,8 @@ def child(name: str, calls: int, rounds: int) -> dict[str, Any]:
             compiled(**call(batch, length))
     torch._dynamo.reset()
 
-    h = pwd.attach(model, compile=False, store=False)
+    workers = pwd.CompileConfig(workers=1, start_timeout_s=300)
+    h = pwd.attach(model, compile=compile, compiler=workers, store=False)
     tracer = h._tracer
     eager_per_round: list[int] = []
     settled_s: float | None = None
@@ -87,6 +92,8 @@ def child(name: str, calls: int, rounds: int) -> dict[str, Any]:
                 for batch, length in stream:
                     model(**call(batch, length))
     pieces = list(h.pieces)
+    plan_complete = h.wait(timeout=600) if compile else None
+    on_eager = sum(p.on_eager_reason is not None for p in h.status().pieces) if compile else None
     h.detach()
     return {
         "model": name,
@@ -97,6 +104,8 @@ def child(name: str, calls: int, rounds: int) -> dict[str, Any]:
         "eager_last": eager_per_round[-1],
         "settled_s": settled_s,
         "torch_compile_graphs": graphs,
+        "plan_complete": plan_complete,
+        "on_eager": on_eager,
     }
 
 
@@ -105,33 +114,40 @@ def main() -> None:
     p.add_argument("--models", default="bert,gpt2,llama")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="real workers; pieces left on eager")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.calls, a.rounds)))
+        print(json.dumps(child(a.child, a.calls, a.rounds, a.compile)))
         return
     rows = []
     for name in a.models.split(","):
         cmd = [sys.executable, __file__, "--child", name, "--calls", str(a.calls),
-               "--rounds", str(a.rounds)]  # fmt: skip
+               "--rounds", str(a.rounds)] + (["--compile"] if a.compile else [])  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
             print(f"{name}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"{a.calls} calls per round, {a.rounds} rounds\n")
-    print(
+    mode = "real workers" if a.compile else "capture only"
+    print(f"{a.calls} calls per round, {a.rounds} rounds, {mode}\n")
+    head = (
         "| model | pieces (length dynamic) | torch.compile graphs | eager calls, round 1 "
         "| eager calls, last round | seconds to a round with none |"
     )
-    print("|---|---|---|---|---|---|")
+    print(head + (" on eager after plan |" if a.compile else ""))
+    print("|---" * (7 if a.compile else 6) + "|")
     for r in rows:
         settled = "never" if r["settled_s"] is None else f"{r['settled_s']:.1f}"
-        print(
+        line = (
             f"| {r['model']} | {r['pieces']} ({r['length_dynamic']}) "
             f"| {r['torch_compile_graphs']} | {r['eager_first']} | {r['eager_last']} "
             f"| {settled} |"
         )
+        if a.compile:
+            complete = "" if r["plan_complete"] else " (plan not complete)"
+            line += f" {r['on_eager']}{complete} |"
+        print(line)
 
 
 if __name__ == "__main__":
