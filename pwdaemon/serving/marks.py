@@ -41,6 +41,19 @@ class SizeMarks:
         for t, d in self._size_dims(args, kwargs):
             mark_size(t, d, strategy, self.shape_id)
 
+    def widened(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], size: int
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A copy of a size-1 call brought to `size`: each size dimension repeated (new
+        tensors; the rest shared). For tracing only: its outputs are not served."""
+        widen = {id(t): d for t, d in self._size_dims(args, kwargs) if t.shape[d] == 1}
+
+        def wide(a: Any) -> Any:
+            d = widen.get(id(a)) if isinstance(a, torch.Tensor) else None
+            return a if d is None else torch.cat([a] * size, dim=d)
+
+        return tuple(wide(a) for a in args), {k: wide(v) for k, v in kwargs.items()}
+
     def dims(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
         """id(tensor) -> its size dimension, as `mark` marks them (slow paths)."""
         return {id(t): d for t, d in self._size_dims(args, kwargs)}

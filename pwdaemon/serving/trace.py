@@ -25,13 +25,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx
 
+from pwdaemon.serving.attempt import Attempt
 from pwdaemon.serving.background import (
     BackgroundTrace,
     importing_module,
@@ -40,7 +40,7 @@ from pwdaemon.serving.background import (
 )
 from pwdaemon.serving.direct import DirectCalls, GuardMode, Key, call_key
 from pwdaemon.serving.dispatch import Dispatcher
-from pwdaemon.serving.entry import call_eager, make_entry
+from pwdaemon.serving.entry import call_eager
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.heap import HEAP
@@ -75,55 +75,6 @@ from pwdaemon.serving.trace_record import (
 __all__ = ("Tracer", "analyse_graph")
 
 log = logging.getLogger(__name__)
-
-
-class _Attempt:
-    """One strategy with its own entry frame and torch.compile wrapper."""
-
-    def __init__(self, tracer: Tracer, strategy: ShapeStrategy) -> None:
-        self.strategy = strategy
-        self.record = StrategyAttempt(strategy)
-        self.entry = make_entry(tracer.model, strategy.value)
-        # The backend holds the tracer weakly: dynamo's cache entries keep the backend
-        # alive as long as the entry's code object lives.
-        ref = weakref.ref(tracer)
-
-        def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
-            t = ref()
-            return gm.forward if t is None else t._capture(self, gm)
-
-        self._backend = backend
-        self._compiled: Callable[..., Any] | None = None
-        # Run-only mode: cached entries serve, a miss runs the frame eager, nothing is
-        # compiled. Per thread, unlike torch.compiler.set_stance (a process global).
-        # Set with `compiled`; until then the first call builds both.
-        self.run: Callable[..., Any] = self._compile_then_run
-        self.captured: list[GraphPiece] = []  # by the tracing call under way
-        self.published = False  # some piece of this attempt was handed to on_piece
-
-    @property
-    def compiled(self) -> Callable[..., Any]:
-        """The torch.compile wrapper of the entry frame (traces; under TRACE_LOCK).
-
-        Built on first use, not at attach: the first torch.compile() in a process imports
-        dynamo's backends (aot_autograd, networkx: ~0.25 s), which belongs on the trace
-        thread, not in attach() on the caller's.
-        """
-        if self._compiled is None:
-            # No isolate_recompiles: its region id is a process-global that every
-            # compiled call sets on entry and restores on exit, so with threads one call's
-            # exit reset it under another call still inside, whose resumed frame then
-            # missed its cache and traced a duplicate piece (issue 15). The fresh entry
-            # code object gives each attempt its own cache bucket instead.
-            compiled = torch.compile(self.entry, backend=self._backend)
-            self.run = torch._dynamo.run(compiled)
-            self._compiled = compiled
-        return self._compiled
-
-    def _compile_then_run(self, *args: Any, **kwargs: Any) -> Any:
-        with TRACE_LOCK:
-            self.compiled  # noqa: B018 - builds `run`
-        return self.run(*args, **kwargs)
 
 
 class Tracer:
@@ -177,6 +128,9 @@ class Tracer:
         # TRACE_LOCK, read without it: a stale False only sends a call to the locked
         # path, which reads it again.
         self.settled = False
+        # Set (trace thread, TRACE_LOCK) when a size-1 trace broke up: the background
+        # trace's next calls are its copy at size 2 (`_widens`).
+        self.widen_to_two = False
         self._on_piece = on_piece
         self._size_cap = size_cap
         self._sample_bytes = sample_bytes
@@ -194,7 +148,7 @@ class Tracer:
         for strategy in ORDER[: ORDER.index(first)]:
             reason = f"failed in an earlier run: {failed[strategy]}"
             self.attempts.append(StrategyAttempt(strategy, AttemptOutcome.SKIPPED, reason))
-        self._attempt = _Attempt(self, first)
+        self._attempt = Attempt(self, first)
         self.attempts.append(self._attempt.record)
 
     @property
@@ -362,7 +316,9 @@ class Tracer:
             undecided = [r for r in warnings.graph_breaks if is_data_dependent(r)]
         nothing = not self.pieces and not new and error is None
         fallback = next_strategy(attempt.strategy)
-        if (undecided or nothing) and not attempt.published and fallback is not None:
+        if self._widens(attempt, cause, new, breaks, warnings, args, kwargs):
+            changed = True
+        elif (undecided or nothing) and not attempt.published and fallback is not None:
             why = undecided[0] if undecided else "dynamo captured no graph"
             if nothing and warnings.messages:
                 why = f"{why}: {warnings.messages[0]}"
@@ -395,8 +351,51 @@ class Tracer:
             return self._eager_after_error(error, args, kwargs), changed
         return out, changed
 
+    def _widens(
+        self,
+        attempt: Attempt,
+        cause: RecompileCause,
+        new: list[GraphPiece],
+        breaks: Mapping[str, int],
+        warnings: TorchWarnings,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> bool:
+        # A background trace of a size-1 call that broke into pieces under the last
+        # strategy is dropped and traced again on a copy of the call at size 2, as
+        # torch.compile makes its general graph from a size above 1. Transformers sized
+        # on their sequence dim, first called at length 1: `is_causal = q_length > 1 and
+        # ...` is then the size test itself (a SymBool), SDPA refuses it, and BERT broke
+        # 12 times into 7 pieces whose other lengths ran mostly eager, unseen (no piece
+        # missed them). Calls of size 1 are then served by the dropped pieces, eager:
+        # dynamo keeps their cache entries on the model's inner code objects (shared by
+        # every instance of the class, so not reset here), and no piece misses them.
+        if (
+            self.widen_to_two
+            or self.background is None
+            or cause is not RecompileCause.SETTLING
+            or attempt.published
+            or next_strategy(attempt.strategy) is not None
+            or len(new) < 2
+            or not (breaks or warnings.graph_breaks)
+            or self.marks.size(args, kwargs) != 1
+        ):
+            return False
+        why = (next(iter(breaks), None) or warnings.graph_breaks[0]).strip()
+        attempt.record.outcome = AttemptOutcome.FELL_BACK
+        attempt.record.reason = (
+            f"traced at size 1 it broke into {len(new)} pieces ({why.splitlines()[0][:200]});"
+            " traced again at size 2"
+        )
+        attempt.record.discarded = len(new)
+        log.warning("pwdaemon: %s: %s", self.name, attempt.record.reason)
+        self._attempt = Attempt(self, attempt.strategy)
+        self.attempts.append(self._attempt.record)
+        self.widen_to_two = True
+        return True
+
     def _fall_back(
-        self, attempt: _Attempt, fallback: ShapeStrategy, why: str, *, remember: bool
+        self, attempt: Attempt, fallback: ShapeStrategy, why: str, *, remember: bool
     ) -> None:
         attempt.record.outcome = AttemptOutcome.FELL_BACK
         attempt.record.reason = why
@@ -409,14 +408,14 @@ class Tracer:
         )
         # The failed attempt's pieces were never handed on; its entry and dynamo's
         # cache entries on it are dropped with it.
-        self._attempt = _Attempt(self, fallback)
+        self._attempt = Attempt(self, fallback)
         self.attempts.append(self._attempt.record)
         if remember and self._on_fall_back is not None:
             self._on_fall_back(attempt.strategy, why)  # never raises (the handle's)
 
     def _accept(
         self,
-        attempt: _Attempt,
+        attempt: Attempt,
         new: list[GraphPiece],
         breaks: Mapping[str, int],
         cause: RecompileCause,
@@ -481,6 +480,8 @@ class Tracer:
             if not self.settled and not self.pieces:
                 self._load_saved()
             if not self.settled:
+                if self.widen_to_two and self.marks.size(args, kwargs) == 1:
+                    args, kwargs = self.marks.widened(args, kwargs, 2)  # see `_widens`
                 self._settling_call(args, kwargs)
                 if self.settled:
                     self._save(args, kwargs)
@@ -504,7 +505,7 @@ class Tracer:
             self._attempt.record.reason = (
                 f"an earlier run fell back from it: its saved trace is {saved_with.value}"
             )
-            self._attempt = _Attempt(self, saved_with)
+            self._attempt = Attempt(self, saved_with)
             self.attempts.append(self._attempt.record)
         self._accept(self._attempt, pieces, {}, RecompileCause.SETTLING, "")
         self.settled = True
@@ -564,7 +565,7 @@ class Tracer:
 
     # ---- the backend -----------------------------------------------------------------
 
-    def _capture(self, attempt: _Attempt, gm: torch.fx.GraphModule) -> Dispatcher:
+    def capture(self, attempt: Attempt, gm: torch.fx.GraphModule) -> Dispatcher:
         # Called by dynamo inside a tracing call (TRACE_LOCK held by this thread).
         facts: GraphFacts = analyse_graph(gm)
         index = len(self.pieces) + len(attempt.captured)

@@ -441,3 +441,41 @@ def test_bert_sized_on_its_sequence_dim_falls_back_to_one_backed_piece(
     # The log was heard, not printed, and is as it was.
     assert "Graph break" not in capfd.readouterr().err
     assert [(lg.level, lg.propagate) for lg in loggers] == before
+
+
+def test_bert_first_called_at_length_1_is_traced_again_at_length_2() -> None:
+    # Under the backed strategy at length 1, transformers' `is_causal = q_length > 1 and
+    # ...` is the size test itself (a SymBool), SDPA refuses it, and the trace broke 12
+    # times into 7 pieces; other lengths then ran mostly eager, unseen (no piece missed
+    # them). The background trace drops that and traces its copy at length 2: one piece
+    # serves every length above 1.
+    pytest.importorskip("transformers")
+    from pwdaemon.real_models import SEQUENCE_DIMS, model_spec, sequence_inputs
+
+    fresh_counters()
+    torch.manual_seed(0)
+    model = model_spec("bert", "tiny").build(torch.device("cpu"), torch.float32)
+    reference = copy.deepcopy(model)
+
+    def tokens(n: int) -> dict[str, torch.Tensor]:
+        return sequence_inputs(model, n, torch.device("cpu"))[1]
+
+    dims = SEQUENCE_DIMS
+    with (
+        torch.inference_mode(),
+        pwd.attach(model, dynamic=dims, compile=False, store=False, trace="background") as h,
+    ):
+        model(**tokens(1))
+        assert h.wait_traced(120)
+        for n in (1, 2, 8, 1, 5):
+            got = model(**tokens(n)).last_hidden_state
+            torch.testing.assert_close(got, reference(**tokens(n)).last_hidden_state)
+        tracer = h._tracer
+        assert len(h.pieces) == 1, str(h.status())
+        assert h.pieces[0].specializable and tracer.strategy is ShapeStrategy.BACKED_OBLIVIOUS
+        dropped = tracer.attempts[-2]
+        assert dropped.strategy is ShapeStrategy.BACKED_OBLIVIOUS, tracer.attempts
+        assert dropped.outcome is AttemptOutcome.FELL_BACK and dropped.discarded > 1
+        assert "traced at size 1" in (dropped.reason or ""), dropped
+        assert {2, 5, 8} <= set(h.pieces[0].dispatcher.histogram())
+        assert not tracer.misses
