@@ -402,6 +402,30 @@ def test_torch_nn_classes_are_captured_with_their_hooks(
     assert 3 not in handle.pieces[0].dispatcher.histogram()
 
 
+class _SequenceBert:
+    """Tiny BERT sized on its sequence dim, with an eager copy and calls by length."""
+
+    def __init__(self) -> None:
+        pytest.importorskip("transformers")
+        from pwdaemon.real_models import SEQUENCE_DIMS, model_spec
+
+        fresh_counters()
+        torch.manual_seed(0)
+        self.model = model_spec("bert", "tiny").build(torch.device("cpu"), torch.float32)
+        self.reference = copy.deepcopy(self.model)
+        self.dims = SEQUENCE_DIMS
+
+    def tokens(self, n: int) -> dict[str, torch.Tensor]:
+        from pwdaemon.real_models import sequence_inputs
+
+        return sequence_inputs(self.model, n, torch.device("cpu"))[1]
+
+    def check(self, n: int) -> None:
+        """Call length `n` and compare with eager."""
+        got = self.model(**self.tokens(n)).last_hidden_state
+        torch.testing.assert_close(got, self.reference(**self.tokens(n)).last_hidden_state)
+
+
 def test_bert_sized_on_its_sequence_dim_falls_back_to_one_backed_piece(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
@@ -410,26 +434,15 @@ def test_bert_sized_on_its_sequence_dim_falls_back_to_one_backed_piece(
     # Unsupported) and names it only in its graph-break log, off by default. Unheard,
     # the strategy stayed: 7 pieces, the last 3 pinned to the first call's length (no
     # size symbol), each new length retraced. Heard, the backed strategy traces one.
-    pytest.importorskip("transformers")
-    from pwdaemon.real_models import SEQUENCE_DIMS, model_spec, sequence_inputs
-
-    fresh_counters()
+    bert = _SequenceBert()
     loggers = [logging.getLogger(name) for name in GRAPH_BREAK_LOGS]
     before = [(lg.level, lg.propagate) for lg in loggers]
-    torch.manual_seed(0)
-    model = model_spec("bert", "tiny").build(torch.device("cpu"), torch.float32)
-    reference = copy.deepcopy(model)
-
-    def tokens(n: int) -> dict[str, torch.Tensor]:
-        return sequence_inputs(model, n, torch.device("cpu"))[1]
-
-    dims = SEQUENCE_DIMS
+    model, dims = bert.model, bert.dims
     with torch.inference_mode(), pwd.attach(model, dynamic=dims, compile=False, store=False) as h:
-        model(**tokens(8))
+        model(**bert.tokens(8))
         assert h.wait_traced(120)
         for n in (8, 16, 24, 8, 40):
-            got = model(**tokens(n)).last_hidden_state
-            torch.testing.assert_close(got, reference(**tokens(n)).last_hidden_state)
+            bert.check(n)
         tracer = h._tracer
         assert len(h.pieces) == 1, str(h.status())
         assert tracer.strategy is ShapeStrategy.BACKED_OBLIVIOUS
@@ -449,27 +462,16 @@ def test_bert_first_called_at_length_1_is_traced_again_at_length_2() -> None:
     # times into 7 pieces; other lengths then ran mostly eager, unseen (no piece missed
     # them). The background trace drops that and traces its copy at length 2: one piece
     # serves every length above 1.
-    pytest.importorskip("transformers")
-    from pwdaemon.real_models import SEQUENCE_DIMS, model_spec, sequence_inputs
-
-    fresh_counters()
-    torch.manual_seed(0)
-    model = model_spec("bert", "tiny").build(torch.device("cpu"), torch.float32)
-    reference = copy.deepcopy(model)
-
-    def tokens(n: int) -> dict[str, torch.Tensor]:
-        return sequence_inputs(model, n, torch.device("cpu"))[1]
-
-    dims = SEQUENCE_DIMS
+    bert = _SequenceBert()
+    model, dims = bert.model, bert.dims
     with (
         torch.inference_mode(),
         pwd.attach(model, dynamic=dims, compile=False, store=False, trace="background") as h,
     ):
-        model(**tokens(1))
+        model(**bert.tokens(1))
         assert h.wait_traced(120)
         for n in (1, 2, 8, 1, 5):
-            got = model(**tokens(n)).last_hidden_state
-            torch.testing.assert_close(got, reference(**tokens(n)).last_hidden_state)
+            bert.check(n)
         tracer = h._tracer
         assert len(h.pieces) == 1, str(h.status())
         assert h.pieces[0].specializable and tracer.strategy is ShapeStrategy.BACKED_OBLIVIOUS
