@@ -323,6 +323,7 @@ class Tracer:
             if nothing and warnings.messages:
                 why = f"{why}: {warnings.messages[0]}"
             attempt.record.discarded = len(new)
+            self._retire(new)
             # Remembered for the next start only when dynamo could not decide a size
             # guard: that is the model's code meeting the strategy, every time. Capturing
             # nothing can depend on the first call's inputs.
@@ -367,9 +368,7 @@ class Tracer:
         # on their sequence dim, first called at length 1: `is_causal = q_length > 1 and
         # ...` is then the size test itself (a SymBool), SDPA refuses it, and BERT broke
         # 12 times into 7 pieces whose other lengths ran mostly eager, unseen (no piece
-        # missed them). Calls of size 1 are then served by the dropped pieces, eager:
-        # dynamo keeps their cache entries on the model's inner code objects (shared by
-        # every instance of the class, so not reset here), and no piece misses them.
+        # missed them). Calls of size 1 then miss (`_retire`) and are traced once hot.
         if (
             self.widen_to_two
             or self.background is None
@@ -389,10 +388,23 @@ class Tracer:
         )
         attempt.record.discarded = len(new)
         log.warning("pwdaemon: %s: %s", self.name, attempt.record.reason)
+        self._retire(new)
         self._attempt = Attempt(self, attempt.strategy)
         self.attempts.append(self._attempt.record)
         self.widen_to_two = True
         return True
+
+    @staticmethod
+    def _retire(dropped: list[GraphPiece]) -> None:
+        # A dropped attempt's pieces are never handed on, but dynamo keeps their cache
+        # entries on the model's inner code objects (a graph break leaves frames of
+        # their own there; shared by every instance of the class, so not reset here). A
+        # call the new attempt's pieces refuse runs its entry frame eager and can reach
+        # one: it runs right, but must not count as served by a piece. It counts as a
+        # miss, and its input is traced once hot (BERT sized on its sequence dim: calls
+        # of length 1 after the trace at length 2, `_widens`).
+        for piece in dropped:
+            piece.dispatcher.served = threading.local()
 
     def _fall_back(
         self, attempt: Attempt, fallback: ShapeStrategy, why: str, *, remember: bool

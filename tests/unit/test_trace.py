@@ -30,7 +30,7 @@ import pwdaemon as pwd
 from pwdaemon import Range, Tier
 from pwdaemon.serving.piece import wrap_compiled
 from pwdaemon.serving.strategy import ShapeStrategy
-from pwdaemon.serving.trace_record import GRAPH_BREAK_LOGS, AttemptOutcome
+from pwdaemon.serving.trace_record import GRAPH_BREAK_LOGS, AttemptOutcome, MissState
 
 
 class TwoInputs(nn.Module):
@@ -461,7 +461,7 @@ def test_bert_first_called_at_length_1_is_traced_again_at_length_2() -> None:
     # ...` is the size test itself (a SymBool), SDPA refuses it, and the trace broke 12
     # times into 7 pieces; other lengths then ran mostly eager, unseen (no piece missed
     # them). The background trace drops that and traces its copy at length 2: one piece
-    # serves every length above 1.
+    # serves every length above 1; length 1 misses until it is traced on its own.
     bert = _SequenceBert()
     model, dims = bert.model, bert.dims
     with (
@@ -480,4 +480,15 @@ def test_bert_first_called_at_length_1_is_traced_again_at_length_2() -> None:
         assert dropped.outcome is AttemptOutcome.FELL_BACK and dropped.discarded > 1
         assert "traced at size 1" in (dropped.reason or ""), dropped
         assert {2, 5, 8} <= set(h.pieces[0].dispatcher.histogram())
-        assert not tracer.misses
+        # Length 1: the dropped pieces still run it (dynamo's caches on BERT's inner
+        # code objects), but as misses, until its input is hot and traced on its own.
+        (record,) = tracer.misses.values()
+        assert record.calls == 2 and record.signature.startswith("n=1"), record
+        for _ in range(2):  # hot at the third miss, traced (in the background) at the 4th
+            bert.check(1)
+        assert tracer.miss.traced.wait(120)
+        assert record.state is MissState.TRACED, record
+        calls = tracer.miss_calls
+        bert.check(1)
+        assert tracer.miss_calls == calls and tracer.last_call_served()
+        assert any(1 in p.dispatcher.histogram() for p in h.pieces[1:])
