@@ -159,8 +159,9 @@ class TorchWarnings(logging.Handler):
     this thread during a tracing call.
 
     Dynamo gives up on a frame quietly when fake propagation hits a guard it cannot
-    decide (nn.TransformerEncoder's fast path with unbacked sizes: no graph break is
-    counted, the frame just runs eager); the only trace of why is a log record. And a
+    decide (nn.TransformerEncoder's fast path with an unbacked size that might be 0,
+    before it was marked at least 1: no graph break is counted, the frame just runs
+    eager); the only trace of why is a log record. And a
     graph break on a size guard it cannot decide inside an inlined function is not
     counted either (torch 2.13 counts only `Unsupported` breaks; this one is a
     `UserError`): transformers' BERT sized on its sequence dim broke at `q_length > 1`
