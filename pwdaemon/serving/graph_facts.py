@@ -170,8 +170,9 @@ def _size_guards(placeholders: list[torch.fx.Node], size_exprs: list[Any]) -> tu
     return tuple(out)
 
 
-def _shipped_size_symbols(placeholders: list[torch.fx.Node], output: torch.fx.Node) -> set[Any]:
-    # A shipped graph's size symbols, by name (`SIZE_SYMBOLS_META`); none without it.
+def shipped_size_symbols(placeholders: list[torch.fx.Node], output: torch.fx.Node) -> set[Any]:
+    """A shipped graph's size symbols: its SymInt placeholders' symbols named in
+    `SIZE_SYMBOLS_META` on its output node; none without it."""
     names = set(output.meta.get(SIZE_SYMBOLS_META, ()))
     symbols: set[Any] = set()
     for node in placeholders:
@@ -205,7 +206,7 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
     """Find the size SymInt placeholders, other symbols, output structure and marks."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
-    marked = _size_symbols(placeholders) or _shipped_size_symbols(placeholders, output_node)
+    marked = _size_symbols(placeholders) or shipped_size_symbols(placeholders, output_node)
     size_indices: list[int] = []
     size_exprs: list[Any] = []
     extra: list[str] = []

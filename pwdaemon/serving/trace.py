@@ -322,12 +322,10 @@ class Tracer:
             why = undecided[0] if undecided else "dynamo captured no graph"
             if nothing and warnings.messages:
                 why = f"{why}: {warnings.messages[0]}"
-            attempt.record.discarded = len(new)
-            self._retire(new)
             # Remembered for the next start only when dynamo could not decide a size
             # guard: that is the model's code meeting the strategy, every time. Capturing
             # nothing can depend on the first call's inputs.
-            self._fall_back(attempt, fallback, why, remember=bool(undecided))
+            self._fall_back(attempt, fallback, why, new, remember=bool(undecided))
             changed = True
         else:
             changed = self._accept(attempt, new, breaks, cause, detail)
@@ -368,7 +366,7 @@ class Tracer:
         # on their sequence dim, first called at length 1: `is_causal = q_length > 1 and
         # ...` is then the size test itself (a SymBool), SDPA refuses it, and BERT broke
         # 12 times into 7 pieces whose other lengths ran mostly eager, unseen (no piece
-        # missed them). Calls of size 1 then miss (`_retire`) and are traced once hot.
+        # missed them). Calls of size 1 then miss (`_hand_over`) and are traced once hot.
         if (
             self.widen_to_two
             or self.background is None
@@ -381,36 +379,47 @@ class Tracer:
         ):
             return False
         why = (next(iter(breaks), None) or warnings.graph_breaks[0]).strip()
-        attempt.record.outcome = AttemptOutcome.FELL_BACK
-        attempt.record.reason = (
+        reason = (
             f"traced at size 1 it broke into {len(new)} pieces ({why.splitlines()[0][:200]});"
             " traced again at size 2"
         )
-        attempt.record.discarded = len(new)
-        log.warning("pwdaemon: %s: %s", self.name, attempt.record.reason)
-        self._retire(new)
-        self._attempt = Attempt(self, attempt.strategy)
-        self.attempts.append(self._attempt.record)
+        log.warning("pwdaemon: %s: %s", self.name, reason)
+        self._hand_over(attempt, attempt.strategy, AttemptOutcome.FELL_BACK, reason, new)
         self.widen_to_two = True
         return True
 
-    @staticmethod
-    def _retire(dropped: list[GraphPiece]) -> None:
-        # A dropped attempt's pieces are never handed on, but dynamo keeps their cache
-        # entries on the model's inner code objects (a graph break leaves frames of
+    def _hand_over(
+        self,
+        attempt: Attempt,
+        strategy: ShapeStrategy,
+        outcome: AttemptOutcome,
+        reason: str,
+        dropped: list[GraphPiece],
+    ) -> None:
+        # `attempt` ends with `outcome`; a fresh one (a new entry frame) traces with
+        # `strategy`. Its `dropped` pieces were never handed on, but dynamo keeps their
+        # cache entries on the model's inner code objects (a graph break leaves frames of
         # their own there; shared by every instance of the class, so not reset here). A
         # call the new attempt's pieces refuse runs its entry frame eager and can reach
-        # one: it runs right, but must not count as served by a piece. It counts as a
-        # miss, and its input is traced once hot (BERT sized on its sequence dim: calls
-        # of length 1 after the trace at length 2, `_widens`).
+        # one: it runs right, but must not count as served by a piece. Retired, it counts
+        # as a miss, and its input is traced once hot (BERT sized on its sequence dim:
+        # calls of length 1 after the trace at length 2, `_widens`).
+        attempt.record.outcome, attempt.record.reason = outcome, reason
+        attempt.record.discarded = len(dropped)
         for piece in dropped:
             piece.dispatcher.served = threading.local()
+        self._attempt = Attempt(self, strategy)
+        self.attempts.append(self._attempt.record)
 
     def _fall_back(
-        self, attempt: Attempt, fallback: ShapeStrategy, why: str, *, remember: bool
+        self,
+        attempt: Attempt,
+        fallback: ShapeStrategy,
+        why: str,
+        dropped: list[GraphPiece],
+        *,
+        remember: bool,
     ) -> None:
-        attempt.record.outcome = AttemptOutcome.FELL_BACK
-        attempt.record.reason = why
         log.warning(
             "pwdaemon: %s: strategy %s failed (%s); the next call traces with %s",
             self.name,
@@ -418,10 +427,7 @@ class Tracer:
             why,
             fallback.value,
         )
-        # The failed attempt's pieces were never handed on; its entry and dynamo's
-        # cache entries on it are dropped with it.
-        self._attempt = Attempt(self, fallback)
-        self.attempts.append(self._attempt.record)
+        self._hand_over(attempt, fallback, AttemptOutcome.FELL_BACK, why, dropped)
         if remember and self._on_fall_back is not None:
             self._on_fall_back(attempt.strategy, why)  # never raises (the handle's)
 
@@ -513,12 +519,8 @@ class Tracer:
         if saved_with is not self._attempt.strategy:
             # An earlier run fell back from this strategy to the one its traces were
             # saved with (`SavedTraceSlot.load`): later misses trace with that one too.
-            self._attempt.record.outcome = AttemptOutcome.SKIPPED
-            self._attempt.record.reason = (
-                f"an earlier run fell back from it: its saved trace is {saved_with.value}"
-            )
-            self._attempt = Attempt(self, saved_with)
-            self.attempts.append(self._attempt.record)
+            reason = f"an earlier run fell back from it: its saved trace is {saved_with.value}"
+            self._hand_over(self._attempt, saved_with, AttemptOutcome.SKIPPED, reason, [])
         self._accept(self._attempt, pieces, {}, RecompileCause.SETTLING, "")
         self.settled = True
         HEAP.refreeze()

@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pwdaemon.serving.graph_facts import SIZE_GUARDS_META, SIZE_SYMBOLS_META, admits
+from pwdaemon.serving.graph_facts import (
+    SIZE_GUARDS_META,
+    SIZE_SYMBOLS_META,
+    admits,
+    shipped_size_symbols,
+)
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
@@ -287,14 +292,15 @@ def _size_exprs(gm: torch.fx.GraphModule) -> list[Any]:
     another dim dynamic too (a varying length beside the batch) ships its names: taking
     the length's symbol for the size made its general equate the two and fail in
     Inductor ("Could not extract specialized integer from data-dependent expression u0")."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    names = set(output.meta.get(SIZE_SYMBOLS_META, ()))
+    named = shipped_size_symbols(placeholders, output)
     exprs = [
         v.node.expr
-        for v in (n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder")
+        for v in (n.meta.get("example_value") for n in placeholders)
         if isinstance(v, torch.SymInt)
     ]
-    return [e for e in exprs if str(e) in names] if names else exprs
+    return [e for e in exprs if e in named] if named else exprs
 
 
 def _unify_size_symbols(gm: torch.fx.GraphModule, fake_mode: Any) -> None:
