@@ -85,11 +85,9 @@ class Waiters:
 
     def check_plan_complete(self) -> None:
         """Fire `PlanCompleteEvent` once, when the last planned job ends (loop thread)."""
-        if self.plan_done or not self._pieces or self._planning():
+        if self.plan_done or not self._pieces or self._unfinished():
             return
         planned = [j for st in self._pieces for j in st.jobs.values() if j.why.planned]
-        if not all(j.terminal for j in planned):
-            return
         event = PlanCompleteEvent(
             self.name,
             live=sum(j.state is JobState.LIVE for j in planned),
@@ -100,12 +98,26 @@ class Waiters:
             self._plan_event = event
         fire(self._plan_callbacks, event)
 
+    def _unfinished(self) -> bool:
+        """Traced pieces wait to be planned, or a planned job has not reached an end. Any
+        thread: the loop adds jobs without a lock, so each dict is copied first (one C
+        call, which no other thread interrupts)."""
+        if self._planning():
+            return True
+        return any(
+            not j.terminal
+            for st in list(self._pieces)
+            for j in list(st.jobs.values())
+            if j.why.planned
+        )
+
     # ---- blocking waits (any thread but the loop's) ----------------------------------
 
     def wait(
         self, sizes: Iterable[int] | None, timeout: float | None, tier: Tier | None = None
     ) -> bool:
-        """Block until `sizes` serve at `tier` (None: until the plan completes).
+        """Block until `sizes` serve at `tier` (None: until the plan completes, and the
+        planned jobs of every piece traced since have ended too).
 
         `tier` None means the best tier the device supports for each piece: `Tier.GRAPH`
         for a piece whose sizes get CUDA graphs, else `Tier.SIZE`. True when done; False
@@ -117,7 +129,9 @@ class Waiters:
 
         def done() -> bool | None:
             if wanted is None:
-                return True if self.plan_done else None
+                # The plan, and those of pieces traced since it completed (a hot input's
+                # trace): their planned jobs too have reached an end.
+                return True if self.plan_done and not self._unfinished() else None
             states = [self.size_state(s, tier) for s in wanted]
             if all(s == JobState.LIVE for s in states):
                 return True

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pwdaemon.serving.gate import GATE, GateClosed
-from pwdaemon.serving.inputs import copy_for_trace
+from pwdaemon.serving.inputs import copy_call
 from pwdaemon.serving.priority import lowest_niceness
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,9 @@ def join_if_started(thread: threading.Thread, timeout: float) -> bool:
 class BackgroundTrace:
     """The trace thread of one attached model: started by its first call, once."""
 
-    def __init__(self, step: SettleStep, size_cap: int) -> None:
+    def __init__(self, step: SettleStep, size_cap: int, name: str = "") -> None:
         self._step = step
+        self._name = name
         self._size_cap = size_cap
         self.traced = threading.Event()  # set when the thread is done, settled or not
         self.error: BaseException | None = None
@@ -139,9 +140,9 @@ class BackgroundTrace:
         with self._lock:
             if self.thread is not None:
                 return None
-            # Copies: the caller may reuse or mutate its tensors after the call returns.
-            args_copy = tuple(copy_for_trace(a) for a in args)
-            kwargs_copy = {k: copy_for_trace(v) for k, v in kwargs.items()}
+            # Copies: the caller may reuse or mutate its inputs after the call returns,
+            # and the call itself may fill one in place (a KV cache): see copy_call.
+            args_copy, kwargs_copy = copy_call(args, kwargs, self._name)
             modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
             self.thread = threading.Thread(
                 target=self._run,
@@ -191,8 +192,7 @@ class BackgroundTrace:
                 # with, and a fallback strategy must not inherit those marks (a
                 # TransformerEncoder then failed on the unbacked size left by the
                 # first attempt).
-                fresh_args = tuple(copy_for_trace(a) for a in args)
-                fresh_kwargs = {k: copy_for_trace(v) for k, v in kwargs.items()}
+                fresh_args, fresh_kwargs = copy_call(args, kwargs, self._name)
                 if self._step(fresh_args, fresh_kwargs):
                     break
 

@@ -1,6 +1,8 @@
 """Which dimension of which argument carries a call's size, and marking it for dynamo.
 
-Default: dim 0 of every tensor argument whose dim 0 equals the first tensor argument's.
+Default: dim 0 of every tensor argument whose dim 0 equals the first tensor argument's,
+and of every such tensor inside the other arguments (lists, dicts, objects such as a KV
+cache).
 `attach(dynamic={"name": dim})` names the argument and dim instead. The same answer
 serves three places: marking inputs before a tracing call, the miss signature of a call
 no piece served, and the size a call brings while the model is still being traced.
@@ -14,7 +16,11 @@ from typing import Any
 
 import torch
 
+from pwdaemon.serving.inputs import copy_call, is_caller_tensor, nested_tensors
 from pwdaemon.serving.strategy import ShapeStrategy, mark_size
+
+# Arguments with no tensors inside: not searched.
+_SCALARS = (str, bytes, int, float, bool, type(None), torch.nn.Module)
 
 
 class SizeMarks:
@@ -44,15 +50,15 @@ class SizeMarks:
     def widened(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], size: int
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """A copy of a size-1 call brought to `size`: each size dimension repeated (new
-        tensors; the rest shared). For tracing only: its outputs are not served."""
-        widen = {id(t): d for t, d in self._size_dims(args, kwargs) if t.shape[d] == 1}
-
-        def wide(a: Any) -> Any:
-            d = widen.get(id(a)) if isinstance(a, torch.Tensor) else None
-            return a if d is None else torch.cat([a] * size, dim=d)
-
-        return tuple(wide(a) for a in args), {k: wide(v) for k, v in kwargs.items()}
+        """A copy of a size-1 call brought to `size`: each size dimension repeated, the
+        tensors inside the call's objects too (`copy_call`). For tracing only: its
+        outputs are not served."""
+        wide = {
+            id(t): torch.cat([t] * size, dim=d)
+            for t, d in self._size_dims(args, kwargs)
+            if t.shape[d] == 1
+        }
+        return copy_call(args, kwargs, replace=wide)
 
     def dims(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
         """id(tensor) -> its size dimension, as `mark` marks them (slow paths)."""
@@ -69,15 +75,29 @@ class SizeMarks:
     ) -> list[tuple[torch.Tensor, int]]:
         if self._dynamic is not None:
             return self._named_dims(args, kwargs)
-        # Default: dim 0 of every tensor argument whose dim 0 equals the first one's.
+        # Default: dim 0 of every tensor argument whose dim 0 equals the first one's, and
+        # of each such tensor inside the other arguments (a KV cache's keys and values:
+        # unmarked, the decode step's piece took the cache's batch for a constant, pinned
+        # to one batch with no size symbol).
         out: list[tuple[torch.Tensor, int]] = []
         size = -1
+        holders = []
         for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor) and a.dim() > 0:
-                if size < 0:
-                    size = a.shape[0]
-                if a.shape[0] == size:
-                    out.append((a, 0))
+            if isinstance(a, torch.Tensor):
+                if a.dim() > 0:
+                    if size < 0:
+                        size = a.shape[0]
+                    if a.shape[0] == size:
+                        out.append((a, 0))
+            elif not isinstance(a, _SCALARS):
+                holders.append(a)
+        if size >= 0:
+            for holder in holders:
+                out.extend(
+                    (t, 0)
+                    for t in nested_tensors(holder)
+                    if t.dim() > 0 and t.shape[0] == size and is_caller_tensor(t)
+                )
         return out
 
     def _named_dims(

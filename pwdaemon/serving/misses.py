@@ -20,7 +20,7 @@ import torch
 
 from pwdaemon.serving.background import importing_module, start_without_waiting
 from pwdaemon.serving.gate import GATE, GateClosed
-from pwdaemon.serving.inputs import copy_for_trace
+from pwdaemon.serving.inputs import Call, copy_small_call
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.strategy import TRACE_LOCK
 from pwdaemon.serving.trace_record import MissRecord, MissState, RecompileCause, input_signature
@@ -33,6 +33,20 @@ __all__ = ("DEFAULT_HOT_CALLS", "Misses")
 log = logging.getLogger(__name__)
 
 DEFAULT_HOT_CALLS = 3  # PolicyConfig.hot_calls' default; the handle passes its own
+# How often one signature is traced. A signature misses again after its trace when what
+# changes between its calls lies outside it: a shape inside an object the call passes (a
+# KV cache's length grows by one per decode step). The first trace pins each size it
+# saw; the second sees a changed one, and dynamo's automatic dynamic makes it dynamic; a
+# third covers a value that changed only after that.
+MAX_TRACES_PER_SIGNATURE = 3
+# While a signature is hot, each of its calls is copied before it runs, to trace the first
+# that no piece serves (see `_trace`). A copy larger than this is not taken on every call
+# (a long KV cache on a GPU): the hot call is traced as it runs instead, inline.
+HOT_COPY_MAX_BYTES = 256 * 2**20
+# Calls of a hot signature that pieces served before it stops being hot: a generate()'s
+# decode steps after the one that missed are served, and its next generate() misses
+# again at the first step (with up to 63 steps between, each copied).
+HOT_SERVED_CALLS = 64
 # A hot signature that does not come back within this many calls stops costing every
 # call a signature computation; it can become hot again.
 HOT_WINDOW_CALLS = 10_000
@@ -81,6 +95,8 @@ class Misses:
                         tracer.name,
                         sig,
                     )
+            if rec.state in (MissState.TRACED, MissState.SERVED):
+                self._missed_after_trace(rec)
             rec.calls += 1
             hot_at = self.hot_calls
             if self.configured_sizes and tracer.marks.size(args, kwargs) in self.configured_sizes:
@@ -95,6 +111,29 @@ class Misses:
                     sig,
                     rec.calls,
                 )
+
+    def _missed_after_trace(self, rec: MissRecord) -> None:
+        # Under _lock: a call of a traced signature that no piece served.
+        name = self._tracer.name
+        if rec.traces < MAX_TRACES_PER_SIGNATURE:
+            rec.state, rec.calls = MissState.COUNTING, 0
+            log.info(
+                "pwdaemon: %s: input %s missed again after %d trace(s): what changed lies "
+                "outside its signature (a size inside an object it passes, such as a KV "
+                "cache's length); traced again once hot",
+                name,
+                rec.signature,
+                rec.traces,
+            )
+        else:
+            rec.state = MissState.STILL_MISSED
+            log.warning(
+                "pwdaemon: %s: input %s still misses after %d traces: something dynamo "
+                "guards on changes between its calls and stays specialized; it stays eager",
+                name,
+                rec.signature,
+                rec.traces,
+            )
 
     def serve(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A settled call while some signature is hot: every call computes its
@@ -115,14 +154,26 @@ class Misses:
 
     def _trace(self, sig: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tracer = self._tracer
-        if tracer.background is not None and not importing_module():
-            self._trace_in_background(sig, args, kwargs)
-            return tracer.serve(args, kwargs)
+        rec = self.records[sig]
+        background = tracer.background is not None and not importing_module()
+        if background or rec.traces:
+            # The hot signature's calls are served as any other, and the first that no
+            # piece serves is traced, from a copy taken before it ran (a call may fill its
+            # inputs in place: a KV cache). Tracing the next call regardless traced one a
+            # piece served: after a decode step's trace at cache length 9, each later
+            # generate() missed at 6, 7 and 8, went hot and traced 9 again, capturing
+            # nothing.
+            inputs = copy_small_call(args, kwargs, tracer.name, HOT_COPY_MAX_BYTES)
+            if inputs is not None:
+                out = tracer.serve(args, kwargs)
+                if tracer.last_call_served():
+                    self._served_while_hot(rec)
+                else:
+                    self._trace_copy(rec, inputs, background)
+                return out
+            # Too large to copy on every call: this call is traced as it runs (inline).
         with TRACE_LOCK:
-            if sig in self.hot:  # not traced by another thread meanwhile
-                with self._lock:
-                    self.hot = self.hot - {sig}
-                rec = self.records[sig]
+            if self._take(sig):  # not traced by another thread meanwhile
                 try:
                     out, changed = tracer.trace_call(
                         args, kwargs, RecompileCause.HOT_SIGNATURE, sig
@@ -135,19 +186,52 @@ class Misses:
                 return out
         return tracer.serve(args, kwargs)
 
-    def _trace_in_background(self, sig: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _take(self, sig: str) -> bool:
+        """Take a hot signature's trace: False if another thread took it."""
+        with self._lock:
+            if sig not in self.hot:
+                return False
+            self.hot = self.hot - {sig}
+            return True
+
+    def _served_while_hot(self, rec: MissRecord) -> None:
+        # A piece served a call of the hot signature: nothing to trace in it. After
+        # `HOT_SERVED_CALLS` such calls the signature is no longer hot; its calls that
+        # miss again count towards a trace anew (`_missed_after_trace`).
+        with self._lock:
+            rec.hot_served += 1
+            if rec.hot_served >= HOT_SERVED_CALLS and rec.signature in self.hot:
+                self.hot = self.hot - {rec.signature}
+                rec.state, rec.hot_served = MissState.SERVED, 0
+
+    def _trace_copy(self, rec: MissRecord, inputs: Call, background: bool) -> None:
+        # A hot signature's call that no piece served: its copy traced on a thread of its
+        # own, or (inline) here, after the call; it was served, so a failure only logs.
+        if background:
+            self._trace_in_background(rec, inputs)
+            return
+        tracer, sig = self._tracer, rec.signature
+        with TRACE_LOCK:
+            if not self._take(sig):
+                return
+            try:
+                _, changed = tracer.trace_call(*inputs, RecompileCause.HOT_SIGNATURE, sig)
+            except Exception as exc:
+                log.warning("pwdaemon: %s: tracing input %s failed: %s", tracer.name, sig, exc)
+                rec.state = MissState.NOT_CAPTURED
+            else:
+                self._trace_ended(rec, changed)
+
+    def _trace_in_background(self, rec: MissRecord, inputs: Call) -> None:
         # trace="background": a hot signature is traced as the first call was, from
         # private copies on a thread of its own, gated; the call that found it hot is
         # served as before (eager). Inline, that call paid dynamo's whole trace: 2.6 s
         # for BERT's size-1 piece on an H200, the worst call of its warm-up.
         tracer = self._tracer
-        with self._lock:
-            if sig not in self.hot:
-                return  # another thread took it
-            self.hot = self.hot - {sig}
-        rec = self.records[sig]  # stays HOT until traced: no second trace meanwhile
-        args_copy = tuple(copy_for_trace(a) for a in args)
-        kwargs_copy = {k: copy_for_trace(v) for k, v in kwargs.items()}
+        sig = rec.signature
+        if not self._take(sig):
+            return  # another thread took it; rec stays HOT until traced
+        args_copy, kwargs_copy = inputs
         modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
 
         def run() -> None:
@@ -191,6 +275,7 @@ class Misses:
     def _trace_ended(self, rec: MissRecord, changed: bool) -> None:
         """Record how the trace of a hot signature ended (on the thread that traced):
         traced, served by a piece captured since, or left eager."""
+        rec.traces += 1
         if changed:
             rec.state = MissState.TRACED
         elif self._tracer.last_call_served():

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pwdaemon.serving.inputs import copy_for_trace
+from pwdaemon.serving.inputs import copy_call
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.saved_trace import (
@@ -144,8 +144,7 @@ class SavedTraceSlot:
                 self._stored,
             )
             return
-        args = tuple(copy_for_trace(a) for a in call[0])
-        kwargs = {k: copy_for_trace(v) for k, v in call[1].items()}
+        args, kwargs = copy_call(call[0], call[1], self._name)
         marks.mark(args, kwargs, piece.strategy)
         # A stored trace that did not load is replaced: say why it was not used.
         before = (

@@ -115,7 +115,9 @@ class Tracer:
         self.model = model
         self._first_call_returned = first_call_returned
         # trace="background": see `serving.background`; None traces inline.
-        self.background = BackgroundTrace(self._settle_step, size_cap) if background else None
+        self.background = (
+            BackgroundTrace(self._settle_step, size_cap, self.name) if background else None
+        )
         self.shape_id = f"pwdaemon_size_{id(self):x}"
         self.pieces: list[GraphPiece] = []
         self.attempts: list[StrategyAttempt] = []

@@ -85,6 +85,9 @@ class MissState(enum.Enum):
     # Traced, and a piece captured since it became hot serves it (another hot
     # input's trace covered it): nothing new to capture, and its calls hit that piece.
     SERVED = "served"
+    # Traced `MAX_TRACES_PER_SIGNATURE` times and its calls still miss: what changes
+    # between them is something dynamo guards on that no trace made dynamic. Stays eager.
+    STILL_MISSED = "still_missed"
 
 
 @dataclass
@@ -92,8 +95,10 @@ class MissRecord:
     """Calls whose input signature no captured piece served (they ran eager)."""
 
     signature: str
-    calls: int = 0
+    calls: int = 0  # since the signature was last traced
     state: MissState = MissState.COUNTING
+    traces: int = 0  # tracing calls made for it
+    hot_served: int = 0  # calls a piece served while it was hot (`Misses._trace`)
 
 
 @dataclass
