@@ -56,7 +56,7 @@ def _build(name: str) -> nn.Module:
     return t.LlamaForCausalLM(llama).eval()
 
 
-def _generate(model: nn.Module, batch: int) -> Any:
+def _generate(model: Any, batch: int) -> Any:  # a transformers model: has generate()
     prompt = torch.randint(
         1, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)
     )
