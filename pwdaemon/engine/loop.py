@@ -56,7 +56,7 @@ from pwdaemon.engine.store_link import parse_target
 from pwdaemon.engine.torch_thread import run_gated
 from pwdaemon.engine.waiters import Waiters
 from pwdaemon.metrics.stats import ModelMetrics
-from pwdaemon.serving.gate import GATE, GateHold
+from pwdaemon.serving.gate import GATE, GateClosed, GateHold
 from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.range_table import Tier
 from pwdaemon.serving.strategy import ShapeStrategy
@@ -302,22 +302,29 @@ class Engine:
         self._loop_thread = threading.get_ident()
         self._closing = anyio.Event()
         self.queue.bind()
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            self.runner.bind(tg)
-            # Started at attach: it overlaps dynamo's trace of the first call (the
-            # one-time work is mostly a compiler subprocess and file hashing).
-            tg.start_soon(self._prewarm_loader)
-            tg.start_soon(anyio.to_thread.run_sync, self._start_watcher)
-            if self.store is None:
-                # With a store, workers start on the first compile actually needed, so a
-                # warm restart spends no CPU on starting processes it will not use.
-                tg.start_soon(self.runner.start_executor)
-            tg.start_soon(self._tick_loop)
-            for _ in range(self.config.workers):
-                tg.start_soon(self.runner.run_forever)
-            await self._closing.wait()
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self.runner.bind(tg)
+                # Started at attach: it overlaps dynamo's trace of the first call (the
+                # one-time work is mostly a compiler subprocess and file hashing).
+                tg.start_soon(self._prewarm_loader)
+                tg.start_soon(anyio.to_thread.run_sync, self._start_watcher)
+                if self.store is None:
+                    # With a store, workers start on the first compile actually needed, so a
+                    # warm restart spends no CPU on starting processes it will not use.
+                    tg.start_soon(self.runner.start_executor)
+                tg.start_soon(self._tick_loop)
+                for _ in range(self.config.workers):
+                    tg.start_soon(self.runner.run_forever)
+                await self._closing.wait()
+                tg.cancel_scope.cancel()
+        except* GateClosed:
+            # The interpreter exits with a job under way (a script that ends without
+            # detach): `ServingGate.close` raised this in its gated work, and the
+            # task group cancelled the rest. Nothing to report (asyncio printed each
+            # task's traceback, ~150 lines, at every such exit).
+            pass
 
     async def _prewarm_loader(self) -> None:
         # The first artifact load pays ~3 s of one-time set-up; see `prewarm`.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -416,3 +418,38 @@ def test_a_general_compile_failing_on_a_size_guard_makes_the_next_start_trace_ba
             assert _entries(h)["general"].state == "live", str(h.status())
             for x in inputs.values():  # 1 and 37 on the general tier
                 torch.testing.assert_close(second(x), reference(x), **TOL)
+
+
+_EXIT_WITH_JOBS_QUEUED = """
+import torch
+from torch import nn
+import pwdaemon as pwd
+
+model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)).eval()
+handle = pwd.attach(
+    model, sizes=(2, 3, 4, 5, 6, 7, 8, 9), compiler=pwd.CompileConfig(workers=1), store=False
+)
+with torch.inference_mode():
+    model(torch.randn(2, 16))
+    assert handle.wait(sizes=[2], timeout=300), handle.status()
+print("exiting with compiles under way", flush=True)
+"""
+
+
+@pytest.mark.parametrize("run", range(2))
+def test_a_script_that_exits_with_compiles_under_way_prints_no_traceback(
+    tmp_path: Path, run: int
+) -> None:
+    # A script that ends without detach while the engine still compiles (7 sizes
+    # queued): the gate's exit handler raises GateClosed in the runner's gated work, and
+    # asyncio printed the task group's tracebacks (~150 lines) at 2 of 3 such exits.
+    script = tmp_path / "exit_with_jobs.py"
+    script.write_text(_EXIT_WITH_JOBS_QUEUED)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exiting with compiles under way" in proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
