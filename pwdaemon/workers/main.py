@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
             os.nice(args.nice)
         except OSError:
             log.debug("could not lower the worker's priority", exc_info=True)
-    code = serve(args.job_fd, args.result_fd, args.parent_pid)
+    try:
+        code = serve(args.job_fd, args.result_fd, args.parent_pid)
+    except BrokenPipeError:
+        # The serving process is gone (killed, or crashed) while we sent a result:
+        # nobody is left to read it, nor a traceback on the terminal we share with it.
+        code = 0
     # No interpreter teardown: nothing to flush, and torch's atexit hooks may print.
     os._exit(code)
 
