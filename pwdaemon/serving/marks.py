@@ -1,8 +1,8 @@
 """Which dimension of which argument carries a call's size, and marking it for dynamo.
 
-Default: dim 0 of every tensor argument whose dim 0 equals the first tensor argument's,
-and of every such tensor inside the other arguments (lists, dicts, objects such as a KV
-cache).
+Default: dim 0 of every tensor argument whose dim 0 equals the first tensor argument's
+(else the first tensor inside an argument's), and of every such tensor inside the other
+arguments (lists, dicts, objects such as a KV cache).
 `attach(dynamic={"name": dim})` names the argument and dim instead. The same answer
 serves three places: marking inputs before a tracing call, the miss signature of a call
 no piece served, and the size a call brings while the model is still being traced.
@@ -18,6 +18,7 @@ import torch
 
 from pwdaemon.serving.inputs import copy_call, is_caller_tensor, nested_tensors
 from pwdaemon.serving.strategy import ShapeStrategy, mark_size
+from pwdaemon.serving.trace_record import input_signature
 
 # Arguments with no tensors inside: not searched.
 _SCALARS = (str, bytes, int, float, bool, type(None), torch.nn.Module)
@@ -42,9 +43,19 @@ class SizeMarks:
                 )
             self._positions = {name: params.index(name) for name in self._dynamic}
 
-    def mark(self, args: tuple[Any, ...], kwargs: dict[str, Any], strategy: ShapeStrategy) -> None:
-        """Mark each size dimension of this call's tensors for dynamo, per `strategy`."""
-        for t, d in self._size_dims(args, kwargs):
+    def mark(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        strategy: ShapeStrategy,
+        *,
+        inside: bool = True,
+    ) -> None:
+        """Mark each size dimension of this call's tensors for dynamo, per `strategy`;
+        with `inside` False, of its tensor arguments only. A call dynamo only runs (a
+        settled call, run-only) is marked so: its marks shape no trace, and walking a
+        32-layer KV cache to mark its 64 tensors took 190 us of every decode step."""
+        for t, d in self._size_dims(args, kwargs, inside):
             mark_size(t, d, strategy, self.shape_id)
 
     def widened(
@@ -60,9 +71,11 @@ class SizeMarks:
         }
         return copy_call(args, kwargs, replace=wide)
 
-    def dims(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, int]:
-        """id(tensor) -> its size dimension, as `mark` marks them (slow paths)."""
-        return {id(t): d for t, d in self._size_dims(args, kwargs)}
+    def signature(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The call's input signature (`trace_record.input_signature`; slow paths)."""
+        dims = self._size_dims(args, kwargs)
+        size = int(dims[0][0].shape[dims[0][1]]) if dims else None
+        return input_signature(args, kwargs, {id(t): d for t, d in dims}, size)
 
     def size(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
         """The size this call brings; None when no argument carries one."""
@@ -71,14 +84,16 @@ class SizeMarks:
         return None
 
     def _size_dims(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], inside: bool = True
     ) -> list[tuple[torch.Tensor, int]]:
         if self._dynamic is not None:
             return self._named_dims(args, kwargs)
         # Default: dim 0 of every tensor argument whose dim 0 equals the first one's, and
         # of each such tensor inside the other arguments (a KV cache's keys and values:
         # unmarked, the decode step's piece took the cache's batch for a constant, pinned
-        # to one batch with no size symbol).
+        # to one batch with no size symbol). With no tensor argument (a model called with
+        # a dict of tensors), the first tensor inside one sets the size: unmarked, such a
+        # model was pinned to its first call's batch and every other batch missed.
         out: list[tuple[torch.Tensor, int]] = []
         size = -1
         holders = []
@@ -89,15 +104,15 @@ class SizeMarks:
                         size = a.shape[0]
                     if a.shape[0] == size:
                         out.append((a, 0))
-            elif not isinstance(a, _SCALARS):
+            elif inside and not isinstance(a, _SCALARS):
                 holders.append(a)
-        if size >= 0:
-            for holder in holders:
-                out.extend(
-                    (t, 0)
-                    for t in nested_tensors(holder)
-                    if t.dim() > 0 and t.shape[0] == size and is_caller_tensor(t)
-                )
+        for holder in holders:
+            for t in nested_tensors(holder):
+                if t.dim() > 0 and is_caller_tensor(t):
+                    if size < 0:  # no tensor argument: a dict of them, say
+                        size = t.shape[0]
+                    if t.shape[0] == size:
+                        out.append((t, 0))
         return out
 
     def _named_dims(

@@ -23,7 +23,7 @@ from pwdaemon.serving.gate import GATE, GateClosed
 from pwdaemon.serving.inputs import Call, copy_small_call
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.strategy import TRACE_LOCK
-from pwdaemon.serving.trace_record import MissRecord, MissState, RecompileCause, input_signature
+from pwdaemon.serving.trace_record import MissRecord, MissState, RecompileCause
 
 if TYPE_CHECKING:
     from pwdaemon.serving.trace import Tracer
@@ -80,7 +80,7 @@ class Misses:
     def count(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """A settled call no piece served (it ran eager)."""
         tracer = self._tracer
-        sig = input_signature(args, kwargs, tracer.marks.dims(args, kwargs))
+        sig = tracer.marks.signature(args, kwargs)
         with self._lock:  # the miss path only; a hit never takes it
             self.calls += 1
             rec = self.records.get(sig)
@@ -139,7 +139,7 @@ class Misses:
         """A settled call while some signature is hot: every call computes its
         signature, and the hot one's call is traced."""
         tracer = self._tracer
-        sig = input_signature(args, kwargs, tracer.marks.dims(args, kwargs))
+        sig = tracer.marks.signature(args, kwargs)
         if sig in self.hot:
             return self._trace(sig, args, kwargs)
         self._window += 1  # a lost update under a race only delays the expiry

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import torch
 from torch._dynamo import decorators as dynamo_decorators
 
-from pwdaemon.serving import guard_latency
+from pwdaemon.serving import guard_latency, random_state
 
 
 class ShapeStrategy(enum.Enum):
@@ -103,6 +103,8 @@ def tracing(strategy: ShapeStrategy) -> Iterator[None]:
         # Guard latency timed without dynamo's cache flush: a GIL-held C stretch of
         # 30-90 ms (this thread only: `guard_latency`).
         stack.enter_context(guard_latency.unflushed())
+        # Serving threads' random draws made during the trace stay drawn (`random_state`).
+        stack.enter_context(random_state.kept())
         limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit))
         if strategy is ShapeStrategy.BACKED_OBLIVIOUS:

@@ -226,7 +226,7 @@ class Tracer:
         """A settled call through dynamo (run-only). No lock: `_attempt` no longer
         changes once settled."""
         attempt = self._attempt
-        self.marks.mark(args, kwargs, attempt.strategy)
+        self.marks.mark(args, kwargs, attempt.strategy, inside=False)
         served = self._served
         served.last = None
         try:

@@ -110,21 +110,42 @@ class ErrorFallbacks:
 
 
 def input_signature(
-    args: tuple[Any, ...], kwargs: Mapping[str, Any], size_dims: Mapping[int, int]
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    size_dims: Mapping[int, int],
+    size: int | None = None,
 ) -> str:
     """What makes dynamo's guards tell two calls apart, the size itself excepted.
 
-    `size_dims` maps id(tensor) to its size dimension. The size is kept only as its
+    `size_dims` maps id(tensor) to its size dimension; `size` is the call's size where no
+    tensor it describes is shown (one inside an object). The size is kept only as its
     class (0, 1, many): dynamo treats 0 and 1 specially in places, never 2 versus 9.
-    Computed on misses only.
+    Lists, tuples and dicts are shown item by item (`0.x` for key "x" of argument 0),
+    other objects by their type. Computed on misses only.
     """
     parts = [
         f"grad={int(torch.is_grad_enabled())}",
         f"inference={int(torch.is_inference_mode_enabled())}",
     ]
-    size: int | None = None
-    items: Iterable[tuple[str, Any]] = [*((str(i), a) for i, a in enumerate(args))]
+    items: list[tuple[str, Any]] = [*((str(i), a) for i, a in enumerate(args))]
     items = [*items, *sorted(kwargs.items())]
+    shown = _show(items, size_dims, parts, _SIGNATURE_DEPTH)
+    if size is None:
+        size = shown
+    size_class = "n=?" if size is None else ("n=0" if size == 0 else "n=1" if size == 1 else "n>1")
+    return " ".join([size_class, *parts])
+
+
+# How deep lists, tuples and dicts are shown in a signature, and how many items of each.
+_SIGNATURE_DEPTH = 2
+_SIGNATURE_ITEMS = 32
+
+
+def _show(
+    items: Iterable[tuple[str, Any]], size_dims: Mapping[int, int], parts: list[str], depth: int
+) -> int | None:
+    # Appends each item's description to `parts`; returns the size a marked tensor shows.
+    size: int | None = None
     for key, a in items:
         if isinstance(a, torch.Tensor):
             dim = size_dims.get(id(a))
@@ -144,10 +165,14 @@ def input_signature(
             parts.append(f"{key}:{a.dtype}:{a.device}:[{','.join(shape)}]:{layout}{grad}")
         elif a is None or isinstance(a, bool | int | float | str):
             parts.append(f"{key}={a!r}"[:64])
+        elif depth > 0 and isinstance(a, list | tuple | dict) and len(a) <= _SIGNATURE_ITEMS:
+            inner = a.items() if isinstance(a, dict) else enumerate(a)
+            parts.append(f"{key}:{type(a).__name__}")
+            found = _show(((f"{key}.{k}", v) for k, v in inner), size_dims, parts, depth - 1)
+            size = found if size is None else size
         else:
             parts.append(f"{key}:{type(a).__name__}")
-    size_class = "n=?" if size is None else ("n=0" if size == 0 else "n=1" if size == 1 else "n>1")
-    return " ".join([size_class, *parts])
+    return size
 
 
 # Dynamo's graph-break log (torch's "graph_breaks" artifact): one logger per module that

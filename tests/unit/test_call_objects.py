@@ -66,11 +66,13 @@ class Decoder(nn.Module):
 
 def _generate(model: nn.Module, batch: int, *, tag: str = "plain") -> list[torch.Tensor]:
     """A prefill and `STEPS` decode steps on one new cache, as generate() makes them."""
-    torch.manual_seed(batch)
+    # A generator of its own: the inputs must not depend on who else draws from the
+    # global one (before `random_state`, a background trace's end rewound it).
+    rng = torch.Generator().manual_seed(batch)
     cache = Cache(tag=tag)
-    outs = [model(torch.randn(batch, PROMPT, WIDTH), cache)]
+    outs = [model(torch.randn(batch, PROMPT, WIDTH, generator=rng), cache)]
     for _ in range(STEPS):
-        outs.append(model(torch.randn(batch, 1, WIDTH), cache))
+        outs.append(model(torch.randn(batch, 1, WIDTH, generator=rng), cache))
     assert cache.length() == PROMPT + STEPS  # no trace wrote into the caller's cache
     return outs
 
@@ -199,3 +201,43 @@ def test_a_call_holding_more_than_the_limit_is_not_copied() -> None:
     assert copy_small_call((), {"cache": cache}, "Model", max_bytes=8 * 2**10) is None
     copied = copy_small_call((), {"cache": cache}, "Model", max_bytes=32 * 2**10)
     assert copied is not None and copied[1]["cache"] is not cache
+
+
+class DictInput(nn.Module):
+    """Called with one dict of tensors and no tensor argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(WIDTH, WIDTH)
+        self.b = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.a(batch["x"]) + self.b(batch["y"])
+
+
+def test_a_model_called_with_a_dict_of_tensors_is_sized_on_its_batch() -> None:
+    # No tensor argument set the size, so nothing was marked: the piece was pinned to
+    # the first call's batch (no size symbol) and every other batch missed.
+    fresh_counters()
+    model, reference = make(DictInput)
+    with pwd.attach(model, compile=False, store=False) as handle, torch.inference_mode():
+        for n in (2, 3, 1, 7):
+            batch = {"x": torch.randn(n, WIDTH), "y": torch.randn(n, WIDTH)}
+            torch.testing.assert_close(model(batch), reference(batch))
+        tracer = handle._tracer
+        assert tracer.miss_calls == 0, tracer.misses
+        (piece,) = handle.pieces
+        assert piece.facts.size_symbols and piece.specializable, piece.facts
+        assert piece.dispatcher.histogram() == {2: 1, 3: 1, 1: 1, 7: 1}
+
+
+def test_a_signature_shows_the_items_of_a_calls_dicts_and_lists() -> None:
+    fresh_counters()
+    model, _ = make(DictInput)
+    with pwd.attach(model, compile=False, store=False) as handle:
+        marks = handle._tracer.marks
+        x, y = torch.randn(3, WIDTH), torch.randn(3, WIDTH, dtype=torch.float64)
+        sig = marks.signature(({"x": x, "y": [y, 2]},), {})
+    assert sig.startswith("n>1 "), sig
+    assert f"0.x:torch.float32:cpu:[n,{WIDTH}]:c" in sig
+    assert f"0.y.0:torch.float64:cpu:[n,{WIDTH}]:c" in sig and "0.y.1=2" in sig
