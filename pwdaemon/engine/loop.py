@@ -110,6 +110,9 @@ class Engine:
             planning=lambda: bool(self._new_pieces),
             call_soon=self._call_soon,
             wants_graph=lambda st: wants_graph(self.graphs, st.piece),
+            settled_on_nothing=lambda: (
+                self.trace is not None and self.trace.settled and not self.trace.pieces
+            ),
         )
         self.planner = Planner(
             self.policy,

@@ -37,11 +37,16 @@ class Waiters:
         planning: Callable[[], bool],
         call_soon: Callable[[Callable[[], None]], None],
         wants_graph: Callable[[PieceState], bool] = lambda st: False,
+        settled_on_nothing: Callable[[], bool] = lambda: False,
     ) -> None:
         """`pieces` is the engine's list (read, never changed, here); `planning()` says
         whether traced pieces wait to be planned; `call_soon(fn)` runs `fn` on the loop;
-        `wants_graph(st)` says whether a piece's sizes go on to a CUDA graph (tier 3)."""
+        `wants_graph(st)` says whether a piece's sizes go on to a CUDA graph (tier 3);
+        `settled_on_nothing()` whether the trace settled with no piece (an LSTM: dynamo
+        captures nothing), whose plan, empty, is then complete: `wait()` waited for it
+        until its timeout, or for ever."""
         self._wants_graph = wants_graph
+        self._settled_on_nothing = settled_on_nothing
         self.name = name
         self.attached_at = time.monotonic()
         self._pieces = pieces
@@ -85,8 +90,10 @@ class Waiters:
 
     def check_plan_complete(self) -> None:
         """Fire `PlanCompleteEvent` once, when the last planned job ends (loop thread)."""
-        if self.plan_done or not self._pieces or self._unfinished():
+        if self.plan_done or self._unfinished():
             return
+        if not self._pieces and not self._settled_on_nothing():
+            return  # not traced yet
         planned = [j for st in self._pieces for j in st.jobs.values() if j.why.planned]
         event = PlanCompleteEvent(
             self.name,

@@ -302,3 +302,37 @@ def test_status_hints_at_the_attention_fast_path_when_a_fake_tensor_break_left_n
     assert f"    hint: {FASTPATH_HINT}" in lines
     assert not any("hint" in ln for ln in TraceStatus(settled=True).lines(pieces=0))
     assert not any("hint" in ln for ln in TraceStatus(settled=True, graph_breaks=(broke,)).lines(1))
+
+
+class Recurrent(nn.Module):
+    """An LSTM: dynamo does not trace RNN modules (`allow_rnn` off) and captures nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(WIDTH, WIDTH, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return out[:, -1]
+
+
+def test_a_model_dynamo_captures_nothing_of_completes_its_empty_plan_and_says_why() -> None:
+    # wait() waited for the plan of a model with no piece until its timeout (for ever
+    # without one): an empty plan never completed.
+    model = _model(Recurrent)
+    reference = copy.deepcopy(model)
+    with (
+        pwd.attach(
+            model, executor=FakeExecutor(), store=False, policy=FAST, trace="background"
+        ) as handle,
+        torch.inference_mode(),
+    ):
+        x = torch.randn(3, 5, WIDTH)
+        torch.testing.assert_close(model(x), reference(x))
+        assert handle.wait_traced(60)
+        assert handle.wait(timeout=60), handle.status()
+        status = handle.status()
+    assert status.plan_complete and not handle.pieces
+    text = str(status)
+    assert "no graph captured: the model serves eager" in text
+    assert "RNN, GRU, or LSTM" in text
