@@ -118,9 +118,9 @@ class Misses:
         if rec.traces < MAX_TRACES_PER_SIGNATURE:
             rec.state, rec.calls = MissState.COUNTING, 0
             log.info(
-                "pwdaemon: %s: input %s missed again after %d trace(s): what changed lies "
-                "outside its signature (a size inside an object it passes, such as a KV "
-                "cache's length); traced again once hot",
+                "pwdaemon: %s: input %s missed again though a piece served it before (%d "
+                "trace(s) so far): what changed lies outside its signature (a size inside "
+                "an object it passes, such as a KV cache's length); traced again once hot",
                 name,
                 rec.signature,
                 rec.traces,

@@ -320,3 +320,23 @@ def test_varying_lengths_writes_a_row_per_model() -> None:
     assert len(cells) == 6, row
     pieces = int(cells[1].split()[0])
     assert pieces >= 1 and int(cells[2]) >= 1, row
+
+
+@pytest.mark.slow
+def test_generate_bench_writes_a_row_per_system() -> None:
+    # bench/generate.py: generate() on tiny GPT-2, eager and pwdaemon, one row each (a
+    # short bound: pwdaemon may not be steady by then, and says "never").
+    script = Path(__file__).resolve().parents[2] / "bench" / "generate.py"
+    args = ["--models", "gpt2", "--systems", "eager,pwdaemon", "--new-tokens", "4"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--steady", "2", "--max-seconds", "20"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| gpt2 ")]
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows]
+    assert [c[1] for c in cells] == ["eager", "pwdaemon"], rows
+    assert all(len(c) == 8 for c in cells), rows
+    assert cells[0][3].startswith("1 (") and float(cells[0][5]) > 0, rows  # eager: steady
