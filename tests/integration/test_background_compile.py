@@ -436,10 +436,7 @@ print("exiting with compiles under way", flush=True)
 """
 
 
-@pytest.mark.parametrize("run", range(2))
-def test_a_script_that_exits_with_compiles_under_way_prints_no_traceback(
-    tmp_path: Path, run: int
-) -> None:
+def test_a_script_that_exits_with_compiles_under_way_prints_no_traceback(tmp_path: Path) -> None:
     # A script that ends without detach while the engine still compiles (7 sizes
     # queued): the gate's exit handler raises GateClosed in the runner's gated work, and
     # asyncio printed the task group's tracebacks (~150 lines) at 2 of 3 such exits.
