@@ -329,7 +329,7 @@ def test_generate_bench_writes_a_row_per_system() -> None:
     script = Path(__file__).resolve().parents[2] / "bench" / "generate.py"
     args = ["--models", "gpt2", "--systems", "eager,pwdaemon", "--new-tokens", "4"]
     done = subprocess.run(
-        [sys.executable, str(script), *args, "--steady", "2", "--max-seconds", "20"],
+        [sys.executable, str(script), *args, "--steady", "2", "--max-seconds", "8"],
         capture_output=True,
         text=True,
         timeout=900,
