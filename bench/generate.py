@@ -38,26 +38,9 @@ BATCH, PROMPT, VOCAB = 2, 6, 100
 
 
 def _build(name: str) -> Any:
-    import torch
-    import transformers as t
+    from pwdaemon.real_models import causal_lm
 
-    torch.manual_seed(0)
-    if name == "gpt2":
-        gpt2 = t.GPT2Config(
-            n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=None
-        )
-        return t.GPT2LMHeadModel(gpt2).eval()
-    llama = t.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        bos_token_id=0,
-        eos_token_id=None,
-    )
-    return t.LlamaForCausalLM(llama).eval()
+    return causal_lm(name, VOCAB)
 
 
 def child(name: str, system: str, new_tokens: int, steady: int, max_s: float) -> dict[str, Any]:

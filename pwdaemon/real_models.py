@@ -26,7 +26,15 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-__all__ = ("MODEL_NAMES", "SEQUENCE_DIMS", "ModelSpec", "model_spec", "sequence_inputs")
+__all__ = (
+    "CAUSAL_LMS",
+    "MODEL_NAMES",
+    "SEQUENCE_DIMS",
+    "ModelSpec",
+    "causal_lm",
+    "model_spec",
+    "sequence_inputs",
+)
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -224,3 +232,20 @@ llama, llama_inputs = _factory("llama"), _inputs("llama")
 sequential, sequential_inputs = _factory("sequential"), _inputs("sequential")
 transformer_encoder = _factory("transformer_encoder")
 transformer_encoder_inputs = _inputs("transformer_encoder")
+
+
+# The models `causal_lm` builds with a language-model head, for `generate()`.
+CAUSAL_LMS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
+def causal_lm(name: str, vocab: int = 100) -> nn.Module:
+    """transformers' GPT-2 or Llama with its language-model head, the "tiny" preset's
+    shape, for `generate()`: seeded random weights, eval mode, CPU float32. No
+    end-of-sequence token: a greedy generation runs its whole length."""
+    import transformers
+
+    _, config_cls, fields = _TRANSFORMERS[name]
+    values = {k: v[0] for k, v in fields.items()}
+    values.update(bos_token_id=0, eos_token_id=None)
+    config = getattr(transformers, config_cls)(vocab_size=vocab, **values)
+    return _seeded(lambda: getattr(transformers, CAUSAL_LMS[name])(config), _CPU, torch.float32)

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
 import pwdaemon as pwd
 
@@ -34,26 +33,10 @@ VOCAB = 100
 ROUNDS = 12
 
 
-def _build(name: str) -> nn.Module:
-    import transformers as t
+def _build(name: str) -> Any:
+    from pwdaemon.real_models import causal_lm
 
-    torch.manual_seed(0)
-    if name == "gpt2":
-        gpt2 = t.GPT2Config(
-            n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, bos_token_id=0, eos_token_id=None
-        )
-        return t.GPT2LMHeadModel(gpt2).eval()
-    llama = t.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        bos_token_id=0,
-        eos_token_id=None,
-    )
-    return t.LlamaForCausalLM(llama).eval()
+    return causal_lm(name, VOCAB)
 
 
 def _generate(model: Any, batch: int) -> Any:  # a transformers model: has generate()
