@@ -78,8 +78,8 @@ def copy_call(
     `replace` maps id(tensor) to what stands for it in the copy.
     """
     memo: dict[int, Any] = dict(replace or {})
-    _clone_tensors((args, kwargs), memo, TENSOR_SEARCH_DEPTH + 2)
-    try:
+    try:  # on a serving call's thread (the first call's trace, a hot input's): never raise
+        _clone_tensors((args, kwargs), memo, TENSOR_SEARCH_DEPTH + 2)
         return copy.deepcopy((args, kwargs), memo)
     except Exception as exc:  # an object that refuses to be copied (a lock, a handle)
         log.warning(
@@ -91,7 +91,9 @@ def copy_call(
         )
 
         def shallow(a: Any) -> Any:
-            return memo[id(a)] if isinstance(a, torch.Tensor) and id(a) in memo else a
+            if not isinstance(a, torch.Tensor):
+                return a
+            return memo[id(a)] if id(a) in memo else copy_for_trace(a)
 
         return tuple(shallow(a) for a in args), {k: shallow(v) for k, v in kwargs.items()}
 
