@@ -22,13 +22,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-_local = threading.local()
+from pwdaemon.serving.thread_block import ThreadBlock
+
+_INSIDE = ThreadBlock()
 _lock = threading.Lock()
 _installed = False
-
-
-def _active() -> bool:
-    return bool(getattr(_local, "depth", 0))
 
 
 def _torch_profiler() -> Callable[..., float]:
@@ -42,7 +40,7 @@ def _torch_profiler() -> Callable[..., float]:
 # versions passed no n_iters.
 def profile_guard_manager(root: Any, f_locals: Any, *rest: Any) -> float:
     """What dynamo calls in place of torch's profiler once `install()` ran."""
-    if not _active():
+    if not _INSIDE.active():
         return _torch_profiler()(root, f_locals, *rest)
     runs = max(1, int(rest[0])) if rest else 1
     start = time.perf_counter()
@@ -75,8 +73,5 @@ def install() -> bool:
 def unflushed() -> Iterator[None]:
     """Guards built on this thread inside the block are timed without the cache flush."""
     install()
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
+    with _INSIDE.entered():
         yield
-    finally:
-        _local.depth -= 1

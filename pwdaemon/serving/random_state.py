@@ -27,18 +27,16 @@ from typing import Any
 
 import torch
 
-_local = threading.local()
+from pwdaemon.serving.thread_block import ThreadBlock
+
+_INSIDE = ThreadBlock()
 _lock = threading.Lock()
 _installed = False
 
 
-def _active() -> bool:
-    return bool(getattr(_local, "depth", 0))
-
-
 def _skipped_here(restore: Callable[[Any], None]) -> Callable[[Any], None]:
     def wrapper(state: Any) -> None:
-        if not _active():
+        if not _INSIDE.active():
             restore(state)
 
     wrapper.__wrapped__ = restore  # type: ignore[attr-defined]
@@ -63,8 +61,5 @@ def install() -> None:
 def kept() -> Iterator[None]:
     """On this thread, inside the block, dynamo does not set the random state back."""
     install()
-    _local.depth = getattr(_local, "depth", 0) + 1
-    try:
+    with _INSIDE.entered():
         yield
-    finally:
-        _local.depth -= 1
