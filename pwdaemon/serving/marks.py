@@ -20,9 +20,6 @@ from pwdaemon.serving.inputs import copy_call, is_caller_tensor, nested_tensors
 from pwdaemon.serving.strategy import ShapeStrategy, mark_size
 from pwdaemon.serving.trace_record import input_signature
 
-# Arguments with no tensors inside: not searched.
-_SCALARS = (str, bytes, int, float, bool, type(None), torch.nn.Module)
-
 
 class SizeMarks:
     """The size dimensions of one model's calls (`dynamic` as given to attach)."""
@@ -104,8 +101,8 @@ class SizeMarks:
                         size = a.shape[0]
                     if a.shape[0] == size:
                         out.append((a, 0))
-            elif inside and not isinstance(a, _SCALARS):
-                holders.append(a)
+            elif inside:
+                holders.append(a)  # scalars and modules: `nested_tensors` finds none
         for holder in holders:
             for t in nested_tensors(holder):
                 if t.dim() > 0 and is_caller_tensor(t):
