@@ -1,12 +1,13 @@
 """A graph piece: one graph dynamo handed to pwdaemon's backend, and what serving it needs.
 
-The tracer (trace.py) creates pieces; the engine plans, compiles and swaps runnables for
-them; status and metrics read them.
+The tracer (trace.py) creates pieces through a `PieceMaker`; the engine plans, compiles
+and swaps runnables for them; status and metrics read them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,9 +17,9 @@ import torch.fx
 
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.graph_facts import GraphFacts, admits, only_size
-from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.strategy import ShapeStrategy, mark_size
 
-__all__ = ("GraphPiece", "fact_fields", "wrap_compiled")
+__all__ = ("GraphPiece", "PieceMaker", "fact_fields", "wrap_compiled")
 
 # Every field of GraphFacts is a field of GraphPiece of the same name and meaning.
 _FACT_FIELDS = tuple(f.name for f in dataclasses.fields(GraphFacts))
@@ -93,3 +94,56 @@ class GraphPiece:
 def wrap_compiled(fn: Callable[..., Any], piece: GraphPiece) -> Callable[..., Any]:
     """A compiled artifact shaped like the piece's graph output."""
     return match_output_structure(fn, piece.returns_tuple)
+
+
+@dataclass(frozen=True)
+class PieceMaker:
+    """Makes one tracer's pieces: each with its dispatcher, all sharing the tracer's
+    `served` thread-local (a call sees which piece served it) and `calls_before_trace`."""
+
+    size_cap: int
+    sample_bytes: int
+    served: threading.local
+    calls_before_trace: dict[int, int]
+    shape_id: str
+
+    def make(
+        self,
+        gm: torch.fx.GraphModule,
+        facts: GraphFacts,
+        strategy: ShapeStrategy,
+        index: int,
+        shipped: bytes | None = None,
+    ) -> GraphPiece:
+        dispatcher = Dispatcher(
+            index,
+            gm.forward,
+            facts.size_index,
+            size_cap=self.size_cap,
+            sample_bytes=self.sample_bytes,
+            served=self.served,
+        )
+        piece = GraphPiece(
+            index=index,
+            gm=gm,
+            dispatcher=dispatcher,
+            strategy=strategy,
+            shipped=shipped,
+            calls_before_trace=self.calls_before_trace,
+            **fact_fields(facts),
+        )
+        return piece
+
+    def output_marker(
+        self, marks: tuple[tuple[int, int], ...], strategy: ShapeStrategy
+    ) -> Callable[[Any], None]:
+        """Marks the size on a piece's outputs `marks` ((output index, dim) pairs)."""
+        shape_id = self.shape_id
+
+        def mark(out: Any) -> None:
+            for i, d in marks:
+                t = out[i]
+                if isinstance(t, torch.Tensor):
+                    mark_size(t, d, strategy, shape_id)
+
+        return mark

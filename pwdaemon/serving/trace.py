@@ -46,7 +46,7 @@ from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.misses import DEFAULT_HOT_CALLS, Misses
-from pwdaemon.serving.piece import GraphPiece, fact_fields
+from pwdaemon.serving.piece import GraphPiece, PieceMaker
 from pwdaemon.serving.saved_slot import SavedTraceSlot
 from pwdaemon.serving.saved_trace import SavedTraceOutcome, TraceShelf
 from pwdaemon.serving.strategy import (
@@ -54,7 +54,6 @@ from pwdaemon.serving.strategy import (
     TRACE_LOCK,
     ShapeStrategy,
     is_data_dependent,
-    mark_size,
     next_strategy,
     tracing,
 )
@@ -134,12 +133,18 @@ class Tracer:
         # trace's next calls are its copy at size 2 (`_widens`).
         self.widen_to_two = False
         self._on_piece = on_piece
-        self._size_cap = size_cap
-        self._sample_bytes = sample_bytes
         self._lock = threading.Lock()  # error records
         # Each dispatcher writes itself here when it runs: after a call, the calling
         # thread sees whether any piece served it (no: a miss) and which ran last.
         self._served = threading.local()
+        self._maker = PieceMaker(
+            size_cap,
+            sample_bytes,
+            self._served,
+            # Shared with every piece: see GraphPiece.calls_before_trace.
+            self.background.calls_before if self.background else {},
+            self.shape_id,
+        )
         self.marks = SizeMarks(model, dynamic, self.shape_id)
         self._on_fall_back = on_fall_back
         # Signatures served before skip dynamo's guard check (serving.direct).
@@ -512,7 +517,9 @@ class Tracer:
         pieces = []
         for index, loaded in enumerate(self.saved.load(self.model, self.strategy)):
             record = loaded.record
-            piece = self._new_piece(record.gm, record.facts, record.strategy, index, record.shipped)
+            piece = self._maker.make(
+                record.gm, record.facts, record.strategy, index, record.shipped
+            )
             loaded.bind(piece.dispatcher)
             pieces.append(piece)
         if not pieces:
@@ -585,53 +592,12 @@ class Tracer:
         # Called by dynamo inside a tracing call (TRACE_LOCK held by this thread).
         facts: GraphFacts = analyse_graph(gm)
         index = len(self.pieces) + len(attempt.captured)
-        piece = self._new_piece(gm, facts, attempt.strategy, index)
+        piece = self._maker.make(gm, facts, attempt.strategy, index)
         if piece.output_marks:
             # Outputs of a piece followed by another (a graph break) must carry the size
             # mark into dynamo's resumed frame, or it would trace that frame static.
-            piece.dispatcher.mark_outputs = self._output_marker(
+            piece.dispatcher.mark_outputs = self._maker.output_marker(
                 piece.output_marks, attempt.strategy
             )
         attempt.captured.append(piece)
         return piece.dispatcher
-
-    def _new_piece(
-        self,
-        gm: torch.fx.GraphModule,
-        facts: GraphFacts,
-        strategy: ShapeStrategy,
-        index: int,
-        shipped: bytes | None = None,
-    ) -> GraphPiece:
-        dispatcher = Dispatcher(
-            index,
-            gm.forward,
-            facts.size_index,
-            size_cap=self._size_cap,
-            sample_bytes=self._sample_bytes,
-            served=self._served,
-        )
-        piece = GraphPiece(
-            index=index,
-            gm=gm,
-            dispatcher=dispatcher,
-            strategy=strategy,
-            shipped=shipped,
-            # Shared with every piece: see GraphPiece.calls_before_trace.
-            calls_before_trace=self.background.calls_before if self.background else {},
-            **fact_fields(facts),
-        )
-        return piece
-
-    def _output_marker(
-        self, marks: tuple[tuple[int, int], ...], strategy: ShapeStrategy
-    ) -> Callable[[Any], None]:
-        shape_id = self.shape_id
-
-        def mark(out: Any) -> None:
-            for i, d in marks:
-                t = out[i]
-                if isinstance(t, torch.Tensor):
-                    mark_size(t, d, strategy, shape_id)
-
-        return mark
