@@ -52,8 +52,13 @@ class SizeMarks:
         with `inside` False, of its tensor arguments only. A call dynamo only runs (a
         settled call, run-only) is marked so: its marks shape no trace, and walking a
         32-layer KV cache to mark its 64 tensors took 190 us of every decode step."""
-        for t, d in self._size_dims(args, kwargs, inside):
-            mark_size(t, d, strategy, self.shape_id)
+        dims = self._size_dims(args, kwargs, inside)
+        # Tensors inside the call's objects are marked weak beside a tensor argument that
+        # carries the size (`mark_size`); with none (a dict of tensors), they carry it.
+        top = {id(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        weak_inside = any(id(t) in top for t, _ in dims) and self._dynamic is None
+        for t, d in dims:
+            mark_size(t, d, strategy, self.shape_id, weak=weak_inside and id(t) not in top)
 
     def widened(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], size: int

@@ -81,13 +81,24 @@ def next_strategy(strategy: ShapeStrategy) -> ShapeStrategy | None:
     return ORDER[i + 1] if i + 1 < len(ORDER) else None
 
 
-def mark_size(t: torch.Tensor, dim: int, strategy: ShapeStrategy, shape_id: str) -> None:
+def mark_size(
+    t: torch.Tensor, dim: int, strategy: ShapeStrategy, shape_id: str, *, weak: bool = False
+) -> None:
     """Mark `t`'s size dimension for dynamo the way `strategy` traces it.
 
     Marks are attributes on the tensor that dynamo's guards check, so every call (not
-    only tracing calls) must mark exactly as the tracing call did.
+    only tracing calls) must mark exactly as the tracing call did. `weak` (the backed
+    strategy only): a hint dynamo may drop where the code specializes the dim, for
+    tensors pwdaemon found inside a call's objects (`SizeMarks`), whose dim 0 equals the
+    size without being sure to be it, and for a piece's outputs that carry the size into
+    a resumed frame (`PieceMaker.output_marker`). A strict mark there failed the whole trace on
+    torch 2.11: GPT-2's decode step specialized its cache's batch ("You marked
+    L['past_key_values'].layers[0].keys.size()[0] as dynamic but your code specialized
+    it to be a constant (2)"), every decode step ran eager.
     """
-    if strategy is ShapeStrategy.UNBACKED:
+    if weak and strategy is not ShapeStrategy.UNBACKED:
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    elif strategy is ShapeStrategy.UNBACKED:
         if _HAS_SHAPE_ID:
             dynamo_decorators.mark_unbacked(t, dim, shape_id=shape_id, **_UNBACKED_MIN)
         else:  # pragma: no cover - older torch: symbols unify through the graph's ops

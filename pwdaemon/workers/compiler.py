@@ -29,6 +29,7 @@ from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
 from pwdaemon.workers.prewarm import ISA_LOCK, prewarm
+from pwdaemon.workers.upstream import compile_past_known_bugs
 
 if TYPE_CHECKING:  # the serving side's type; a worker never imports the call path
     from pwdaemon.serving.piece import GraphPiece
@@ -457,7 +458,8 @@ def _shape_config(size_oblivious: bool) -> Iterator[None]:
 
 
 def compile_job(spec: JobSpec) -> dict[str, Any]:
-    """Compile `spec` and save the artifact; returns {path, seconds}."""
+    """Compile `spec` and save the artifact; returns {path, seconds, note} (`note`: how a
+    known bug of torch was worked around, `workers.upstream`; "" when none was)."""
     from torch._inductor import standalone_compile
 
     if spec.fault == "raise":
@@ -480,15 +482,19 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
         gm, fake_mode = load_graph(spec.graph)
         if target.kind is TargetKind.SIZE:
             inputs = _concrete_inputs(gm, target.start)
-            artifact = standalone_compile(
-                gm, inputs, dynamic_shapes="from_example_inputs", options=options
+            artifact, note = compile_past_known_bugs(
+                lambda: standalone_compile(
+                    gm, inputs, dynamic_shapes="from_example_inputs", options=options
+                )
             )
         else:
             _unify_size_symbols(gm, fake_mode)
             if target.kind is TargetKind.RANGE:
                 _constrain_range(gm, target.start, target.end)
             inputs = _inference_fakes(gm, fake_mode)
-            artifact = standalone_compile(gm, inputs, dynamic_shapes="from_graph", options=options)
+            artifact, note = compile_past_known_bugs(
+                lambda: standalone_compile(gm, inputs, dynamic_shapes="from_graph", options=options)
+            )
             pinned, failing = _pinning_guard(gm, fake_mode, target)
             if pinned is not None:
                 # Inductor's caches do not key on the shape configuration, and a cached
@@ -508,7 +514,7 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
     tmp = f"{spec.out_path}.tmp-{os.getpid()}"
     artifact.save(path=tmp, format="binary")
     os.replace(tmp, spec.out_path)
-    return {"path": spec.out_path, "seconds": time.perf_counter() - started}
+    return {"path": spec.out_path, "seconds": time.perf_counter() - started, "note": note}
 
 
 # A load re-creates the artifact's kernels through Inductor's async compile, which with

@@ -11,7 +11,7 @@ Frames (`framing`), one job at a time:
 
     worker -> host   ready  {pid, torch, start_s}        after the imports and set-up
     host -> worker   job    {target, out_path, options, fault} + graph bytes (payload)
-    worker -> host   result {path, seconds}
+    worker -> host   result {path, seconds, note}     note: a torch bug worked around
                      error  {reason, traceback}          reason: one line a person reads
     host -> worker   stop                                 (or closes the pipe: exit now)
 
@@ -100,7 +100,13 @@ def _read_jobs(read: Callable[[int], bytes], jobs: queue.Queue[Frame]) -> None:
 
 def _error_header(exc: BaseException) -> dict[str, Any]:
     reason = f"{type(exc).__name__}: {exc}".strip()
-    first = reason.splitlines()[0] if reason else type(exc).__name__
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    # A compiler's failure (Inductor's CppCompileError) says only "C++ compile error" on
+    # its first line; the compiler's output below it names what failed.
+    detail = next((line for line in lines[1:] if "error:" in line.lower()), None)
+    if detail is not None:
+        first = f"{first}: {detail}"
     if len(first) > _REASON_CHARS:
         first = first[:_REASON_CHARS] + "..."
     return {"reason": first, "traceback": traceback.format_exc(limit=12)}
@@ -152,7 +158,7 @@ def serve(job_fd: int, result_fd: int, parent_pid: int | None) -> int:
         except BaseException as exc:
             send(encode("error", _error_header(exc)))
             continue
-        send(encode("result", {"path": result["path"], "seconds": result["seconds"]}))
+        send(encode("result", result))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -363,6 +363,11 @@ class Worker:
                 Outcome.CRASHED, f"worker died mid-job ({_exit_text(code)}){detail}"
             ) from exc
         if frame.type == "result":
+            note = str(frame.get("note", ""))
+            if note:
+                log.warning(
+                    "pwdaemon: %s compile in worker %s: %s", spec.target.label, self.pid, note
+                )
             return {"path": str(frame.get("path")), "seconds": float(frame.get("seconds", 0.0))}
         reason = str(frame.get("reason", f"unexpected reply {frame.type!r}"))
         tb = str(frame.get("traceback", ""))
