@@ -13,7 +13,8 @@ working thread (and only there), and the hook parks that thread on an event, GIL
 released, whenever a serving call is in progress. A serving call then costs what it costs
 alone, plus at most one switch interval to get the GIL at its start (lowered while gated
 work runs, see `lower_switch_interval`). Under traffic that never pauses, the parked
-thread takes a short slice after `MAX_PAUSE_S`, so the work still finishes.
+thread takes a short slice after `MAX_PAUSE_S`, and once such traffic has kept serving
+busy for a while, slices that serving waits for (`catch_up.py`), so the work finishes.
 
 The hook is installed only while there is traffic to make way for. Any profile hook costs
 the thread it runs on dearly: CPython 3.11 runs every bytecode of a profiled thread
@@ -56,7 +57,8 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from pwdaemon.serving import imports
+from pwdaemon.serving import catch_up, imports
+from pwdaemon.serving.catch_up import CatchUp, Yield
 from pwdaemon.serving.dynamo_skip import codes_of, skip_in_dynamo
 from pwdaemon.serving.imports import IMPORT_WATCH, import_awaited, in_import
 from pwdaemon.serving.pause import PAUSE
@@ -146,6 +148,8 @@ class ServingGate:
         self._traffic_interval: float | None = None
         self._closing = False
         self._parked_for_exit = 0  # gated threads parked for good by `close`
+        # A catch-up slice of gated work that calls wait for (`catch_up.py`).
+        self.yielding = Yield()
         self._left = threading.Condition(self._lock)  # a gated block ended
 
     # ---- the serving side ----------------------------------------------------------
@@ -153,6 +157,8 @@ class ServingGate:
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
         """Mark one serving call in progress (use only when `working` is non-zero)."""
+        if self.yielding.expires:
+            self.yielding.wait()  # inside a catch-up slice of gated work: until its end
         with self._lock:
             self.calls += 1
             if self.calls == 1:
@@ -254,6 +260,10 @@ class ServingGate:
         finally:
             if _is_gate_hook(sys.getprofile()):
                 self._remove_hook()
+                if self.yielding.expires:
+                    # Work done: calls need not wait for its slices (another starved
+                    # gated thread, rarer still, sets a schedule again at once).
+                    self.yielding.end()
             with self._lock:
                 self.working -= 1
                 self._gated.discard(ident)
@@ -430,6 +440,7 @@ class ServingGate:
         run_until = 0.0
         countdown = _IDLE_CHECK_EVERY
         idle, monotonic = self._idle, time.monotonic
+        state, yielding = CatchUp(monotonic()), self.yielding
 
         def hook(frame: FrameType, event: str, arg: Any) -> None:
             # Called by CPython on every call/return on the gated thread (never on
@@ -464,23 +475,43 @@ class ServingGate:
                 # lock, `_ImportWatch` among them), or taking a module lock: parked
                 # here, every import on every thread would wait, a serving call's too.
                 return
+            now = monotonic()
+            catching = state.starved(now)
+            if catching:
+                # Starved of the CPU (catch_up.py): inside a slice that serving calls
+                # wait for, run; else park as below until the next one at the latest.
+                yielding.renew(now)
+                left = yielding.left(now)
+                if left > 0:
+                    run_until = now + left
+                    return
             # Park, GIL released, until no serving call is in progress. Checked again
             # on waking, with the GIL held (calls are counted under it): back-to-back
             # calls leave gaps of microseconds, and going on into the C function this
             # hook fired for (dynamo's guard building can hold the GIL for milliseconds)
             # while the next call has begun would stall that call.
-            deadline = monotonic() + MAX_PAUSE_S
-            while self.calls:
-                left = deadline - monotonic()
-                if left <= 0 or (importing and import_awaited(self._gated)):
-                    run_until = monotonic() + SLICE_S
-                    return
-                # Parked in an import: look every IMPORT_CHECK_S whether a call began
-                # waiting for it.
-                idle.wait(min(left, IMPORT_CHECK_S) if importing else left)
-                if self._closing:
-                    return  # parks for good at its next event
-            run_until = 0.0
+            parked_at = monotonic()
+            deadline = parked_at + MAX_PAUSE_S
+            try:
+                while self.calls:
+                    left = deadline - monotonic()
+                    if left <= 0 or (importing and import_awaited(self._gated)):
+                        run_until = monotonic() + SLICE_S
+                        return
+                    if catching:
+                        now = monotonic()
+                        if yielding.left(now) > 0:
+                            run_until = now + yielding.left(now)  # calls now wait for it
+                            return
+                        left = min(left, yielding.until_next(now))
+                    # Parked in an import: look every IMPORT_CHECK_S whether a call began
+                    # waiting for it.
+                    idle.wait(min(left, IMPORT_CHECK_S) if importing else left)
+                    if self._closing:
+                        return  # parks for good at its next event
+                run_until = 0.0
+            finally:
+                state.parked(monotonic() - parked_at)  # not starved meanwhile
 
         return hook
 
@@ -570,9 +601,12 @@ skip_in_dynamo(
             ServingGate,
             GateHold,
             imports,
+            catch_up,
+            catch_up.CatchUp,
+            catch_up.Yield,
             threading.Event,
             threading.Condition,
         ),
-        frozenset({__file__, imports.__file__, threading.__file__}),
+        frozenset({__file__, imports.__file__, catch_up.__file__, threading.__file__}),
     )
 )
