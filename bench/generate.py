@@ -48,6 +48,7 @@ def child(name: str, system: str, new_tokens: int, steady: int, max_s: float) ->
     from torch._dynamo.utils import counters
 
     import pwdaemon as pwd
+    from pwdaemon.serving.gate import GATE
 
     model = _build(name)
     prompt = torch.randint(1, VOCAB, (BATCH, PROMPT), generator=torch.Generator().manual_seed(0))
@@ -69,11 +70,18 @@ def child(name: str, system: str, new_tokens: int, steady: int, max_s: float) ->
             return counters["stats"]["unique_graphs"] == graphs_before
         assert handle is not None
         tracer = handle._tracer
+        status = handle.status()
         return (
             tracer.settled
             and tracer.miss_calls == misses_before
-            and handle.status().plan_complete
+            and status.plan_complete
+            # Pieces traced after the plan have compiles of their own: none left.
+            and status.queue_depth == 0
+            and status.in_flight == 0
             and not any(r.state.value == "hot" for r in tracer.misses.values())
+            # Nor any Python work of pwdaemon's in this process (a hot input's trace
+            # thread ending, a load): serving calls still make way for it.
+            and GATE.working == 0
         )
 
     seconds: list[float] = []
