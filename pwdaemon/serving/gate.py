@@ -13,8 +13,8 @@ working thread (and only there), and the hook parks that thread on an event, GIL
 released, whenever a serving call is in progress. A serving call then costs what it costs
 alone, plus at most one switch interval to get the GIL at its start (lowered while gated
 work runs, see `lower_switch_interval`). Under traffic that never pauses, the parked
-thread takes a short slice after `MAX_PAUSE_S`, and once such traffic has kept serving
-busy for a while, slices that serving waits for (`catch_up.py`), so the work finishes.
+thread takes a short slice after `MAX_PAUSE_S`, and where serving leaves it no CPU at
+all for seconds, slices that serving calls wait for (`catch_up.py`): the work finishes.
 
 The hook is installed only while there is traffic to make way for. Any profile hook costs
 the thread it runs on dearly: CPython 3.11 runs every bytecode of a profiled thread
@@ -148,7 +148,7 @@ class ServingGate:
         self._traffic_interval: float | None = None
         self._closing = False
         self._parked_for_exit = 0  # gated threads parked for good by `close`
-        # A catch-up slice of gated work that calls wait for (`catch_up.py`).
+        # The catch-up schedule: slices of a starved gated thread that calls wait for.
         self.yielding = Yield()
         self._left = threading.Condition(self._lock)  # a gated block ended
 
