@@ -9,18 +9,19 @@ pwdaemon served eager for minutes (`bench/generate.py`). A thread's priority can
 raised again without a privilege, and the gate's short slices (`SLICE_S` per
 `MAX_PAUSE_S`) run beside serving's threads, which win every CPU.
 
-So a gated thread that, over a window of `WINDOW_S`, got less than `STARVED_SHARE` of
-the time it was not parked (runnable, waiting for a CPU) sets a schedule, for as long
-as the traffic lasts (until its hook comes off): the first `SLICE_S` of every
-`PERIOD_S` is its slice, and a serving call that begins inside one waits for its end
-(a call in progress runs on), so serving's threads leave the CPUs to it. The schedule
-is set ahead, not slice by slice: a starved thread could not take its next slice in
-time. It lapses `EXPIRY_S` after the thread last renewed it (it renews it at every
-Python call it makes while serving calls come), so a thread stuck in a long C call or a
-subprocess does not hold serving back for long. Such a server queues
-anyway; what relieves it is the compiled code the work leads to. Under paced traffic a
-gated thread runs in the gaps (it was never starved in the benches here), so its calls
-never wait.
+So a gated thread that, over a window of `WINDOW_S`, was runnable (on a CPU or waiting
+for one, per the kernel's `/proc/thread-self/schedstat`) for half of it or more, and
+got a CPU for less than `STARVED_SHARE` of that, sets a schedule, for as long as the
+traffic lasts (until its hook comes off): the first `SLICE_S` of every `PERIOD_S` is
+its slice, and a serving call that begins inside one waits for its end (a call in
+progress runs on), so serving's threads leave the CPUs to it. Time a thread spends
+parked by the gate or blocked (a lock, a subprocess, I/O) is not runnable: measured as
+wall time not parked, a Llama warm-up under paced calls caught up for a thread that
+waited, not one that starved. Without schedstat nothing catches up. The schedule is set
+ahead, not slice by slice: a starved thread could not take its next slice in time. It
+lapses `EXPIRY_S` after the thread last renewed it (it renews it at every Python call it
+makes while serving calls come), so a thread stuck in a long C call does not hold
+serving back for long.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 # The window over which a gated thread's share of the CPU is measured: long enough that
 # a burst of a few seconds does not slow serving down, short next to a starved trace.
 WINDOW_S = 5.0
-# Below this share of the time it was not parked, the thread is starved: at niceness 19
+# Below this share of the time it was runnable, the thread is starved: at niceness 19
 # beside busy serving threads it gets ~1.5 % of a CPU; with a CPU to spare, nearly all.
 STARVED_SHARE = 0.1
 # Each slice and the period it recurs at: gated work gets a third of the time, a call
@@ -82,27 +83,40 @@ class Yield:
             self._ended.wait(left)  # set early where the gated work ends
 
 
+def thread_schedstat() -> tuple[float, float] | None:
+    """This thread's seconds on a CPU and waiting for one (runnable), from the kernel;
+    None where it does not say (not Linux, no schedstat)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            on_cpu, waiting = f.read().split()[:2]
+        return int(on_cpu) / 1e9, int(waiting) / 1e9
+    except (OSError, ValueError):
+        return None
+
+
 class CatchUp:
     """Whether one gated thread is starved of the CPU; used on that thread alone (from
     its hook)."""
 
-    def __init__(self, now: float) -> None:
-        self._window_start = now
-        self._cpu_at_start = time.thread_time()
-        self._parked = 0.0  # seconds of this measuring window parked by the gate
+    def __init__(self) -> None:
+        # The first window begins at the first look, not when the hook is made: reading
+        # schedstat releases the GIL, and the hook is made as a gated block begins.
+        self._window_start = -1.0
+        self._at_start: tuple[float, float] | None = None
         self.active = False  # once starved, for as long as this traffic lasts
-
-    def parked(self, seconds: float) -> None:
-        self._parked += seconds
 
     def starved(self, now: float) -> bool:
         """Whether the thread catches up (measured once per `WINDOW_S` until it does)."""
+        if self._window_start < 0:
+            self._window_start, self._at_start = now, thread_schedstat()
+            return False
         if self.active or now - self._window_start < WINDOW_S:
             return self.active
-        cpu = time.thread_time()
-        runnable = now - self._window_start - self._parked
-        # Judged only where it wanted the CPU for half the window or more.
-        starved = cpu - self._cpu_at_start < STARVED_SHARE * runnable
-        self.active = runnable >= WINDOW_S / 2 and starved
-        self._window_start, self._cpu_at_start, self._parked = now, cpu, 0.0
+        stat, before = thread_schedstat(), self._at_start
+        if stat is not None and before is not None:
+            on_cpu, waiting = stat[0] - before[0], stat[1] - before[1]
+            runnable = on_cpu + waiting
+            # Runnable for half the window or more, and on a CPU for a sliver of it.
+            self.active = runnable >= WINDOW_S / 2 and on_cpu < STARVED_SHARE * runnable
+        self._window_start, self._at_start = now, stat
         return self.active

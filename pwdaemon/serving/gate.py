@@ -440,7 +440,7 @@ class ServingGate:
         run_until = 0.0
         countdown = _IDLE_CHECK_EVERY
         idle, monotonic = self._idle, time.monotonic
-        state, yielding = CatchUp(monotonic()), self.yielding
+        state, yielding = CatchUp(), self.yielding
 
         def hook(frame: FrameType, event: str, arg: Any) -> None:
             # Called by CPython on every call/return on the gated thread (never on
@@ -490,28 +490,24 @@ class ServingGate:
             # calls leave gaps of microseconds, and going on into the C function this
             # hook fired for (dynamo's guard building can hold the GIL for milliseconds)
             # while the next call has begun would stall that call.
-            parked_at = monotonic()
-            deadline = parked_at + MAX_PAUSE_S
-            try:
-                while self.calls:
-                    left = deadline - monotonic()
-                    if left <= 0 or (importing and import_awaited(self._gated)):
-                        run_until = monotonic() + SLICE_S
+            deadline = monotonic() + MAX_PAUSE_S
+            while self.calls:
+                left = deadline - monotonic()
+                if left <= 0 or (importing and import_awaited(self._gated)):
+                    run_until = monotonic() + SLICE_S
+                    return
+                if catching:
+                    now = monotonic()
+                    if yielding.left(now) > 0:
+                        run_until = now + yielding.left(now)  # calls now wait for it
                         return
-                    if catching:
-                        now = monotonic()
-                        if yielding.left(now) > 0:
-                            run_until = now + yielding.left(now)  # calls now wait for it
-                            return
-                        left = min(left, yielding.until_next(now))
-                    # Parked in an import: look every IMPORT_CHECK_S whether a call began
-                    # waiting for it.
-                    idle.wait(min(left, IMPORT_CHECK_S) if importing else left)
-                    if self._closing:
-                        return  # parks for good at its next event
-                run_until = 0.0
-            finally:
-                state.parked(monotonic() - parked_at)  # not starved meanwhile
+                    left = min(left, yielding.until_next(now))
+                # Parked in an import: look every IMPORT_CHECK_S whether a call began
+                # waiting for it.
+                idle.wait(min(left, IMPORT_CHECK_S) if importing else left)
+                if self._closing:
+                    return  # parks for good at its next event
+            run_until = 0.0
 
         return hook
 
