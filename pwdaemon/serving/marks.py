@@ -55,8 +55,11 @@ class SizeMarks:
         dims = self._size_dims(args, kwargs, inside)
         # Tensors inside the call's objects are marked weak beside a tensor argument that
         # carries the size (`mark_size`); with none (a dict of tensors), they carry it.
-        top = {id(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
-        weak_inside = any(id(t) in top for t, _ in dims) and self._dynamic is None
+        # A settled call (`inside` False) has none inside: no set built on its path.
+        top: set[int] = set()
+        if inside and self._dynamic is None:
+            top = {id(a) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        weak_inside = any(id(t) in top for t, _ in dims)
         for t, d in dims:
             mark_size(t, d, strategy, self.shape_id, weak=weak_inside and id(t) not in top)
 
