@@ -498,8 +498,9 @@ class ServingGate:
                     return
                 if catching:
                     now = monotonic()
-                    if yielding.left(now) > 0:
-                        run_until = now + yielding.left(now)  # calls now wait for it
+                    left_of_slice = yielding.left(now)
+                    if left_of_slice > 0:
+                        run_until = now + left_of_slice  # calls beginning now wait for it
                         return
                     left = min(left, yielding.until_next(now))
                 # Parked in an import: look every IMPORT_CHECK_S whether a call began
