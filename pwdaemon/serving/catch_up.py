@@ -6,8 +6,8 @@ busy that starves them: with transformers' `generate()` called back to back on t
 2-core VM (its model calls are 70-80 % of the time, its own Python the rest), GPT-2's
 first trace (about 2 s alone) took 100 s at niceness 19 and 14 s at niceness 0, and
 pwdaemon served eager for minutes (`bench/generate.py`). A thread's priority cannot be
-raised again without a privilege, and the gate's short slices (`SLICE_S` per
-`MAX_PAUSE_S`) run beside serving's threads, which win every CPU.
+raised again without a privilege, and the gate's own short slices (`gate.SLICE_S` per
+`gate.MAX_PAUSE_S`) run beside serving's threads, which win every CPU.
 
 So a gated thread that, over a window of `WINDOW_S`, was runnable (on a CPU or waiting
 for one, per the kernel's `/proc/thread-self/schedstat`) for half of it or more, and

@@ -9,8 +9,7 @@ as it fails, not patched over.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,13 +65,7 @@ def compile_past_known_bugs(compile_once: Callable[[], Any]) -> tuple[Any, str]:
         bug = next((b for b in UPSTREAM_BUGS if b.matches(exc)), None)
         if bug is None:
             raise
-    with _inductor_config(bug.config):
+    import torch._inductor.config as inductor_config  # here: the serving side loads only
+
+    with inductor_config.patch(bug.config):
         return compile_once(), bug.note
-
-
-@contextlib.contextmanager
-def _inductor_config(config: dict[str, Any]) -> Iterator[None]:
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch(config):
-        yield
