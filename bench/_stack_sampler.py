@@ -78,7 +78,14 @@ class StackSampler:
 
 def _frames(frame: object) -> list[str]:
     entries = traceback.extract_stack(frame, limit=DEPTH)  # type: ignore[arg-type]
-    return [f"{_short(e.filename)}:{e.lineno} {e.name}" for e in reversed(entries)]
+    return [f"{_short(e.filename)}:{e.lineno} {e.name}{_code(e)}" for e in reversed(entries)]
+
+
+def _code(entry: traceback.FrameSummary) -> str:
+    # A graph's generated forward (FX keeps its source in linecache): which op it is on.
+    if not entry.filename.startswith("<eval_with_key") or not entry.line:
+        return ""
+    return " | " + entry.line.strip()[:110]
 
 
 def _short(path: str) -> str:

@@ -12,9 +12,12 @@
 #
 #   bash bench/gpu_session.sh stalls [MODEL]   # bench/stalls.py cold, then warm on its
 #                                              # store: who ran during each slow call
+#   bash bench/gpu_session.sh generate         # tests/integration/test_generate.py
 #
 # SIZES, ITERS, MIN_WARMUP_S, SETTLE_S and BUDGET_S (seconds for the call) shorten a run;
-# STALL_MS and SECONDS_PER_RUN set stalls' threshold and length.
+# STALL_MS, SECONDS_PER_RUN, WARM_SECONDS and WARM_RUNS set stalls' threshold, lengths
+# and warm starts; STALL_ARGS adds arguments (--no-cudnn-sdp), STALL_TAG names the logs,
+# STALL_STORE keeps the store for another call of stalls.
 # Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
 # in .whl/ (watchdog, pytest-timeout; see bench/README.md). Every step is bounded by
 # `timeout` so that a call ends inside the device's 600 s limit with its logs.
@@ -109,12 +112,26 @@ models)
     ;;
 stalls)  # each slow call's tier, the serving thread's CPU, and who else ran; cold, then warm
     compile_bytecode
-    store=$(mktemp -d)
-    for run in cold warm; do
+    store=${STALL_STORE:-$(mktemp -d)}
+    mkdir -p "$store"
+    # WARM_RUNS warm starts on the one store: their slow calls come and go between runs.
+    # A STALL_STORE that holds a cold run's artifacts already: warm starts only.
+    runs="$(printf 'warm%s ' $(seq 1 "${WARM_RUNS:-1}"))"
+    [ -z "$(ls -A "$store")" ] && runs="cold $runs"
+    for run in $runs; do
+        seconds=${SECONDS_PER_RUN:-60}
+        [ "$run" != cold ] && seconds=${WARM_SECONDS:-$seconds}
         timeout "$(left)" python3 bench/stalls.py --device cuda --dtype fp16 --preset issue \
-            --model "${2:-bert}" --seconds "${SECONDS_PER_RUN:-60}" \
-            --stall-ms "${STALL_MS:-10}" --store "$store" --stacks 2>&1 | tee "$OUT/stalls_$run.log"
+            --model "${2:-bert}" --seconds "$seconds" \
+            --stall-ms "${STALL_MS:-10}" --store "$store" --stacks ${STALL_ARGS:-} \
+            2>&1 | tee "$OUT/stalls_$run${STALL_TAG:-}.log"
     done
+    ;;
+generate)  # transformers' generate() on attached GPT-2 and Llama (CPU; this torch), INFO log
+    timeout "$(left)" python3 -m pytest tests/integration/test_generate.py -v -rA --tb=short \
+        -p no:cacheprovider -o addopts="--strict-markers" -o log_level=INFO \
+        >"$OUT/generate.log" 2>&1
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$OUT/generate.log" | tail -6
     ;;
 floor)  # the host's floor (bench/floor.py: pure Python, eager on the GPU), then the GPU tests
     for m in $(echo "${2:-llama,bert}" | tr , " "); do

@@ -16,7 +16,7 @@ warm-up calls of 2026-12-01 (full collections, the ISA probe's and the first loa
 imports on threads that did not park) where timing alone could not.
 
     python bench/stalls.py [--model bert] [--seconds 80] [--stall-ms 40] [--store DIR]
-                           [--threads N]
+                           [--threads N] [--no-cudnn-sdp]
     python bench/stalls.py --device cuda --dtype fp16 --preset issue   # on a GPU
 
 On CUDA every call ends with `torch.cuda.synchronize()` (as bench/models.py times it).
@@ -181,12 +181,13 @@ def _report(slow: list[Slow], samples: dict[int, list[Sample]]) -> None:
             print(f"    stacks {due * 1e3:.0f} ms into the call ({late_ms:.1f} ms late):")
             for name, frames in stacks.items():
                 top = frames[0] if frames else ""
-                if not top or top.rpartition(" ")[2] in _WAITING or top.startswith(_WAITING_IN):
+                function = top.partition(" | ")[0].rpartition(" ")[2]
+                if not top or function in _WAITING or top.startswith(_WAITING_IN):
                     continue
                 ours = next(
                     (f for f in frames if f.startswith("pwdaemon/") and "gate.py" not in f), ""
                 )
-                print(f"      {name}: {frames[0][:90]}  <-  {ours[:70]}")
+                print(f"      {name}: {frames[0][:200]}  <-  {ours[:70]}")
 
 
 def main() -> None:
@@ -198,6 +199,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES))
     parser.add_argument("--preset", default="tiny", choices=("tiny", "issue"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--no-cudnn-sdp",
+        action="store_true",
+        help="turn cuDNN attention off in this process (torch.backends.cuda.enable_cudnn_sdp)",
+    )
     parser.add_argument(
         "--store", help="artifact store to use (default: a fresh one); run twice for a warm one"
     )
@@ -214,6 +220,10 @@ def main() -> None:
 
     if opts.threads:
         torch.set_num_threads(opts.threads)  # before attach, as a server sets it
+    if opts.no_cudnn_sdp:
+        # cuDNN keeps its attention plans per thread (torch's MHA graph cache is
+        # thread_local): each new shape costs the calling thread a plan build.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model, calls = _build(opts.model, opts.device, opts.dtype, opts.preset)
     cuda = torch.device(opts.device).type == "cuda"
     handle = pwd.attach(model, sizes=list(_SIZES), store=opts.store or tempfile.mkdtemp())
