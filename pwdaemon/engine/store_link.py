@@ -24,6 +24,7 @@ from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.store import ArtifactKey, ArtifactStore, Manifest, UnsafeStoreError, make_key
 from pwdaemon.store.refusals import load_refusal, save_refusal
 from pwdaemon.workers.compiler import CPU_THREADS_OPTION, SIZE_OBLIVIOUS_OPTION
+from pwdaemon.workers.sdpa import SDPA_OFF_OPTION, sdpa_backends_off
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,17 @@ def parse_target(label: str) -> Target | None:
 
 def compile_options(options: Mapping[str, Any], piece: GraphPiece) -> dict[str, Any]:
     """The options a compile of `piece` is sent with, and its store key hashes: the
-    configured ones, plus the shape configuration the piece was traced under and, for a
-    CPU piece, this process's torch thread count (`CPU_THREADS_OPTION` says why)."""
+    configured ones, plus the shape configuration the piece was traced under, the
+    attention backends this process turned off (`SDPA_OFF_OPTION`) and, for a CPU
+    piece, this process's torch thread count (`CPU_THREADS_OPTION` says why)."""
     out = dict(options)
     if piece.strategy is ShapeStrategy.BACKED_OBLIVIOUS:
         out[SIZE_OBLIVIOUS_OPTION] = True
     if piece.device.startswith("cpu"):
         out[CPU_THREADS_OPTION] = torch.get_num_threads()
+    off = sdpa_backends_off()
+    if off:
+        out[SDPA_OFF_OPTION] = off
     return out
 
 

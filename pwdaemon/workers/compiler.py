@@ -29,6 +29,7 @@ from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
 from pwdaemon.workers.prewarm import ISA_LOCK, prewarm
+from pwdaemon.workers.sdpa import SDPA_OFF_OPTION, sdpa_backends
 from pwdaemon.workers.upstream import compile_past_known_bugs
 
 if TYPE_CHECKING:  # the serving side's type; a worker never imports the call path
@@ -476,9 +477,15 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
     if threads is not None:
         # A worker process compiles one job at a time; each job says its count.
         torch.set_num_threads(int(threads))
+    sdpa_off = list(options.pop(SDPA_OFF_OPTION, ()))
     target = spec.target
     # The graph's symbols are made when it loads: the shape configuration covers both.
-    with torch.no_grad(), _shape_config(size_oblivious), _layout_config(target, size_oblivious):
+    with (
+        torch.no_grad(),
+        sdpa_backends(sdpa_off),
+        _shape_config(size_oblivious),
+        _layout_config(target, size_oblivious),
+    ):
         gm, fake_mode = load_graph(spec.graph)
         if target.kind is TargetKind.SIZE:
             inputs = _concrete_inputs(gm, target.start)

@@ -1,0 +1,54 @@
+"""The attention backends a compile may pick: the serving process's, in its workers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+# An option the engine adds for the worker (beside compiler.py's): the
+# scaled-dot-product-attention backends the serving process turned off
+# (`torch.backends.cuda.enable_cudnn_sdp(False)` and its siblings: global flags, which a
+# worker, a fresh process, does not share). Inductor picks the attention kernel while it
+# compiles, so without it a worker compiled cuDNN attention into the graphs of a server
+# that had turned cuDNN attention off. Why a server turns it off: torch keeps cuDNN's
+# attention plans per thread, and each new shape costs the calling thread a plan (85-95
+# ms of its CPU per size and thread on an H100, for BERT and Llama: bench/first_calls.py).
+# In the options, so in the store key; absent when every backend is on (the default), so
+# keys stay what they were.
+SDPA_OFF_OPTION = "pwdaemon.sdpa_off"
+# torch.backends.cuda's switch for each backend (they select CPU kernels as well).
+SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
+
+
+def sdpa_backends_off() -> list[str]:
+    """The attention backends turned off in this process, in `SDPA_BACKENDS` order."""
+    cuda = torch.backends.cuda
+    return [name for name in SDPA_BACKENDS if not getattr(cuda, f"{name}_sdp_enabled")()]
+
+
+@contextlib.contextmanager
+def sdpa_backends(off: Sequence[str]) -> Iterator[None]:
+    """Every backend in `off` turned off (and the others on) while a job compiles; the
+    worker's own settings after it. Inductor's cache keys get a tag naming them meanwhile:
+    the AOTAutograd cache's key does not hold these flags (torch 2.11-2.13), and would
+    serve a compile with a backend off the entry one with it on made. (Bypassing that
+    cache is no way out: `CompiledArtifact.save` takes the artifact from it.)"""
+    if not off:
+        yield
+        return
+    import torch.compiler.config as compiler_config
+
+    cuda = torch.backends.cuda
+    before = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in SDPA_BACKENDS}
+    tag = f"{compiler_config.cache_key_tag}pwdaemon-sdpa-off:{','.join(off)}"
+    try:
+        for name in SDPA_BACKENDS:
+            getattr(cuda, f"enable_{name}_sdp")(name not in off)
+        # a config module: patch() exists at run time, not in its type stubs
+        with compiler_config.patch(cache_key_tag=tag):  # type: ignore[attr-defined]
+            yield
+    finally:
+        for name, enabled in before.items():
+            getattr(cuda, f"enable_{name}_sdp")(enabled)
