@@ -20,6 +20,7 @@ length 16 specializes, every length equal to eager within 1e-4.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -178,49 +179,58 @@ SCRIPT = textwrap.dedent(
     sys.path.insert(0, {test_dir!r})
     from test_real_models import build, inputs, main_output
     import pwdaemon as pwd
-    from pwdaemon import Tier
 
-    name = {name!r}
-    model = build(name)
-    reference = copy.deepcopy(model)
-    # Size 3 is configured and never called before it goes live: it is validated on a
-    # recorded input tiled to size 3 (`engine.validation.tile_input`).
-    handle = pwd.attach(model, sizes=[1, 3], store={store!r})
-    swaps = []
-    handle.on_swap(lambda e: swaps.append((e.graph, str(e.range), e.tier.value, e.validated)))
+    # Every model attached at once, as a process serving several: one interpreter's
+    # start-up and the compiles of all five overlap (one script per model spent most of
+    # 150 s of CI on starting interpreters and workers, one at a time).
+    served = {{}}
+    for name in {names!r}:
+        model = build(name)
+        reference = copy.deepcopy(model)
+        # Size 3 is configured and never called before it goes live: it is validated on
+        # a recorded input tiled to size 3 (`engine.validation.tile_input`).
+        handle = pwd.attach(model, sizes=[1, 3], store={store!r})
+        swaps = []
+        handle.on_swap(
+            lambda e, swaps=swaps: swaps.append((e.graph, str(e.range), e.tier.value, e.validated))
+        )
+        served[name] = (model, reference, handle, swaps)
     with torch.inference_mode():
         for n in (1, 8, 1, 5):
-            args, kwargs = inputs(name, n)
-            model(*args, **kwargs)
-    specialized = handle.wait(sizes=[1], timeout=540)
-    plan_done = handle.wait(timeout=540)  # the general compile may still be running
-    tiers_3 = [handle.table(p.index).lookup(3).tier.value for p in handle.pieces]
-    worst = 0.0
-    with torch.inference_mode():
-        for n in (1, 8, 5, 3):
-            args, kwargs = inputs(name, n)
-            got = main_output(model(*args, **kwargs))
-            want = main_output(reference(*args, **kwargs))
-            worst = max(worst, (got - want).abs().max().item())
-    tiers = {{
-        p.index: {{n: handle.table(p.index).lookup(n).tier.value for n in (1, 8)}}
-        for p in handle.pieces
-    }}
-    tracer = handle._tracer
-    result = dict(
-        specialized=specialized,
-        plan_done=plan_done,
-        worst=worst,
-        tiers=tiers,
-        pieces=len(handle.pieces),
-        strategies=[p.strategy.value for p in handle.pieces],
-        swaps=swaps,
-        tiers_3=tiers_3,
-        specializable=[p.specializable for p in handle.pieces],
-        status=repr(handle.status())[:3000],
-    )
-    handle.detach()
-    print("RESULT " + json.dumps(result))
+            for name, (model, _, _, _) in served.items():
+                args, kwargs = inputs(name, n)
+                model(*args, **kwargs)
+    results = {{}}
+    for name, (model, reference, handle, swaps) in served.items():
+        specialized = handle.wait(sizes=[1], timeout=540)
+        plan_done = handle.wait(timeout=540)  # the general compile may still be running
+        tiers_3 = [handle.table(p.index).lookup(3).tier.value for p in handle.pieces]
+        worst = 0.0
+        with torch.inference_mode():
+            for n in (1, 8, 5, 3):
+                args, kwargs = inputs(name, n)
+                got = main_output(model(*args, **kwargs))
+                want = main_output(reference(*args, **kwargs))
+                worst = max(worst, (got - want).abs().max().item())
+        tiers = {{
+            p.index: {{n: handle.table(p.index).lookup(n).tier.value for n in (1, 8)}}
+            for p in handle.pieces
+        }}
+        results[name] = dict(
+            specialized=specialized,
+            plan_done=plan_done,
+            worst=worst,
+            tiers=tiers,
+            pieces=len(handle.pieces),
+            strategies=[p.strategy.value for p in handle.pieces],
+            swaps=swaps,
+            tiers_3=tiers_3,
+            specializable=[p.specializable for p in handle.pieces],
+            status=repr(handle.status())[:3000],
+        )
+    for _, _, handle, _ in served.values():
+        handle.detach()
+    print("RESULT " + json.dumps(results))
     """
 )
 
@@ -243,24 +253,28 @@ def run_script(script: Path, timeout: float) -> tuple[dict[str, Any], str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the script's own bound; Llama took > 300 s beside a CPU burner
-@pytest.mark.parametrize("name", MODELS)
-def test_real_model_from_an_unguarded_script_gets_specialized(name: str, tmp_path: Path) -> None:
+def test_real_models_served_from_one_unguarded_script_get_specialized(tmp_path: Path) -> None:
     script = tmp_path / "serve.py"
     script.write_text(
-        SCRIPT.format(test_dir=str(Path(__file__).parent), name=name, store=str(tmp_path / "store"))
+        SCRIPT.format(
+            test_dir=str(Path(__file__).parent), names=MODELS, store=str(tmp_path / "store")
+        )
     )
-    result, stderr = run_script(script, timeout=900)
-    assert result["specialized"], (result, stderr[-12000:])
-    assert result["plan_done"], result
-    assert result["worst"] <= 1e-4, result  # float32; Inductor reorders reductions
-    for index, tiers in result["tiers"].items():
-        assert tiers["1"] == "size" and tiers["8"] != "eager", f"piece {index} left on {tiers}"
-    # Size 3 went live on every piece that specializes, checked on a tiled input (and
-    # not rejected by it); `worst` above includes its outputs.
-    size_3 = [s for s in result["swaps"] if s[1] == "3" and s[2] == "size"]
-    want = [i for i, ok in enumerate(result["specializable"]) if ok]
-    assert sorted(s[0] for s in size_3) == want and all(s[3] for s in size_3), result["swaps"]
-    assert all(t == "size" for i, t in enumerate(result["tiers_3"]) if i in want), result
+    results, stderr = run_script(script, timeout=900)
+    assert sorted(results) == sorted(MODELS), results
+    for name, result in results.items():
+        assert result["specialized"], (name, result, stderr[-12000:])
+        assert result["plan_done"], (name, result)
+        assert result["worst"] <= 1e-4, (name, result)  # float32; Inductor reorders reductions
+        for index, tiers in result["tiers"].items():
+            assert tiers["1"] == "size" and tiers["8"] != "eager", (name, index, tiers)
+        # Size 3 went live on every piece that specializes, checked on a tiled input (and
+        # not rejected by it); `worst` above includes its outputs.
+        size_3 = [s for s in result["swaps"] if s[1] == "3" and s[2] == "size"]
+        want = [i for i, ok in enumerate(result["specializable"]) if ok]
+        assert sorted(s[0] for s in size_3) == want, (name, result["swaps"])
+        assert all(s[3] for s in size_3), (name, result["swaps"])
+        assert all(t == "size" for i, t in enumerate(result["tiers_3"]) if i in want), result
 
 
 @pytest.mark.slow
@@ -305,11 +319,13 @@ def test_bert_under_the_backed_strategy_serves_every_size_right_after_its_genera
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+TRANSFORMERS = ("bert", "gpt2", "llama")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
-def test_a_transformer_sized_on_its_sequence_dim_is_one_piece_and_specializes(
-    name: str, tmp_path: Path
+def test_transformers_sized_on_their_sequence_dim_are_one_piece_each_and_specialize(
+    tmp_path: Path,
 ) -> None:
     # Servers that batch requests by length size these models on dim 1. Unbacked, the
     # attention's `q_length > 1` broke them into 7 (BERT), 3 (GPT-2) and 8 (Llama)
@@ -317,39 +333,50 @@ def test_a_transformer_sized_on_its_sequence_dim_is_one_piece_and_specializes(
     # ("KeyError: u0"); and a size compile of any piece sized on dim 1 was rejected
     # ("expected size 2==2, stride 1024==16": the worker took dim 0's stride 64*s as s).
     # Now: one backed piece, length 16 specialized, every length right within 1e-4.
-    model = build(name)
-    reference = copy.deepcopy(model)
+    # The three are attached at once (their compiles overlap on this 2-core machine).
+    models = {name: build(name) for name in TRANSFORMERS}
+    references = {name: copy.deepcopy(model) for name, model in models.items()}
 
-    def tokens(length: int) -> dict[str, torch.Tensor]:
-        return sequence_inputs(model, length, torch.device("cpu"))[1]
+    def tokens(name: str, length: int) -> dict[str, torch.Tensor]:
+        return sequence_inputs(models[name], length, torch.device("cpu"))[1]
 
     dims = SEQUENCE_DIMS
     compiler = pwd.CompileConfig(workers=1, general=False, start_timeout_s=300)
-    store = str(tmp_path / "store")
-    with (
-        torch.inference_mode(),
-        pwd.attach(model, dynamic=dims, sizes=[16], compiler=compiler, store=store) as h,
-    ):
-        model(**tokens(16))
-        assert h.wait_traced(300)
-        for length in (8, 16, 24):
-            model(**tokens(length))
-        assert h.wait(sizes=[16], timeout=600, tier=pwd.Tier.SIZE), str(h.status())
-        assert len(h.pieces) == 1, str(h.status())
-        assert h.pieces[0].strategy is ShapeStrategy.BACKED_OBLIVIOUS
-        assert h.table().lookup(16).tier is pwd.Tier.SIZE
-        for length in (8, 16, 24, 16):
-            got = main_output(model(**tokens(length)))
-            want = main_output(reference(**tokens(length)))
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        handles = {
+            name: stack.enter_context(
+                pwd.attach(
+                    model,
+                    dynamic=dims,
+                    sizes=[16],
+                    compiler=compiler,
+                    store=str(tmp_path / "store"),
+                )
+            )
+            for name, model in models.items()
+        }
+        for name, model in models.items():
+            model(**tokens(name, 16))
+        for name, model in models.items():
+            assert handles[name].wait_traced(300), name
+            for length in (8, 16, 24):
+                model(**tokens(name, length))
+        for name, model in models.items():
+            h = handles[name]
+            assert h.wait(sizes=[16], timeout=600, tier=pwd.Tier.SIZE), (name, str(h.status()))
+            assert len(h.pieces) == 1, (name, str(h.status()))
+            assert h.pieces[0].strategy is ShapeStrategy.BACKED_OBLIVIOUS, name
+            assert h.table().lookup(16).tier is pwd.Tier.SIZE, name
+            for length in (8, 16, 24, 16):
+                got = main_output(model(**tokens(name, length)))
+                want = main_output(references[name](**tokens(name, length)))
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
-def test_a_transformer_sized_on_its_batch_whose_lengths_vary_gains_one_piece_for_them_all(
-    name: str,
-) -> None:
+def test_transformers_batched_with_varying_lengths_gain_one_piece_for_them_all() -> None:
     # The default attach sizes dim 0 (the batch), and a server's lengths vary as well.
     # The first hot length is traced with dynamo's automatic dynamic on the length. For
     # BERT an unbacked batch that might be 0 left the attention's reshape to -1
@@ -359,32 +386,43 @@ def test_a_transformer_sized_on_its_batch_whose_lengths_vary_gains_one_piece_for
     # took the length's symbol for the batch and validation rejected the general ("u0 >=
     # 2"): every length but the first stayed eager. Now the batch is marked at least 1 and
     # a shipped graph names its size symbols: one more piece serves every length, on its
-    # general compile.
-    model = build(name)
-    reference = copy.deepcopy(model)
+    # general compile. The three are attached at once.
+    models = {name: build(name) for name in TRANSFORMERS}
+    references = {name: copy.deepcopy(model) for name, model in models.items()}
 
-    def call(batch: int, length: int) -> dict[str, torch.Tensor]:
-        return sequence_inputs(model, length, torch.device("cpu"), batch=batch)[1]
+    def call(name: str, batch: int, length: int) -> dict[str, torch.Tensor]:
+        return sequence_inputs(models[name], length, torch.device("cpu"), batch=batch)[1]
 
     compiler = pwd.CompileConfig(workers=1, start_timeout_s=300)
-    with torch.inference_mode(), pwd.attach(model, compiler=compiler, store=False) as h:
-        model(**call(2, 8))
-        assert h.wait_traced(300)
-        tracer = h._tracer
-        # A length the first piece does not serve: hot after 3 misses (hot_calls' default),
-        # traced at the 4th, in the background.
-        for _ in range(4):
-            model(**call(3, 12))
-        assert tracer.miss.traced.wait(300)
-        missed = tracer.miss_calls
-        for batch, length in ((1, 5), (4, 17), (2, 23), (3, 12), (1, 8)):
-            model(**call(batch, length))
-        assert tracer.miss_calls == missed, str(h.status())  # every length served
-        assert len(h.pieces) == 2, str(h.status())
-        assert h.pieces[1].facts.extra_symbols, h.pieces[1].facts  # the length's
-        assert h.wait(timeout=600), str(h.status())
-        assert h.table(1).general is not None, str(h.status())
-        for batch, length in ((1, 5), (4, 17), (2, 23), (2, 8)):
-            got = main_output(model(**call(batch, length)))
-            want = main_output(reference(**call(batch, length)))
-            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        handles = {
+            name: stack.enter_context(pwd.attach(model, compiler=compiler, store=False))
+            for name, model in models.items()
+        }
+        for name, model in models.items():
+            model(**call(name, 2, 8))
+        for name, model in models.items():
+            assert handles[name].wait_traced(300), name
+            # A length the first piece does not serve: hot after 3 misses (hot_calls'
+            # default), traced at the 4th, in the background.
+            for _ in range(4):
+                model(**call(name, 3, 12))
+        for name, model in models.items():
+            h = handles[name]
+            tracer = h._tracer
+            assert tracer.miss.traced.wait(300), name
+            missed = tracer.miss_calls
+            for batch, length in ((1, 5), (4, 17), (2, 23), (3, 12), (1, 8)):
+                model(**call(name, batch, length))
+            assert tracer.miss_calls == missed, (name, str(h.status()))  # every length served
+            assert len(h.pieces) == 2, (name, str(h.status()))
+            assert h.pieces[1].facts.extra_symbols, (name, h.pieces[1].facts)  # the length's
+        for name, model in models.items():
+            h = handles[name]
+            assert h.wait(timeout=600), (name, str(h.status()))
+            assert h.table(1).general is not None, (name, str(h.status()))
+            for batch, length in ((1, 5), (4, 17), (2, 23), (2, 8)):
+                got = main_output(model(**call(name, batch, length)))
+                want = main_output(references[name](**call(name, batch, length)))
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
