@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pwdaemon.demo.args import positive_int
+from pwdaemon.workers.sdpa import SDPA_BACKENDS
 
 
 def load_object(spec: str) -> Any:
@@ -55,6 +56,16 @@ def _range_list(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _attention_list(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SDPA_BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected attention backends among {','.join(SDPA_BACKENDS)}, got {text!r}"
+        )
+    return names
+
+
 def add_warm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `warm` on the main parser's subparsers."""
     p = subparsers.add_parser(
@@ -76,6 +87,15 @@ def add_warm_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         default=None,
         help="the torch thread count the servers set (torch.set_num_threads): CPU "
         "artifacts are compiled for it and keyed by it (default: torch's own)",
+    )
+    p.add_argument(
+        "--attention-off",
+        type=_attention_list,
+        default=[],
+        metavar="NAMES",
+        help="the attention backends the servers turn off (torch.backends.cuda."
+        "enable_<name>_sdp(False)), e.g. cudnn: artifacts are compiled without them and "
+        "keyed by them",
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole warm")
     p.set_defaults(func=cmd_warm)
@@ -114,6 +134,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    for name in args.attention_off:  # global flags, read into each job's options
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
     compiler = pwd.CompileConfig(**({"workers": args.workers} if args.workers else {}))
     policy = pwd.PolicyConfig(hot_calls=1 << 30, budget=max(len(args.sizes), 1))
     handle = pwd.attach(

@@ -155,3 +155,18 @@ def test_python_dash_m_version() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"pwdaemon {pwdaemon.__version__}"
+
+
+def test_warm_takes_the_attention_backends_servers_turn_off(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["warm", "m:f", "--sizes", "1", "--attention-off", "cudnn,flash"])
+    assert args.attention_off == ["cudnn", "flash"]
+    assert parser.parse_args(["warm", "m:f", "--sizes", "1"]).attention_off == []
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["warm", "m:f", "--sizes", "1", "--attention-off", "cudnn,fast"])
+    assert exc.value.code == 2
+    assert "expected attention backends among cudnn,flash,mem_efficient,math" in (
+        capsys.readouterr().err
+    )
