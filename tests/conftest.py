@@ -141,6 +141,20 @@ def fast_switching() -> Iterator[None]:
         sys.setswitchinterval(previous)
 
 
+@pytest.fixture
+def sdpa_backends_restored() -> Iterator[None]:
+    # torch.backends.cuda's attention switches are global flags of the process.
+    from pwdaemon.workers.sdpa import SDPA_BACKENDS
+
+    cuda = torch.backends.cuda
+    before = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in SDPA_BACKENDS}
+    try:
+        yield
+    finally:
+        for name, enabled in before.items():
+            getattr(cuda, f"enable_{name}_sdp")(enabled)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
     _prewarm_done()

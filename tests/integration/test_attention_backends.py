@@ -14,7 +14,7 @@ process turned all three off, and do when it did not, with outputs equal to eage
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,20 +52,9 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, 64))
 
 
-@pytest.fixture
-def backends_restored() -> Iterator[None]:
-    cuda = torch.backends.cuda
-    before = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in SDPA_BACKENDS}
-    try:
-        yield
-    finally:
-        for name, enabled in before.items():
-            getattr(cuda, f"enable_{name}_sdp")(enabled)
-
-
 @pytest.mark.slow
 def test_a_job_compiles_with_the_backends_it_names_off_and_the_worker_keeps_its_own(
-    backends_restored: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    sdpa_backends_restored: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # compile_job is what a worker process runs for each job; here in this process, with
     # real Inductor, so that the flags in force inside Inductor's compile can be read.
@@ -112,7 +101,7 @@ def test_a_job_compiles_with_the_backends_it_names_off_and_the_worker_keeps_its_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_server_that_turned_fused_attention_off_gets_no_fused_kernel_compiled(
-    backends_restored: None, tmp_path: Path
+    sdpa_backends_restored: None, tmp_path: Path
 ) -> None:
     found: dict[bool, list[bytes]] = {}
     for fused_off in (False, True):

@@ -8,27 +8,14 @@ while every backend is on, so the store keys of the default stay what they were.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
 from typing import cast
 
-import pytest
 import torch
 
 from pwdaemon.engine.store_link import compile_options
 from pwdaemon.serving.piece import GraphPiece
 from pwdaemon.serving.strategy import ShapeStrategy
-from pwdaemon.workers.sdpa import SDPA_BACKENDS, SDPA_OFF_OPTION, sdpa_backends_off
-
-
-@pytest.fixture
-def backends_restored() -> Iterator[None]:
-    cuda = torch.backends.cuda
-    before = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in SDPA_BACKENDS}
-    try:
-        yield
-    finally:
-        for name, enabled in before.items():
-            getattr(cuda, f"enable_{name}_sdp")(enabled)
+from pwdaemon.workers.sdpa import SDPA_OFF_OPTION, sdpa_backends_off
 
 
 def _piece(device: str) -> GraphPiece:
@@ -37,7 +24,7 @@ def _piece(device: str) -> GraphPiece:
 
 
 def test_compile_options_name_the_attention_backends_turned_off_and_nothing_by_default(
-    backends_restored: None,
+    sdpa_backends_restored: None,
 ) -> None:
     assert sdpa_backends_off() == []
     assert SDPA_OFF_OPTION not in compile_options({}, _piece("cuda:0"))
