@@ -20,6 +20,16 @@ from pwdaemon.serving.inputs import copy_call, is_caller_tensor, nested_tensors
 from pwdaemon.serving.strategy import ShapeStrategy, mark_size
 from pwdaemon.serving.trace_record import input_signature
 
+# torch < 2.12 refuses a SymBool where an op takes a bool: transformers' attention passes
+# `is_causal = q_length > 1 and ...`, and where dynamo's automatic dynamic made the query
+# length a symbol (generate()'s decode step, length 1, traced after the prompt's, length
+# 6), the falsy SymBool itself reached `scaled_dot_product_attention` (pytorch/pytorch
+# #124707, #154038): a graph break at every attention, pieces with no size, each decode
+# step on eager. So there a call's tensor arguments keep each other dimension of size 1
+# static (`mark_static`): a decode step's length, a single channel; a call whose length
+# is above 1 is traced as its own piece when it comes often, as any other miss.
+_ONES_STATIC = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+
 
 class SizeMarks:
     """The size dimensions of one model's calls (`dynamic` as given to attach)."""
@@ -62,6 +72,13 @@ class SizeMarks:
         weak_inside = any(id(t) in top for t, _ in dims)
         for t, d in dims:
             mark_size(t, d, strategy, self.shape_id, weak=weak_inside and id(t) not in top)
+        if _ONES_STATIC:
+            sized = {(id(t), d) for t, d in dims}
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor):
+                    for d, n in enumerate(a.shape):
+                        if n == 1 and (id(a), d) not in sized:
+                            torch._dynamo.mark_static(a, d)
 
     def widened(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], size: int

@@ -241,3 +241,26 @@ def test_a_signature_shows_the_items_of_a_calls_dicts_and_lists() -> None:
     assert sig.startswith("n>1 "), sig
     assert f"0.x:torch.float32:cpu:[n,{WIDTH}]:c" in sig
     assert f"0.y.0:torch.float64:cpu:[n,{WIDTH}]:c" in sig and "0.y.1=2" in sig
+
+
+@pytest.mark.parametrize("before_2_12", [True, False])
+def test_before_torch_2_12_a_calls_other_dims_of_size_1_are_traced_static(
+    before_2_12: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch 2.11 handed attention a SymBool `is_causal` once automatic dynamic made a
+    # decode step's length 1 a symbol (marks.py says how); there the tensor arguments'
+    # other size-1 dims stay static. Not the size dim (a call of size 1), not a tensor
+    # inside the call's objects, and on torch 2.12 and later nothing.
+    from pwdaemon.serving import marks
+    from pwdaemon.serving.strategy import ShapeStrategy
+
+    monkeypatch.setattr(marks, "_ONES_STATIC", before_2_12)
+    sizes = marks.SizeMarks(Decoder(), None, "test")
+    x, one = torch.randn(3, 1, WIDTH), torch.randn(1, 1, WIDTH)
+    cache = Cache([Layer(torch.randn(3, 1, WIDTH))])
+    for t in (x, one):
+        sizes.mark((t,), {"cache": cache}, ShapeStrategy.BACKED_OBLIVIOUS)
+    want = {1} if before_2_12 else set()
+    assert getattr(x, "_dynamo_static_indices", set()) == want
+    assert getattr(one, "_dynamo_static_indices", set()) == want  # dim 0 is the size
+    assert getattr(cache.layers[0].keys, "_dynamo_static_indices", set()) == set()
