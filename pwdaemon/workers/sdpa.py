@@ -11,14 +11,15 @@ import torch
 # scaled-dot-product-attention backends the serving process turned off
 # (`torch.backends.cuda.enable_cudnn_sdp(False)` and its siblings: global flags, which a
 # worker, a fresh process, does not share). Inductor picks the attention kernel while it
-# compiles, so without it a worker compiled cuDNN attention into the graphs of a server
-# that had turned cuDNN attention off. Why a server turns it off: torch keeps cuDNN's
-# attention plans per thread, and each new shape costs the calling thread a plan (85-95
-# ms of its CPU per size and thread on an H100, for BERT and Llama: bench/first_calls.py).
-# In the options, so in the store key; absent when every backend is on (the default), so
-# keys stay what they were.
+# compiles, so without it a worker compiled with every backend on: a BERT server on an
+# H100 that had turned cuDNN attention off still spent 90 ms of its serving thread on
+# the first call of a compiled size (cuDNN plans, 2026-12-05, bench/stalls.py
+# --no-cudnn-sdp). Why a server turns it off: torch keeps cuDNN's attention plans per
+# thread, and each new shape costs the calling thread a plan (85-95 ms per size and
+# thread on an H100, for BERT and Llama: bench/first_calls.py). In the options, so in
+# the store key; absent when every backend is on (the default), so keys stay as they were.
 SDPA_OFF_OPTION = "pwdaemon.sdpa_off"
-# torch.backends.cuda's switch for each backend (they select CPU kernels as well).
+# torch.backends.cuda's switch for each backend (eager CPU attention reads them too).
 SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
 
 
