@@ -13,6 +13,8 @@
 #   bash bench/gpu_session.sh stalls [MODEL]   # bench/stalls.py cold, then warm on its
 #                                              # store: who ran during each slow call
 #   bash bench/gpu_session.sh generate         # tests/integration/test_generate.py
+#   bash bench/gpu_session.sh gaps [MODEL]     # bench/call_gaps.py cold, then warm: the
+#                                              # time between calls no call timer sees
 #
 # SIZES, ITERS, MIN_WARMUP_S, SETTLE_S and BUDGET_S (seconds for the call) shorten a run;
 # STALL_MS, SECONDS_PER_RUN, WARM_SECONDS and WARM_RUNS set stalls' threshold, lengths
@@ -125,6 +127,17 @@ stalls)  # each slow call's tier, the serving thread's CPU, and who else ran; co
             --model "${2:-bert}" --seconds "$seconds" \
             --stall-ms "${STALL_MS:-10}" --store "$store" --stacks ${STALL_ARGS:-} \
             2>&1 | tee "$OUT/stalls_$run${STALL_TAG:-}.log"
+    done
+    ;;
+gaps)  # bench/call_gaps.py: cold (to its plan), then WARM_RUNS warm starts on its store
+    compile_bytecode
+    store=$(mktemp -d)
+    runs="cold $(printf 'warm%s ' $(seq 1 "${WARM_RUNS:-2}"))"
+    for run in $runs; do
+        timeout "$(left)" python3 bench/call_gaps.py --device cuda --dtype fp16 \
+            --preset issue --model "${2:-bert}" --store "$store" \
+            --seconds "${WARM_SECONDS:-8}" $([ "$run" = cold ] && echo --cold) \
+            2>&1 | tee "$OUT/gaps_$run.log"
     done
     ;;
 generate)  # transformers' generate() on attached GPT-2 and Llama (CPU; this torch), INFO log
