@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pwdaemon.serving.inputs import copy_call, is_caller_tensor, nested_tensors
-from pwdaemon.serving.strategy import ShapeStrategy, mark_size
+from pwdaemon.serving.strategy import ShapeStrategy, mark_size, torch_release
 from pwdaemon.serving.trace_record import input_signature
 
 # torch < 2.12 refuses a SymBool where an op takes a bool: transformers' attention passes
@@ -28,7 +28,7 @@ from pwdaemon.serving.trace_record import input_signature
 # step on eager. So there a call's tensor arguments keep each other dimension of size 1
 # static (`mark_static`): a decode step's length, a single channel; a call whose length
 # is above 1 is traced as its own piece when it comes often, as any other miss.
-_ONES_STATIC = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+_ONES_STATIC = torch_release() < (2, 12)
 
 
 class SizeMarks:

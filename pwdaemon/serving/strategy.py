@@ -38,6 +38,13 @@ class ShapeStrategy(enum.Enum):
     BACKED_OBLIVIOUS = "backed_oblivious"
 
 
+def torch_release() -> tuple[int, int]:
+    """This torch's (major, minor): for behaviour a feature test cannot see (a bug fixed
+    in a release)."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 _MARK_PARAMS = inspect.signature(dynamo_decorators.mark_unbacked).parameters
 # shape_id (torch >= 2.11) makes every marked input share one symbol.
 _HAS_SHAPE_ID = "shape_id" in _MARK_PARAMS
