@@ -144,15 +144,13 @@ def fast_switching() -> Iterator[None]:
 @pytest.fixture
 def sdpa_backends_restored() -> Iterator[None]:
     # torch.backends.cuda's attention switches are global flags of the process.
-    from pwdaemon.workers.sdpa import SDPA_BACKENDS
+    from pwdaemon.workers.sdpa import sdpa_flags, set_sdpa_flags
 
-    cuda = torch.backends.cuda
-    before = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in SDPA_BACKENDS}
+    before = sdpa_flags()
     try:
         yield
     finally:
-        for name, enabled in before.items():
-            getattr(cuda, f"enable_{name}_sdp")(enabled)
+        set_sdpa_flags(before)
 
 
 @pytest.fixture(autouse=True)

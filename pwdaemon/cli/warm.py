@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pwdaemon.demo.args import positive_int
-from pwdaemon.workers.sdpa import SDPA_BACKENDS
+from pwdaemon.workers.sdpa import SDPA_BACKENDS, set_sdpa_flags
 
 
 def load_object(spec: str) -> Any:
@@ -134,8 +134,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    for name in args.attention_off:  # global flags, read into each job's options
-        getattr(torch.backends.cuda, f"enable_{name}_sdp")(False)
+    # Global flags, read into each job's options.
+    set_sdpa_flags(dict.fromkeys(args.attention_off, False))
     compiler = pwd.CompileConfig(**({"workers": args.workers} if args.workers else {}))
     policy = pwd.PolicyConfig(hot_calls=1 << 30, budget=max(len(args.sizes), 1))
     handle = pwd.attach(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -23,10 +23,21 @@ SDPA_OFF_OPTION = "pwdaemon.sdpa_off"
 SDPA_BACKENDS = ("cudnn", "flash", "mem_efficient", "math")
 
 
+def sdpa_flags() -> dict[str, bool]:
+    """Whether each attention backend is on in this process, by `SDPA_BACKENDS` name."""
+    cuda = torch.backends.cuda
+    return {name: getattr(cuda, f"{name}_sdp_enabled")() for name in SDPA_BACKENDS}
+
+
+def set_sdpa_flags(flags: Mapping[str, bool]) -> None:
+    """Turn each named attention backend on or off in this process (global flags)."""
+    for name, enabled in flags.items():
+        getattr(torch.backends.cuda, f"enable_{name}_sdp")(enabled)
+
+
 def sdpa_backends_off() -> list[str]:
     """The attention backends turned off in this process, in `SDPA_BACKENDS` order."""
-    cuda = torch.backends.cuda
-    return [name for name in SDPA_BACKENDS if not getattr(cuda, f"{name}_sdp_enabled")()]
+    return [name for name, enabled in sdpa_flags().items() if not enabled]
 
 
 @contextlib.contextmanager
@@ -41,15 +52,12 @@ def sdpa_backends(off: Sequence[str]) -> Iterator[None]:
         return
     import torch.compiler.config as compiler_config
 
-    cuda = torch.backends.cuda
-    before = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in SDPA_BACKENDS}
+    before = sdpa_flags()
     tag = f"{compiler_config.cache_key_tag}pwdaemon-sdpa-off:{','.join(off)}"
     try:
-        for name in SDPA_BACKENDS:
-            getattr(cuda, f"enable_{name}_sdp")(name not in off)
+        set_sdpa_flags({name: name not in off for name in SDPA_BACKENDS})
         # a config module: patch() exists at run time, not in its type stubs
         with compiler_config.patch(cache_key_tag=tag):  # type: ignore[attr-defined]
             yield
     finally:
-        for name, enabled in before.items():
-            getattr(cuda, f"enable_{name}_sdp")(enabled)
+        set_sdpa_flags(before)

@@ -28,7 +28,12 @@ import pwdaemon as pwd
 from pwdaemon.serving.range_table import Target
 from pwdaemon.store import ArtifactStore
 from pwdaemon.workers.compiler import JobSpec, compile_job, dump_graph, load_artifact
-from pwdaemon.workers.sdpa import SDPA_BACKENDS, SDPA_OFF_OPTION, sdpa_backends_off
+from pwdaemon.workers.sdpa import (
+    SDPA_OFF_OPTION,
+    sdpa_backends_off,
+    sdpa_flags,
+    set_sdpa_flags,
+)
 
 FUSED = (
     b"_scaled_dot_product_cudnn_attention",
@@ -68,9 +73,7 @@ def test_a_job_compiles_with_the_backends_it_names_off_and_the_worker_keeps_its_
     real = torch._inductor.standalone_compile
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        cuda = torch.backends.cuda
-        flags = {name: getattr(cuda, f"{name}_sdp_enabled")() for name in SDPA_BACKENDS}
-        flags["tag"] = compiler_config.cache_key_tag
+        flags: dict[str, Any] = {**sdpa_flags(), "tag": compiler_config.cache_key_tag}
         seen.append(flags)
         return cast(Callable[..., Any], real)(*args, **kwargs)
 
@@ -105,8 +108,7 @@ def test_a_gpu_server_that_turned_fused_attention_off_gets_no_fused_kernel_compi
 ) -> None:
     found: dict[bool, list[bytes]] = {}
     for fused_off in (False, True):
-        for name in ("cudnn", "flash", "mem_efficient"):
-            getattr(torch.backends.cuda, f"enable_{name}_sdp")(not fused_off)
+        set_sdpa_flags(dict.fromkeys(("cudnn", "flash", "mem_efficient"), not fused_off))
         torch.manual_seed(0)
         model = Attention().cuda().half().eval()
         reference = Attention().cuda().half().eval()
