@@ -25,21 +25,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
-from models import DTYPES, PACE_S, _build
+from models import DTYPES, PACE_S, _build, _timer
 
 SIZES = (1, 4, 16)
-
-
-def _timed(model: Any, call: tuple[tuple[Any, ...], dict[str, Any]], cuda: bool) -> float:
-    import torch
-
-    start = time.perf_counter()
-    model(*call[0], **call[1])
-    if cuda:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
 
 
 def child(opts: argparse.Namespace) -> None:
@@ -48,21 +37,26 @@ def child(opts: argparse.Namespace) -> None:
     if opts.no_cudnn_sdp:
         torch.backends.cuda.enable_cudnn_sdp(False)
     device = torch.device(opts.device)
-    cuda = device.type == "cuda"
+    timed = _timer(device)  # seconds, the device synchronized around the call
     model, inputs = _build(opts.model, opts.preset, device, getattr(torch, DTYPES[opts.dtype]))
     calls = {n: inputs(n) for n in SIZES}
+
+    def call_ms(n: int) -> float:
+        args, kwargs = calls[n]
+        return timed(lambda: model(*args, **kwargs)) * 1e3
+
     times: dict[int, list[float]] = {n: [] for n in SIZES}
     with torch.inference_mode():
         for _ in range(opts.calls):
             for n in SIZES:
-                times[n].append(_timed(model, calls[n], cuda))
+                times[n].append(call_ms(n))
                 time.sleep(PACE_S)
     other: dict[int, tuple[float, float]] = {}
 
     def on_new_thread() -> None:
         with torch.inference_mode():
             for n in SIZES:
-                other[n] = (_timed(model, calls[n], cuda), _timed(model, calls[n], cuda))
+                other[n] = (call_ms(n), call_ms(n))
 
     thread = threading.Thread(target=on_new_thread)
     thread.start()
