@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from pwdaemon.serving import strategy as strategy_module
+from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.testing import wait_for_prewarm
 
 # The default artifact store of every attach() in the tests: a fresh directory per
@@ -59,6 +61,19 @@ def _unit_tests_trace_inline(
     defaults = pwd.attach.__kwdefaults__
     assert defaults is not None and defaults["trace"] == "background"
     monkeypatch.setitem(defaults, "trace", "inline")
+
+
+def trace_with(monkeypatch: pytest.MonkeyPatch, *order: ShapeStrategy) -> None:
+    """attach() tries these strategies, in this order, instead of this torch's
+    (`strategy.ORDER`: the backed strategy alone before torch 2.13)."""
+    monkeypatch.setattr(strategy_module, "ORDER", order)
+
+
+@pytest.fixture
+def both_strategies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unbacked, then backed, on every torch (2.13's order; before it the backed strategy
+    is the only one): for the tests of a fall-back from one to the other."""
+    trace_with(monkeypatch, ShapeStrategy.UNBACKED, ShapeStrategy.BACKED_OBLIVIOUS)
 
 
 class SmallMLP(nn.Module):

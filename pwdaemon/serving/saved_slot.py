@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from pwdaemon.serving import strategy as strategies
 from pwdaemon.serving.inputs import copy_call
 from pwdaemon.serving.marks import SizeMarks
 from pwdaemon.serving.piece import GraphPiece
@@ -32,7 +33,7 @@ from pwdaemon.serving.saved_trace import (
     load_trace,
     save_trace,
 )
-from pwdaemon.serving.strategy import ORDER, ShapeStrategy
+from pwdaemon.serving.strategy import ShapeStrategy
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class SavedTraceSlot:
                 # Loading it skips the failing trace and the fallback's (a CNN's warm
                 # restart: 0.8 s of tracing under traffic); the tracer takes its
                 # strategy on (`Tracer._load_saved`). All of a model's traces share one.
-                allowed = ORDER[ORDER.index(strategy) :] if not loaded else (first,)
+                order = strategies.ORDER
+                allowed = order[order.index(strategy) :] if not loaded else (first,)
                 if record.strategy not in allowed:
                     raise SavedTraceError(
                         f"saved with strategy {record.strategy.value}, this run traces "

@@ -1,17 +1,19 @@
 """Dynamic-shape strategies: how the size dimension is marked for dynamo, in fallback order.
 
-- `UNBACKED` (default): `mark_unbacked` with one shared shape id. Sound (dynamo raises on
-  a guard it cannot decide instead of assuming), one symbol for every input sharing the
-  size, no 0/1 specialisation: one graph serves every size, size 1 included. Marked at
-  least 1 (`_UNBACKED_MIN`). On torch 2.13 CPU it captures transformers' BERT, GPT-2 and
-  Llama, nn.Sequential and nn.TransformerEncoder as one piece; on torch 2.11 CUDA the
-  SDPA attention of BERT and Llama hits "Could not guard on data-dependent expression
-  Eq(u0, 1)" and dynamo silently runs it eager.
-- `BACKED_OBLIVIOUS`: `mark_dynamic` (backed) while
+- `UNBACKED` (default on torch 2.13): `mark_unbacked` with one shared shape id. Sound
+  (dynamo raises on a guard it cannot decide instead of assuming), one symbol for every
+  input sharing the size, no 0/1 specialisation: one graph serves every size, size 1
+  included. Marked at least 1 (`_UNBACKED_MIN`). On torch 2.13 CPU it captures
+  transformers' BERT, GPT-2 and Llama, nn.Sequential and nn.TransformerEncoder as one
+  piece; on torch 2.11 and 2.12 the SDPA attention of BERT, GPT-2 and Llama hits "Could
+  not guard on data-dependent expression Eq(u0, 1)", so there it is not tried (`ORDER`).
+- `BACKED_OBLIVIOUS` (the only one before torch 2.13): `mark_dynamic` (backed) while
   `torch.fx.experimental._config.backed_size_oblivious` is on during the tracing call
   only: framework code (broadcasting, contiguity) no longer specialises sizes 0/1, so no
-  retrace at size 1 either. Captures all five models above as one piece; inputs may get
-  separate symbols (each marked dim is the size: see graph_facts).
+  retrace at size 1 either. Captures all five models above as one piece on torch 2.13
+  (before it, BERT, GPT-2 and Llama gain a second piece for size 1: attention's
+  `Eq(s, 1)` is a guard there); inputs may get separate symbols (each marked dim is the
+  size: see graph_facts).
 
 A piece records the strategy it was traced with. What keeps every size correct is not
 the strategy: dynamo keeps every guard it installed (a branch on the size routes other
@@ -65,12 +67,26 @@ try:  # the flag exists on torch 2.11-2.13; guard anyway so an older torch keeps
 except ImportError:  # pragma: no cover - older torch
     _HAS_OBLIVIOUS = False
 
+# Before torch 2.13 the unbacked strategy fails where 2.13 traces:
+# scaled_dot_product_attention asks `Eq(u0, 1)` inside transformers' BERT, GPT-2 and
+# Llama (torch 2.11 and 2.12, CPU here, 2.11 CUDA on the H200), and on 2.11 a model's own
+# guard on the size (`if x.shape[0] == 1`) raises instead of breaking the graph. There
+# the backed strategy captured every model the unbacked one did (nn.Sequential, the demo)
+# as one piece too, and trying unbacked first only cost a whole failed trace (BERT on an
+# H200: 25 of the 32 s to its first piece, under traffic). So before 2.13 the backed
+# strategy is the only one, and the tracer's handling of the last strategy (a size-1
+# trace that broke apart is traced again at size 2, `Tracer._widens`) applies to it as
+# on 2.13.
+_UNBACKED_WORKS = torch_release() >= (2, 13)
+
 # Strategies in the order a failing one falls back to the next.
-ORDER: tuple[ShapeStrategy, ...] = (
-    (ShapeStrategy.UNBACKED, ShapeStrategy.BACKED_OBLIVIOUS)
-    if _HAS_OBLIVIOUS
-    else (ShapeStrategy.UNBACKED,)
-)
+ORDER: tuple[ShapeStrategy, ...]
+if not _HAS_OBLIVIOUS:  # pragma: no cover - older torch
+    ORDER = (ShapeStrategy.UNBACKED,)
+elif _UNBACKED_WORKS:
+    ORDER = (ShapeStrategy.UNBACKED, ShapeStrategy.BACKED_OBLIVIOUS)
+else:
+    ORDER = (ShapeStrategy.BACKED_OBLIVIOUS,)
 
 # A tracing call may need more cache entries than dynamo's default recompile limit (8)
 # on code objects that every attach shares: the `forward` of a model class with a graph

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from pwdaemon.serving import strategy as strategies
 from pwdaemon.serving.attempt import Attempt
 from pwdaemon.serving.background import (
     BackgroundTrace,
@@ -50,7 +51,6 @@ from pwdaemon.serving.piece import GraphPiece, PieceMaker
 from pwdaemon.serving.saved_slot import SavedTraceSlot
 from pwdaemon.serving.saved_trace import SavedTraceOutcome, TraceShelf
 from pwdaemon.serving.strategy import (
-    ORDER,
     TRACE_LOCK,
     ShapeStrategy,
     is_data_dependent,
@@ -151,8 +151,10 @@ class Tracer:
         self.direct = DirectCalls() if guards is GuardMode.RECHECKED else None
         self.saved = SavedTraceSlot(shelf if background else None, self.name)
         failed = failed or {}
-        first = next((s for s in ORDER if s not in failed), ORDER[-1])
-        for strategy in ORDER[: ORDER.index(first)]:
+        # Read at attach, not import: tests pin the order (`strategies.ORDER`).
+        order = strategies.ORDER
+        first = next((s for s in order if s not in failed), order[-1])
+        for strategy in order[: order.index(first)]:
             reason = f"failed in an earlier run: {failed[strategy]}"
             self.attempts.append(StrategyAttempt(strategy, AttemptOutcome.SKIPPED, reason))
         self._attempt = Attempt(self, first)

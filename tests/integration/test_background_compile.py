@@ -295,10 +295,11 @@ def test_a_piece_guarded_to_batch_1_is_compiled_for_batch_1_alone(
     # times each ("shape '[1, 2, 4]' is invalid for input of size 16"), and `wait()` gave
     # up on sizes the other piece served fine (GPT-2 on an H200). Each piece is now
     # planned for the sizes its guards admit.
-    from pwdaemon.serving import trace as trace_module
+    from conftest import trace_with
+
     from pwdaemon.serving.strategy import ShapeStrategy
 
-    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    trace_with(monkeypatch, ShapeStrategy.BACKED_OBLIVIOUS)
     torch.manual_seed(0)
     model = ReshapesAtBatch1()
     reference = ReshapesAtBatch1()

@@ -83,12 +83,10 @@ def test_a_backed_conv_nets_general_that_assumes_a_batch_above_1_gives_way_to_th
     # range of every batch above 1 and batch 1 are compiled in its place. A restart loads
     # both from the store, its plan completes once they are live, and the general is not
     # compiled again: its refusal is remembered (2.4 s of a 3.4 s warm start).
-    from pwdaemon.serving import strategy as strategy_module
-    from pwdaemon.serving import trace as trace_module
+    from conftest import trace_with
 
     backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
-    monkeypatch.setattr(trace_module, "ORDER", backed)
-    monkeypatch.setattr(strategy_module, "ORDER", backed)
+    trace_with(monkeypatch, *backed)
     reference = _net()
     store = str(tmp_path / "store")
     compiler = pwd.CompileConfig(workers=1, start_timeout_s=300)

@@ -289,10 +289,11 @@ def test_bert_under_the_backed_strategy_serves_every_size_right_after_its_genera
     # `backed_size_oblivious`, which read the hint 1 as the size (workers now compile
     # under it). The store gives the workers a fresh Inductor cache: an entry left by a
     # compile from before the fix would be refused (see test_workers.py), not live.
-    from pwdaemon.real_models import model_spec
-    from pwdaemon.serving import trace as trace_module
+    from conftest import trace_with
 
-    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    from pwdaemon.real_models import model_spec
+
+    trace_with(monkeypatch, ShapeStrategy.BACKED_OBLIVIOUS)
     torch._dynamo.reset()
     spec = model_spec("bert", "tiny")
     cpu = torch.device("cpu")

@@ -430,15 +430,14 @@ def test_real_model_graphs_ship_with_their_identity_and_leave_the_live_graph_alo
 def backed_bert_piece() -> GraphPiece:
     """BERT's piece traced under the backed strategy at size 1 (torch 2.11 CUDA ends on
     that strategy for transformers' attention), with samples of sizes 1, 4 and 16."""
+    from conftest import trace_with
+
     import pwdaemon as pwd
     from pwdaemon.real_models import model_spec
-    from pwdaemon.serving import strategy as strategy_module
-    from pwdaemon.serving import trace as trace_module
 
     backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trace_module, "ORDER", backed)
-        mp.setattr(strategy_module, "ORDER", backed)
+        trace_with(mp, *backed)
         torch._dynamo.reset()
         spec = model_spec("bert", "tiny")
         cpu = torch.device("cpu")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pwdaemon.serving.strategy import ORDER
+
 TESTS = Path(__file__).resolve().parents[1]  # factories.py lives in tests/
 
 
@@ -27,7 +29,7 @@ def test_doctor_reports_pieces_strategy_and_shipping_for_a_traceable_model() -> 
     )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert [p["strategy"] for p in report["pieces"]] == ["unbacked"]
+    assert [p["strategy"] for p in report["pieces"]] == [ORDER[0].value]  # no fall-back
     assert report["pieces"][0]["specializable"] and report["pieces"][0]["graph_bytes"] > 0
     assert report["planned_compiles"] == 1 + 3  # general + sizes 1, 2, 8
     assert report["problems"] == [] and report["mismatches"] == []

@@ -146,7 +146,9 @@ def test_a_transformers_model_on_the_direct_path_equals_eager(name: str) -> None
     model = spec.build(torch.device("cpu"), torch.float32)
     ref = copy.deepcopy(model)
     with torch.inference_mode(), _attach(model) as h:
-        for n in (1, 4, 1, 4, 1, 4):
+        # Torch < 2.13 traces BERT's size 1 as a piece of its own (strategy.py): it
+        # settles a call later, and its signatures reach the direct path a call later.
+        for n in (1, 4) * 4:
             args, kwargs = spec.inputs(n, torch.device("cpu"), torch.float32)
             out, want = model(*args, **kwargs), ref(*args, **kwargs)
             assert type(out) is type(want)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Broken, SmallMLP
+from conftest import Broken, SmallMLP, trace_with
 from torch import nn
 
 import pwdaemon as pwd
@@ -246,14 +246,10 @@ def test_without_a_store_nothing_is_said_of_a_saved_trace(tmp_path: Path) -> Non
 
 
 def _backed_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Trace with the backed strategy alone (the one a GPU's attention falls back to)."""
-    import pwdaemon.serving.strategy as strategy_module
-    import pwdaemon.serving.trace as trace_module
+    """Trace with the backed strategy alone (torch < 2.13's only one)."""
     from pwdaemon.serving.strategy import ShapeStrategy
 
-    backed = (ShapeStrategy.BACKED_OBLIVIOUS,)
-    monkeypatch.setattr(trace_module, "ORDER", backed)
-    monkeypatch.setattr(strategy_module, "ORDER", backed)
+    trace_with(monkeypatch, ShapeStrategy.BACKED_OBLIVIOUS)
 
 
 class TwoInputs(nn.Module):
@@ -458,7 +454,8 @@ def test_a_trace_saved_with_the_fallback_strategy_is_loaded_and_the_fallback_kep
         assert _outcome(h)[0] is SavedTraceOutcome.SAVED, _outcome(h)
     finally:
         h.detach()
-    monkeypatch.undo()  # the next start begins with the unbacked strategy again
+    # the next start begins with the unbacked strategy again
+    trace_with(monkeypatch, ShapeStrategy.UNBACKED, ShapeStrategy.BACKED_OBLIVIOUS)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = _mlp(1)
@@ -484,6 +481,7 @@ def test_a_trace_saved_with_the_fallback_strategy_is_loaded_and_the_fallback_kep
         h.detach()
 
 
+@pytest.mark.usefixtures("both_strategies")  # before `saved`: its trace is unbacked
 def test_a_trace_saved_with_a_strategy_this_run_skips_is_traced_again(saved: Path) -> None:
     # The fixture's trace is unbacked; this start skips unbacked (remembered as failed
     # for the model), so it traces with the fallback instead of serving the old trace.

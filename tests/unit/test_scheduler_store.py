@@ -254,6 +254,7 @@ _UNLOWERABLE = (
 )
 
 
+@pytest.mark.usefixtures("both_strategies")  # remembered only where one falls back
 def test_a_general_that_fails_on_a_size_guard_is_remembered_against_its_strategy(
     mlp: nn.Module, tmp_path: Path
 ) -> None:

@@ -209,12 +209,13 @@ def test_pieces_of_one_graph_that_different_sizes_reach_get_different_store_keys
     # ("mat1 and mat2 shapes cannot be multiplied"), leaving sizes above 1 on eager. The
     # guards are part of the fingerprint, and the service computes the same one from the
     # shipped bytes.
+    from conftest import trace_with
+
     import pwdaemon as pwd
     from pwdaemon.service.client import graph_identity
-    from pwdaemon.serving import trace as trace_module
     from pwdaemon.serving.strategy import ShapeStrategy
 
-    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    trace_with(monkeypatch, ShapeStrategy.BACKED_OBLIVIOUS)
     model = GuardsBatch1()
     with torch.inference_mode(), pwd.attach(model, compile=False, store=False) as h:
         for n in (1, 2, 2, 3):
@@ -235,12 +236,13 @@ def test_a_piece_that_one_size_alone_reaches_gets_that_size_in_the_generals_plac
     # Its general would be compiled at size 1 and may hold for size 1 alone; Inductor's
     # caches key on the graph, not on the guards in front of it, and handed that code to
     # the other piece's general (an H200: BERT's general for sizes above 1 was wrong).
+    from conftest import trace_with
+
     import pwdaemon as pwd
-    from pwdaemon.serving import trace as trace_module
     from pwdaemon.serving.strategy import ShapeStrategy
     from pwdaemon.testing import FakeExecutor
 
-    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    trace_with(monkeypatch, ShapeStrategy.BACKED_OBLIVIOUS)
     model = GuardsBatch1()
     policy = pwd.PolicyConfig(tick_s=0.01)
     with (

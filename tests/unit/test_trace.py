@@ -28,8 +28,9 @@ from tracing import WIDTH, fresh_counters, make
 
 import pwdaemon as pwd
 from pwdaemon import Range, Tier
+from pwdaemon.serving import strategy as strategy_module
 from pwdaemon.serving.piece import wrap_compiled
-from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.strategy import ShapeStrategy, torch_release
 from pwdaemon.serving.trace_record import GRAPH_BREAK_LOGS, AttemptOutcome, MissState
 
 
@@ -352,22 +353,30 @@ def _double(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
     return out * 2
 
 
+# The encoder's fused fast path is traced from torch 2.13 on. Before it dynamo captures
+# no graph there, and pwdaemon's warning says to turn the fast path off, as the test does.
+_FASTPATH_TRACES = torch_release() >= (2, 13)
+
+
 @pytest.mark.parametrize(
-    ("factory", "shape", "strategy"),
+    ("factory", "shape"),
     [
-        (_sequential, (WIDTH,), ShapeStrategy.UNBACKED),
+        (_sequential, (WIDTH,)),
         # The encoder's fused fast path asks whether the size is 0 (`Eq(80*u0, 0)`); the
         # unbacked size is known to be at least 1 (`strategy._UNBACKED_MIN`), so the
         # unbacked strategy captures it. (tests/unit/test_status.py marks it without
         # that bound, for a strategy that fails and falls back.)
-        (_encoder, (5, 16), ShapeStrategy.UNBACKED),
+        (_encoder, (5, 16)),
     ],
     ids=["Sequential", "TransformerEncoder"],
 )
 def test_torch_nn_classes_are_captured_with_their_hooks(
-    factory: Callable[[], nn.Module], shape: tuple[int, ...], strategy: ShapeStrategy
+    factory: Callable[[], nn.Module], shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fresh_counters()
+    if not _FASTPATH_TRACES:
+        monkeypatch.setattr(torch.backends.mha, "_is_fastpath_enabled", False)
+    strategy = strategy_module.ORDER[0]  # captured by the first strategy: no fall-back
     torch.manual_seed(0)
     model = factory().eval()
     reference = copy.deepcopy(model)
@@ -379,19 +388,16 @@ def test_torch_nn_classes_are_captured_with_their_hooks(
             x = torch.randn(n, *shape)
             torch.testing.assert_close(model(x), reference(x))  # the hook ran
     tracer = handle._tracer
-    assert len(handle.pieces) == 1, tracer.attempts
-    # no retrace, size 1 included: every graph dynamo made is the piece, or one that a
-    # failed strategy made on its one tracing call (the hook, here) and was dropped
-    discarded = sum(a.discarded for a in tracer.attempts)
-    assert counters["stats"]["unique_graphs"] == 1 + discarded
+    # One piece for every size, size 1 included; but under the backed strategy (torch <
+    # 2.13) attention's `Eq(size, 1)` is a guard, and the encoder's size 1 gets a piece
+    # of its own (as BERT's: strategy.py).
+    split = strategy is ShapeStrategy.BACKED_OBLIVIOUS and factory is _encoder
+    want = [[1], [4, 7, 16]] if split else [[1, 4, 7, 16]]
+    assert sorted(sorted(p.dispatcher.histogram()) for p in handle.pieces) == want
+    assert counters["stats"]["unique_graphs"] == len(want)  # no retrace
     assert not counters["recompiles"]
-    assert handle.pieces[0].strategy is strategy and tracer.strategy is strategy
-    assert handle.pieces[0].specializable
-    assert sorted(handle.pieces[0].dispatcher.histogram()) == [1, 4, 7, 16]
-    assert [a.strategy for a in tracer.attempts][-1] is strategy
-    if strategy is not ShapeStrategy.UNBACKED:
-        first = tracer.attempts[0]
-        assert first.outcome is AttemptOutcome.FELL_BACK and first.reason
+    assert all(p.strategy is strategy and p.specializable for p in handle.pieces)
+    assert [a.strategy for a in tracer.attempts] == [strategy]
     assert tracer.settled and not tracer.misses
     handle.detach()
     # detached: the plain module again, hooks included, nothing counted
@@ -447,8 +453,11 @@ def test_bert_sized_on_its_sequence_dim_falls_back_to_one_backed_piece(
         assert len(h.pieces) == 1, str(h.status())
         assert tracer.strategy is ShapeStrategy.BACKED_OBLIVIOUS
         first = tracer.attempts[0]
-        assert first.strategy is ShapeStrategy.UNBACKED
-        assert first.outcome is AttemptOutcome.FELL_BACK and "data-dependent" in first.reason
+        if len(strategy_module.ORDER) > 1:  # torch 2.13: unbacked first
+            assert first.strategy is ShapeStrategy.UNBACKED
+            assert first.outcome is AttemptOutcome.FELL_BACK and "data-dependent" in first.reason
+        else:  # before 2.13 the backed strategy is the only one
+            assert [a.strategy for a in tracer.attempts] == [ShapeStrategy.BACKED_OBLIVIOUS]
         assert sorted(h.pieces[0].dispatcher.histogram()) == [8, 16, 24, 40]
         assert not tracer.misses
     # The log was heard, not printed, and is as it was.

@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Plain
+from conftest import Plain, trace_with
 from torch import nn
 from tracing import WIDTH, fresh_counters, make
 
 import pwdaemon as pwd
 from pwdaemon import Tier
+from pwdaemon.serving import strategy as strategy_module
 from pwdaemon.serving import trace as trace_module
 from pwdaemon.serving.piece import wrap_compiled
 from pwdaemon.serving.strategy import ShapeStrategy
@@ -49,9 +50,10 @@ class Branchy(nn.Module):
 
 @pytest.mark.parametrize("order", [[4, 7, 1, 1, 1, 1, 1, 2, 1], [1, 4, 7, 1, 2, 1]])
 def test_model_branching_on_its_batch_size_stays_correct(order: list[int]) -> None:
-    # Unbacked: `u0 == 1` cannot be decided, dynamo breaks the graph there and the
-    # branch runs as Python (the size-1 side becomes a piece of its own); nothing
-    # assumes a size. A compiled runnable installed for every size of each piece (here
+    # Unbacked (torch 2.13): `u0 == 1` cannot be decided, dynamo breaks the graph there
+    # and the branch runs as Python (the size-1 side becomes a piece of its own); nothing
+    # assumes a size. Backed (before 2.13): a guard on the size routes size 1 to a piece
+    # of its own. A compiled runnable installed for every size of each piece (here
     # the piece's own graph plus zero: any size's output must still be right).
     fresh_counters()
     model, reference = make(Branchy)
@@ -67,7 +69,7 @@ def test_model_branching_on_its_batch_size_stays_correct(order: list[int]) -> No
                     eager = p.gm.forward
                     handle.install(p.index, None, Tier.GENERAL, wrap_compiled(eager, p))
         tracer = handle._tracer
-        assert all(p.strategy is ShapeStrategy.UNBACKED for p in handle.pieces)
+        assert all(p.strategy is strategy_module.ORDER[0] for p in handle.pieces)
         # size 1 ran compiled once its piece existed (traced while settling or as a hot
         # miss): misses, if any, were served eager and never more than hot_calls of them
         assert sum(r.calls for r in tracer.misses.values()) <= tracer.miss.hot_calls
@@ -83,7 +85,7 @@ def test_backed_oblivious_serves_bert_right_at_size_1_and_after(
     pytest.importorskip("transformers")
     from pwdaemon.real_models import model_spec
 
-    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    trace_with(monkeypatch, ShapeStrategy.BACKED_OBLIVIOUS)
     fresh_counters()
     spec = model_spec("bert", "tiny")
     cpu = torch.device("cpu")
@@ -106,7 +108,7 @@ def test_each_piece_admits_the_sizes_its_guards_let_through(
 ) -> None:
     # Branchy under a backed strategy: the size-1 piece's guard pins the size to 1, the
     # other piece's excludes 1. The planner and wait() go by `admits`.
-    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    trace_with(monkeypatch, ShapeStrategy.BACKED_OBLIVIOUS)
     fresh_counters()
     model, reference = make(Branchy)
     policy = pwd.PolicyConfig(hot_calls=1)
@@ -141,7 +143,7 @@ def test_a_configured_size_that_no_piece_serves_is_traced_at_its_first_miss(
     # Under a backed strategy size 1 guards apart from the other sizes (Branchy's own
     # branch here, 0/1 specialisation in general): a size the user configured must not
     # wait for `hot_calls` misses to get its piece.
-    monkeypatch.setattr(trace_module, "ORDER", (ShapeStrategy.BACKED_OBLIVIOUS,))
+    trace_with(monkeypatch, ShapeStrategy.BACKED_OBLIVIOUS)
     fresh_counters()
     model, reference = make(Branchy)
     policy = pwd.PolicyConfig(hot_calls=10**9)
