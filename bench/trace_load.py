@@ -18,9 +18,10 @@ transformers decorates `forward`, and the saved trace names the function it trac
 qualified name, which then resolves to the decorator's wrapper ("not the same object").
 Loading then supplies the modules the trace's bytecode names by object id
 (`___module_collections_<id>_c0`), imported again in the loading process.
-`--strategy backed_oblivious` marks sizes as pwdaemon's second strategy does (backed,
-under `backed_size_oblivious`), which pwdaemon falls back to where an unbacked trace fails
-(BERT and Llama on torch 2.11).
+`--strategy` marks sizes as one of pwdaemon's strategies does; by default (`first`) as
+this torch's first (`strategy.ORDER`: unbacked on torch 2.13, backed under
+`backed_size_oblivious` before it, where the unbacked trace of BERT, GPT-2 and Llama
+fails).
 
 Each model runs in two fresh processes (imports done before the clock starts, as after
 `import pwdaemon`): the first traces with every input's batch dimension marked as
@@ -32,7 +33,7 @@ checked on every call by the loaded function).
 
     python bench/trace_load.py [--models demo,bert,gpt2,llama,sequential] [--sizes 1,4,16]
                                [--guards all|portable] [--entry forward|call]
-                               [--strategy unbacked|backed_oblivious]
+                               [--strategy first|unbacked|backed_oblivious]
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ import torch
 import pwdaemon  # noqa: F401  (imports dynamo, as a serving process has)
 from pwdaemon.models import demo_model, example_tokens
 from pwdaemon.real_models import model_spec
-from pwdaemon.serving.strategy import ShapeStrategy, mark_size, tracing
+from pwdaemon.serving.strategy import ORDER, ShapeStrategy, mark_size, tracing
 
 mode, name, path = sys.argv[1:4]
 sizes = [int(s) for s in sys.argv[4].split(",")]
 guards, entry = sys.argv[5:7]
-strategy = ShapeStrategy(sys.argv[7])
+strategy = ORDER[0] if sys.argv[7] == "first" else ShapeStrategy(sys.argv[7])
 
 def call_module(model, args, kwargs):
     return model(*args, **kwargs)
@@ -189,8 +190,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--strategy",
-        choices=("unbacked", "backed_oblivious"),
-        default="unbacked",
+        choices=("first", "unbacked", "backed_oblivious"),
+        default="first",
         help="how the inputs' sizes are marked (pwdaemon's shape strategies)",
     )
     args = ap.parse_args()
