@@ -19,7 +19,8 @@
 # SIZES, ITERS, MIN_WARMUP_S, SETTLE_S and BUDGET_S (seconds for the call) shorten a run;
 # STALL_MS, SECONDS_PER_RUN, WARM_SECONDS and WARM_RUNS set stalls' threshold, lengths
 # and warm starts; STALL_ARGS adds arguments (--no-cudnn-sdp), STALL_TAG names the logs,
-# STALL_STORE keeps the store for another call of stalls.
+# STALL_STORE keeps the store for another call of stalls; MODELS_ARGS adds arguments to
+# bench/models.py (--no-cudnn-sdp).
 # Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
 # in .whl/ (watchdog, pytest-timeout; see bench/README.md). Every step is bounded by
 # `timeout` so that a call ends inside the device's 600 s limit with its logs.
@@ -52,7 +53,7 @@ models_table() {  # model, systems
     timeout "$(left)" python3 bench/models.py --device cuda --dtype fp16 --preset issue \
         --models "$1" --systems "$2" --sizes "${SIZES:-1,4,16,64}" --iters "${ITERS:-50}" \
         --min-warmup "${MIN_WARMUP_S:-20}" --settle-timeout "${SETTLE_S:-240}" \
-        --run-timeout 300 --jsonl "$OUT/models.jsonl" --out "$OUT/results" \
+        --run-timeout 300 --jsonl "$OUT/models.jsonl" --out "$OUT/results" ${MODELS_ARGS:-} \
         2>&1 | tee -a "$OUT/models.log"
 }
 

@@ -35,10 +35,12 @@ Systems:
 
     python bench/models.py [--device cpu|cuda] [--models ...] [--sizes 1,4,16,64]
                            [--preset tiny|issue] [--dtype fp32|fp16|bf16] [--iters 50]
-                           [--repeat R] [--threads N]
+                           [--repeat R] [--threads N] [--no-cudnn-sdp]
 
 `--threads N` sets torch's intra-op threads in every system's process (a server's
 `torch.set_num_threads`); the default leaves torch's own (one per CPU here).
+`--no-cudnn-sdp` turns cuDNN attention off in every system's process before it builds
+anything (cuDNN builds its attention plans per thread, on each new shape's first call).
 
 `--repeat R` runs each (model, system) R times, the systems in alternating order per
 round, and reports medians over the runs: on a shared machine one run of a 0.3 ms model
@@ -184,6 +186,11 @@ def run_child(opts: argparse.Namespace) -> dict[str, Any]:
     dtype = getattr(torch, DTYPES[opts.dtype])
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.no_cudnn_sdp:
+        # cuDNN keeps its attention plans per thread (aten's MHA plan cache is
+        # thread_local): every new shape, mask and thread builds one on the calling
+        # thread. Set before attach, as a server would: the workers compile with it too.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     sizes = [int(s) for s in opts.sizes.split(",")]
     model, inputs = _build(opts.model, opts.preset, device, dtype)
     timed = _timer(device)
@@ -419,7 +426,7 @@ def _child(
         "--settle-timeout", str(opts.settle_timeout), "--store", f"{tmp}/store",
         "--min-warmup", str(opts.min_warmup),
         "--trace", opts.trace, "--threads", str(opts.threads),
-    ]  # fmt: skip
+    ] + (["--no-cudnn-sdp"] if opts.no_cudnn_sdp else [])  # fmt: skip
     try:
         proc = subprocess.run(
             cmd, env=env, capture_output=True, text=True, timeout=opts.run_timeout
@@ -559,6 +566,8 @@ def main() -> None:
                    help="pwdaemon's attach(trace=...)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads in every system (0: torch's default)")  # fmt: skip
+    p.add_argument("--no-cudnn-sdp", action="store_true",
+                   help="cuDNN attention off in every system (enable_cudnn_sdp)")  # fmt: skip
     # One (model, system) in this process; used by the parent, not by people.
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -604,7 +613,8 @@ def main() -> None:
         f"`python bench/models.py --device {opts.device} --models {opts.models} "
         f"--systems {opts.systems} --sizes {opts.sizes} --preset {opts.preset} "
         f"--dtype {opts.dtype} --repeat {opts.repeat}"
-        + (f" --threads {opts.threads}`" if opts.threads else "`")
+        + (f" --threads {opts.threads}" if opts.threads else "")
+        + (" --no-cudnn-sdp`" if opts.no_cudnn_sdp else "`")
     )
     if opts.repeat > 1:
         header += f" (medians of {opts.repeat} runs each, in alternating order)"
