@@ -65,7 +65,7 @@ def _unit_tests_trace_inline(
 
 def trace_with(monkeypatch: pytest.MonkeyPatch, *order: ShapeStrategy) -> None:
     """attach() tries these strategies, in this order, instead of this torch's
-    (`strategy.ORDER`: the backed strategy alone before torch 2.13)."""
+    (`strategy.ORDER`: the backed strategy alone on torch 2.11)."""
     monkeypatch.setattr(strategy_module, "ORDER", order)
 
 

@@ -1,13 +1,14 @@
 """Dynamic-shape strategies: how the size dimension is marked for dynamo, in fallback order.
 
-- `UNBACKED` (default on torch 2.13): `mark_unbacked` with one shared shape id. Sound
+- `UNBACKED` (first from torch 2.12 on): `mark_unbacked` with one shared shape id. Sound
   (dynamo raises on a guard it cannot decide instead of assuming), one symbol for every
   input sharing the size, no 0/1 specialisation: one graph serves every size, size 1
   included. Marked at least 1 (`_UNBACKED_MIN`). On torch 2.13 CPU it captures
   transformers' BERT, GPT-2 and Llama, nn.Sequential and nn.TransformerEncoder as one
-  piece; on torch 2.11 and 2.12 the SDPA attention of BERT, GPT-2 and Llama hits "Could
-  not guard on data-dependent expression Eq(u0, 1)", so there it is not tried (`ORDER`).
-- `BACKED_OBLIVIOUS` (the only one before torch 2.13): `mark_dynamic` (backed) while
+  piece; on torch 2.11 and 2.12 the SDPA attention of BERT's, GPT-2's and Llama's
+  forward hits "Could not guard on data-dependent expression Eq(u0, 1)" (the backed
+  strategy follows); on 2.11 it is not tried at all (`ORDER` says why).
+- `BACKED_OBLIVIOUS` (the only one on torch 2.11): `mark_dynamic` (backed) while
   `torch.fx.experimental._config.backed_size_oblivious` is on during the tracing call
   only: framework code (broadcasting, contiguity) no longer specialises sizes 0/1, so no
   retrace at size 1 either. Captures all five models above as one piece on torch 2.13
@@ -72,18 +73,24 @@ except ImportError:  # pragma: no cover - older torch
 # Llama (torch 2.11 and 2.12, CPU here, 2.11 CUDA on the H200), and on 2.11 a model's own
 # guard on the size (`if x.shape[0] == 1`) raises instead of breaking the graph. There
 # the backed strategy captured every model the unbacked one did (nn.Sequential, the demo)
-# as one piece too, and trying unbacked first only cost a whole failed trace (BERT on an
-# H200: 25 of the 32 s to its first piece, under traffic). So before 2.13 the backed
+# as one piece too, and trying unbacked first cost a whole failed trace (BERT on an
+# H200: 25 of the 32 s to its first piece, under traffic). So on 2.11 the backed
 # strategy is the only one, and the tracer's handling of the last strategy (a size-1
 # trace that broke apart is traced again at size 2, `Tracer._widens`) applies to it as
-# on 2.13.
-_UNBACKED_WORKS = torch_release() >= (2, 13)
+# on 2.13. Not on 2.12: there the backed strategy breaks transformers' generate() (the
+# decode step's pieces of GPT-2 and Llama get a general compile that holds for batches
+# above 1 only, `Ne(s, 1)`, and their size 1 fails validation: each decode step at
+# batch 1 on eager), where the unbacked one traces every piece with one general, as on
+# 2.13 (tests/integration/test_generate.py, CPU, 2026-12-06). A model the unbacked trace
+# fails on costs that failed trace at its first start only: the store remembers the
+# strategy that worked.
+_UNBACKED_FIRST = torch_release() >= (2, 12)
 
 # Strategies in the order a failing one falls back to the next.
 ORDER: tuple[ShapeStrategy, ...]
 if not _HAS_OBLIVIOUS:  # pragma: no cover - older torch
     ORDER = (ShapeStrategy.UNBACKED,)
-elif _UNBACKED_WORKS:
+elif _UNBACKED_FIRST:
     ORDER = (ShapeStrategy.UNBACKED, ShapeStrategy.BACKED_OBLIVIOUS)
 else:
     ORDER = (ShapeStrategy.BACKED_OBLIVIOUS,)

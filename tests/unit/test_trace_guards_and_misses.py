@@ -50,9 +50,9 @@ class Branchy(nn.Module):
 
 @pytest.mark.parametrize("order", [[4, 7, 1, 1, 1, 1, 1, 2, 1], [1, 4, 7, 1, 2, 1]])
 def test_model_branching_on_its_batch_size_stays_correct(order: list[int]) -> None:
-    # Unbacked (torch 2.13): `u0 == 1` cannot be decided, dynamo breaks the graph there
-    # and the branch runs as Python (the size-1 side becomes a piece of its own); nothing
-    # assumes a size. Backed (before 2.13): a guard on the size routes size 1 to a piece
+    # Unbacked (torch 2.12, 2.13): `u0 == 1` cannot be decided, dynamo breaks the graph
+    # there and the branch runs as Python (the size-1 side becomes a piece of its own);
+    # nothing assumes a size. Backed (2.11): a guard on the size routes size 1 to a piece
     # of its own. A compiled runnable installed for every size of each piece (here
     # the piece's own graph plus zero: any size's output must still be right).
     fresh_counters()
