@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from pwdaemon.serving.strategy import torch_release
+
 pytestmark = pytest.mark.slow
 
 
@@ -23,6 +25,8 @@ def test_doctor_compiles_gpt2_for_real() -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads(r.stdout)
-    assert len(report["pieces"]) == 1
+    # One piece from torch 2.13 on; before it GPT-2's attention ends on the backed
+    # strategy, whose trace at size 1 is a piece of its own (attention's `Eq(s, 1)`).
+    assert len(report["pieces"]) == (1 if torch_release() >= (2, 13) else 2), report["pieces"]
     assert all("seconds" in c for c in report["compiles"]), report["compiles"]
     assert report["expected_warmup_s"] > 0

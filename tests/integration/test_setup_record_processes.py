@@ -130,11 +130,14 @@ def counting_build(self, *a, **k):
     builds.append(1)
     return build(self, *a, **k)
 cpp_builder.CppBuilder.build = counting_build
-probe_load = cpu_vec_isa.VecISA._probe_load
+# The ISA probe: a build-and-load check per ISA, `_probe_load` on torch 2.13, all of
+# `check_build` (a subprocess loads the build) on 2.11.
+probe_name = "_probe_load" if hasattr(cpu_vec_isa.VecISA, "_probe_load") else "check_build"
+probe_load = getattr(cpu_vec_isa.VecISA, probe_name)
 def counting_probe(self, *a, **k):
     probes.append(str(self))
     return probe_load(self, *a, **k)
-cpu_vec_isa.VecISA._probe_load = counting_probe
+setattr(cpu_vec_isa.VecISA, probe_name, counting_probe)
 
 model = demo_model()
 x = example_tokens(4)

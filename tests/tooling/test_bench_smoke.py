@@ -39,8 +39,14 @@ def _main_table(markdown: str) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# `peers.py --quick` bounds each system's process at 150 s itself; three systems. It took
+# 102 s in one clean-clone CI run and over 160 s in the next (2026-12-06, this VM in a slow
+# phase, the whole suite 1.5x slower): the bound is the harness's own, not a timing.
+QUICK_RUN_TIMEOUT_S = 3 * 150 + 30
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(170)
+@pytest.mark.timeout(QUICK_RUN_TIMEOUT_S + 20)
 def test_quick_run_writes_a_row_per_system(tmp_path: Path) -> None:
     out = tmp_path / "results"
     proc = subprocess.run(
@@ -58,7 +64,7 @@ def test_quick_run_writes_a_row_per_system(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=160,
+        timeout=QUICK_RUN_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     markdown = (out / "peers.md").read_text()
