@@ -83,7 +83,7 @@ except ImportError:  # pragma: no cover - older torch
 # batch 1 on eager), where the unbacked one traces every piece with one general, as on
 # 2.13 (tests/integration/test_generate.py, CPU, 2026-12-06). A model the unbacked trace
 # fails on costs that failed trace at its first start only: the store remembers the
-# strategy that worked.
+# failed strategy, and a restart skips it.
 _UNBACKED_FIRST = torch_release() >= (2, 12)
 
 # Strategies in the order a failing one falls back to the next.
