@@ -4,8 +4,8 @@ pwdaemon traces a model with the strategies of `pwdaemon.serving.strategy.ORDER`
 until one captures it: unbacked, then backed_oblivious, on torch 2.12 and 2.13;
 backed_oblivious alone on 2.11, where the unbacked trace of transformers' BERT, GPT-2 and
 Llama fails at attention (`Eq(u0, 1)`; so it does on 2.12, which keeps unbacked first for
-generate()'s sake: see strategy.py). This bench makes the same calls on a fresh process per model
-and order (`trace="inline"`, no compiles, no store): the seconds the calls took, most of
+generate()'s sake: see strategy.py). This bench makes the same calls on a fresh process
+per model and order (`trace="inline"`, no compiles, no store): the seconds the calls took, most of
 it tracing, the strategies tried and how each ended, the pieces (the sizes each served)
 and whether every output equalled eager's (every tensor of it within 1e-4).
 

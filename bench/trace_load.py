@@ -19,8 +19,8 @@ qualified name, which then resolves to the decorator's wrapper ("not the same ob
 Loading then supplies the modules the trace's bytecode names by object id
 (`___module_collections_<id>_c0`), imported again in the loading process.
 `--strategy` marks sizes as one of pwdaemon's strategies does; by default (`first`) as
-this torch's first (`strategy.ORDER`: unbacked on torch 2.13, backed under
-`backed_size_oblivious` before it, where the unbacked trace of BERT, GPT-2 and Llama
+this torch's first (`strategy.ORDER`: unbacked on torch 2.12 and 2.13, backed under
+`backed_size_oblivious` on 2.11, where the unbacked trace of BERT, GPT-2 and Llama
 fails).
 
 Each model runs in two fresh processes (imports done before the clock starts, as after

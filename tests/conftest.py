@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pwdaemon.serving import strategy as strategy_module
-from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.strategy import ShapeStrategy, torch_release
 from pwdaemon.testing import wait_for_prewarm
 
 # The default artifact store of every attach() in the tests: a fresh directory per
@@ -63,6 +63,18 @@ def _unit_tests_trace_inline(
     monkeypatch.setitem(defaults, "trace", "inline")
 
 
+# torch's fused attention fast path (nn.TransformerEncoderLayer, nn.MultiheadAttention) is
+# traced by dynamo from torch 2.13 on; before it dynamo captures no graph there under
+# either strategy, and pwdaemon's warning at attach says to turn the fast path off.
+MHA_FAST_PATH_TRACES = torch_release() >= (2, 13)
+
+
+def mha_fast_path_off_where_untraceable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn the fused attention fast path off before torch 2.13, as pwdaemon advises."""
+    if not MHA_FAST_PATH_TRACES:
+        monkeypatch.setattr(torch.backends.mha, "_is_fastpath_enabled", False)
+
+
 def trace_with(monkeypatch: pytest.MonkeyPatch, *order: ShapeStrategy) -> None:
     """attach() tries these strategies, in this order, instead of this torch's
     (`strategy.ORDER`: the backed strategy alone on torch 2.11)."""
@@ -71,8 +83,8 @@ def trace_with(monkeypatch: pytest.MonkeyPatch, *order: ShapeStrategy) -> None:
 
 @pytest.fixture
 def both_strategies(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Unbacked, then backed, on every torch (2.13's order; before it the backed strategy
-    is the only one): for the tests of a fall-back from one to the other."""
+    """Unbacked, then backed, on every torch (the order of 2.12 and 2.13; on 2.11 the
+    backed strategy is the only one): for the tests of a fall-back from one to the other."""
     trace_with(monkeypatch, ShapeStrategy.UNBACKED, ShapeStrategy.BACKED_OBLIVIOUS)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Broken, Plain
+from conftest import MHA_FAST_PATH_TRACES, Broken, Plain
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
@@ -26,7 +26,7 @@ import pwdaemon as pwd
 from pwdaemon.engine.events import one_line
 from pwdaemon.metrics.exposition import PwdaemonCollector
 from pwdaemon.serving import strategy as strategy_module
-from pwdaemon.serving.strategy import ShapeStrategy, torch_release
+from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace_record import AttemptOutcome, MissState, RecompileCause
 from pwdaemon.testing import FakeExecutor
 
@@ -141,11 +141,9 @@ def _encoder() -> nn.Module:
 
 # The fall-back these tests show is the encoder's fast path failing under the unbacked
 # strategy and traced under the backed one, which needs torch 2.13: before it the fast
-# path traces under neither strategy (on 2.12 dynamo captures no graph; on 2.11 the
-# backed strategy is the only one, `strategy.ORDER`).
+# path traces under neither strategy (`conftest.MHA_FAST_PATH_TRACES`).
 falls_back = pytest.mark.skipif(
-    len(strategy_module.ORDER) < 2 or torch_release() < (2, 13),
-    reason="the encoder's fast path traces from torch 2.13 on",
+    not MHA_FAST_PATH_TRACES, reason="the encoder's fast path traces from torch 2.13 on"
 )
 
 

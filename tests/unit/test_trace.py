@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Broken, Plain
+from conftest import Broken, Plain, mha_fast_path_off_where_untraceable
 from torch import nn
 from torch._dynamo.utils import counters
 from tracing import WIDTH, fresh_counters, make
@@ -30,7 +30,7 @@ import pwdaemon as pwd
 from pwdaemon import Range, Tier
 from pwdaemon.serving import strategy as strategy_module
 from pwdaemon.serving.piece import wrap_compiled
-from pwdaemon.serving.strategy import ShapeStrategy, torch_release
+from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace_record import GRAPH_BREAK_LOGS, AttemptOutcome, MissState
 
 
@@ -353,11 +353,6 @@ def _double(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
     return out * 2
 
 
-# The encoder's fused fast path is traced from torch 2.13 on. Before it dynamo captures
-# no graph there, and pwdaemon's warning says to turn the fast path off, as the test does.
-_FASTPATH_TRACES = torch_release() >= (2, 13)
-
-
 @pytest.mark.parametrize(
     ("factory", "shape"),
     [
@@ -374,8 +369,7 @@ def test_torch_nn_classes_are_captured_with_their_hooks(
     factory: Callable[[], nn.Module], shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fresh_counters()
-    if not _FASTPATH_TRACES:
-        monkeypatch.setattr(torch.backends.mha, "_is_fastpath_enabled", False)
+    mha_fast_path_off_where_untraceable(monkeypatch)
     strategy = strategy_module.ORDER[0]  # captured by the first strategy: no fall-back
     torch.manual_seed(0)
     model = factory().eval()
@@ -388,8 +382,8 @@ def test_torch_nn_classes_are_captured_with_their_hooks(
             x = torch.randn(n, *shape)
             torch.testing.assert_close(model(x), reference(x))  # the hook ran
     tracer = handle._tracer
-    # One piece for every size, size 1 included; but under the backed strategy (torch <
-    # 2.13) attention's `Eq(size, 1)` is a guard, and the encoder's size 1 gets a piece
+    # One piece for every size, size 1 included; but under the backed strategy (torch
+    # 2.11) attention's `Eq(size, 1)` is a guard, and the encoder's size 1 gets a piece
     # of its own (as BERT's: strategy.py).
     split = strategy is ShapeStrategy.BACKED_OBLIVIOUS and factory is _encoder
     want = [[1], [4, 7, 16]] if split else [[1, 4, 7, 16]]
