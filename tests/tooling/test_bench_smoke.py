@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -282,28 +283,38 @@ def test_stack_sampler_shows_the_thread_that_kept_the_gil_through_a_slow_call() 
     # the sample says how late it came and shows that thread at its line.
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from _stack_sampler import StackSampler
+        from _stack_sampler import Sample, StackSampler
     finally:
         sys.path.remove(str(REPO / "bench"))
     sampler = StackSampler(after_s=0.005, every_s=0.005)
     started = threading.Event()
+    release = threading.Event()
 
     def hog() -> None:
         started.set()
         sorted(range(3_000_000), reverse=True)
+        # Stay inside hog until the test has its late sample: the sampler takes the GIL
+        # at the hog's next switch point after the sort, which may come after `hog`
+        # returned (a CI run sampled the thread in threading.run, with hog gone).
+        release.wait(30)
+
+    def late_sample() -> Sample | None:
+        return next((s for s in sampler.samples.get(7, []) if s[1] >= 20.0), None)
 
     thread = threading.Thread(target=hog, name="hog")
     sampler.begin(7)
     thread.start()
     assert started.wait(30)
+    deadline = time.monotonic() + 30
+    while late_sample() is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # polls a condition (the sampler's list), bounded by deadline
+    release.set()
     thread.join()  # the serving call "waits" on the hog: it is slow because of it
     sampler.end()
     sampler.begin(8)  # waits for the sampler to finish call 7's samples
     sampler.end()
-    samples = sampler.samples.get(7, [])
-    assert samples, "no sample during a call far past the threshold"
-    late = max(samples, key=lambda s: s[1])
-    assert late[1] >= 20.0, samples  # it waited out the hog's GIL hold
+    late = late_sample()
+    assert late is not None, sampler.samples.get(7)  # it waited out the hog's GIL hold
     hog_frames = late[2].get("hog") or []
     assert any("test_bench_smoke.py" in f and " hog" in f for f in hog_frames), late[2]
     assert 8 not in sampler.samples  # a call that ended at once has none
