@@ -181,6 +181,20 @@ def sdpa_backends_restored() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _own_inductor_cache() -> Iterator[None]:
+    # attach(store=...) points this process's Inductor cache into the store (its
+    # environment, which workers inherit): without this, a test attaching with
+    # store=False had its workers compile into an earlier test's store (a CI run found a
+    # kernel a killed compile had left truncated there; workers/kernel_cache.py).
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    yield
+    if before is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dynamo() -> Iterator[None]:
     _prewarm_done()
     torch._dynamo.reset()

@@ -28,6 +28,7 @@ from pwdaemon.serving.graph_facts import (
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.workers.framing import Frame, encode
+from pwdaemon.workers.kernel_cache import compile_past_broken_kernels
 from pwdaemon.workers.prewarm import ISA_LOCK, prewarm
 from pwdaemon.workers.sdpa import SDPA_OFF_OPTION, sdpa_backends
 from pwdaemon.workers.upstream import compile_past_known_bugs
@@ -489,9 +490,11 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
         gm, fake_mode = load_graph(spec.graph)
         if target.kind is TargetKind.SIZE:
             inputs = _concrete_inputs(gm, target.start)
-            artifact, note = compile_past_known_bugs(
-                lambda: standalone_compile(
-                    gm, inputs, dynamic_shapes="from_example_inputs", options=options
+            artifact, note = compile_past_broken_kernels(
+                lambda: compile_past_known_bugs(
+                    lambda: standalone_compile(
+                        gm, inputs, dynamic_shapes="from_example_inputs", options=options
+                    )
                 )
             )
         else:
@@ -499,8 +502,12 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
             if target.kind is TargetKind.RANGE:
                 _constrain_range(gm, target.start, target.end)
             inputs = _inference_fakes(gm, fake_mode)
-            artifact, note = compile_past_known_bugs(
-                lambda: standalone_compile(gm, inputs, dynamic_shapes="from_graph", options=options)
+            artifact, note = compile_past_broken_kernels(
+                lambda: compile_past_known_bugs(
+                    lambda: standalone_compile(
+                        gm, inputs, dynamic_shapes="from_graph", options=options
+                    )
+                )
             )
             pinned, failing = _pinning_guard(gm, fake_mode, target)
             if pinned is not None:
