@@ -186,6 +186,34 @@ def shippable_copy(
 PICKLER_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def _graph_pickling() -> Iterator[None]:
+    """`PICKLER_LOCK`, and `slice` a pytree node where GraphPickler does not make it one.
+
+    GraphPickler maps a node's arguments to picklable stand-ins with pytree, which
+    reaches a Node inside a `slice` only while `slice` is a pytree node: torch 2.12 and
+    2.13 register it around `dumps` and `loads`; torch 2.11 does not, and shipping BERT
+    sized on its sequence dim (`x[:, :seq]`, a slice holding the length's node) failed
+    with "Unexpected raw Node during pickling". Registered here as 2.12 does it.
+    """
+    from torch.fx import _graph_pickler
+    from torch.utils import _pytree as pytree
+
+    with PICKLER_LOCK:
+        if hasattr(_graph_pickler, "patch_pytree_map_over_slice") or (
+            slice in pytree.SUPPORTED_NODES
+        ):
+            yield
+            return
+        pytree._private_register_pytree_node(
+            slice, lambda x: ([x.start, x.stop, x.step], None), lambda x, c: slice(*x)
+        )
+        try:
+            yield
+        finally:
+            pytree._deregister_pytree_node(slice)
+
+
 def dump_graph(
     gm: torch.fx.GraphModule,
     name: str = "graph",
@@ -203,7 +231,7 @@ def dump_graph(
 
     try:
         copy = shippable_copy(gm, size_guards, size_symbols)
-        with PICKLER_LOCK:
+        with _graph_pickling():
             return bytes(GraphPickler.dumps(copy))
     except Exception as exc:
         raise UnshippableGraphError(
@@ -234,7 +262,7 @@ def _unpickle_graph(data: bytes, fake_mode: Any) -> torch.fx.GraphModule:
     # The one GraphPickler load of `load_graph` and `load_plain_graph`, under the lock.
     from torch.fx._graph_pickler import GraphPickler
 
-    with PICKLER_LOCK:
+    with _graph_pickling():
         gm = GraphPickler.loads(data, fake_mode)
     if not isinstance(gm, torch.fx.GraphModule):
         raise TypeError(f"graph bytes hold a {type(gm).__name__}, not a GraphModule")
@@ -251,7 +279,7 @@ def dump_plain_graph(gm: torch.fx.GraphModule) -> bytes:
     plain = shippable_copy(gm)  # new nodes and meta dicts: `gm` keeps its metadata
     for node in plain.graph.nodes:
         node.meta = {}
-    with PICKLER_LOCK:
+    with _graph_pickling():
         data = bytes(GraphPickler.dumps(plain))
     if load_plain_graph(data).code != gm.code:
         raise ValueError("the graph without metadata has other code")

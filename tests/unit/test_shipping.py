@@ -339,3 +339,36 @@ def test_a_graph_with_a_second_dynamic_dim_ships_which_symbol_is_the_size() -> N
                 facts.size_symbols,
                 facts.extra_symbols,
             )
+
+
+class _Trimmed(nn.Module):
+    """Slices its input to a length it computes: `x[:, :n]` holds a size node."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, : x.size(1) - 1] * 2
+
+
+def test_a_graph_slicing_to_a_symbolic_length_ships_and_loads() -> None:
+    # A slice whose bound is a node of the graph (BERT's position ids sized on the
+    # sequence dim): torch 2.11's GraphPickler does not map into a slice, and shipping
+    # failed with "Unexpected raw Node during pickling"; 2.12 and 2.13 register slice
+    # as a pytree node while they pickle, as pwdaemon now does on 2.11.
+    from pwdaemon.workers.compiler import load_graph
+
+    xs = [torch.randn(2, 5, 4), torch.randn(3, 9, 4)]
+    for x in xs:
+        torch._dynamo.mark_dynamic(x, 1)
+    (gm,) = capture(lambda x: _Trimmed()(x), [{"x": x} for x in xs]).gms
+
+    def node_slices(arg: Any) -> list[slice]:
+        if isinstance(arg, slice):
+            bounds = (arg.start, arg.stop, arg.step)
+            return [arg] if any(isinstance(b, torch.fx.Node) for b in bounds) else []
+        if isinstance(arg, list | tuple):
+            return [s for a in arg for s in node_slices(a)]
+        return []
+
+    sliced = [s for n in gm.graph.nodes for s in node_slices(n.args)]
+    assert sliced, gm.code  # the graph does hold a slice bound to a node
+    shipped, _ = load_graph(dump_graph(gm, "trimmed"))
+    assert shipped.code == gm.code
