@@ -27,6 +27,7 @@ from pwdaemon.serving.graph_facts import (
 )
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
+from pwdaemon.serving.strategy import torch_release
 from pwdaemon.workers.framing import Frame, encode
 from pwdaemon.workers.kernel_cache import compile_past_broken_kernels
 from pwdaemon.workers.prewarm import ISA_LOCK, prewarm
@@ -58,6 +59,9 @@ SIZE_OBLIVIOUS_OPTION = "pwdaemon.backed_size_oblivious"
 # for every replica with its own count. In the options, so in the store key: artifacts
 # built for one count are not loaded by a process running another.
 CPU_THREADS_OPTION = "pwdaemon.cpu_threads"
+# torch 2.13 keys Inductor's graph cache on the thread count a C++ kernel is built for
+# (`cpp_runtime_thread_count`); before it, only Inductor's `cpp.threads` setting is.
+_CACHE_KEYS_ON_THREADS = torch_release() >= (2, 13)
 
 # Sizes a general compile must hold for (its guards are evaluated at each): the small
 # sizes where "the size is 1" and "the size is the hint" differ from every other size.
@@ -487,6 +491,20 @@ def _shape_config(size_oblivious: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _threads_config(threads: Any) -> Iterator[None]:
+    # Inductor's graph cache key leaves the thread count out before torch 2.13: a job for
+    # 4 threads got the kernel a job for 3 had built (torch 2.11). Inductor's
+    # `cpp.threads` is in its key, and is the count it builds for.
+    if threads is None or _CACHE_KEYS_ON_THREADS:
+        yield
+        return
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch({"cpp.threads": int(threads)}):
+        yield
+
+
 def compile_job(spec: JobSpec) -> dict[str, Any]:
     """Compile `spec` and save the artifact; returns {path, seconds, note} (`note`: how a
     known bug of torch was worked around, `workers.upstream`; "" when none was)."""
@@ -514,6 +532,7 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
         sdpa_backends(sdpa_off),
         _shape_config(size_oblivious),
         _layout_config(target, size_oblivious),
+        _threads_config(threads),
     ):
         gm, fake_mode = load_graph(spec.graph)
         if target.kind is TargetKind.SIZE:
