@@ -21,8 +21,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from pwdaemon.workers.compiler import JobSpec, Target, load_graph
+from pwdaemon.workers.compiler import JobSpec, Target
 from pwdaemon.workers.process import CompileError
+from pwdaemon.workers.shipping import load_graph
 
 if TYPE_CHECKING:
     from pwdaemon.handle import Handle

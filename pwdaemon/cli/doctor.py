@@ -137,8 +137,9 @@ def _compile_pieces(jobs: list[tuple[Any, Target]], workdir: str) -> list[dict[s
     one's seconds or its error."""
     from pwdaemon.config import CompileConfig
     from pwdaemon.engine.store_link import compile_options
-    from pwdaemon.workers.compiler import JobSpec, graph_for_worker
+    from pwdaemon.workers.compiler import JobSpec
     from pwdaemon.workers.executor import ProcessExecutor
+    from pwdaemon.workers.shipping import graph_for_worker
 
     # One worker for every compile: a worker's start (torch's and Inductor's imports,
     # ~5 s of CPU here) is paid once, as the engine's pool pays it once.
@@ -173,7 +174,7 @@ def diagnose(
 ) -> dict[str, Any]:
     """The doctor's findings as a JSON-able dict (also what `--json` prints)."""
     import pwdaemon as pwd
-    from pwdaemon.workers.compiler import dump_graph
+    from pwdaemon.workers.shipping import dump_graph
 
     calls = {n: make(n) for n in sizes}
     with torch.inference_mode():

@@ -42,12 +42,11 @@ from pwdaemon.workers.compiler import (
     ABOVE_ONE,
     JobSpec,
     SpecializedCompileError,
-    UnshippableGraphError,
-    graph_for_worker,
     load_artifact,
 )
 from pwdaemon.workers.executor import Executor
 from pwdaemon.workers.process import CompileError, Outcome
+from pwdaemon.workers.shipping import UnshippableGraphError, graph_for_worker
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from pwdaemon.engine.store_link import StoreLink
 from pwdaemon.serving.graph_facts import GraphFacts
 from pwdaemon.serving.saved_trace import TraceRecord, process_state
 from pwdaemon.serving.strategy import ShapeStrategy
-from pwdaemon.workers.compiler import dump_graph, dump_plain_graph, load_plain_graph
+from pwdaemon.workers.shipping import dump_graph, dump_plain_graph, load_plain_graph
 
 __all__ = ("StoredTraces", "trace_key")
 

@@ -40,9 +40,10 @@ from pwdaemon.service.protocol import (
     send,
 )
 from pwdaemon.store import ArtifactKey, ArtifactStore, UnsafeStoreError, make_key
-from pwdaemon.workers.compiler import JobSpec, load_graph
+from pwdaemon.workers.compiler import JobSpec
 from pwdaemon.workers.executor import Executor, ProcessExecutor
 from pwdaemon.workers.process import CompileError
+from pwdaemon.workers.shipping import load_graph
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,9 @@
-"""A compile job: shipping the graph (serving side) and compiling it (worker side).
+"""A compile job: compiling a shipped graph (worker side) and loading the artifact.
 
-`dump_graph` runs in the serving process: it trims a copy of a captured graph to what a
-compile needs and pickles it with GraphPickler (plain pickle would drop the fake metadata
-the dynamic compile needs). `compile_job` runs in a worker process, never in the serving
-process: it rebuilds the graph, compiles it and saves the artifact. Weights are graph
-inputs, so fake or empty tensors stand in for them: the worker never sees a weight.
+`compile_job` runs in a worker process, never in the serving process: it rebuilds the
+graph that `workers.shipping.dump_graph` pickled in the serving process, compiles it and
+saves the artifact. Weights are graph inputs, so fake or empty tensors stand in for
+them: the worker never sees a weight.
 """
 
 from __future__ import annotations
@@ -19,12 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pwdaemon.serving.graph_facts import (
-    SIZE_GUARDS_META,
-    SIZE_SYMBOLS_META,
-    admits,
-    shipped_size_symbols,
-)
+from pwdaemon.serving.graph_facts import SIZE_GUARDS_META, admits, shipped_size_symbols
 from pwdaemon.serving.priority import lowest_niceness
 from pwdaemon.serving.range_table import Target, TargetKind
 from pwdaemon.serving.strategy import torch_release
@@ -32,10 +26,11 @@ from pwdaemon.workers.framing import Frame, encode
 from pwdaemon.workers.kernel_cache import compile_past_broken_kernels
 from pwdaemon.workers.prewarm import ISA_LOCK, prewarm
 from pwdaemon.workers.sdpa import SDPA_OFF_OPTION, sdpa_backends
+from pwdaemon.workers.shipping import load_graph
 from pwdaemon.workers.upstream import compile_past_known_bugs
 
 if TYPE_CHECKING:  # the serving side's type; a worker never imports the call path
-    from pwdaemon.serving.piece import GraphPiece
+    pass
 
 FAULTS = ("raise", "crash", "hang")
 
@@ -107,201 +102,6 @@ class JobSpec:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
         return cls(frame.payload, target, out_path, options, fault)
-
-
-class UnshippableGraphError(ValueError):
-    """A graph piece that cannot be sent to a worker, even with its metadata trimmed.
-
-    Retrying cannot help: the engine gives up on the piece, which serves eager.
-    """
-
-
-# What a worker compile reads from each node (measured on BERT, GPT-2, Llama, Sequential
-# and TransformerEncoder with dynamo graphs: `example_value` alone suffices for both
-# dynamic_shapes="from_graph" and concrete sizes):
-# - example_value: dynamo's fake value (shape, stride, dtype, symbols) of every node; the
-#   placeholders' values carry the size symbol "from_graph" reads back.
-# - val / tensor_meta: the same facts in graphs that went through make_fx/AOT; kept when
-#   present.
-# - stack_trace: plain text; keeps compile errors and kernel provenance readable.
-# Everything else (nn_module_stack, source_fn_stack, tensor_dict - where transformers'
-# models leave a WeakValueDictionary that does not pickle -, unbacked_bindings, ...) is
-# dropped.
-SHIPPED_META = ("example_value", "val", "tensor_meta", "stack_trace")
-
-
-def _fresh_fake(v: torch.Tensor) -> torch.Tensor:
-    # GraphPickler cannot pickle a fake tensor that is a view (its base drags in
-    # unpicklable state), and dynamo records views (a 3-D `linear` is a view of a 2-D
-    # matmul). A compile needs only the layout, so a view becomes a fresh fake tensor.
-    fake_mode = getattr(v, "fake_mode", None)
-    if v._base is None or fake_mode is None:
-        return v
-    # Built without entering the fake mode: this runs on an engine thread while serving
-    # threads may be tracing, and a FakeTensorMode is not made to be entered from two
-    # threads (an H200 run on torch 2.11 failed to ship BERT with an AssertionError here
-    # under traffic, and shipped it when idle). FakeTensor(mode, meta, device) is what
-    # entering the mode would have built.
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    meta = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
-    return FakeTensor(fake_mode, meta, v.device)
-
-
-def _shippable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return _fresh_fake(v)
-    if isinstance(v, list | tuple) and not hasattr(v, "_fields"):
-        return type(v)(_shippable(x) for x in v)
-    return v
-
-
-def shippable_copy(
-    gm: torch.fx.GraphModule,
-    size_guards: tuple[Any, ...] = (),
-    size_symbols: tuple[str, ...] = (),
-) -> torch.fx.GraphModule:
-    """A copy of `gm` with only `SHIPPED_META` per node (and `size_guards` and
-    `size_symbols` on its output node); `gm` itself is not touched.
-
-    Nodes are copied into a new graph with new meta dicts (fake values are shared or
-    replaced, never mutated), so the live graph the serving process runs is unchanged.
-    `GraphModule(gm, graph)` takes only the attributes the graph's get_attr/call_module
-    nodes name, leaving dynamo's extra attributes behind.
-    """
-    graph = torch.fx.Graph()
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
-        new = graph.node_copy(node, lambda n: env[n])
-        new.meta = {k: _shippable(node.meta[k]) for k in SHIPPED_META if k in node.meta}
-        if node.op == "output" and size_guards:
-            new.meta[SIZE_GUARDS_META] = tuple(size_guards)
-        if node.op == "output" and size_symbols:
-            new.meta[SIZE_SYMBOLS_META] = tuple(size_symbols)
-        env[node] = new
-    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-
-
-# GraphPickler is not thread-safe: `dumps` and `loads` register `slice` as a pytree node
-# for their duration unless it is registered already, and deregister it after. Two jobs
-# shipped at once (two workers) on two threads: one deregistered `slice` while the other
-# pickled, or both deregistered it, and a size failed with "cannot be shipped to a
-# compile worker: KeyError: <class 'slice'>" (CI). One pickling at a time per process.
-PICKLER_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _graph_pickling() -> Iterator[None]:
-    """`PICKLER_LOCK`, and `slice` a pytree node where GraphPickler does not make it one.
-
-    GraphPickler maps a node's arguments to picklable stand-ins with pytree, which
-    reaches a Node inside a `slice` only while `slice` is a pytree node: torch 2.12 and
-    2.13 register it around `dumps` and `loads`; torch 2.11 does not, and shipping BERT
-    sized on its sequence dim (`x[:, :seq]`, a slice holding the length's node) failed
-    with "Unexpected raw Node during pickling". Registered here as 2.12 does it.
-    """
-    from torch.fx import _graph_pickler
-    from torch.utils import _pytree as pytree
-
-    with PICKLER_LOCK:
-        if hasattr(_graph_pickler, "patch_pytree_map_over_slice") or (
-            slice in pytree.SUPPORTED_NODES
-        ):
-            yield
-            return
-        pytree._private_register_pytree_node(
-            slice, lambda x: ([x.start, x.stop, x.step], None), lambda x, c: slice(*x)
-        )
-        try:
-            yield
-        finally:
-            pytree._deregister_pytree_node(slice)
-
-
-def dump_graph(
-    gm: torch.fx.GraphModule,
-    name: str = "graph",
-    size_guards: tuple[Any, ...] = (),
-    size_symbols: tuple[str, ...] = (),
-) -> bytes:
-    """GraphPickler bytes of a trimmed copy of `gm` (fake metadata and symbols kept), with
-    the piece's `size_guards` and the names of its `size_symbols` (see
-    `SIZE_GUARDS_META`, `SIZE_SYMBOLS_META`).
-
-    Raises `UnshippableGraphError` naming `name` and the reason when even the copy does
-    not pickle.
-    """
-    from torch.fx._graph_pickler import GraphPickler
-
-    try:
-        copy = shippable_copy(gm, size_guards, size_symbols)
-        with _graph_pickling():
-            return bytes(GraphPickler.dumps(copy))
-    except Exception as exc:
-        raise UnshippableGraphError(
-            f"{name} cannot be shipped to a compile worker: {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def graph_for_worker(piece: GraphPiece, name: str) -> bytes:
-    """What a compile worker gets for `piece`: a loaded trace's graph as it was stored
-    (`GraphPiece.shipped`, its `gm` carries no metadata), else `dump_graph` of its `gm`
-    with its size guards (raising `UnshippableGraphError` naming `name`)."""
-    if piece.shipped is not None:
-        return piece.shipped
-    return dump_graph(piece.gm, name, piece.size_guards, piece.facts.size_symbols)
-
-
-def load_graph(data: bytes) -> tuple[torch.fx.GraphModule, Any]:
-    """The GraphModule in `dump_graph`'s bytes, with the fake mode (fresh shape env) its
-    metadata lives in. Raises whatever GraphPickler raises on bad bytes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
-
-    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    return _unpickle_graph(data, fake_mode), fake_mode
-
-
-def _unpickle_graph(data: bytes, fake_mode: Any) -> torch.fx.GraphModule:
-    # The one GraphPickler load of `load_graph` and `load_plain_graph`, under the lock.
-    from torch.fx._graph_pickler import GraphPickler
-
-    with _graph_pickling():
-        gm = GraphPickler.loads(data, fake_mode)
-    if not isinstance(gm, torch.fx.GraphModule):
-        raise TypeError(f"graph bytes hold a {type(gm).__name__}, not a GraphModule")
-    return gm
-
-
-def dump_plain_graph(gm: torch.fx.GraphModule) -> bytes:
-    """GraphPickler bytes of `gm`'s graph without any node metadata: what runs it eagerly
-    (its code), not what compiles it. Loads in milliseconds where `dump_graph`'s fake
-    tensors and symbolic shapes take a tenth of a second. Raises ValueError where the
-    loaded copy's code would differ from `gm`'s."""
-    from torch.fx._graph_pickler import GraphPickler
-
-    plain = shippable_copy(gm)  # new nodes and meta dicts: `gm` keeps its metadata
-    for node in plain.graph.nodes:
-        node.meta = {}
-    with _graph_pickling():
-        data = bytes(GraphPickler.dumps(plain))
-    if load_plain_graph(data).code != gm.code:
-        raise ValueError("the graph without metadata has other code")
-    return data
-
-
-def load_plain_graph(data: bytes) -> torch.fx.GraphModule:
-    """The GraphModule in `dump_plain_graph`'s bytes (no metadata to fake: a bare fake
-    mode). Raises whatever GraphPickler raises on bad bytes."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    gm = _unpickle_graph(data, FakeTensorMode())
-    # GraphPickler restores the code's text but not `forward` (a GraphModule's forward
-    # lives on a class of its own, made by `recompile`): without this a loaded trace's
-    # eager-tier calls raised "missing the required forward function" and were answered
-    # by the plain module instead.
-    gm.recompile()
-    return gm
 
 
 def _inference_fakes(gm: torch.fx.GraphModule, fake_mode: Any) -> list[Any]:
@@ -385,10 +185,11 @@ def _concrete_inputs(gm: torch.fx.GraphModule, size: int) -> list[Any]:
     return out
 
 
-def _constrain_range(gm: torch.fx.GraphModule, start: int, end: int) -> None:
+def _constrain_range(gm: torch.fx.GraphModule, fake_mode: Any, start: int, end: int) -> None:
     # Tell the compiler the size's bounds; the dispatcher only routes sizes in range.
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     size = _size_exprs(gm)[0]
+    _hint_inside(placeholders, fake_mode.shape_env, size, start, end)
     sym = next(
         n
         for n in placeholders
@@ -401,6 +202,41 @@ def _constrain_range(gm: torch.fx.GraphModule, start: int, end: int) -> None:
             {"min": start, "max": end},
         )
     gm.recompile()
+
+
+def _hint_inside(
+    placeholders: list[torch.fx.Node], shape_env: Any, size: Any, start: int, end: int
+) -> None:
+    # A backed size symbol carries the size it was traced at as its hint, and the shape
+    # environment refuses a range that leaves its hint out ("1 not in VR[32, 64]": every
+    # configured range above the traced size failed under the backed strategy, torch
+    # 2.11's only one). The hint becomes the range's start, in the shape environment and
+    # in the inputs' sizes (each SymInt keeps its own hint): a hint is what Inductor
+    # tunes for, not a guard.
+    import sympy
+
+    hints = shape_env.backed_var_to_val
+    if size not in hints or start <= int(hints[size]) <= end:
+        return
+    hints[size] = sympy.Integer(start)
+
+    def rehint(x: Any) -> Any:
+        if not isinstance(x, torch.SymInt):
+            return x
+        value = x.node.expr.xreplace(hints)
+        return shape_env.create_symintnode(x.node.expr, hint=int(value)) if value.is_number else x
+
+    for node in placeholders:
+        v = node.meta.get("example_value")
+        if isinstance(v, torch.SymInt):
+            node.meta["example_value"] = rehint(v)
+        elif isinstance(v, torch.Tensor) and (mode := getattr(v, "fake_mode", None)):
+            shape = [rehint(d) for d in v.shape]
+            stride = [rehint(d) for d in v.stride()]
+            with mode:
+                node.meta["example_value"] = torch.empty_strided(
+                    shape, stride, dtype=v.dtype, device=v.device
+                )
 
 
 class SpecializedCompileError(RuntimeError):
@@ -547,7 +383,7 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
         else:
             _unify_size_symbols(gm, fake_mode)
             if target.kind is TargetKind.RANGE:
-                _constrain_range(gm, target.start, target.end)
+                _constrain_range(gm, fake_mode, target.start, target.end)
             inputs = _inference_fakes(gm, fake_mode)
             artifact, note = compile_past_broken_kernels(
                 lambda: compile_past_known_bugs(

@@ -27,13 +27,14 @@ from torch import nn
 import pwdaemon as pwd
 from pwdaemon.serving.range_table import Target
 from pwdaemon.store import ArtifactStore
-from pwdaemon.workers.compiler import JobSpec, compile_job, dump_graph, load_artifact
+from pwdaemon.workers.compiler import JobSpec, compile_job, load_artifact
 from pwdaemon.workers.sdpa import (
     SDPA_OFF_OPTION,
     sdpa_backends_off,
     sdpa_flags,
     set_sdpa_flags,
 )
+from pwdaemon.workers.shipping import dump_graph
 
 FUSED = (
     b"_scaled_dot_product_cudnn_attention",

@@ -16,7 +16,7 @@ import pwdaemon as pwd
 from pwdaemon.engine.runner import ABOVE_ONE_RANGE
 from pwdaemon.serving.range_table import Target
 from pwdaemon.serving.saved_trace import SavedTraceOutcome
-from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.strategy import ORDER, ShapeStrategy
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +47,10 @@ def _serve(h: pwd.Handle, model: nn.Module) -> None:
         assert h.wait(timeout=300), str(h.status())
 
 
+@pytest.mark.skipif(
+    ShapeStrategy.UNBACKED not in ORDER,
+    reason="this torch traces under the backed strategy alone (2.11): the test below is its",
+)
 def test_a_conv_nets_general_serves_every_batch_1_included(tmp_path: Path) -> None:
     # Inductor's layout optimization over an unbacked batch expected the conv's output in
     # channels last, and validation rejected the general. An unbacked general compiles

@@ -41,11 +41,11 @@ from pwdaemon.workers.compiler import (
     CPU_THREADS_OPTION,
     SIZE_OBLIVIOUS_OPTION,
     JobSpec,
-    dump_graph,
     load_artifact,
 )
 from pwdaemon.workers.executor import ProcessExecutor
 from pwdaemon.workers.process import CompileError, Outcome
+from pwdaemon.workers.shipping import dump_graph
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -92,7 +92,7 @@ def test_a_loaded_piece_serves_a_graph_without_metadata_and_ships_the_stored_one
 ) -> None:
     # The restart unpickles no fake tensors: the eager graph carries no metadata, and
     # what a compile worker would get is the stored graph as it was stored.
-    from pwdaemon.workers.compiler import load_graph
+    from pwdaemon.workers.shipping import load_graph
 
     model = _mlp(1)
     h = _attach(model, saved)

@@ -12,7 +12,7 @@ import torch
 from recorded import MLP, Recorded, capture, meta_snapshot, record_mlp
 from torch import nn
 
-from pwdaemon.workers.compiler import SHIPPED_META, UnshippableGraphError, dump_graph
+from pwdaemon.workers.shipping import SHIPPED_META, UnshippableGraphError, dump_graph
 
 
 @pytest.fixture
@@ -272,7 +272,7 @@ def test_graphs_ship_and_load_on_several_threads_at_once(
     # other, and a size failed to ship with "KeyError: <class 'slice'>" (CI).
     import threading
 
-    from pwdaemon.workers.compiler import load_graph
+    from pwdaemon.workers.shipping import load_graph
 
     (gm,) = mlp_graph.gms
     errors: list[BaseException] = []
@@ -353,7 +353,7 @@ def test_a_graph_slicing_to_a_symbolic_length_ships_and_loads() -> None:
     # sequence dim): torch 2.11's GraphPickler does not map into a slice, and shipping
     # failed with "Unexpected raw Node during pickling"; 2.12 and 2.13 register slice
     # as a pytree node while they pickle, as pwdaemon now does on 2.11.
-    from pwdaemon.workers.compiler import load_graph
+    from pwdaemon.workers.shipping import load_graph
 
     xs = [torch.randn(2, 5, 4), torch.randn(3, 9, 4)]
     for x in xs:
