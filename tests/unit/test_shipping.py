@@ -74,7 +74,7 @@ def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
 ) -> None:
     import pwdaemon as pwd
     from pwdaemon.testing import FakeExecutor
-    from pwdaemon.workers import compiler
+    from pwdaemon.workers import shipping
 
     dumps: list[str] = []
 
@@ -87,7 +87,7 @@ def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
         dumps.append(name)
         raise UnshippableGraphError(f"{name} cannot be shipped to a compile worker: test")
 
-    monkeypatch.setattr(compiler, "dump_graph", refuse)  # what `graph_for_worker` calls
+    monkeypatch.setattr(shipping, "dump_graph", refuse)  # what `graph_for_worker` calls
     torch.manual_seed(0)
     model, ex = MLP().eval(), FakeExecutor()
     policy = pwd.PolicyConfig(hot_calls=1, tick_s=0.01)
