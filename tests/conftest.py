@@ -67,6 +67,9 @@ def _unit_tests_trace_inline(
 # traced by dynamo from torch 2.13 on; before it dynamo captures no graph there under
 # either strategy, and pwdaemon's warning at attach says to turn the fast path off.
 MHA_FAST_PATH_TRACES = torch_release() >= (2, 13)
+# Before 2.13, attention under the backed strategy guards its size `Eq(s, 1)`: a trace at
+# size 1 serves size 1 alone, and the other sizes get a piece of their own.
+BACKED_ATTENTION_SPANS_SIZE_1 = torch_release() >= (2, 13)
 
 
 def mha_fast_path_off_where_untraceable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,9 @@ random weights, real Inductor in real workers, under `torch.inference_mode()`.
 
 Each traces as one unbacked piece that no call misses; its general serves every batch,
 1 included, and the configured size its own compile; every output equals eager within
-atol=rtol=1e-4 (float32).
+atol=rtol=1e-4 (float32). On torch 2.11, whose only strategy is the backed one, the
+piece traced at batch 4 does not serve batch 1 (dynamo's guard on the size): batch 1
+misses, and would get a piece of its own once hot.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 import pwdaemon as pwd
-from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.serving.strategy import ORDER, ShapeStrategy
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +62,7 @@ def _inputs(name: str, batch: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["resnet", "vit", "t5"])
-def test_an_architecture_is_one_unbacked_piece_whose_general_serves_every_batch(
+def test_an_architecture_is_one_piece_whose_general_serves_every_batch(
     name: str,
 ) -> None:
     model = _build(name)
@@ -73,11 +75,16 @@ def test_an_architecture_is_one_unbacked_piece_whose_general_serves_every_batch(
             model(**_inputs(name, batch))
         assert h.wait(timeout=600), str(h.status())
         trace = h.status().trace
-        assert len(h.pieces) == 1 and trace.miss_calls == 0, str(h.status())
-        assert h.pieces[0].strategy is ShapeStrategy.UNBACKED, trace.attempts
-        tiers = {n: h.table().lookup(n).tier for n in (1, 3, 4, 7)}
-        want = {1: pwd.Tier.GENERAL, 3: pwd.Tier.GENERAL, 4: pwd.Tier.SIZE, 7: pwd.Tier.GENERAL}
+        unbacked = ORDER[0] is ShapeStrategy.UNBACKED
+        misses = 0 if unbacked else 1  # the one call of batch 1, before 2.12
+        assert len(h.pieces) == 1 and trace.miss_calls == misses, str(h.status())
+        assert h.pieces[0].strategy is ORDER[0], trace.attempts
+        tiers = {n: h.table().lookup(n).tier for n in (3, 4, 7)}
+        want = {3: pwd.Tier.GENERAL, 4: pwd.Tier.SIZE, 7: pwd.Tier.GENERAL}
         assert tiers == want, str(h.status())
+        if unbacked:  # batch 1 reached the piece, and its general serves it
+            assert 1 in h.pieces[0].dispatcher.histogram(), str(h.status())
+            assert h.table().lookup(1).tier is pwd.Tier.GENERAL
         for batch in (1, 3, 4, 7):
             got = model(**_inputs(name, batch)).last_hidden_state
             want_out = reference(**_inputs(name, batch)).last_hidden_state

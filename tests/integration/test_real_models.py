@@ -296,6 +296,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _with_repo(path: str | None) -> str:
+    # The repository first, the caller's path kept: a torch 2.11 CUDA wheel run on a
+    # machine without a GPU needs a sitecustomize on it (its FakeTensorMode crashed the
+    # scripts with SIGSEGV where the path was replaced).
+    repo = str(Path(__file__).parents[2])
+    return os.pathsep.join([repo, path]) if path else repo
+
+
 def run_script(script: Path, timeout: float) -> tuple[dict[str, Any], str]:
     """Run `script` in a fresh interpreter with the repository importable; its last
     `RESULT {json}` line, parsed, and its stderr. Fails the test when it fails."""
@@ -304,7 +312,7 @@ def run_script(script: Path, timeout: float) -> tuple[dict[str, Any], str]:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        env={**os.environ, "PYTHONPATH": _with_repo(os.environ.get("PYTHONPATH"))},
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
@@ -314,6 +322,12 @@ def run_script(script: Path, timeout: float) -> tuple[dict[str, Any], str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # the script's own bound; Llama took > 300 s beside a CPU burner
+@pytest.mark.skipif(
+    not UNBACKED_CAPTURES_ALL,
+    reason="before torch 2.13 the attention models' first call (size 1) is traced as a "
+    "size-1 piece, and sizes above 1 as a second piece once hot (this script's traffic "
+    "makes none hot): test_real_model_is_captured_with_no_retrace covers that",
+)
 def test_real_models_served_from_one_unguarded_script_get_specialized(tmp_path: Path) -> None:
     script = tmp_path / "serve.py"
     script.write_text(
@@ -475,9 +489,13 @@ def test_transformers_batched_with_varying_lengths_gain_one_piece_for_them_all()
             tracer = h._tracer
             assert tracer.miss.traced.wait(300), name
             missed = tracer.miss_calls
-            for batch, length in ((1, 5), (4, 17), (2, 23), (3, 12), (1, 8)):
+            traffic = ((1, 5), (4, 17), (2, 23), (3, 12), (1, 8))
+            for batch, length in traffic:
                 model(**call(name, batch, length))
-            assert tracer.miss_calls == missed, (name, str(h.status()))  # every length served
+            # Every length served; on torch 2.11 (the backed strategy alone) the pieces
+            # traced at batches 2 and 3 do not serve batch 1: its calls miss.
+            ones = 0 if strategy_module.ORDER[0] is ShapeStrategy.UNBACKED else 2
+            assert tracer.miss_calls == missed + ones, (name, str(h.status()))
             assert len(h.pieces) == 2, (name, str(h.status()))
             assert h.pieces[1].facts.extra_symbols, (name, h.pieces[1].facts)  # the length's
         for name, model in models.items():
