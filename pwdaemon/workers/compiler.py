@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -28,9 +28,6 @@ from pwdaemon.workers.prewarm import ISA_LOCK, prewarm
 from pwdaemon.workers.sdpa import SDPA_OFF_OPTION, sdpa_backends
 from pwdaemon.workers.shipping import load_graph
 from pwdaemon.workers.upstream import compile_past_known_bugs
-
-if TYPE_CHECKING:  # the serving side's type; a worker never imports the call path
-    pass
 
 FAULTS = ("raise", "crash", "hang")
 
