@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -368,27 +368,24 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
         _threads_config(threads),
     ):
         gm, fake_mode = load_graph(spec.graph)
+        dynamic_shapes: Literal["from_example_inputs", "from_graph"]
         if target.kind is TargetKind.SIZE:
             inputs = _concrete_inputs(gm, target.start)
-            artifact, note = compile_past_broken_kernels(
-                lambda: compile_past_known_bugs(
-                    lambda: standalone_compile(
-                        gm, inputs, dynamic_shapes="from_example_inputs", options=options
-                    )
-                )
-            )
+            dynamic_shapes = "from_example_inputs"
         else:
             _unify_size_symbols(gm, fake_mode)
             if target.kind is TargetKind.RANGE:
                 _constrain_range(gm, fake_mode, target.start, target.end)
             inputs = _inference_fakes(gm, fake_mode)
-            artifact, note = compile_past_broken_kernels(
-                lambda: compile_past_known_bugs(
-                    lambda: standalone_compile(
-                        gm, inputs, dynamic_shapes="from_graph", options=options
-                    )
+            dynamic_shapes = "from_graph"
+        artifact, note = compile_past_broken_kernels(
+            lambda: compile_past_known_bugs(
+                lambda: standalone_compile(
+                    gm, inputs, dynamic_shapes=dynamic_shapes, options=options
                 )
             )
+        )
+        if target.kind is not TargetKind.SIZE:
             pinned, failing = _pinning_guard(gm, fake_mode, target)
             if pinned is not None:
                 # Inductor's caches do not key on the shape configuration, and a cached
