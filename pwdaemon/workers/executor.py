@@ -42,6 +42,11 @@ class ProcessExecutor:
     def restarts(self) -> int:
         return self._pool.restarts
 
+    @property
+    def starved(self) -> int:
+        """Workers replaced for getting no CPU time (host busy), counted in `restarts` too."""
+        return self._pool.starved
+
     def start(self) -> None:
         self._pool.warm_up()
 

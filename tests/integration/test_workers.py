@@ -79,6 +79,13 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _failure_restarts(executor: ProcessExecutor) -> int:
+    # Workers replaced because a compile crashed or hung. A loaded host (CI runs two
+    # test processes on two cores) can also starve a SCHED_IDLE worker, which the pool
+    # replaces too (`test_a_starved_idle_worker_is_replaced...` covers that): not counted.
+    return executor.restarts - executor.starved
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -125,7 +132,7 @@ def test_jobs_compile_in_a_worker_and_match_eager(
             if target.kind.value == "size" and _size_of(args) != 7:
                 continue
             assert_matches(runnable(*args), expected)
-    assert executor.pids() == [pid] and executor.restarts == 0
+    assert executor.pids() == [pid] and _failure_restarts(executor) == 0
 
 
 @pytest.mark.slow
@@ -225,7 +232,7 @@ def test_a_timeout_kills_the_worker_and_the_pool_replaces_it(
     assert info.value.reason == "compile did not finish within 1.5 s"
     assert not _running(old)
     (new,) = executor.pids()  # replaced at once, started before the next job
-    assert new != old and _running(new) and executor.restarts == 1
+    assert new != old and _running(new) and _failure_restarts(executor) == 1
     result = executor.run(_job(graph, Target.size(4), tmp_path), timeout=600)
     assert Path(result["path"]).is_file() and executor.pids() == [new]
 
@@ -301,7 +308,7 @@ def test_a_crash_and_a_raise_are_reported_with_reasons(
     assert info.value.reason == "worker died mid-job (killed by signal 9 (SIGKILL))"
     assert not _running(first)
     assert len(executor.pids()) == 1 and executor.pids() != [first]
-    assert executor.restarts == 1
+    assert _failure_restarts(executor) == 1
 
 
 @pytest.mark.slow
@@ -334,7 +341,7 @@ def test_stray_output_in_the_worker_does_not_break_the_channel(
         assert_matches(
             load_artifact(result["path"])(*mlp_graph.calls[0][0][0]), mlp_graph.calls[0][0][1]
         )
-        assert ex.restarts == 0
+        assert _failure_restarts(ex) == 0
     finally:
         ex.close(5.0)
     # The noise was really written (to the worker's stdout, which is our stderr).
