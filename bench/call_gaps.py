@@ -14,12 +14,18 @@ they came and the call after them.
 
 `--cold` waits for the plan after the paced calls, so that the next run on the same
 store is a warm start. On CUDA every call ends with `torch.cuda.synchronize()`.
+`--profile-load N` runs the saved traces' load (a warm start's) under cProfile in
+whichever thread loads them and prints its N costliest functions (cumulative and own
+time) after the calls: what a warm start does while its calls wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
+from typing import Any
 
 from models import DTYPES, _build
 
@@ -37,12 +43,14 @@ def main() -> None:
     parser.add_argument("--pace-ms", type=float, default=10.0)
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--cold", action="store_true", help="wait for the plan at the end")
+    parser.add_argument("--profile-load", type=int, default=0, metavar="N")
     opts = parser.parse_args()
 
     import torch
 
     import pwdaemon as pwd
 
+    profiles = _profile_loads() if opts.profile_load else []
     device = torch.device(opts.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model, inputs = _build(opts.model, opts.preset, device, getattr(torch, DTYPES[opts.dtype]))
@@ -70,6 +78,31 @@ def main() -> None:
     print("|---|---|---|")
     for at, gap, took in sorted(rows, key=lambda r: -r[1])[: opts.top]:
         print(f"| {at:.2f} | {gap:.1f} | {took:.1f} |")
+    for size in SIZES:
+        calls_ms = sorted(r[2] for i, r in enumerate(rows) if SIZES[i % len(SIZES)] == size)
+        median, worst = calls_ms[len(calls_ms) // 2], calls_ms[-1]
+        print(f"size {size}: median {median:.2f} ms, worst {worst:.1f} ms")
+    for profile in profiles:
+        stats = pstats.Stats(profile)
+        for order in ("cumulative", "tottime"):
+            print(f"saved-trace load, by {order} time:")
+            stats.sort_stats(order).print_stats(opts.profile_load)
+
+
+def _profile_loads() -> list[cProfile.Profile]:
+    """Runs every saved-trace load under its own profiler (in the loading thread)."""
+    from pwdaemon.serving.saved_slot import SavedTraceSlot
+
+    profiles: list[cProfile.Profile] = []
+    load = SavedTraceSlot.load
+
+    def profiled(self: SavedTraceSlot, *args: Any, **kwargs: Any) -> Any:
+        profile = cProfile.Profile()
+        profiles.append(profile)
+        return profile.runcall(load, self, *args, **kwargs)
+
+    SavedTraceSlot.load = profiled  # type: ignore[method-assign]
+    return profiles
 
 
 if __name__ == "__main__":

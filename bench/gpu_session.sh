@@ -20,7 +20,7 @@
 # STALL_MS, SECONDS_PER_RUN, WARM_SECONDS and WARM_RUNS set stalls' threshold, lengths
 # and warm starts; STALL_ARGS adds arguments (--no-cudnn-sdp), STALL_TAG names the logs,
 # STALL_STORE keeps the store for another call of stalls; MODELS_ARGS adds arguments to
-# bench/models.py (--no-cudnn-sdp).
+# bench/models.py (--no-cudnn-sdp), GAPS_ARGS to bench/call_gaps.py (--profile-load 30).
 # Needs: the machine's python3 (torch + CUDA, transformers), wheels for what it lacks
 # in .whl/ (watchdog, pytest-timeout; see bench/README.md). Every step is bounded by
 # `timeout` so that a call ends inside the device's 600 s limit with its logs.
@@ -137,8 +137,8 @@ gaps)  # bench/call_gaps.py: cold (to its plan), then WARM_RUNS warm starts on i
     for run in $runs; do
         timeout "$(left)" python3 bench/call_gaps.py --device cuda --dtype fp16 \
             --preset issue --model "${2:-bert}" --store "$store" \
-            --seconds "${WARM_SECONDS:-8}" $([ "$run" = cold ] && echo --cold) \
-            2>&1 | tee "$OUT/gaps_$run.log"
+            --seconds "${WARM_SECONDS:-8}" $([ "$run" = cold ] && echo --cold) ${GAPS_ARGS:-} \
+            2>&1 | tee "$OUT/gaps_${2:-bert}_$run.log"
     done
     ;;
 generate)  # transformers' generate() on attached GPT-2 and Llama (CPU; this torch), INFO log
