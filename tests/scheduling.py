@@ -10,7 +10,7 @@ from torch import nn
 
 import pwdaemon as pwd
 from pwdaemon.serving.range_table import Target
-from pwdaemon.workers.compiler import ABOVE_ONE
+from pwdaemon.workers.compiler import ABOVE_ONE, AT_ONE_ONLY
 
 # Two calls make a size hot, the loop ticks every 10 ms: the fake executor's jobs come
 # in milliseconds.
@@ -36,4 +36,11 @@ HOLDS_ABOVE_ONE = (
     "failed",
     "SpecializedCompileError: the general compile holds for some sizes only "
     f"(guard s33 >= 2 (false at size 1)); {ABOVE_ONE}; not kept",
+)
+# The worker's reason for refusing a general compiled at the hint 1 that pinned the size
+# to 1 (BERT in fp16 on an H100, torch 2.11).
+HOLDS_AT_ONE_ONLY = (
+    "failed",
+    "SpecializedCompileError: the general compile holds for some sizes only "
+    f"(guard Eq(s52, 1) (false at size 2)); {AT_ONE_ONLY}; not kept",
 )

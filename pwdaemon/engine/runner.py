@@ -36,10 +36,11 @@ from pwdaemon.engine.store_link import StoreLink, compile_options
 from pwdaemon.engine.torch_thread import run_gated, run_torch_work
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.piece import wrap_compiled
-from pwdaemon.serving.range_table import Range, Target, TargetKind
+from pwdaemon.serving.range_table import OPEN_END, Range, Target, TargetKind
 from pwdaemon.store import ArtifactKey
 from pwdaemon.workers.compiler import (
     ABOVE_ONE,
+    AT_ONE_ONLY,
     JobSpec,
     SpecializedCompileError,
     load_artifact,
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 
 # The sizes a general that holds above 1 only is replaced by: every size a 32-bit index
 # can count (`_plan_above_one`).
-ABOVE_ONE_RANGE = Range(2, 2**31 - 1)
+ABOVE_ONE_RANGE = Range(2, OPEN_END)
 
 # A job whose key another process holds the claim for waits this long before it looks
 # again (the peer's artifact usually arrives sooner, through the store watcher).
@@ -294,7 +295,7 @@ class Runner:
         await self.publisher.publish(st, job, runnable, seconds, JobSource.COMPILED)
 
     def _refused(self, st: PieceState, job: Job, reason: str) -> None:
-        if job.target.kind is TargetKind.GENERAL and ABOVE_ONE in reason:
+        if job.target.kind is TargetKind.GENERAL and (ABOVE_ONE in reason or AT_ONE_ONLY in reason):
             self._plan_above_one(st, job)  # first: the plan is not complete yet
         self.publisher.fail(job, "rejected", reason, retry=False)
 
@@ -303,7 +304,9 @@ class Runner:
         # lowering guards the batch with `s >= 2` under the backed strategy) was refused,
         # and every size without its own compile stayed on eager. The range of every
         # size above 1 compiles with that known (`_constrain_range`) and takes the
-        # general's place, and size 1 gets its own compile.
+        # general's place, and size 1 gets its own compile. The same for a general whose
+        # compile at the hint 1 pinned the size to 1 (`AT_ONE_ONLY`): the range compiles
+        # from the hint 2.
         piece = general.piece
         planned = [
             (Target.of_range(ABOVE_ONE_RANGE), JobReason.GENERAL),
@@ -327,8 +330,8 @@ class Runner:
             queued.append(target.label)
         if queued:
             log.info(
-                "pwdaemon: graph %d: its general holds above size 1 only; compiling %s in "
-                "its place",
+                "pwdaemon: graph %d: its general holds for size 1 or above it only; compiling "
+                "%s in its place",
                 piece.index,
                 " and ".join(queued),
             )

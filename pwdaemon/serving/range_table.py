@@ -37,6 +37,11 @@ _BELOW_EVERY_SIZE = -(2**63)
 _LEVELS = {Tier.EAGER: 0, Tier.GENERAL: 1, Tier.RANGE: 2, Tier.SIZE: 2, Tier.GRAPH: 3}
 
 
+# The end of a range open above (the range of every size above 1 that replaces a general
+# refused at size 1, `engine.runner.ABOVE_ONE_RANGE`): the largest size a symbol holds.
+OPEN_END = 2**31 - 1
+
+
 @dataclass(frozen=True, order=True)
 class Range:
     """Sizes `start..end`, both inclusive; a single size is a range of one."""

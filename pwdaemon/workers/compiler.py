@@ -20,7 +20,7 @@ import torch
 
 from pwdaemon.serving.graph_facts import SIZE_GUARDS_META, admits, shipped_size_symbols
 from pwdaemon.serving.priority import lowest_niceness
-from pwdaemon.serving.range_table import Target, TargetKind
+from pwdaemon.serving.range_table import OPEN_END, Target, TargetKind
 from pwdaemon.serving.strategy import torch_release
 from pwdaemon.workers.framing import Frame, encode
 from pwdaemon.workers.kernel_cache import compile_past_broken_kernels
@@ -61,6 +61,12 @@ GENERAL_PROBE_SIZES = (1, 2, 3, 17)
 # In a refused general's reason where its guards fail at size 1 alone (a conv net whose
 # compile assumed a batch above 1: "s33 >= 2"); the engine reads it (see its runner).
 ABOVE_ONE = "it holds for every size above 1"
+# In a refused general's reason where its guards hold at size 1 alone: a backed trace at
+# size 1 hands Inductor the hint 1, and Inductor's choices at that hint can pin it (BERT
+# in fp16 on an H100, torch 2.11: `Eq(s52, 1)`, every batch but 1 left on eager). The
+# engine plans as for `ABOVE_ONE`: the range above 1 compiles from the hint 2
+# (`_hint_inside`), so its choices are those of a batch above 1, and size 1 gets its own.
+AT_ONE_ONLY = "it holds at size 1 alone (its hint)"
 
 
 @dataclass(frozen=True)
@@ -244,7 +250,12 @@ class SpecializedCompileError(RuntimeError):
 
 def _probe_sizes(gm: torch.fx.GraphModule, target: Target) -> tuple[int, ...]:
     if target.kind is TargetKind.RANGE:
-        ends = (target.start, target.start + 1, target.end)
+        # A range open above is probed as a general is, at sizes a server sees: at its
+        # end every compile of a model of some size fails Inductor's 32-bit indexing
+        # assumption (`49152*s52 <= 2147483647`, BERT on an H100, refused the range
+        # above 1), which a general's probes never reach either.
+        top = target.end if target.end < OPEN_END else max(GENERAL_PROBE_SIZES)
+        ends = (target.start, target.start + 1, top)
         sizes = sorted({n for n in ends if target.start <= n <= target.end})
     else:
         sizes = list(GENERAL_PROBE_SIZES)
@@ -394,8 +405,16 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
                 # found again at hint 1. standalone_compile cannot save an artifact with
                 # the caches off, so the reason says how to clear them. A general whose
                 # guards fail at size 1 alone says so: the engine compiles the range of
-                # every size above 1 in its place (`ABOVE_ONE`).
-                above_one = f"; {ABOVE_ONE}" if failing == {1} else ""
+                # every size above 1 in its place (`ABOVE_ONE`), and so does one whose
+                # guards hold at size 1 alone (`AT_ONE_ONLY`).
+                probes = set(_probe_sizes(gm, target))
+                above_one = (
+                    f"; {ABOVE_ONE}"
+                    if failing == {1}
+                    else f"; {AT_ONE_ONLY}"
+                    if 1 in probes and failing == probes - {1}
+                    else ""
+                )
                 raise SpecializedCompileError(
                     f"the {target.label} compile holds for some sizes only (guard {pinned})"
                     f"{above_one}; not kept: it would serve the other sizes wrong (if"

@@ -116,7 +116,7 @@ def test_a_gpu_server_that_turned_fused_attention_off_gets_no_fused_kernel_compi
         reference.load_state_dict(model.state_dict())
         store = tmp_path / f"store-{fused_off}"
         x = {n: torch.randn(n, 16, 64, device="cuda", dtype=torch.half) for n in (2, 5)}
-        # Generals only: one compile per run is all the artifacts need to show.
+        # No sizes: the general (or its range) is all the artifacts need to show.
         policy = pwd.PolicyConfig(budget=0)
         with (
             torch.inference_mode(),
@@ -126,7 +126,10 @@ def test_a_gpu_server_that_turned_fused_attention_off_gets_no_fused_kernel_compi
             assert handle.wait_traced(120)
             model(x[2])
             assert handle.wait(timeout=300), str(handle.status())
-            assert handle.table().general is not None, str(handle.status())
+            # The general, or where a backed trace guards the batch above 1 (torch 2.11:
+            # `Ne(s, 1)`), the range of every size above 1 that the engine compiles instead.
+            tier = handle.table().lookup(5).tier
+            assert tier in (pwd.Tier.GENERAL, pwd.Tier.RANGE), str(handle.status())
             for t in x.values():
                 torch.testing.assert_close(model(t), reference(t), atol=1e-2, rtol=1e-2)
         artifacts = ArtifactStore(store)

@@ -16,7 +16,14 @@ from typing import Any
 
 import pytest
 import torch
-from scheduling import FAST, HOLDS_ABOVE_ONE, call_sizes, compiler_config, job_labels
+from scheduling import (
+    FAST,
+    HOLDS_ABOVE_ONE,
+    HOLDS_AT_ONE_ONLY,
+    call_sizes,
+    compiler_config,
+    job_labels,
+)
 from torch import nn
 
 import pwdaemon as pwd
@@ -529,13 +536,17 @@ def test_two_captures_of_one_piece_both_get_their_graph(
         h.detach()
 
 
-def test_a_general_that_holds_above_size_1_only_is_replaced_by_that_range_and_size_1(
-    mlp: nn.Module, reference: nn.Module
+@pytest.mark.parametrize(
+    "refusal", [HOLDS_ABOVE_ONE, HOLDS_AT_ONE_ONLY], ids=["above_1_only", "at_1_only"]
+)
+def test_a_general_that_holds_on_one_side_of_size_1_is_replaced_by_the_range_above_and_size_1(
+    mlp: nn.Module, reference: nn.Module, refusal: tuple[str, str]
 ) -> None:
-    # A conv net's general was refused (it assumed a batch above 1) and every size
-    # without its own compile stayed on eager. Now the range of every size above 1 and
+    # A conv net's general was refused (it assumed a batch above 1), and so was BERT's
+    # compiled at the hint 1 (it assumed a batch of 1): every size without its own compile
+    # stayed on eager. Now the range of every size above 1 (compiled from the hint 2) and
     # size 1 are compiled in its place, before the plan completes.
-    ex = FakeExecutor(fail={"general": HOLDS_ABOVE_ONE})
+    ex = FakeExecutor(fail={"general": refusal})
     with pwd.attach(mlp, policy=FAST, compiler=compiler_config(), executor=ex, store=False) as h:
         call_sizes(mlp, [3])
         assert h.wait(timeout=20), str(h.status())

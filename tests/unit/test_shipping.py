@@ -115,22 +115,30 @@ def test_the_engine_gives_up_on_an_unshippable_piece_at_once(
 
 
 @pytest.mark.parametrize(
-    ("guard", "general", "range_1_8"),
-    [(None, (1, 2, 3, 17), (1, 2, 8)), ("eq1", (1,), (1,)), ("ne1", (2, 3, 17), (2, 8))],
+    ("guard", "general", "range_1_8", "open_above_1"),
+    [
+        (None, (1, 2, 3, 17), (1, 2, 8), (2, 3, 17)),
+        ("eq1", (1,), (1,), ()),
+        ("ne1", (2, 3, 17), (2, 8), (2, 3, 17)),
+    ],
 )
 def test_a_general_compile_is_checked_only_at_sizes_the_pieces_guards_admit(
     mlp_graph: Recorded,
     guard: str | None,
     general: tuple[int, ...],
     range_1_8: tuple[int, ...],
+    open_above_1: tuple[int, ...],
 ) -> None:
     # A piece dynamo guarded to size 1 compiles, rightly, for size 1: its guards travel
-    # in the graph's bytes and the worker probes only the sizes they let through.
+    # in the graph's bytes and the worker probes only the sizes they let through. The
+    # range open above 1 that replaces a general is probed at a general's sizes, not at
+    # its end (2**31 - 1), where Inductor's 32-bit indexing guard fails for any model.
     import sympy
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+    from pwdaemon.engine.runner import ABOVE_ONE_RANGE
     from pwdaemon.serving.graph_facts import SIZE
     from pwdaemon.serving.range_table import Target, TargetKind
     from pwdaemon.workers.compiler import _probe_sizes
@@ -143,6 +151,7 @@ def test_a_general_compile_is_checked_only_at_sizes_the_pieces_guards_admit(
     assert isinstance(shipped, torch.fx.GraphModule)
     assert _probe_sizes(shipped, Target.general()) == general
     assert _probe_sizes(shipped, Target(TargetKind.RANGE, 1, 8)) == range_1_8
+    assert _probe_sizes(shipped, Target.of_range(ABOVE_ONE_RANGE)) == open_above_1
 
 
 def test_a_general_the_worker_refused_is_given_up_at_once_as_rejected(
