@@ -167,7 +167,14 @@ class GraphCapture:
             t0 = time.monotonic()
             try:
                 box["runnable"] = capture_graph(
-                    tier2, args, n, size_index, copy_indices, pool, warmup_iters=1
+                    tier2,
+                    args,
+                    n,
+                    size_index,
+                    copy_indices,
+                    pool,
+                    warmup_iters=1,
+                    instantiate=False,
                 )
             except BaseException as exc:
                 box["error"] = exc
@@ -213,6 +220,18 @@ class GraphCapture:
             return
         runnable = box["runnable"]
         self.pauses.append(box["pause"])
+        try:
+            # Here, not in the serving call that captured: instantiating is a C call of
+            # its own (cudaGraphInstantiate) that needs no quiet CUDA RNG.
+            await run_torch_work(runnable.instantiate, switch_interval=None)
+        except Exception as exc:
+            self.publisher.fail(
+                job,
+                "failed",
+                f"CUDA graph instantiation: {type(exc).__name__}: {exc}",
+                retry=job.attempts == 1,
+            )
+            return
         seconds = time.monotonic() - started
         await self.publisher.publish(st, job, runnable, seconds, JobSource.CAPTURED)
         if job.state is JobState.LIVE:

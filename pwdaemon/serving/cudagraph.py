@@ -120,6 +120,12 @@ class CudaGraphRunnable:
         self.nbytes = 0  # pool memory this graph took at capture (for the budget)
         self._busy = pool.lock
 
+    def instantiate(self) -> None:
+        """Instantiate a graph captured with `instantiate=False` (once, before its first
+        replay; a replay would do it, on the serving thread that makes it)."""
+        with torch.cuda.device(self.pool.device):
+            self.graph.instantiate()
+
     def __call__(self, *args: Any) -> Any:
         if not self._busy.acquire(blocking=False):
             self.fallbacks += 1
@@ -269,19 +275,23 @@ def capture(
     copy_indices: Sequence[int],
     pool: GraphPool,
     warmup_iters: int = 3,
+    instantiate: bool = True,
 ) -> CudaGraphRunnable:
     """Capture `runnable` on `sample` (whose size must be `size`) into a CUDA graph.
 
     `copy_indices`: the arguments that change per call (inputs); the others (weights,
     buffers, the size int) are used in place. Runs on the calling thread, on a side
-    stream, in thread-local capture mode.
+    stream, in thread-local capture mode. `instantiate=False` keeps the captured graph
+    uninstantiated (`CudaGraphRunnable.instantiate`): `cudaGraphInstantiate` is the one
+    step of a capture that touches no CUDA RNG state, so it need not pause the serving
+    call that captures (the engine runs it on its own thread).
     """
     if sample[size_index] != size:
         raise ValueError(f"sample has size {sample[size_index]}, expected {size}")
     device = next(a.device for a in sample if isinstance(a, torch.Tensor))
     before = torch.cuda.memory_reserved(device)
     static_args, stream = _side_stream_runs(runnable, sample, copy_indices, warmup_iters)
-    graph = torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph(keep_graph=not instantiate)
     with pool.lock:  # no replay of a sibling graph while this one takes pool memory
         try:
             with torch.no_grad(), _capturing(graph, stream, pool.handle):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import pwdaemon as pwd
+from pwdaemon.serving.cudagraph import CudaGraphRunnable
 
 pytestmark = [
     pytest.mark.gpu,
@@ -306,7 +307,7 @@ def test_a_failed_capture_is_retried_and_later_captures_still_work(
         h.detach()
 
 
-def test_a_captures_warm_up_runs_off_the_serving_call_but_its_last_run(
+def test_a_captures_warm_up_and_instantiation_run_off_the_serving_call_but_its_last_run(
     gpu_model: tuple[nn.Module, nn.Module], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import pwdaemon.engine.graphs as graphs
@@ -321,10 +322,19 @@ def test_a_captures_warm_up_runs_off_the_serving_call_but_its_last_run(
 
     def capture(*args: Any, **kwargs: Any) -> Any:
         captures.append((threading.current_thread().name, kwargs["warmup_iters"]))
+        assert kwargs["instantiate"] is False
         return real_capture(*args, **kwargs)
+
+    real_instantiate = CudaGraphRunnable.instantiate
+    instantiated_on: list[str] = []
+
+    def instantiate(self: CudaGraphRunnable) -> None:
+        instantiated_on.append(threading.current_thread().name)
+        real_instantiate(self)
 
     monkeypatch.setattr(graphs, "warm_up", warm_up)
     monkeypatch.setattr(graphs, "capture_graph", capture)
+    monkeypatch.setattr(CudaGraphRunnable, "instantiate", instantiate)
     model, ref = gpu_model
     h = _attach_and_wait_for_graph(model, [8])
     try:
@@ -334,6 +344,7 @@ def test_a_captures_warm_up_runs_off_the_serving_call_but_its_last_run(
         warmup_iters = pwd.GraphConfig().warmup_iters
         assert warm_ups == [("pwdaemon-torch-work", warmup_iters - 1)]
         assert captures == [(threading.main_thread().name, 1)]  # the serving thread's call
+        assert instantiated_on == ["pwdaemon-torch-work"]  # not the call's: the engine's
         print("capture pauses (s):", [round(p, 4) for p in h.engine.capture_pauses])
     finally:
         h.detach()

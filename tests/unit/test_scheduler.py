@@ -474,6 +474,10 @@ class _ReplayedCapture:
         self.runnable = runnable
         self.nbytes = 0
         self.replays = 0
+        self.instantiated_on: list[str] = []  # the threads that instantiated it
+
+    def instantiate(self) -> None:
+        self.instantiated_on.append(threading.current_thread().name)
 
     def __call__(self, *args: Any) -> Any:
         self.replays += 1
@@ -493,9 +497,13 @@ def test_two_captures_of_one_piece_both_get_their_graph(
         def __init__(self, device: torch.device) -> None:
             self.device, self.lock, self.bytes, self.graphs = device, threading.Lock(), 0, 0
 
+    captured: list[_ReplayedCapture] = []
+
     def capture(runnable: Callable[..., Any], *rest: Any, **options: Any) -> _ReplayedCapture:
+        assert options["instantiate"] is False  # the engine instantiates, off the call
         time.sleep(0.05)  # a capture pauses its serving call: the other job comes meanwhile
-        return _ReplayedCapture(runnable)
+        captured.append(_ReplayedCapture(runnable))
+        return captured[-1]
 
     for module in (graphs, loop, publish):
         monkeypatch.setattr(module, "wants_graph", lambda config, piece: True)
@@ -528,6 +536,8 @@ def test_two_captures_of_one_piece_both_get_their_graph(
             assert time.monotonic() < deadline, str(h.status())
             call_sizes(mlp, [2])  # serving calls: captures run at their start
         assert both_warming.is_set()  # the two jobs did overlap: the race was run
+        # Each graph instantiated once, before it went live, on the engine's torch thread.
+        assert [c.instantiated_on for c in captured] == [["pwdaemon-torch-work"]] * 2
         for n in (2, 8):
             assert h.pieces[0].dispatcher.table.lookup(n).tier is pwd.Tier.GRAPH
             x = torch.randn(n, 16)
