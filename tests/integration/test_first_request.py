@@ -25,8 +25,12 @@ TTFR_BOUND = 10.0  # x eager's first call; measured 0.9-2.9 on the demo model
 # ... or this much over eager's first call, whichever is larger. The demo's eager first
 # call is 2.4-4.9 ms, so 10x is a few tens of ms: pwdaemon's first call took 3.4-15.7 ms
 # in 40 fresh processes on 2026-12-03, and 25.7 ms once in a CI run (against 2.4 ms).
-# What this test is for stays far above it: a trace on the first call costs 2.6 s.
-TTFR_SLACK_S = 0.1
+# On a loaded box a first call is any multiple of an idle one: 144 ms in a CI run of
+# 2026-12-06 (two test processes on 2 CPUs; eager's, measured earlier in its own
+# process, 4.5 ms), and with two CPU-bound processes beside the bench here eager's first
+# call took 48 ms and pwdaemon's 148 ms (4 and 5 ms idle, 07:5x). What this test is for
+# stays far above it: a trace on the first call costs 2.6 s.
+TTFR_SLACK_S = 0.5
 WORST_CALL_BOUND_S = 1.0  # any single warm-up call; measured 0.2-0.45 s
 
 
