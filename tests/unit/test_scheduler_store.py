@@ -3,6 +3,7 @@ gated, a peer's artifact loaded instead of compiled, and loaded once."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from pwdaemon.engine.store_link import StoreLink, model_id
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.range_table import Target
 from pwdaemon.serving.strategy import ShapeStrategy
+from pwdaemon.store.refusals import REFUSAL_RULES
 from pwdaemon.store.store import ArtifactStore
 from pwdaemon.testing import FakeExecutor
 from pwdaemon.workers.executor import JobSpec
@@ -316,6 +318,17 @@ def test_a_refused_compile_is_remembered_and_not_compiled_again_by_the_next_star
         assert h.table().lookup(5).tier is pwd.Tier.RANGE
     assert "general" not in job_labels(again.jobs), job_labels(again.jobs)
     assert job_labels(again.jobs)[:2] == [above, "size:1"]
+    # A refusal made under an older pwdaemon's rules is not taken: compiled again.
+    (refusal,) = refusals
+    record = json.loads(refusal.read_text())
+    assert record["rules"] == REFUSAL_RULES
+    refusal.write_text(json.dumps({**record, "rules": REFUSAL_RULES - 1}))
+    newer = FakeExecutor()
+    with pwd.attach(mlp, executor=newer, store=store, policy=FAST, compiler=compiler_config()) as h:
+        call_sizes(mlp, [3])
+        assert h.wait(timeout=60), str(h.status())
+        assert h.table().lookup(5).tier is pwd.Tier.GENERAL, str(h.status())
+    assert job_labels(newer.jobs)[0] == "general", job_labels(newer.jobs)
     # `pwdaemon cache clear` forgets refusals with the artifacts (a stale Inductor
     # cache is one cause of a refusal).
     store.clear()
