@@ -408,16 +408,14 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
                 # every size above 1 in its place (`ABOVE_ONE`), and so does one whose
                 # guards hold at size 1 alone (`AT_ONE_ONLY`).
                 probes = set(_probe_sizes(gm, target))
-                above_one = (
-                    f"; {ABOVE_ONE}"
-                    if failing == {1}
-                    else f"; {AT_ONE_ONLY}"
-                    if 1 in probes and failing == probes - {1}
-                    else ""
-                )
+                where = ""
+                if failing == {1}:
+                    where = f"; {ABOVE_ONE}"
+                elif 1 in probes and failing == probes - {1}:
+                    where = f"; {AT_ONE_ONLY}"
                 raise SpecializedCompileError(
                     f"the {target.label} compile holds for some sizes only (guard {pinned})"
-                    f"{above_one}; not kept: it would serve the other sizes wrong (if"
+                    f"{where}; not kept: it would serve the other sizes wrong (if"
                     " Inductor's cache predates this pwdaemon, clear it: `pwdaemon cache"
                     " clear`)"
                 )
