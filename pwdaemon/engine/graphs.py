@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
@@ -138,18 +139,10 @@ class GraphCapture:
         job.attempts += 1
         if self.config.warmup_iters > 1:
             # Off the serving call: all warm-up runs but the capture's own (`warm_up`).
-            try:
-                await run_torch_work(
-                    warm_up, tier2, args, copy_indices, self.config.warmup_iters - 1,
-                    switch_interval=None,
-                )  # fmt: skip
-            except Exception as err:
-                self.publisher.fail(
-                    job,
-                    "failed",
-                    f"CUDA graph warm-up: {type(err).__name__}: {err}",
-                    retry=job.attempts == 1,
-                )
+            iters = self.config.warmup_iters - 1
+            if not await self._off_the_call(
+                job, "warm-up", warm_up, tier2, args, copy_indices, iters
+            ):
                 return
         if dispatcher.pending is not None:
             # Checked again: the warm-up above awaited, and another capture of this
@@ -220,17 +213,9 @@ class GraphCapture:
             return
         runnable = box["runnable"]
         self.pauses.append(box["pause"])
-        try:
-            # Here, not in the serving call that captured: instantiating is a C call of
-            # its own (cudaGraphInstantiate) that needs no quiet CUDA RNG.
-            await run_torch_work(runnable.instantiate, switch_interval=None)
-        except Exception as exc:
-            self.publisher.fail(
-                job,
-                "failed",
-                f"CUDA graph instantiation: {type(exc).__name__}: {exc}",
-                retry=job.attempts == 1,
-            )
+        # Here, not in the serving call that captured: instantiating is a C call of its
+        # own (cudaGraphInstantiate) that needs no quiet CUDA RNG.
+        if not await self._off_the_call(job, "instantiation", runnable.instantiate):
             return
         seconds = time.monotonic() - started
         await self.publisher.publish(st, job, runnable, seconds, JobSource.CAPTURED)
@@ -244,6 +229,23 @@ class GraphCapture:
             if lo <= n - 1:
                 info = {"label": job.target.label, "padded": True}
                 dispatcher.install(Range(lo, n - 1), Tier.GRAPH, runnable, info)
+
+    async def _off_the_call(
+        self, job: Job, step: str, fn: Callable[..., object], *args: Any
+    ) -> bool:
+        """Run a step of `job`'s capture on the engine's torch thread; False (the job
+        failed, retried once) if it raised."""
+        try:
+            await run_torch_work(fn, *args, switch_interval=None)
+        except Exception as exc:
+            self.publisher.fail(
+                job,
+                "failed",
+                f"CUDA graph {step}: {type(exc).__name__}: {exc}",
+                retry=job.attempts == 1,
+            )
+            return False
+        return True
 
     def _wait_for_slot(self, job: Job) -> None:
         """Queue `job` again: another capture of its piece holds the hand-off slot."""
