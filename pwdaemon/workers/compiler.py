@@ -12,7 +12,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,18 +107,30 @@ class JobSpec:
         return cls(frame.payload, target, out_path, options, fault)
 
 
-def _inference_fakes(gm: torch.fx.GraphModule, fake_mode: Any) -> list[Any]:
+def _same(x: Any) -> Any:
+    return x
+
+
+def _inference_fakes(
+    gm: torch.fx.GraphModule, fake_mode: Any, resize: Callable[[Any], Any] = _same
+) -> list[Any]:
     # Serving is inference: parameters arrive with requires_grad=True, which would
-    # make AOTAutograd build a training graph (and specialise unbacked sizes).
+    # make AOTAutograd build a training graph (and specialise unbacked sizes). Each
+    # placeholder's value is made again, its sizes passed through `resize` (a range's
+    # new hint, `_hint_inside`), and written back to its meta.
     inputs: list[Any] = []
     with fake_mode:
         for node in gm.graph.nodes:
             if node.op != "placeholder":
                 continue
             v = node.meta["example_value"]
-            if isinstance(v, torch.Tensor):
-                v = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-                node.meta["example_value"] = v
+            if isinstance(v, torch.SymInt):
+                v = resize(v)
+            elif isinstance(v, torch.Tensor):
+                shape = [resize(d) for d in v.shape]
+                stride = [resize(d) for d in v.stride()]
+                v = torch.empty_strided(shape, stride, dtype=v.dtype, device=v.device)
+            node.meta["example_value"] = v
             inputs.append(v)
     return inputs
 
@@ -188,11 +200,14 @@ def _concrete_inputs(gm: torch.fx.GraphModule, size: int) -> list[Any]:
     return out
 
 
-def _constrain_range(gm: torch.fx.GraphModule, fake_mode: Any, start: int, end: int) -> None:
+def _constrain_range(
+    gm: torch.fx.GraphModule, fake_mode: Any, start: int, end: int
+) -> Callable[[Any], Any]:
     # Tell the compiler the size's bounds; the dispatcher only routes sizes in range.
+    # Returns what the inputs' sizes go through (`_hint_inside`, for `_inference_fakes`).
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     size = _size_exprs(gm)[0]
-    _hint_inside(placeholders, fake_mode.shape_env, size, start, end)
+    resize = _hint_inside(fake_mode.shape_env, size, start, end)
     sym = next(
         n
         for n in placeholders
@@ -205,22 +220,21 @@ def _constrain_range(gm: torch.fx.GraphModule, fake_mode: Any, start: int, end: 
             {"min": start, "max": end},
         )
     gm.recompile()
+    return resize
 
 
-def _hint_inside(
-    placeholders: list[torch.fx.Node], shape_env: Any, size: Any, start: int, end: int
-) -> None:
+def _hint_inside(shape_env: Any, size: Any, start: int, end: int) -> Callable[[Any], Any]:
     # A backed size symbol carries the size it was traced at as its hint, and the shape
     # environment refuses a range that leaves its hint out ("1 not in VR[32, 64]": every
     # configured range above the traced size failed under the backed strategy, torch
-    # 2.11's only one). The hint becomes the range's start, in the shape environment and
-    # in the inputs' sizes (each SymInt keeps its own hint): a hint is what Inductor
-    # tunes for, not a guard.
+    # 2.11's only one). The hint becomes the range's start in the shape environment, and
+    # the returned function gives an input's size that hint (each SymInt keeps its own;
+    # `_inference_fakes` applies it): a hint is what Inductor tunes for, not a guard.
     import sympy
 
     hints = shape_env.backed_var_to_val
     if size not in hints or start <= int(hints[size]) <= end:
-        return
+        return _same
     hints[size] = sympy.Integer(start)
 
     def rehint(x: Any) -> Any:
@@ -229,17 +243,7 @@ def _hint_inside(
         value = x.node.expr.xreplace(hints)
         return shape_env.create_symintnode(x.node.expr, hint=int(value)) if value.is_number else x
 
-    for node in placeholders:
-        v = node.meta.get("example_value")
-        if isinstance(v, torch.SymInt):
-            node.meta["example_value"] = rehint(v)
-        elif isinstance(v, torch.Tensor) and (mode := getattr(v, "fake_mode", None)):
-            shape = [rehint(d) for d in v.shape]
-            stride = [rehint(d) for d in v.stride()]
-            with mode:
-                node.meta["example_value"] = torch.empty_strided(
-                    shape, stride, dtype=v.dtype, device=v.device
-                )
+    return rehint
 
 
 class SpecializedCompileError(RuntimeError):
@@ -265,10 +269,10 @@ def _probe_sizes(gm: torch.fx.GraphModule, target: Target) -> tuple[int, ...]:
 
 
 def _pinning_guard(
-    gm: torch.fx.GraphModule, fake_mode: Any, target: Target
+    gm: torch.fx.GraphModule, fake_mode: Any, probes: tuple[int, ...]
 ) -> tuple[str | None, frozenset[int]]:
-    """A guard the compile recorded that some size of `target` fails, as text (None:
-    none), and every probed size that some guard fails.
+    """A guard the compile recorded that some of the `probes` (`_probe_sizes`) fails, as
+    text (None: none), and every probe that some guard fails.
 
     Inductor and AOTAutograd record every assumption about a size in the shape env (a
     compile's own branches and a cache hit's guards alike); standalone_compile's artifact
@@ -279,7 +283,6 @@ def _pinning_guard(
 
     symbols = {e for e in _size_exprs(gm) if e.is_symbol}
     shape_env = fake_mode.shape_env
-    probes = _probe_sizes(gm, target)
     first: str | None = None
     failing: set[int] = set()
     for sym in symbols:
@@ -385,9 +388,10 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
             dynamic_shapes = "from_example_inputs"
         else:
             _unify_size_symbols(gm, fake_mode)
+            resize: Callable[[Any], Any] = _same
             if target.kind is TargetKind.RANGE:
-                _constrain_range(gm, fake_mode, target.start, target.end)
-            inputs = _inference_fakes(gm, fake_mode)
+                resize = _constrain_range(gm, fake_mode, target.start, target.end)
+            inputs = _inference_fakes(gm, fake_mode, resize)
             dynamic_shapes = "from_graph"
         artifact, note = compile_past_broken_kernels(
             lambda: compile_past_known_bugs(
@@ -397,7 +401,8 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
             )
         )
         if target.kind is not TargetKind.SIZE:
-            pinned, failing = _pinning_guard(gm, fake_mode, target)
+            probes = _probe_sizes(gm, target)
+            pinned, failing = _pinning_guard(gm, fake_mode, probes)
             if pinned is not None:
                 # Inductor's caches do not key on the shape configuration, and a cached
                 # entry's guards are checked at the hint only: an entry that a compile
@@ -407,11 +412,10 @@ def compile_job(spec: JobSpec) -> dict[str, Any]:
                 # guards fail at size 1 alone says so: the engine compiles the range of
                 # every size above 1 in its place (`ABOVE_ONE`), and so does one whose
                 # guards hold at size 1 alone (`AT_ONE_ONLY`).
-                probes = set(_probe_sizes(gm, target))
                 where = ""
                 if failing == {1}:
                     where = f"; {ABOVE_ONE}"
-                elif 1 in probes and failing == probes - {1}:
+                elif 1 in probes and failing == set(probes) - {1}:
                     where = f"; {AT_ONE_ONLY}"
                 raise SpecializedCompileError(
                     f"the {target.label} compile holds for some sizes only (guard {pinned})"
