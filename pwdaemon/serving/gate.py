@@ -57,11 +57,17 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-from pwdaemon.serving import catch_up, imports
+from pwdaemon.serving import catch_up, imports, pause, switch_interval
 from pwdaemon.serving.catch_up import CatchUp, Yield
 from pwdaemon.serving.dynamo_skip import codes_of, skip_in_dynamo
 from pwdaemon.serving.imports import IMPORT_WATCH, import_awaited, in_import
 from pwdaemon.serving.pause import PAUSE
+from pwdaemon.serving.switch_interval import (
+    INTERVAL_LOCK,
+    lower_interval,
+    lower_switch_interval,
+    restore_interval,
+)
 
 # How long gated work waits for serving to pause before it takes a slice anyway: under
 # back-to-back traffic it still progresses at SLICE_S / (MAX_PAUSE_S + SLICE_S) ~ 9 %.
@@ -258,6 +264,11 @@ class ServingGate:
         try:
             yield
         finally:
+            # Out of the collection watch first (a set's discard, atomic under the GIL):
+            # a collection in the lock section below put the hook back after
+            # `_remove_hook`, and the thread kept it after the block (anyio's worker
+            # threads live on), parked in each later block's lock section.
+            self._on_demand.discard(ident)
             if _is_gate_hook(sys.getprofile()):
                 self._remove_hook()
                 if self.yielding.expires:
@@ -271,10 +282,8 @@ class ServingGate:
                 self._intervals.pop(ident, None)
                 if not self._intervals:
                     self._end_traffic()
-                if on_demand:
-                    self._on_demand.discard(ident)
-                    if not self._on_demand:
-                        self._stop_collection_watch()
+                if on_demand and not self._on_demand:
+                    self._stop_collection_watch()
 
     def close(self, timeout: float = EXIT_WAIT_S) -> bool:
         """Stop all gated work for good: a hooked gated thread parks for ever at its
@@ -332,14 +341,14 @@ class ServingGate:
         # Under self._lock, while no traffic is under way: the lowered switch interval
         # and deferred full collections, until `_end_traffic`.
         self._traffic_interval = interval
-        _lower_interval(interval)
+        lower_interval(interval)
         self._apply_thresholds()
 
     def _end_traffic(self) -> None:
         # Under self._lock.
         if self._traffic_interval is not None:
             self._traffic_interval = None
-            _restore_interval()
+            restore_interval()
             self._apply_thresholds()
 
     def _serving_active(self) -> bool:
@@ -356,8 +365,8 @@ class ServingGate:
             return False
         if self._traffic_interval is not None and self._lock.acquire(blocking=False):
             try:
-                if not self.calls and _interval_lock.acquire(blocking=False):
-                    _interval_lock.release()  # free now; _end_traffic takes it briefly
+                if not self.calls and INTERVAL_LOCK.acquire(blocking=False):
+                    INTERVAL_LOCK.release()  # free now; _end_traffic takes it briefly
                     self._end_traffic()
             finally:
                 self._lock.release()
@@ -441,6 +450,18 @@ class ServingGate:
         countdown = _IDLE_CHECK_EVERY
         idle, monotonic = self._idle, time.monotonic
         state, yielding = CatchUp(), self.yielding
+        # The locks every counted serving call takes (`call`): the hook never parks a
+        # thread while one of them is held, by anyone. It parks at any profile event,
+        # and one inside a `with lock:` section parks with the lock held (a Python call
+        # there, or any event after the GIL changed hands there). Seen on an H100
+        # (bench/stalls.py --stacks, warm BERT starts, 2026-12-06): calls of 55-69 ms
+        # against medians of 1-5 ms, mostly a size's first call on a tier just
+        # published, the serving thread asleep at the end of `call` waiting for this
+        # gate's lock, the engine's loop thread beside it, for the 50 ms of a pause.
+        # One that the serving thread holds for its microseconds only defers a park to
+        # a later event. Other locks (a gated section's own, logging's) are not
+        # covered: serving calls do not take them.
+        serving_locks = (self._lock, INTERVAL_LOCK, PAUSE)
 
         def hook(frame: FrameType, event: str, arg: Any) -> None:
             # Called by CPython on every call/return on the gated thread (never on
@@ -474,6 +495,10 @@ class ServingGate:
                 # Inside a meta-path finder (importlib calls each under its global
                 # lock, `_ImportWatch` among them), or taking a module lock: parked
                 # here, every import on every thread would wait, a serving call's too.
+                return
+            if any(lock.locked() for lock in serving_locks):
+                # This thread may hold it: parked, it would hold every serving call that
+                # wants it for MAX_PAUSE_S (see `serving_locks` above).
                 return
             now = monotonic()
             catching = state.starved(now)
@@ -547,47 +572,6 @@ GATE = ServingGate()
 atexit.register(GATE.close)
 
 
-# The switch interval is process-wide and shared by every gated thread and engine: the
-# first user lowers it, the last one restores what was there before.
-_interval_lock = threading.Lock()
-_interval_users = 0
-_saved_interval = 0.005
-
-
-@contextlib.contextmanager
-def lower_switch_interval(interval: float | None) -> Iterator[None]:
-    """Lower `sys.setswitchinterval` to `interval` (None: leave it) inside the block.
-
-    Safe from any thread and re-entrant: a reference count under a lock decides who
-    saves and who restores.
-    """
-    if interval is None:
-        yield
-        return
-    _lower_interval(interval)
-    try:
-        yield
-    finally:
-        _restore_interval()
-
-
-def _lower_interval(interval: float) -> None:
-    global _interval_users, _saved_interval
-    with _interval_lock:
-        if _interval_users == 0:
-            _saved_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(interval, _saved_interval))
-        _interval_users += 1
-
-
-def _restore_interval() -> None:
-    global _interval_users
-    with _interval_lock:
-        _interval_users -= 1
-        if _interval_users == 0:
-            sys.setswitchinterval(_saved_interval)
-
-
 # Last, once every function here exists: the hook, the collection callback and all they
 # call (this module's, the import checks', the threading events they wait on) run as
 # they are on a thread where dynamo's frame callback is installed (see dynamo_skip).
@@ -598,12 +582,23 @@ skip_in_dynamo(
             ServingGate,
             GateHold,
             imports,
+            pause.ProcessPause,
+            switch_interval,
             catch_up,
             catch_up.CatchUp,
             catch_up.Yield,
             threading.Event,
             threading.Condition,
         ),
-        frozenset({__file__, imports.__file__, catch_up.__file__, threading.__file__}),
+        frozenset(
+            {
+                __file__,
+                imports.__file__,
+                pause.__file__,
+                switch_interval.__file__,
+                catch_up.__file__,
+                threading.__file__,
+            }
+        ),
     )
 )

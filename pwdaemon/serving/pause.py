@@ -104,6 +104,10 @@ class ProcessPause:
             ongoing = self._clock() - self._since if self._since is not None else 0.0
             return self._total + ongoing
 
+    def locked(self) -> bool:
+        """Whether someone holds the lock now (the gate's hook does not park then)."""
+        return self._lock.locked()
+
     # ---- the serving side (the gate, under its lock) -------------------------------
 
     def stop(self) -> None:
