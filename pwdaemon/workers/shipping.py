@@ -88,7 +88,15 @@ def shippable_copy(
     replaced, never mutated), so the live graph the serving process runs is unchanged.
     `GraphModule(gm, graph)` takes only the attributes the graph's get_attr/call_module
     nodes name, leaving dynamo's extra attributes behind.
+
+    The copy is a `_LazyGraphModule`: its Python code is generated when first needed.
+    GraphPickler generates it itself for the pickle, so a GraphModule's own compile at
+    construction was done twice, and the second half of each, CPython's `compile()` of
+    the source, holds the GIL in one C call that the gate cannot park (4 ms per compile
+    of the issue-sized BERT's 360 lines on the 2-core VM) while serving calls wait.
     """
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in gm.graph.nodes:
@@ -99,7 +107,7 @@ def shippable_copy(
         if node.op == "output" and size_symbols:
             new.meta[SIZE_SYMBOLS_META] = tuple(size_symbols)
         env[node] = new
-    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    return _LazyGraphModule(gm, graph, class_name=type(gm).__name__)
 
 
 # GraphPickler is not thread-safe: `dumps` and `loads` register `slice` as a pytree node

@@ -381,3 +381,24 @@ def test_a_graph_slicing_to_a_symbolic_length_ships_and_loads() -> None:
     assert sliced, gm.code  # the graph does hold a slice bound to a node
     shipped, _ = load_graph(dump_graph(gm, "trimmed"))
     assert shipped.code == gm.code
+
+
+def test_shipping_a_graph_compiles_its_code_once(
+    mlp_graph: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CPython's compile() of a graph's source holds the GIL in one C call that the gate
+    # cannot park: the copy's code is generated once, for the pickle, not also when the
+    # copy is made.
+    import torch.fx.graph_module as graph_module
+
+    (gm,) = mlp_graph.gms
+    compiled: list[str] = []
+    exec_with_source = graph_module._exec_with_source
+
+    def counted(src: str, *args: Any, **kwargs: Any) -> Any:
+        compiled.append(src)
+        return exec_with_source(src, *args, **kwargs)
+
+    monkeypatch.setattr(graph_module, "_exec_with_source", counted)
+    dump_graph(gm, "MLP graph 0")
+    assert len(compiled) == 1
