@@ -182,12 +182,27 @@ def _report(slow: list[Slow], samples: dict[int, list[Sample]]) -> None:
             for name, frames in stacks.items():
                 top = frames[0] if frames else ""
                 function = top.partition(" | ")[0].rpartition(" ")[2]
+                parked = _parked_at(frames)
+                if parked:
+                    # Shown: where a parked thread stands tells which locks it holds (a
+                    # park inside the gate's own lock held every call's end for 50 ms).
+                    print(f"      {name}: parked by the gate at {parked[:200]}")
+                    continue
                 if not top or function in _WAITING or top.startswith(_WAITING_IN):
                     continue
                 ours = next(
                     (f for f in frames if f.startswith("pwdaemon/") and "gate.py" not in f), ""
                 )
                 print(f"      {name}: {frames[0][:200]}  <-  {ours[:70]}")
+
+
+def _parked_at(frames: list[str]) -> str:
+    """The frame a thread parked by the gate's hook stands in ("" if it is not parked):
+    the one below the hook, which CPython called for that frame's event."""
+    for i, frame in enumerate(frames[:-1]):
+        if frame.startswith("pwdaemon/serving/gate.py:") and frame.endswith(" hook"):
+            return frames[i + 1]
+    return ""
 
 
 def main() -> None:
