@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 from typing import Any
 
@@ -56,18 +57,19 @@ def main() -> None:
     model, inputs = _build(opts.model, opts.preset, device, getattr(torch, DTYPES[opts.dtype]))
     calls = {n: inputs(n) for n in SIZES}
     handle = pwd.attach(model, sizes=list(SIZES), store=opts.store)
-    rows: list[tuple[float, float, float]] = []  # (at s, gap ms, call ms)
+    rows: list[tuple[float, float, float, int]] = []  # (at s, gap ms, call ms, size)
     t0 = time.perf_counter()
     end = t0
     with torch.inference_mode():
         while time.perf_counter() - t0 < opts.seconds:
-            args, kwargs = calls[SIZES[len(rows) % len(SIZES)]]
+            size = SIZES[len(rows) % len(SIZES)]
+            args, kwargs = calls[size]
             start = time.perf_counter()
             model(*args, **kwargs)
             sync()
             done = time.perf_counter()
             gap = (start - end) * 1e3 - (opts.pace_ms if rows else 0.0)
-            rows.append((start - t0, gap, (done - start) * 1e3))
+            rows.append((start - t0, gap, (done - start) * 1e3, size))
             end = done
             time.sleep(opts.pace_ms / 1e3)
     if opts.cold:
@@ -76,11 +78,11 @@ def main() -> None:
     print(f"{len(rows)} calls in {opts.seconds:g} s, paced {opts.pace_ms:g} ms")
     print("| at s | gap beyond the pacing ms | the call after it ms |")
     print("|---|---|---|")
-    for at, gap, took in sorted(rows, key=lambda r: -r[1])[: opts.top]:
+    for at, gap, took, _ in sorted(rows, key=lambda r: -r[1])[: opts.top]:
         print(f"| {at:.2f} | {gap:.1f} | {took:.1f} |")
     for size in SIZES:
-        calls_ms = sorted(r[2] for i, r in enumerate(rows) if SIZES[i % len(SIZES)] == size)
-        median, worst = calls_ms[len(calls_ms) // 2], calls_ms[-1]
+        calls_ms = [took for _, _, took, n in rows if n == size]
+        median, worst = statistics.median(calls_ms), max(calls_ms)
         print(f"size {size}: median {median:.2f} ms, worst {worst:.1f} ms")
     for profile in profiles:
         stats = pstats.Stats(profile)

@@ -70,11 +70,12 @@ def load_refusal(store: ArtifactStore, key: ArtifactKey) -> str | None:
         record = json.loads(path.read_bytes())
         if record.get("target") != key.target:
             raise ValueError("the record belongs to another key")
-        if record.get("rules", 1) != REFUSAL_RULES:
+        rules = record.get("rules", 1)  # records without it were made by the first rules
+        if rules != REFUSAL_RULES:
             log.info(
                 "refusal %s was made under other rules (%s, now %d): compiling again",
                 path,
-                record.get("rules", 1),
+                rules,
                 REFUSAL_RULES,
             )
             return None
