@@ -15,8 +15,13 @@ with their top frame and the first pwdaemon frame below it. Stacks attributed th
 warm-up calls of 2026-12-01 (full collections, the ISA probe's and the first load's g++,
 imports on threads that did not park) where timing alone could not.
 
+`--waits` times, on the serving thread, each C call and each interval between its
+profile events over 2 ms (`_wait_probe.py`): a call's wall time its CPU does not explain
+was spent inside one C function (a lock, the GPU: named, with the line that called it)
+or between events, waiting for the GIL.
+
     python bench/stalls.py [--model bert] [--seconds 80] [--stall-ms 40] [--store DIR]
-                           [--threads N] [--no-cudnn-sdp]
+                           [--threads N] [--no-cudnn-sdp] [--stacks] [--waits]
     python bench/stalls.py --device cuda --dtype fp16 --preset issue   # on a GPU
 
 On CUDA every call ends with `torch.cuda.synchronize()` (as bench/models.py times it).
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from _stack_sampler import Sample, StackSampler
+from _wait_probe import CallWaits, WaitProbe
 
 # A thread whose innermost frame is one of these functions is waiting, not running Python.
 _WAITING = frozenset({"wait", "_wait_for_tstate_lock", "select", "get", "poll", "sleep"})
@@ -168,7 +174,9 @@ def sched_report(
     return lines
 
 
-def _report(slow: list[Slow], samples: dict[int, list[Sample]]) -> None:
+def _report(
+    slow: list[Slow], samples: dict[int, list[Sample]], waits: dict[int, CallWaits]
+) -> None:
     for call, size, ms, at, tier, first, cpu_ms, gc_ms, sched in slow:
         seen = "first call on it" if first else "not its first"
         print(
@@ -177,6 +185,11 @@ def _report(slow: list[Slow], samples: dict[int, list[Sample]]) -> None:
         )
         for line in sched:
             print(f"    {line}")
+        for wait in waits[call].waits if call in waits else []:
+            print(
+                f"    waited {wait.kind}: {wait.wall_ms:.1f} ms (CPU {wait.cpu_ms:.1f} ms),"
+                f" {wait.what} at {wait.where}"
+            )
         for due, late_ms, stacks in samples.get(call, []):
             print(f"    stacks {due * 1e3:.0f} ms into the call ({late_ms:.1f} ms late):")
             for name, frames in stacks.items():
@@ -227,6 +240,12 @@ def main() -> None:
         action="store_true",
         help="also sample every thread's stack while a call runs past --stall-ms",
     )
+    parser.add_argument(
+        "--waits",
+        action="store_true",
+        help="also time the serving thread's C calls and GIL waits over 2 ms (a profile"
+        " hook on it: every call slows alike, a few microseconds per Python call)",
+    )
     opts = parser.parse_args()
 
     import torch
@@ -243,6 +262,8 @@ def main() -> None:
     cuda = torch.device(opts.device).type == "cuda"
     handle = pwd.attach(model, sizes=list(_SIZES), store=opts.store or tempfile.mkdtemp())
     sampler = StackSampler(opts.stall_ms / 1e3, opts.stall_ms / 2e3) if opts.stacks else None
+    probe = WaitProbe(threshold_ms=2.0) if opts.waits else None
+    waits: dict[int, CallWaits] = {}
     slow: list[Slow] = []
     seen: set[tuple[int, str]] = set()
     collections = Collections()
@@ -261,11 +282,15 @@ def main() -> None:
             cpu, gc0 = time.thread_time(), collections.total_ms
             if sampler is not None:
                 sampler.begin(i)
+            if probe is not None:
+                probe.begin()
             start = time.perf_counter()
             model(*args, **kwargs)
             if cuda:
                 torch.cuda.synchronize()
             took = time.perf_counter() - start
+            if probe is not None:
+                call_waits = probe.end()
             if sampler is not None:
                 sampler.end()
             cpu_ms = (time.thread_time() - cpu) * 1e3
@@ -274,11 +299,13 @@ def main() -> None:
             if took * 1e3 > opts.stall_ms:
                 sched = sched_report(sched_before, sched_snapshot(), serving)
                 slow.append((i, n, took * 1e3, start - t0, tier, first, cpu_ms, gc_ms, sched))
+                if probe is not None:
+                    waits[i] = call_waits
             i += 1
             time.sleep(0.01)  # traffic pacing, as bench/models.py's warm-up
     handle.detach()
     print(f"{i} calls in {opts.seconds:.0f} s, {len(slow)} over {opts.stall_ms:.0f} ms")
-    _report(slow, sampler.samples if sampler is not None else {})
+    _report(slow, sampler.samples if sampler is not None else {}, waits)
 
 
 if __name__ == "__main__":
