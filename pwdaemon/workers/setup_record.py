@@ -243,12 +243,66 @@ def _recorded_probe(
         if getattr(_replaying, "on", False):
             raise NotRecorded(f"no recorded answer for the {isa} probe")
         ok = probe(isa, code)
+        if not ok and remove_broken_probe(isa, code):
+            ok = probe(isa, code)  # built again from its source
         if ok:
             record.add(question, True)
         return ok
 
     check_build.__wrapped__ = probe  # type: ignore[attr-defined]
     return check_build
+
+
+def remove_broken_probe(isa: Any, code: str) -> bool:
+    """Remove the probe's `.so` for (`isa`, `code`) from Inductor's cache where it is
+    shorter than its own ELF header says (a compile worker killed while g++ linked it:
+    pwdaemon kills workers on timeouts, starvation and detach) or not an ELF file; True
+    if one was removed.
+
+    Inductor skips the probe's build wherever that file exists and reads a load failure
+    as "this CPU lacks the ISA": every kernel of this machine would then be built without
+    it, silently, in every process on the cache (`kernel_cache.py` repairs kernels; a probe
+    fails quietly instead). The file is read, never loaded: the probe loads it in a child
+    process, as a load may fault on a CPU that lacks the ISA."""
+    try:
+        from torch._inductor.codecache import get_hash, get_path
+        from torch._inductor.cpu_vec_isa import _get_isa_dry_compile_fingerprint
+
+        # check_build's own naming (torch 2.11-2.13, its `write` without the write): the
+        # source's path in the cache, keyed by the code, the compiler and the ISA's
+        # flags; the library beside it, named by the key.
+        extra = _get_isa_dry_compile_fingerprint(isa.build_arch_flags())
+        key, _, source = get_path(get_hash(code.strip(), extra, "code"), "cpp")
+    except Exception:  # another torch: nothing known to repair
+        log.debug("pwdaemon: the ISA probe's output path is unknown", exc_info=True)
+        return False
+    library = Path(source).with_name(f"{key}.so")
+    if not library.is_file() or elf_complete(library):
+        return False
+    log.warning("pwdaemon: removing a truncated ISA probe library, to build it again: %s", library)
+    with contextlib.suppress(FileNotFoundError):  # another process removed it first
+        library.unlink()
+    return True
+
+
+def elf_complete(path: Path) -> bool:
+    """Whether `path` is an ELF file at least as long as its header's tables reach (the
+    section headers come last in what g++ links: a cut file ends before them)."""
+    with path.open("rb") as f:
+        header = f.read(64)
+        size = os.fstat(f.fileno()).st_size
+    if len(header) < 64 or header[:4] != b"\x7fELF":
+        return False
+    if header[4] != 2:  # 32-bit: not read further (Inductor builds 64-bit libraries)
+        return True
+    order = "little" if header[5] == 1 else "big"
+
+    def field(offset: int, width: int) -> int:
+        return int.from_bytes(header[offset : offset + width], order)
+
+    programs_end = field(0x20, 8) + field(0x36, 2) * field(0x38, 2)
+    sections_end = field(0x28, 8) + field(0x3A, 2) * field(0x3C, 2)
+    return size >= max(programs_end, sections_end)
 
 
 def _recorded_header(precompile: Callable[..., str], record: SetupRecord) -> Callable[..., str]:

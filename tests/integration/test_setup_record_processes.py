@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pwdaemon.workers import setup_record
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +74,29 @@ def test_a_second_process_picks_the_same_isa_without_probing(tmp_path: Path) -> 
     assert isinstance(first["calls"], int) and first["calls"] >= 1
     second = _run(_PROBE, tmp_path)
     assert second == {**first, "calls": 0}
+
+
+def test_a_probe_library_cut_short_is_built_again_and_the_same_isa_picked(
+    tmp_path: Path,
+) -> None:
+    # A worker killed while g++ linked a probe leaves its library cut short in the cache;
+    # torch's probe then skips the build and reads the failed load as a CPU without the
+    # ISA (kernels built without it, silently). Without the record's answer (its own
+    # process per cache), the next process must find the same ISA.
+    first = _run(_PROBE, tmp_path / "first")
+    if not first["isa"]:
+        pytest.skip("no vector ISA builds here (no C++ compiler?)")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "first", cut)
+    shutil.rmtree(cut / setup_record.RECORD_DIR)  # no replayed answer: a real probe
+    libraries = list(cut.rglob("*.so"))
+    assert libraries and all(setup_record.elf_complete(lib) for lib in libraries)
+    for library in libraries:
+        os.truncate(library, library.stat().st_size // 2)
+    assert not any(setup_record.elf_complete(lib) for lib in libraries)
+    again = _run(_PROBE, cut)
+    assert again["isa"] == first["isa"] and again["flags"] == first["flags"]
+    assert all(setup_record.elf_complete(lib) for lib in libraries if lib.exists())
 
 
 def test_a_second_process_loads_a_cpu_kernel_without_preprocessing_its_header(
