@@ -50,7 +50,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def elf_complete(path: Path) -> bool:
         return False
     if header[4] != 2:  # 32-bit: not read further (Inductor builds 64-bit libraries)
         return True
-    order = "little" if header[5] == 1 else "big"
+    order: Literal["little", "big"] = "little" if header[5] == 1 else "big"
 
     def field(offset: int, width: int) -> int:
         return int.from_bytes(header[offset : offset + width], order)
