@@ -24,7 +24,9 @@ or between events, waiting for the GIL.
                            [--threads N] [--no-cudnn-sdp] [--stacks] [--waits]
     python bench/stalls.py --device cuda --dtype fp16 --preset issue   # on a GPU
 
-On CUDA every call ends with `torch.cuda.synchronize()` (as bench/models.py times it).
+On CUDA every call ends with `torch.cuda.synchronize()` (as bench/models.py times it), and a
+slow call shows the CUDA caching allocator's driver calls (cudaMalloc, cudaFree) any
+thread made meanwhile: a serving op may wait for another thread's inside the allocator.
 """
 
 from __future__ import annotations
@@ -174,6 +176,34 @@ def sched_report(
     return lines
 
 
+# The CUDA caching allocator's counters of driver calls, process-wide (every thread's):
+# a segment's cudaMalloc or cudaFree is made inside the allocator (under its per-device
+# lock, which every thread's allocation takes, as far as its source was read here), so a
+# serving op may wait for another thread's. A hypothesis to test, not a finding.
+_ALLOCATOR = {
+    "num_device_alloc": "cudaMalloc",
+    "num_device_free": "cudaFree",
+    "num_sync_all_streams": "synchronizations of every stream",
+    "num_alloc_retries": "allocations retried after freeing the cache",
+}
+
+
+def _allocator_counts() -> dict[str, int]:
+    import torch
+
+    stats = torch.cuda.memory_stats()
+    return {key: int(stats.get(key, 0)) for key in _ALLOCATOR}
+
+
+def _allocator_report(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    """The allocator's driver calls between the two readings (taken just outside the
+    call's timer), by any thread."""
+    done = [
+        f"{after[k] - before[k]} {name}" for k, name in _ALLOCATOR.items() if after[k] > before[k]
+    ]
+    return [f"CUDA allocator meanwhile (any thread): {', '.join(done)}"] if done else []
+
+
 def _report(
     slow: list[Slow], samples: dict[int, list[Sample]], waits: dict[int, CallWaits]
 ) -> None:
@@ -279,6 +309,7 @@ def main() -> None:
             first = (n, tier) not in seen
             seen.add((n, tier))
             sched_before = sched_snapshot()
+            allocator_before = _allocator_counts() if cuda else {}
             cpu, gc0 = time.thread_time(), collections.total_ms
             if sampler is not None:
                 sampler.begin(i)
@@ -298,6 +329,8 @@ def main() -> None:
             sched: list[str] = []
             if took * 1e3 > opts.stall_ms:
                 sched = sched_report(sched_before, sched_snapshot(), serving)
+                if cuda:
+                    sched += _allocator_report(allocator_before, _allocator_counts())
                 slow.append((i, n, took * 1e3, start - t0, tier, first, cpu_ms, gc_ms, sched))
                 if probe is not None:
                     waits[i] = call_waits

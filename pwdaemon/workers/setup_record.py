@@ -265,8 +265,9 @@ def remove_broken_probe(isa: Any, code: str) -> bool:
     fails quietly instead). The file is read, never loaded: the probe loads it in a child
     process, as a load may fault on a CPU that lacks the ISA."""
     try:
-        from torch._inductor.codecache import get_hash, get_path
+        from torch._inductor.codecache import LOCK_TIMEOUT, get_hash, get_lock_dir, get_path
         from torch._inductor.cpu_vec_isa import _get_isa_dry_compile_fingerprint
+        from torch.utils._filelock import FileLock
 
         # check_build's own naming (torch 2.11-2.13, its `write` without the write): the
         # source's path in the cache, keyed by the code, the compiler and the ISA's
@@ -277,10 +278,14 @@ def remove_broken_probe(isa: Any, code: str) -> bool:
         log.debug("pwdaemon: the ISA probe's output path is unknown", exc_info=True)
         return False
     library = Path(source).with_name(f"{key}.so")
-    if not library.is_file() or elf_complete(library):
-        return False
-    log.warning("pwdaemon: removing a truncated ISA probe library, to build it again: %s", library)
-    with contextlib.suppress(FileNotFoundError):  # another process removed it first
+    # Under the lock torch's probe builds and loads it in: another process's g++ may be
+    # writing the file now, which is cut short until it ends.
+    with FileLock(os.path.join(get_lock_dir(), f"{key}.lock"), timeout=LOCK_TIMEOUT):
+        if not library.is_file() or elf_complete(library):
+            return False
+        log.warning(
+            "pwdaemon: removing a truncated ISA probe library, to build it again: %s", library
+        )
         library.unlink()
     return True
 
