@@ -164,8 +164,9 @@ def workers_probe_cpu() -> bool:
 def set_up_inductor(*, probe_cpu: bool) -> None:
     """Inductor's one-time set-up, here and in compile workers: its imports, the CPU
     vector-ISA probe (compiler subprocesses, or their recorded answers:
-    `pwdaemon.workers.setup_record`; `probe_cpu`) and the hash of torch's sources used in
-    cache keys."""
+    `pwdaemon.workers.setup_record`; `probe_cpu`), the hash of torch's sources used in
+    cache keys, and the bytecode kept beside its generated modules
+    (`pwdaemon.workers.module_bytecode`)."""
     from pwdaemon.workers import lazy_templates
 
     lazy_templates.install()  # before select_algorithm's import builds its templates
@@ -173,10 +174,11 @@ def set_up_inductor(*, probe_cpu: bool) -> None:
     import torch._inductor.standalone_compile  # noqa: F401
     from torch._inductor import cpu_vec_isa
 
-    from pwdaemon.workers import setup_record
+    from pwdaemon.workers import module_bytecode, setup_record
 
     # Before any probe or load: a later process replays what this one finds.
     setup_record.install()
+    module_bytecode.install()
     if probe_cpu:
         cpu_vec_isa.pick_vec_isa()
     setup_record.torch_key()  # codecache.torch_key(), replayed when torch is unchanged
