@@ -12,7 +12,13 @@ import torch
 from recorded import MLP, Recorded, capture, meta_snapshot, record_mlp
 from torch import nn
 
-from pwdaemon.workers.shipping import SHIPPED_META, UnshippableGraphError, dump_graph
+from pwdaemon.workers.shipping import (
+    SHIPPED_META,
+    UnshippableGraphError,
+    dump_graph,
+    dump_plain_graph,
+    load_plain_graph,
+)
 
 
 @pytest.fixture
@@ -402,3 +408,27 @@ def test_shipping_a_graph_compiles_its_code_once(
     monkeypatch.setattr(graph_module, "_exec_with_source", counted)
     dump_graph(gm, "MLP graph 0")
     assert len(compiled) == 1
+
+
+def test_saving_a_plain_graph_compiles_its_code_once_and_it_loads_to_the_same_code(
+    mlp_graph: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The check that the copy without metadata has the graph's code generates the loaded
+    # copy's code; compiling it (a GIL hold the gate cannot park) was only for a forward
+    # nobody called.
+    import torch.fx.graph_module as graph_module
+
+    (gm,) = mlp_graph.gms
+    compiled: list[str] = []
+    exec_with_source = graph_module._exec_with_source
+
+    def counted(src: str, *args: Any, **kwargs: Any) -> Any:
+        compiled.append(src)
+        return exec_with_source(src, *args, **kwargs)
+
+    monkeypatch.setattr(graph_module, "_exec_with_source", counted)
+    data = dump_plain_graph(gm)
+    assert len(compiled) == 1  # GraphPickler's, for the pickle
+    loaded = load_plain_graph(data)
+    assert loaded.code == gm.code
+    assert all(not node.meta for node in loaded.graph.nodes)
