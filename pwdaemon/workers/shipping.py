@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,15 @@ class UnshippableGraphError(ValueError):
 # models leave a WeakValueDictionary that does not pickle -, unbacked_bindings, ...) is
 # dropped.
 SHIPPED_META = ("example_value", "val", "tensor_meta", "stack_trace")
+
+# Each graph's last `dump_graph`, kept as long as the graph lives: a cold start dumps a
+# piece's graph twice otherwise, once to ship it to the workers (the engine's thread) and
+# once to save the trace (the trace thread), the same bytes, each 0.1 s of gated Python
+# and a compile() of the graph's code that the gate cannot park (issue-sized BERT).
+_dumped: weakref.WeakKeyDictionary[torch.fx.GraphModule, tuple[Any, bytes]] = (
+    weakref.WeakKeyDictionary()
+)
+_dumped_lock = threading.Lock()
 
 
 def _fresh_fake(v: torch.Tensor) -> torch.Tensor:
@@ -157,18 +167,27 @@ def dump_graph(
     `SIZE_GUARDS_META`, `SIZE_SYMBOLS_META`).
 
     Raises `UnshippableGraphError` naming `name` and the reason when even the copy does
-    not pickle.
+    not pickle. The same graph asked again with the same guards and symbols gets the
+    bytes it got before (a graph is not changed once traced).
     """
     from torch.fx._graph_pickler import GraphPickler
 
+    asked = (tuple(size_guards), tuple(size_symbols))
+    with _dumped_lock:
+        kept = _dumped.get(gm)
+    if kept is not None and kept[0] == asked:
+        return kept[1]
     try:
         copy = shippable_copy(gm, size_guards, size_symbols)
         with _graph_pickling():
-            return bytes(GraphPickler.dumps(copy))
+            data = bytes(GraphPickler.dumps(copy))
     except Exception as exc:
         raise UnshippableGraphError(
             f"{name} cannot be shipped to a compile worker: {type(exc).__name__}: {exc}"
         ) from exc
+    with _dumped_lock:
+        _dumped[gm] = (asked, data)
+    return data
 
 
 def graph_for_worker(piece: GraphPiece, name: str) -> bytes:

@@ -432,3 +432,25 @@ def test_saving_a_plain_graph_compiles_its_code_once_and_it_loads_to_the_same_co
     loaded = load_plain_graph(data)
     assert loaded.code == gm.code
     assert all(not node.meta for node in loaded.graph.nodes)
+
+
+def test_a_graph_dumped_again_with_the_same_guards_is_not_pickled_again(
+    mlp_graph: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine ships a piece's graph and the saved trace stores it: one dump.
+    from torch.fx._graph_pickler import GraphPickler
+
+    (gm,) = mlp_graph.gms
+    dumps: list[object] = []
+    real = GraphPickler.dumps
+
+    def counted(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        dumps.append(obj)
+        return real(obj, *args, **kwargs)
+
+    monkeypatch.setattr(GraphPickler, "dumps", counted)
+    first = dump_graph(gm, "MLP graph 0")
+    assert dump_graph(gm, "MLP graph 0, to save") is first
+    assert len(dumps) == 1
+    other = dump_graph(gm, "MLP graph 0", size_symbols=("s0",))  # asked otherwise
+    assert len(dumps) == 2 and other != first
