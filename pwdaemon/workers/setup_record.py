@@ -269,25 +269,33 @@ def remove_broken_probe(isa: Any, code: str) -> bool:
         from torch._inductor.cpu_vec_isa import _get_isa_dry_compile_fingerprint
         from torch.utils._filelock import FileLock
 
-        # check_build's own naming (torch 2.11-2.13, its `write` without the write): the
-        # source's path in the cache, keyed by the code, the compiler and the ISA's
-        # flags; the library beside it, named by the key.
-        extra = _get_isa_dry_compile_fingerprint(isa.build_arch_flags())
-        key, _, source = get_path(get_hash(code.strip(), extra, "code"), "cpp")
+        # check_build's own naming (its `write` without the write): the source's path in
+        # the cache, keyed by the code, the compiler and the ISA's flags; the library
+        # beside it, named by the key. The flags are `build_arch_flags()` in torch 2.13
+        # and `_arch_flags` in 2.11 (AMX's differ), so both are looked at.
+        flags = {isa.build_arch_flags(), getattr(isa, "_arch_flags", None)} - {None}
+        keys = [
+            get_path(get_hash(code.strip(), _get_isa_dry_compile_fingerprint(f), "code"), "cpp")
+            for f in sorted(flags)
+        ]
     except Exception:  # another torch: nothing known to repair
         log.debug("pwdaemon: the ISA probe's output path is unknown", exc_info=True)
         return False
-    library = Path(source).with_name(f"{key}.so")
-    # Under the lock torch's probe builds and loads it in: another process's g++ may be
-    # writing the file now, which is cut short until it ends.
-    with FileLock(os.path.join(get_lock_dir(), f"{key}.lock"), timeout=LOCK_TIMEOUT):
-        if not library.is_file() or elf_complete(library):
-            return False
-        log.warning(
-            "pwdaemon: removing a truncated ISA probe library, to build it again: %s", library
-        )
-        library.unlink()
-    return True
+    removed = False
+    for key, _, source in keys:
+        library = Path(source).with_name(f"{key}.so")
+        # Under the lock torch's probe builds and loads it in: another process's g++ may
+        # be writing the file now, which is cut short until it ends.
+        with FileLock(os.path.join(get_lock_dir(), f"{key}.lock"), timeout=LOCK_TIMEOUT):
+            if not library.is_file() or elf_complete(library):
+                continue
+            log.warning(
+                "pwdaemon: removing a truncated ISA probe library, to build it again: %s",
+                library,
+            )
+            library.unlink()
+            removed = True
+    return removed
 
 
 def elf_complete(path: Path) -> bool:
