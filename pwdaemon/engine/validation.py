@@ -45,9 +45,9 @@ def compare_outputs(candidate: Any, reference: Any) -> str | None:
 
     Each tensor pair is compared where it lies, and what the comparison found comes back
     to the host in one copy per device: on a GPU, one synchronization for all outputs
-    (Llama's logits and key/value caches: 13 outputs, 26 waits before, each a copy of a
-    whole output in float64 from memory the allocator may have had to ask the driver
-    for). Floating outputs of 32 bits or fewer are compared in float32, whose rounding
+    (the issue-sized Llama's graph returns a key and a value cache per layer: 12 outputs
+    and more, each copied whole in float64 before, two waits apiece, from memory the
+    allocator may have had to ask the driver for). Floating outputs of 32 bits or fewer are compared in float32, whose rounding
     (about 6e-8 of a value) is far under the tolerances; float64 and exact types
     (integers, bool) in float64."""
     got, want = _flatten(candidate), _flatten(reference)
