@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from _stack_sampler import _short
+
 
 @dataclass(frozen=True)
 class Wait:
@@ -110,12 +112,3 @@ def _name(function: Any) -> str:
     module = getattr(function, "__module__", None) or ""
     name = getattr(function, "__qualname__", None) or getattr(function, "__name__", "?")
     return f"{module}.{name}" if module else str(name)
-
-
-def _short(path: str) -> str:
-    for root in ("site-packages/", "dist-packages/"):
-        if root in path:
-            return path.rsplit(root, 1)[1]
-    if "/pwdaemon/" in path:
-        return "pwdaemon/" + path.rsplit("/pwdaemon/", 1)[1]
-    return path.rsplit("/", 1)[-1]

@@ -47,9 +47,9 @@ def compare_outputs(candidate: Any, reference: Any) -> str | None:
     to the host in one copy per device: on a GPU, one synchronization for all outputs
     (the issue-sized Llama's graph returns a key and a value cache per layer: 12 outputs
     and more, each copied whole in float64 before, two waits apiece, from memory the
-    allocator may have had to ask the driver for). Floating outputs of 32 bits or fewer are compared in float32, whose rounding
-    (about 6e-8 of a value) is far under the tolerances; float64 and exact types
-    (integers, bool) in float64."""
+    allocator may have had to ask the driver for). Floating outputs of 32 bits or fewer
+    are compared in float32, whose rounding (about 6e-8 of a value) is far under the
+    tolerances; float64 and exact types (integers, bool) in float64."""
     got, want = _flatten(candidate), _flatten(reference)
     if len(got) != len(want):
         return f"{len(got)} outputs, expected {len(want)}"

@@ -389,15 +389,10 @@ def test_a_graph_slicing_to_a_symbolic_length_ships_and_loads() -> None:
     assert shipped.code == gm.code
 
 
-def test_shipping_a_graph_compiles_its_code_once(
-    mlp_graph: Recorded, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # CPython's compile() of a graph's source holds the GIL in one C call that the gate
-    # cannot park: the copy's code is generated once, for the pickle, not also when the
-    # copy is made.
+def _count_graph_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sources FX compiles from now on (`_exec_with_source`), in order."""
     import torch.fx.graph_module as graph_module
 
-    (gm,) = mlp_graph.gms
     compiled: list[str] = []
     exec_with_source = graph_module._exec_with_source
 
@@ -406,6 +401,17 @@ def test_shipping_a_graph_compiles_its_code_once(
         return exec_with_source(src, *args, **kwargs)
 
     monkeypatch.setattr(graph_module, "_exec_with_source", counted)
+    return compiled
+
+
+def test_shipping_a_graph_compiles_its_code_once(
+    mlp_graph: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # CPython's compile() of a graph's source holds the GIL in one C call that the gate
+    # cannot park: the copy's code is generated once, for the pickle, not also when the
+    # copy is made.
+    (gm,) = mlp_graph.gms
+    compiled = _count_graph_compiles(monkeypatch)
     dump_graph(gm, "MLP graph 0")
     assert len(compiled) == 1
 
@@ -416,17 +422,8 @@ def test_saving_a_plain_graph_compiles_its_code_once_and_it_loads_to_the_same_co
     # The check that the copy without metadata has the graph's code generates the loaded
     # copy's code; compiling it (a GIL hold the gate cannot park) was only for a forward
     # nobody called.
-    import torch.fx.graph_module as graph_module
-
     (gm,) = mlp_graph.gms
-    compiled: list[str] = []
-    exec_with_source = graph_module._exec_with_source
-
-    def counted(src: str, *args: Any, **kwargs: Any) -> Any:
-        compiled.append(src)
-        return exec_with_source(src, *args, **kwargs)
-
-    monkeypatch.setattr(graph_module, "_exec_with_source", counted)
+    compiled = _count_graph_compiles(monkeypatch)
     data = dump_plain_graph(gm)
     assert len(compiled) == 1  # GraphPickler's, for the pickle
     loaded = load_plain_graph(data)
