@@ -1,5 +1,5 @@
-"""Validation's output comparison on a real GPU: one wait for the device, whatever the
-number of outputs (skipped cleanly where there is no GPU, as in CI)."""
+"""Validation's output comparison on a real GPU: the waits for the device of one output,
+whatever the number of outputs (skipped cleanly where there is no GPU, as in CI)."""
 
 from __future__ import annotations
 
@@ -29,12 +29,18 @@ def _synchronizations(fn: Callable[[], str | None]) -> tuple[str | None, int]:
     return result, sum("synchroniz" in str(w.message) for w in caught)
 
 
-def test_thirteen_gpu_outputs_are_compared_with_one_wait_for_the_device() -> None:
-    # Llama's outputs: logits and a key and a value cache per layer.
+def test_thirteen_gpu_outputs_are_compared_with_the_waits_of_one() -> None:
+    # Llama's outputs: logits and a key and a value cache per layer. What the comparison
+    # found comes to the host in one copy, however many outputs there are. The process's
+    # first comparison waits once more (torch 2.11 on an H100: 2 synchronizations, then 1
+    # for 13 outputs; before, two copies per output), so one comes first, uncounted.
     want = [torch.randn(4, 16, 64, device="cuda", dtype=torch.float16) for _ in range(13)]
     near = [w + 1e-3 for w in want]
+    assert compare_outputs(near[:1], want[:1]) is None
+    reason, one = _synchronizations(lambda: compare_outputs(near[:1], want[:1]))
+    assert reason is None and 1 <= one <= 2
     reason, waits = _synchronizations(lambda: compare_outputs(near, want))
-    assert reason is None and waits == 1
+    assert reason is None and waits == one
     far = [*near[:7], near[7] + 1, *near[8:]]
     reason, waits = _synchronizations(lambda: compare_outputs(far, want))
-    assert reason is not None and reason.startswith("output 7 differs") and waits == 1
+    assert reason is not None and reason.startswith("output 7 differs") and waits == one
