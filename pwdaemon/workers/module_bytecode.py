@@ -21,18 +21,18 @@ falls back to `compile()` itself.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import hashlib
 import importlib.util
 import logging
 import marshal
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from types import CodeType
 from typing import Any
+
+from pwdaemon.workers.files import replace_file
 
 __all__ = ("install", "bytecode_path")
 
@@ -109,18 +109,8 @@ def _read(path: Path, header: bytes) -> CodeType | None:
 
 
 def _write(path: Path, header: bytes, code: CodeType) -> None:
-    # Atomic: a reader sees the whole file or none (workers and servers share the cache).
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header + marshal.dumps(code))
-            os.chmod(tmp, _MODE)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        replace_file(path, header + marshal.dumps(code), _MODE)
     except OSError as exc:  # a read-only store: loads keep compiling
         log.debug("pwdaemon: bytecode not kept for %s: %s", path, exc)
 

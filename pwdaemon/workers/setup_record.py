@@ -46,11 +46,12 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
+
+from pwdaemon.workers.files import replace_file
 
 log = logging.getLogger(__name__)
 
@@ -163,16 +164,9 @@ class SetupRecord:
         self._known = known
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "w") as out:
-                    json.dump(known, out, sort_keys=True)
-                os.chmod(tmp, _RECORD_MODE)
-                # Unsynced: lost in a crash, the next process asks once more.
-                os.replace(tmp, self.path)
-            except OSError:
-                os.unlink(tmp)
-                raise
+            # Unsynced: lost in a crash, the next process asks once more.
+            data = json.dumps(known, sort_keys=True).encode()
+            replace_file(self.path, data, _RECORD_MODE)
 
 
 def isa_question(isa: object, arch_flags: str, code: str) -> str:

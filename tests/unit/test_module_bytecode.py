@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pwdaemon.workers import module_bytecode
+from pwdaemon.workers import files
 from pwdaemon.workers.module_bytecode import bytecode_path, cached_compile
 
 _SOURCE = "def double(x):\n    return 2 * x\n\nRESULT = double(21)\n"
@@ -109,7 +109,7 @@ def test_a_read_only_cache_still_compiles(
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError("read-only")
 
-    monkeypatch.setattr(module_bytecode.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     module = str(cache / "ab" / "cabc.py")
     for _ in range(2):
         assert _run(cached_compile(_SOURCE, module, "exec", dont_inherit=True)) == 42
