@@ -389,19 +389,25 @@ def test_a_graph_slicing_to_a_symbolic_length_ships_and_loads() -> None:
     assert shipped.code == gm.code
 
 
-def _count_graph_compiles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def _first_arguments(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[Any]:
+    """The first argument of every call to `owner.name` from now on, in order (the call
+    itself goes through)."""
+    seen: list[Any] = []
+    real = getattr(owner, name)
+
+    def counted(first: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(first)
+        return real(first, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return seen
+
+
+def _count_graph_compiles(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """The sources FX compiles from now on (`_exec_with_source`), in order."""
     import torch.fx.graph_module as graph_module
 
-    compiled: list[str] = []
-    exec_with_source = graph_module._exec_with_source
-
-    def counted(src: str, *args: Any, **kwargs: Any) -> Any:
-        compiled.append(src)
-        return exec_with_source(src, *args, **kwargs)
-
-    monkeypatch.setattr(graph_module, "_exec_with_source", counted)
-    return compiled
+    return _first_arguments(monkeypatch, graph_module, "_exec_with_source")
 
 
 def test_shipping_a_graph_compiles_its_code_once(
@@ -438,14 +444,7 @@ def test_a_graph_dumped_again_with_the_same_guards_is_not_pickled_again(
     from torch.fx._graph_pickler import GraphPickler
 
     (gm,) = mlp_graph.gms
-    dumps: list[object] = []
-    real = GraphPickler.dumps
-
-    def counted(obj: Any, *args: Any, **kwargs: Any) -> Any:
-        dumps.append(obj)
-        return real(obj, *args, **kwargs)
-
-    monkeypatch.setattr(GraphPickler, "dumps", counted)
+    dumps = _first_arguments(monkeypatch, GraphPickler, "dumps")
     first = dump_graph(gm, "MLP graph 0")
     assert dump_graph(gm, "MLP graph 0, to save") is first
     assert len(dumps) == 1
