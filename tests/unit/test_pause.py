@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -150,16 +151,35 @@ def _wait_state(pid: int, want: set[str], timeout: float = 5.0) -> str:
 @pytest.fixture
 def busy_group() -> Iterator[subprocess.Popen[bytes]]:
     # A busy process in a group of its own, with a child in that group (a worker and the
-    # compiler it started).
+    # compiler it started). Each says so on the shared stdout once its start-up (imports,
+    # reads from disk) is over: a process still in uninterruptible sleep ('D') takes a
+    # SIGSTOP only when it leaves it, and on a loaded machine a start-up can take seconds.
     code = (
         "import subprocess, sys\n"
-        "subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+        "subprocess.Popen([sys.executable, '-c',"
+        ' \'import sys; sys.stdout.write("child\\\\n"); sys.stdout.flush()\\n'
+        "while True: pass'])\n"
+        "sys.stdout.write('parent\\n'); sys.stdout.flush()\n"
         "while True: pass\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], process_group=0)
-    yield proc
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen([sys.executable, "-c", code], process_group=0, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        said = b""
+        deadline = time.monotonic() + 60
+        while said.count(b"\n") < 2 and time.monotonic() < deadline:
+            ready, _, _ = select.select(
+                [proc.stdout], [], [], max(0.0, deadline - time.monotonic())
+            )
+            if ready:
+                said += os.read(proc.stdout.fileno(), 64)
+        assert sorted(said.split()) == [b"child", b"parent"], said
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -181,9 +201,6 @@ def test_the_gates_calls_stop_a_real_group_and_its_children_and_continue_them(
     busy_group: subprocess.Popen[bytes],
 ) -> None:
     pgid = busy_group.pid
-    deadline = time.monotonic() + 10
-    while len(_group_members(pgid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
     members = _group_members(pgid)
     assert len(members) == 2
     gate = ServingGate()
