@@ -145,8 +145,8 @@ def run(spec: dict[str, Any], result: dict[str, Any]) -> None:
     cuda = device.type == "cuda"
 
     def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
+        if cuda:  # the call's stream, as bench/models.py waits for it
+            torch.cuda.current_stream(device).synchronize()
 
     builders = {"demo": (demo_model, DEMO_CONFIG), "larger": (larger, LARGER_CONFIG)}
     build, config = builders[spec["model"]]

@@ -13,7 +13,7 @@ they came and the call after them.
     python bench/call_gaps.py --device cuda --dtype fp16 --preset issue --store DIR
 
 `--cold` waits for the plan after the paced calls, so that the next run on the same
-store is a warm start. On CUDA every call ends with `torch.cuda.synchronize()`.
+store is a warm start. On CUDA every call ends waiting for its stream.
 `--profile-load N` runs the saved traces' load (a warm start's) under cProfile in
 whichever thread loads them and prints its N costliest functions (cumulative and own
 time) after the calls: what a warm start does while its calls wait.
@@ -53,7 +53,10 @@ def main() -> None:
 
     profiles = _profile_loads() if opts.profile_load else []
     device = torch.device(opts.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # The call's stream, as bench/models.py waits for it.
+    sync = (
+        torch.cuda.current_stream(device).synchronize if device.type == "cuda" else (lambda: None)
+    )
     model, inputs = _build(opts.model, opts.preset, device, getattr(torch, DTYPES[opts.dtype]))
     calls = {n: inputs(n) for n in SIZES}
     handle = pwd.attach(model, sizes=list(SIZES), store=opts.store)

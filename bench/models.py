@@ -113,7 +113,15 @@ def _build(name: str, preset: str, device: Any, dtype: Any) -> tuple[Any, Callab
 def _timer(device: Any) -> Callable[[Callable[[], Any]], float]:
     import torch
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # On CUDA a call ends when its stream is done, as a server's that reads its output
+    # (`.cpu()`, `.item()`) does: not `torch.cuda.synchronize()`, which also waits for
+    # other streams' work, pwdaemon's validation on the engine's stream among it
+    # (figures before 2026-12-06 16:00 were taken with it).
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        sync: Callable[[], None] = stream.synchronize
+    else:
+        sync = lambda: None  # noqa: E731
 
     def timed(fn: Callable[[], Any]) -> float:
         sync()

@@ -24,7 +24,7 @@ or between events, waiting for the GIL.
                            [--threads N] [--no-cudnn-sdp] [--stacks] [--waits]
     python bench/stalls.py --device cuda --dtype fp16 --preset issue   # on a GPU
 
-On CUDA every call ends with `torch.cuda.synchronize()` (as bench/models.py times it), and a
+On CUDA every call ends waiting for its stream (as bench/models.py times it), and a
 slow call shows the CUDA caching allocator's driver calls (cudaMalloc, cudaFree) any
 thread made meanwhile: a serving op may wait for another thread's inside the allocator.
 """
@@ -317,8 +317,8 @@ def main() -> None:
                 probe.begin()
             start = time.perf_counter()
             model(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
+            if cuda:  # the call's stream, as bench/models.py waits for it
+                torch.cuda.current_stream().synchronize()
             took = time.perf_counter() - start
             if probe is not None:
                 call_waits = probe.end()

@@ -112,6 +112,7 @@ class Handle:
             # The tracer may hand a piece over after calls ran through its dispatcher;
             # inputs recorded meanwhile serve no validation: free them.
             piece.dispatcher.samples.clear()
+            piece.dispatcher.sample_written.clear()
         piece.dispatcher.state_ids = frozenset(
             id(t) for t in itertools.chain(self.model.parameters(), self.model.buffers())
         )

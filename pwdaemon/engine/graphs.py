@@ -141,7 +141,14 @@ class GraphCapture:
             # Off the serving call: all warm-up runs but the capture's own (`warm_up`).
             iters = self.config.warmup_iters - 1
             if not await self._off_the_call(
-                job, "warm-up", warm_up, tier2, args, copy_indices, iters
+                job,
+                "warm-up",
+                warm_up,
+                tier2,
+                args,
+                copy_indices,
+                iters,
+                dispatcher.sample_events(),
             ):
                 return
         if dispatcher.pending is not None:

@@ -92,6 +92,7 @@ class Publisher:
                 current,
                 args,
                 dispatcher.table.eager.runnable,
+                dispatcher.sample_events(),
                 switch_interval=self.config.switch_interval_s,
             )
             if why is not None:
@@ -142,6 +143,7 @@ class Publisher:
             size,
             piece.size_indices,
             piece.size_dims,
+            piece.dispatcher.sample_events(),
             switch_interval=None,
         )
         return ([(size, tiled)], from_size) if tiled is not None else ([], None)

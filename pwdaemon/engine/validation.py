@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pwdaemon.engine.gpu_stream import engine_stream, wait_for_events
 from pwdaemon.serving.inputs import copy_input
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,18 @@ def validate(
     reference: Callable[..., Any],
     args: Sequence[Any],
     eager: Callable[..., Any] | None = None,
+    written: Sequence[Any] = (),
 ) -> str | None:
     """Run both on copies of `args` (no grad) and compare; None means accept.
 
     A reference that raises is the runnable serving the size now failing on it (seen:
     a general compile's cuDNN attention on an H200 at one size): the candidate is then
     compared with `eager`, the piece's own graph, since replacing a runnable that
-    raises is the swap most worth making."""
-    with torch.no_grad():
+    raises is the swap most worth making.
+
+    On a GPU all of it runs on the engine's stream (`gpu_stream`), after the `written`
+    events of the samples `args` may come from."""
+    with torch.no_grad(), engine_stream(args, written):
         try:
             want = reference(*fresh_args(args))
         except Exception as exc:
@@ -137,7 +142,7 @@ def validate(
             got = candidate(*fresh_args(args))
         except Exception as exc:
             return f"candidate raised {type(exc).__name__}: {exc}"
-    return compare_outputs(got, want)
+        return compare_outputs(got, want)  # its copy to the host waits for the stream
 
 
 def tile_input(
@@ -146,6 +151,7 @@ def tile_input(
     to_size: int,
     size_indices: Sequence[int],
     size_dims: Sequence[Sequence[int]],
+    written: Sequence[Any] = (),
 ) -> tuple[Any, ...] | None:
     """A recorded input of `from_size` made into one of `to_size`: each size dimension's
     rows taken in turn (`i % from_size`), the size arguments set to `to_size`, module
@@ -160,6 +166,7 @@ def tile_input(
     tiny Llama) there instead of on its first serving call."""
     if len(size_dims) != len(args) or from_size < 1 or to_size < 1:
         return None
+    wait_for_events(args, written)  # `written`: as `validate`'s
     out = list(args)
     for i in size_indices:
         if out[i] != from_size:

@@ -7,6 +7,13 @@ inputs into the graph's static buffers, replays, and copies the outputs out, so 
 never sees its output overwritten by a later replay. Replays of one graph are
 serialised by a non-blocking lock: a call that finds the graph busy (another thread is
 replaying it) runs the tier-2 runnable instead of waiting.
+
+The lock orders replays on the host; on the GPU, replays queued on one stream run in
+order, but a replay queued on another stream (validation on the engine's stream, a
+server that calls from streams of its own) could run while the last one still reads
+the static buffers, or the memory the pool's graphs share. So a replay from another
+stream than the pool's last one first makes its stream wait for that one (an event on
+the GPU, nothing blocks a thread); a replay from the same stream pays one comparison.
 """
 
 from __future__ import annotations
@@ -69,6 +76,17 @@ class GraphPool:
         self.lock = threading.Lock()
         self.bytes = 0
         self.graphs = 0
+        # The stream of the last replay of any of the pool's graphs (under `lock`).
+        self.last_stream: torch.cuda.Stream | None = None
+
+    def order_replay(self) -> None:
+        """Called with `lock` held before a replay: after the pool's last replay, on
+        whichever stream that was."""
+        stream = torch.cuda.current_stream(self.device)
+        last = self.last_stream
+        if last is not None and last != stream:
+            stream.wait_stream(last)
+        self.last_stream = stream
 
 
 def _static_copy(t: torch.Tensor) -> torch.Tensor:
@@ -141,6 +159,7 @@ class CudaGraphRunnable:
     def _replay(self, args: tuple[Any, ...]) -> Any:
         # Called with the pool lock held; releases it.
         try:
+            self.pool.order_replay()
             n = args[self.size_index]
             static = self.static_args
             if n == self.size:
@@ -232,12 +251,17 @@ def _clear_broken_capture(device: torch.device) -> None:
 
 
 def warm_up(
-    runnable: Runnable, sample: Sequence[Any], copy_indices: Sequence[int], iters: int
+    runnable: Runnable,
+    sample: Sequence[Any],
+    copy_indices: Sequence[int],
+    iters: int,
+    written: Sequence[Any] = (),
 ) -> None:
     """Run `runnable` `iters` times on `sample`'s copies, on a side stream of its own, and
     wait for the GPU: a capture's warm-up, done before the capture is handed to a serving
     call (on the engine's thread) so that the call pays one warm-up run and the capture
-    instead of all of them.
+    instead of all of them. The side stream waits for the `written` events first (the
+    sample's copies, made on a serving thread's stream).
 
     Measured on an H200 (torch 2.11, issue-sized Llama, fp16): three warm-up runs took
     14-15 ms of the ~21 ms a capture held its serving call, the capture itself 6 ms
@@ -246,20 +270,30 @@ def warm_up(
     workspaces, Triton's per-shape launch set-up) is the process's, not the thread's; the
     run the capture makes on its own thread and stream just before capturing stays.
     """
-    _side_stream_runs(runnable, sample, copy_indices, iters)
+    _side_stream_runs(runnable, sample, copy_indices, iters, written)
 
 
 def _side_stream_runs(
-    runnable: Runnable, sample: Sequence[Any], copy_indices: Sequence[int], iters: int
+    runnable: Runnable,
+    sample: Sequence[Any],
+    copy_indices: Sequence[int],
+    iters: int,
+    written: Sequence[Any] = (),
 ) -> tuple[list[Any], torch.cuda.Stream]:
     """Static copies of `sample`'s inputs, a side stream that waits for the current one,
-    and `iters` runs of `runnable` on them there, finished on the GPU."""
+    and `iters` runs of `runnable` on them there, finished on the GPU. The copies are
+    made on the current stream, after the `written` events: a graph's input slots are
+    freed (an evicted graph) while serving streams may still read them, and a block goes
+    back to the stream that allocated it."""
     device = next(a.device for a in sample if isinstance(a, torch.Tensor))
+    current = torch.cuda.current_stream(device)
+    for event in written:
+        current.wait_event(event)
     args = list(sample)
     for i in copy_indices:
         args[i] = _static_copy(sample[i])
     stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(torch.cuda.current_stream(device))
+    stream.wait_stream(current)
     with torch.cuda.stream(stream), torch.no_grad():
         for _ in range(iters):
             runnable(*args)

@@ -13,7 +13,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pwdaemon.serving.inputs import copy_input, is_caller_tensor
+from pwdaemon.serving.inputs import copies_written_event, copy_input, is_caller_tensor
 from pwdaemon.serving.range_table import Entry, Range, RangeTable, Runnable, Tier
 
 # Past this many distinct sizes a piece counts further sizes as "other": the histogram
@@ -54,6 +54,9 @@ class Dispatcher:
         self.size_cap = size_cap
         # One recorded real input per size, for validating a candidate before a swap.
         self.samples: dict[int, tuple[Any, ...]] = {}
+        # size -> the CUDA event after its sample's copies (GPU samples only): what the
+        # engine's stream waits for before it reads the sample (`sample_events`).
+        self.sample_written: dict[int, Any] = {}
         self.sample_bytes_left = sample_bytes
         self.record_samples = True
         # ids of the module's parameters and buffers (set by the handle): live state a
@@ -126,7 +129,11 @@ class Dispatcher:
         if nbytes > self.sample_bytes_left:
             return
         self.sample_bytes_left -= nbytes
-        self.samples[size] = tuple(copy_input(a, state) for a in args)
+        copies = tuple(copy_input(a, state) for a in args)
+        event = copies_written_event(copies)
+        if event is not None:  # before the sample: whoever finds the sample finds it
+            self.sample_written[size] = event
+        self.samples[size] = copies
 
     # ---- writer side --------------------------------------------------------------
 
@@ -165,6 +172,11 @@ class Dispatcher:
             key=lambda item: item[0],
         )
         return found[:1] + found[-1:] if len(found) > 1 else found
+
+    def sample_events(self) -> list[Any]:
+        """The CUDA events after every GPU sample's copies: a stream that waits for them
+        reads any sample recorded so far fully written, whichever stream copied it."""
+        return list(self.sample_written.values())
 
     def histogram(self) -> dict[int, int]:
         # dict.copy runs in C under the GIL: a consistent snapshot even while serving
