@@ -47,6 +47,13 @@ def _serving_op_done_while_spinning(run_validation: Any) -> bool:
     queued = threading.Event()
     outcome: dict[str, Any] = {}
     x = torch.randn(64, device="cuda")
+    # Every kernel either side launches, loaded now: CUDA loads a kernel at its first
+    # launch (lazy loading, its default), and a load may wait for the whole device, the
+    # spin included, while other threads' launches wait for the load (an H100, torch
+    # 2.11: this test failed so, before these lines).
+    torch.cuda._sleep(1)
+    assert run_validation(lambda t: t * 2, x) is None
+    torch.testing.assert_close(x + 1, x + 1)
     torch.cuda.synchronize()
 
     def work() -> None:
