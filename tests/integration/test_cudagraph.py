@@ -316,9 +316,11 @@ def test_a_captures_warm_up_and_instantiation_run_off_the_serving_call_but_its_l
     warm_ups: list[tuple[str, int]] = []
     captures: list[tuple[str, int]] = []
 
-    def warm_up(runnable: Any, sample: Any, copy_indices: Any, iters: int) -> None:
+    def warm_up(
+        runnable: Any, sample: Any, copy_indices: Any, iters: int, written: Any = ()
+    ) -> None:
         warm_ups.append((threading.current_thread().name, iters))
-        real_warm_up(runnable, sample, copy_indices, iters)
+        real_warm_up(runnable, sample, copy_indices, iters, written)
 
     def capture(*args: Any, **kwargs: Any) -> Any:
         captures.append((threading.current_thread().name, kwargs["warmup_iters"]))
