@@ -115,8 +115,10 @@ def _timer(device: Any) -> Callable[[Callable[[], Any]], float]:
 
     # On CUDA a call ends when its stream is done, as a server's that reads its output
     # (`.cpu()`, `.item()`) does: not `torch.cuda.synchronize()`, which also waits for
-    # other streams' work, pwdaemon's validation on the engine's stream among it
-    # (figures taken before commit 5e06bb1, 2026-12-06, waited for it).
+    # other streams' work, pwdaemon's validation on the engine's stream among it. And
+    # nothing waits before the call: work queued ahead of it on its stream (the previous
+    # call's is done) delays it, as it would a server's call. Figures taken before
+    # commit 5e06bb1 (2026-12-06) synchronized the whole device before and after.
     if device.type == "cuda":
         stream = torch.cuda.current_stream(device)
         sync: Callable[[], None] = stream.synchronize
@@ -124,7 +126,6 @@ def _timer(device: Any) -> Callable[[Callable[[], Any]], float]:
         sync = lambda: None  # noqa: E731
 
     def timed(fn: Callable[[], Any]) -> float:
-        sync()
         t0 = time.perf_counter()
         fn()
         sync()
