@@ -12,6 +12,8 @@
 #
 #   bash bench/gpu_session.sh stalls [MODEL]   # bench/stalls.py cold, then warm on its
 #                                              # store: who ran during each slow call
+#   bash bench/gpu_session.sh streams [MODELS] # bench/validation_streams.py: serving
+#                                              # beside validations, per stream
 #   bash bench/gpu_session.sh generate         # tests/integration/test_generate.py
 #   bash bench/gpu_session.sh gaps [MODEL]     # bench/call_gaps.py cold, then warm: the
 #                                              # time between calls no call timer sees
@@ -139,6 +141,14 @@ gaps)  # bench/call_gaps.py: cold (to its plan), then WARM_RUNS warm starts on i
             --preset issue --model "${2:-bert}" --store "$store" \
             --seconds "${WARM_SECONDS:-8}" $([ "$run" = cold ] && echo --cold) ${GAPS_ARGS:-} \
             2>&1 | tee "$OUT/gaps_${2:-bert}_$run.log"
+    done
+    ;;
+streams)  # serving calls beside validations: on the engine's stream, on the serving one
+    compile_bytecode
+    for m in $(echo "${2:-bert,llama}" | tr , " "); do
+        timeout "$(left)" python3 bench/validation_streams.py --device cuda --dtype fp16 \
+            --preset issue --model "$m" --seconds "${SECONDS_PER_RUN:-10}" \
+            --rounds "${ROUNDS:-2}" 2>&1 | tee -a "$OUT/validation_streams.log"
     done
     ;;
 generate)  # transformers' generate() on attached GPT-2 and Llama (CPU; this torch), INFO log
