@@ -87,3 +87,24 @@ def test_outputs_of_another_structure_are_named() -> None:
     assert compare_outputs((torch.zeros(0, 3),), (torch.zeros(0, 3),)) is None
     assert compare_outputs(("a", None), ("a", None)) is None
     assert compare_outputs(("a",), ("b",)) == "output 0 is 'a', expected 'b'"
+
+
+def test_validation_on_the_cpu_makes_no_cuda_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine's stream and the samples' events are CUDA's alone: on a CPU model they
+    # are never asked for (torch built with CUDA would initialise it on a host that may
+    # have no GPU, or one the server keeps for other work).
+    from pwdaemon.engine.validation import validate
+    from pwdaemon.serving.dispatch import Dispatcher
+
+    def no_cuda(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a CUDA call")
+
+    for name in ("Stream", "Event", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    dispatcher = Dispatcher(0, lambda n, t: t * 2, size_index=0)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(dispatcher(3, x), x * 2)
+    assert dispatcher.sample_events() == []
+    ((_, sample),) = dispatcher.samples_for(None)
+    assert validate(lambda n, t: t * 2, lambda n, t: t + t, sample, written=[]) is None
+    assert validate(lambda n, t: t * 3, lambda n, t: t + t, sample) is not None
