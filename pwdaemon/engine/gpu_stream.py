@@ -15,9 +15,9 @@ engine's reads safe by themselves:
 
 - Inputs written on another stream: the engine's stream waits for the engine thread's
   current stream (work the engine queued there, such as a tiled input, and every sample
-  copied on the default stream) and for the event recorded after each recorded sample's
-  copies (`Dispatcher.sample_events`), whichever stream the server copied it on.
-  These waits are on the GPU: nothing blocks a thread.
+  copied on the default stream) and for the event recorded after the copies of the
+  sample it reads (`Dispatcher.sample_events`), whichever stream the server copied it
+  on. These waits are on the GPU: nothing blocks a thread.
 - Memory: everything the validation allocates is allocated on the engine's stream and
   freed within it, and `engine_stream` waits for the stream before it returns, so no
   block the engine used goes back to the allocator with the engine's work on it still

@@ -148,7 +148,7 @@ class GraphCapture:
                 args,
                 copy_indices,
                 iters,
-                dispatcher.sample_events(),
+                dispatcher.sample_events(n),
             ):
                 return
         if dispatcher.pending is not None:

@@ -92,7 +92,8 @@ class Publisher:
                 current,
                 args,
                 dispatcher.table.eager.runnable,
-                dispatcher.sample_events(),
+                # A tiled input is the engine's own, made on the stream validation waits for.
+                dispatcher.sample_events(size),
                 switch_interval=self.config.switch_interval_s,
             )
             if why is not None:
@@ -143,7 +144,7 @@ class Publisher:
             size,
             piece.size_indices,
             piece.size_dims,
-            piece.dispatcher.sample_events(),
+            piece.dispatcher.sample_events(from_size),
             switch_interval=None,
         )
         return ([(size, tiled)], from_size) if tiled is not None else ([], None)

@@ -173,10 +173,11 @@ class Dispatcher:
         )
         return found[:1] + found[-1:] if len(found) > 1 else found
 
-    def sample_events(self) -> list[Any]:
-        """The CUDA events after every GPU sample's copies: a stream that waits for them
-        reads any sample recorded so far fully written, whichever stream copied it."""
-        return list(self.sample_written.values())
+    def sample_events(self, size: int) -> list[Any]:
+        """The CUDA event after the copies of `size`'s sample, if it is on a GPU: a stream
+        that waits for it reads that sample fully written, whichever stream copied it."""
+        event = self.sample_written.get(size)
+        return [] if event is None else [event]
 
     def histogram(self) -> dict[int, int]:
         # dict.copy runs in C under the GIL: a consistent snapshot even while serving

@@ -97,7 +97,7 @@ def test_a_sample_copied_on_a_servers_own_stream_is_validated_as_written() -> No
         torch.cuda._sleep(SPIN_CYCLES)  # the server's stream is busy: the copy comes late
         dispatcher(4096, x)  # a call of a new size: its input is recorded
     ((_, sample),) = dispatcher.samples_for(None)
-    events = dispatcher.sample_events()
+    events = dispatcher.sample_events(4096)
     assert len(events) == 1
     why = validate(lambda n, t: t * 3, lambda n, t: want, sample, written=events)
     assert why is None, why

@@ -104,7 +104,7 @@ def test_validation_on_the_cpu_makes_no_cuda_call(monkeypatch: pytest.MonkeyPatc
     dispatcher = Dispatcher(0, lambda n, t: t * 2, size_index=0)
     x = torch.randn(3, 4)
     torch.testing.assert_close(dispatcher(3, x), x * 2)
-    assert dispatcher.sample_events() == []
+    assert dispatcher.sample_events(3) == []
     ((_, sample),) = dispatcher.samples_for(None)
     assert validate(lambda n, t: t * 2, lambda n, t: t + t, sample, written=[]) is None
     assert validate(lambda n, t: t * 3, lambda n, t: t + t, sample) is not None
