@@ -49,8 +49,9 @@ def _serving_op_done_while_spinning(run_validation: Any) -> bool:
     x = torch.randn(64, device="cuda")
     # Every kernel either side launches, loaded now: CUDA loads a kernel at its first
     # launch (lazy loading, its default), and a load may wait for the whole device, the
-    # spin included, while other threads' launches wait for the load (an H100, torch
-    # 2.11: this test failed so, before these lines).
+    # spin included, while other threads' launches wait for the load. Without these
+    # lines the test failed on an H100 (torch 2.11), the serving op done only after the
+    # spin; with them it passed (the cause is CUDA's documented hazard, not traced).
     torch.cuda._sleep(1)
     assert run_validation(lambda t: t * 2, x) is None
     torch.testing.assert_close(x + 1, x + 1)
