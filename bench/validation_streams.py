@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from models import DTYPES, PACE_S, _build, _timer
+from models import DTYPES, PACE_S, _build, _fmt, _timer, p99
 
 SIZES = (1, 4, 16)
 MODES = ("engine stream", "serving stream")
@@ -36,11 +36,6 @@ MODES = ("engine stream", "serving stream")
 @contextlib.contextmanager
 def _no_stream_of_its_own(args: Sequence[Any], written: Sequence[Any] = ()) -> Iterator[None]:
     yield  # validation on the calling thread's current stream: the default one
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> int:
@@ -105,7 +100,7 @@ def main() -> int:
         for n in SIZES:
             ms = times[mode][n]
             median = statistics.median(ms)
-            print(f"| {mode} | {n} | {len(ms)} | {median:.2f} | {_percentile(ms, 0.99):.2f} | "
+            print(f"| {mode} | {n} | {len(ms)} | {median:.2f} | {_fmt(p99(ms))} | "
                   f"{max(ms):.2f} | {max(ms) / median:.1f} |")  # fmt: skip
     for mode in MODES:
         count, seconds = validations[mode]
