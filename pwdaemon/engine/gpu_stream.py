@@ -39,6 +39,8 @@ from typing import Any
 
 import torch
 
+from pwdaemon.serving.inputs import cuda_device
+
 _lock = threading.Lock()
 _streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -52,19 +54,12 @@ def stream_for(device: torch.device) -> torch.cuda.Stream:
         return stream
 
 
-def _cuda_device(args: Sequence[Any]) -> torch.device | None:
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.is_cuda:
-            return a.device
-    return None
-
-
 @contextmanager
 def engine_stream(args: Sequence[Any], written: Sequence[Any] = ()) -> Iterator[None]:
     """Run the block's CUDA work on the engine's stream of the device `args` are on
     (nothing changes when none of them is on a GPU), after the engine thread's queued
     work and the `written` events; wait for it at the end, raised or not."""
-    device = _cuda_device(args)
+    device = cuda_device(args)
     if device is None:
         yield
         return
@@ -77,13 +72,3 @@ def engine_stream(args: Sequence[Any], written: Sequence[Any] = ()) -> Iterator[
             yield
     finally:
         stream.synchronize()
-
-
-def wait_for_events(args: Sequence[Any], written: Sequence[Any]) -> None:
-    """Make the current stream of the device `args` are on wait for `written` (on the
-    GPU; a sample copied on a server's own stream is then read written)."""
-    device = _cuda_device(args)
-    if device is not None:
-        stream = torch.cuda.current_stream(device)
-        for event in written:
-            stream.wait_event(event)

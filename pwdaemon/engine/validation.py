@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from pwdaemon.engine.gpu_stream import engine_stream, wait_for_events
-from pwdaemon.serving.inputs import copy_input
+from pwdaemon.engine.gpu_stream import engine_stream
+from pwdaemon.serving.inputs import copy_input, wait_for_events
 
 log = logging.getLogger(__name__)
 

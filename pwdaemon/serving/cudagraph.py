@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from pwdaemon.serving.inputs import wait_for_events
+
 log = logging.getLogger(__name__)
 
 Runnable = Callable[..., Any]
@@ -286,14 +288,12 @@ def _side_stream_runs(
     freed (an evicted graph) while serving streams may still read them, and a block goes
     back to the stream that allocated it."""
     device = next(a.device for a in sample if isinstance(a, torch.Tensor))
-    current = torch.cuda.current_stream(device)
-    for event in written:
-        current.wait_event(event)
+    wait_for_events(sample, written)
     args = list(sample)
     for i in copy_indices:
         args[i] = _static_copy(sample[i])
     stream = torch.cuda.Stream(device=device)
-    stream.wait_stream(current)
+    stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream), torch.no_grad():
         for _ in range(iters):
             runnable(*args)

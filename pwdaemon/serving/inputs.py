@@ -43,6 +43,24 @@ def copy_input(a: Any, state_ids: Set[int] = frozenset()) -> Any:
     return a
 
 
+def cuda_device(args: Sequence[Any]) -> torch.device | None:
+    """The device of the first tensor in `args` that is on a GPU (None: none is)."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_cuda:
+            return a.device
+    return None
+
+
+def wait_for_events(args: Sequence[Any], written: Sequence[Any]) -> None:
+    """Make the current stream of the GPU `args` are on wait for `written` (on the GPU,
+    no thread blocks): `args` made from a sample are then made from it fully written."""
+    device = cuda_device(args)
+    if device is not None:
+        stream = torch.cuda.current_stream(device)
+        for event in written:
+            stream.wait_event(event)
+
+
 def copies_written_event(copies: Sequence[Any]) -> Any:
     """For copies made on a GPU: a CUDA event recorded on the current stream after them,
     which another stream waits for before it reads them (None when none is on a GPU).
@@ -51,12 +69,12 @@ def copies_written_event(copies: Sequence[Any]) -> Any:
     sample on a stream of its own (`pwdaemon.engine.gpu_stream`), which the caller's
     queue does not order. One event per recorded size: about 5 us on the call that
     records it, nothing on the others."""
-    for a in copies:
-        if isinstance(a, torch.Tensor) and a.is_cuda:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(a.device))
-            return event
-    return None
+    device = cuda_device(copies)
+    if device is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def copy_for_trace(a: Any) -> Any:
