@@ -225,7 +225,6 @@ def dump_plain_graph(gm: torch.fx.GraphModule) -> bytes:
     (its code), not what compiles it. Loads in milliseconds where `dump_graph`'s fake
     tensors and symbolic shapes take a tenth of a second. Raises ValueError where the
     loaded copy's code would differ from `gm`'s."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx._graph_pickler import GraphPickler
 
     plain = shippable_copy(gm)  # new nodes and meta dicts: `gm` keeps its metadata
@@ -236,18 +235,23 @@ def dump_plain_graph(gm: torch.fx.GraphModule) -> bytes:
     # The loaded copy's code generated, not compiled: `load_plain_graph` compiles it into a
     # forward (7 ms for tiny BERT's graph here, one C call holding the GIL that the gate
     # cannot park), which this check does not need.
-    loaded = _unpickle_graph(data, FakeTensorMode())
+    loaded = _unpickle_plain_graph(data)
     if loaded.graph.python_code(root_module="self").src != gm.code:
         raise ValueError("the graph without metadata has other code")
     return data
 
 
-def load_plain_graph(data: bytes) -> torch.fx.GraphModule:
-    """The GraphModule in `dump_plain_graph`'s bytes (no metadata to fake: a bare fake
-    mode). Raises whatever GraphPickler raises on bad bytes."""
+def _unpickle_plain_graph(data: bytes) -> torch.fx.GraphModule:
+    # `dump_plain_graph`'s bytes have no metadata to fake: a bare fake mode.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    gm = _unpickle_graph(data, FakeTensorMode())
+    return _unpickle_graph(data, FakeTensorMode())
+
+
+def load_plain_graph(data: bytes) -> torch.fx.GraphModule:
+    """The GraphModule in `dump_plain_graph`'s bytes, ready to run. Raises whatever
+    GraphPickler raises on bad bytes."""
+    gm = _unpickle_plain_graph(data)
     # GraphPickler restores the code's text but not `forward` (a GraphModule's forward
     # lives on a class of its own, made by `recompile`): without this a loaded trace's
     # eager-tier calls raised "missing the required forward function" and were answered
