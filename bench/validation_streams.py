@@ -122,7 +122,9 @@ def _round(
     from pwdaemon.engine import validation
     from pwdaemon.serving.gate import GATE
 
-    stream = torch.cuda.current_stream()
+    # bench/models.py's timer: no wait before the call (what validation queued ahead of
+    # it on its stream is what this bench looks for), its stream's end after.
+    timed = _timer(torch.device("cuda"))
     stop = threading.Event()
     done = [0]
 
@@ -141,12 +143,7 @@ def _round(
                 for n in SIZES:
                     args, kwargs = calls[n]
                     with GATE.call():
-                        # No wait before the call: what validation queued ahead of it
-                        # on its stream is what this bench looks for.
-                        start = time.perf_counter()
-                        model(*args, **kwargs)
-                        stream.synchronize()
-                        out[n].append((time.perf_counter() - start) * 1e3)
+                        out[n].append(timed(lambda a=args, k=kwargs: model(*a, **k)) * 1e3)
                     time.sleep(PACE_S)
     finally:
         stop.set()
