@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,6 +38,9 @@ from pwdaemon.serving.strategy import ShapeStrategy
 from pwdaemon.serving.trace import Tracer
 from pwdaemon.store import ArtifactStore
 from pwdaemon.workers.executor import Executor, ProcessExecutor
+
+if TYPE_CHECKING:  # prometheus-client is imported when metrics are first asked for
+    from prometheus_client.registry import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,7 @@ class Handle:
         self._previous_impl: Any = None
         self.detached = False
         self._metrics_server: Any = None
+        self._metrics_exported = False  # the engine is a source of the metrics hub
 
     def _on_piece(self, piece: GraphPiece) -> None:
         # On the serving thread that traced the piece (dynamo's backend): cheap only.
@@ -196,8 +200,23 @@ class Handle:
         from pwdaemon.metrics import exposition as _metrics
 
         _metrics.register_source(self.engine)
+        self._metrics_exported = True
         self._metrics_server = _metrics.serve_metrics(port, addr)
         return self._metrics_server
+
+    def register_metrics(self, registry: CollectorRegistry | None = None) -> None:
+        """Export this model's metrics through a prometheus-client registry of yours
+        instead of (or beside) `serve_metrics`' endpoint: your `/metrics` then carries
+        the `pwdaemon_` families. Default: prometheus-client's global `REGISTRY`, the
+        one `start_http_server()` and `make_asgi_app()` serve. Every model registered
+        so shares one collector in the registry; detach removes the model's series."""
+        from prometheus_client import REGISTRY
+
+        from pwdaemon.metrics import exposition as _metrics
+
+        _metrics.register_source(self.engine)
+        self._metrics_exported = True
+        _metrics.expose_in(REGISTRY if registry is None else registry)
 
     # ---- attach / detach -----------------------------------------------------------
 
@@ -239,7 +258,7 @@ class Handle:
         if not self._tracer.stop(timeout):
             log.warning("pwdaemon: %s: the background trace did not end within %.0f s of "
                         "detach; it finishes on its own thread", self.name, timeout)  # fmt: skip
-        if self._metrics_server is not None:
+        if self._metrics_exported:
             from pwdaemon.metrics import exposition as _metrics
 
             _metrics.unregister_source(self.engine)

@@ -12,7 +12,7 @@ hub: each model registers its source with `register_source`, and
 registered source. The server uses its own `CollectorRegistry`, so the user's
 metrics in the global default registry are neither exposed nor disturbed by it;
 users who would rather expose our metrics on their own endpoint call
-`register_into(their_registry)`.
+`Handle.register_metrics(their_registry)` (`expose_in` here).
 
 Exported families (all carry a `model` label except the collector's own error
 counter): see `METRIC_FAMILIES`.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -435,6 +436,22 @@ def register_into(registry: CollectorRegistry) -> PwdaemonCollector:
     twice into one registry raises ValueError (prometheus-client's duplicate check).
     """
     registry.register(_HUB)
+    return _HUB
+
+
+# Registries the hub was added to by `expose_in`: every attached model of a process may
+# ask for the same registry, and prometheus-client refuses a collector twice. Weak, so a
+# registry the user drops is not kept alive by pwdaemon.
+_EXPOSED_IN: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
+_EXPOSED_LOCK = threading.Lock()
+
+
+def expose_in(registry: CollectorRegistry) -> PwdaemonCollector:
+    """`register_into`, once per registry: a second call (another model) is a no-op."""
+    with _EXPOSED_LOCK:
+        if registry not in _EXPOSED_IN:
+            registry.register(_HUB)
+            _EXPOSED_IN.add(registry)
     return _HUB
 
 
