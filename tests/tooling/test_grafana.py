@@ -28,7 +28,9 @@ Json = dict[str, Any]
 
 
 def load_builder() -> ModuleType:
-    # grafana/ is not a package: load the script by path.
+    # grafana/ is not a package: load the script by path, its siblings from the folder.
+    if str(GRAFANA) not in sys.path:
+        sys.path.insert(0, str(GRAFANA))
     spec = importlib.util.spec_from_file_location(
         "pwdaemon_build_dashboards", GRAFANA / "build_dashboards.py"
     )
