@@ -198,7 +198,9 @@ def _note(piece: GraphPiece) -> str | None:
     if piece.size_index is None:
         return "no dynamic size: general tier only"
     if piece.extra_symbols:
-        return f"more than one dynamic size ({', '.join(piece.extra_symbols)}): general tier only"
+        return piece.size_hint or (
+            f"more than one dynamic size ({', '.join(piece.extra_symbols)}): general tier only"
+        )
     return None
 
 

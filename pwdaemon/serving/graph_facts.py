@@ -25,6 +25,8 @@ import sympy
 import torch
 import torch.fx
 
+from pwdaemon.serving.size_hint import ExtraDim, extra_dims
+
 
 @dataclass(frozen=True)
 class GraphFacts:
@@ -48,6 +50,8 @@ class GraphFacts:
     # state); None when some dimension is another expression of the size (`2*s0`), where
     # an input of one size cannot be tiled into another (`engine.validation.tile_input`).
     size_dims: tuple[tuple[int, ...], ...] | None = None
+    # Where `extra_symbols` come from: (symbol, input source, dim), `serving.size_hint`.
+    extra_dims: tuple[ExtraDim, ...] = ()
 
     def admits(self, size: int) -> bool:
         """Whether a call of `size` can reach this piece (its size guards hold)."""
@@ -271,4 +275,5 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
         size_guards=size_guards,
         device=devices[0] if devices else "cpu",
         size_dims=_size_dims(placeholders, marked | set(size_exprs)) if size_exprs else None,
+        extra_dims=extra_dims(placeholders, extra),
     )

@@ -31,6 +31,15 @@ from pwdaemon.serving.trace_record import input_signature
 _ONES_STATIC = torch_release() < (2, 12)
 
 
+def forward_params(model: torch.nn.Module) -> tuple[str, ...]:
+    """The names of `model.forward`'s arguments (what `attach(dynamic=...)` may name);
+    empty where Python cannot tell (a builtin or C-implemented forward)."""
+    try:
+        return tuple(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
 class SizeMarks:
     """The size dimensions of one model's calls (`dynamic` as given to attach)."""
 
@@ -41,7 +50,7 @@ class SizeMarks:
         self._dynamic = dict(dynamic) if dynamic else None
         self._positions: dict[str, int] = {}
         if self._dynamic:
-            params = list(inspect.signature(model.forward).parameters)
+            params = list(forward_params(model))
             unknown = [name for name in self._dynamic if name not in params]
             if unknown:
                 raise ValueError(

@@ -7,6 +7,7 @@ and swaps runnables for them; status and metrics read them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,9 +18,12 @@ import torch.fx
 
 from pwdaemon.serving.dispatch import Dispatcher, match_output_structure
 from pwdaemon.serving.graph_facts import GraphFacts, admits, only_size
+from pwdaemon.serving.size_hint import ExtraDim, dynamic_spec, general_only_hint
 from pwdaemon.serving.strategy import ShapeStrategy, mark_size
 
 __all__ = ("GraphPiece", "PieceMaker", "fact_fields", "wrap_compiled")
+
+log = logging.getLogger(__name__)
 
 # Every field of GraphFacts is a field of GraphPiece of the same name and meaning.
 _FACT_FIELDS = tuple(f.name for f in dataclasses.fields(GraphFacts))
@@ -54,6 +58,10 @@ class GraphPiece:
     size_guards: tuple[Any, ...] = ()  # see GraphFacts.size_guards
     device: str = "cpu"  # see GraphFacts.device
     size_dims: tuple[tuple[int, ...], ...] | None = None  # see GraphFacts.size_dims
+    extra_dims: tuple[ExtraDim, ...] = ()  # see GraphFacts.extra_dims
+    # With `extra_symbols`: why the piece is general-only and the `dynamic=` that would
+    # size it on them (`serving.size_hint`), for the log and the status.
+    size_hint: str = ""
     # The graph as `dump_graph` ships it to a compile worker, where it came ready-made (a
     # loaded trace: `engine.saved_traces`); `gm` then carries no fake metadata, and the
     # serving process never unpickles it.
@@ -106,6 +114,8 @@ class PieceMaker:
     served: threading.local
     calls_before_trace: dict[int, int]
     shape_id: str
+    name: str = ""  # the model's, for the log
+    params: tuple[str, ...] = ()  # the model's forward arguments, for `size_hint`
 
     def make(
         self,
@@ -132,6 +142,13 @@ class PieceMaker:
             calls_before_trace=self.calls_before_trace,
             **fact_fields(facts),
         )
+        if facts.extra_symbols:
+            # Once per piece: a piece is made once per trace (or load) in a process. A
+            # warning only with advice the user can take (`size_hint`).
+            piece.size_hint = general_only_hint(facts.extra_dims, facts.extra_symbols, self.params)
+            actionable = dynamic_spec(facts.extra_dims, self.params) is not None
+            level = logging.WARNING if actionable else logging.INFO
+            log.log(level, "pwdaemon: %s: graph %d has %s", self.name, index, piece.size_hint)
         return piece
 
     def output_marker(

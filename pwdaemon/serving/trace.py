@@ -45,7 +45,7 @@ from pwdaemon.serving.entry import call_eager
 from pwdaemon.serving.gate import GATE
 from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
 from pwdaemon.serving.heap import HEAP
-from pwdaemon.serving.marks import SizeMarks
+from pwdaemon.serving.marks import SizeMarks, forward_params
 from pwdaemon.serving.misses import DEFAULT_HOT_CALLS, Misses
 from pwdaemon.serving.piece import GraphPiece, PieceMaker
 from pwdaemon.serving.saved_slot import SavedTraceSlot
@@ -144,6 +144,8 @@ class Tracer:
             # Shared with every piece: see GraphPiece.calls_before_trace.
             self.background.calls_before if self.background else {},
             self.shape_id,
+            self.name,
+            forward_params(model),
         )
         self.marks = SizeMarks(model, dynamic, self.shape_id)
         self._on_fall_back = on_fall_back
