@@ -69,6 +69,8 @@ class Planner:
         ranges; with a store, start warm-restart planning in `tg`."""
         st = PieceState(piece, PiecePolicy(self.policy))
         self.pieces.append(st)
+        if piece.tensor_free:
+            return  # size arithmetic only: runs as captured, nothing to compile
         order = itertools.count()
         if self.store is not None and tg is not None:
             tg.start_soon(self.plan_from_store, st)

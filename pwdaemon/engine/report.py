@@ -154,8 +154,8 @@ def _direct_status(direct: DirectCalls | None) -> dict[str, Any]:
 def on_eager_reason(st: PieceState, plan_complete: bool) -> str | None:
     """Why a piece serves eager once the plan completed and its own planned jobs ended
     with no compiled runnable in its table; None while it has one or is still planned."""
-    if not plan_complete:
-        return None
+    if not plan_complete or st.piece.tensor_free:
+        return None  # a tensor-free piece has nothing to compile: its eager is the end
     jobs = list(st.jobs.values())
     planned = [j for j in jobs if j.why.planned]
     if not all(j.terminal for j in planned):
@@ -195,6 +195,8 @@ def warn_on_eager(name: str, pieces: Sequence[PieceState], checked: set[int]) ->
 
 
 def _note(piece: GraphPiece) -> str | None:
+    if piece.tensor_free:
+        return "no tensor operations, only size arithmetic: nothing to compile"
     if piece.size_index is None:
         return "no dynamic size: general tier only"
     if piece.extra_symbols:

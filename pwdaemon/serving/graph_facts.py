@@ -52,6 +52,13 @@ class GraphFacts:
     size_dims: tuple[tuple[int, ...], ...] | None = None
     # Where `extra_symbols` come from: (symbol, input source, dim), `serving.size_hint`.
     extra_dims: tuple[ExtraDim, ...] = ()
+    # No tensor anywhere in the graph, only size arithmetic (`gt = s50 > 1; return (gt,
+    # s50)`: a piece of transformers' attention cut out by graph breaks). Nothing for
+    # Inductor to compute: a size compile of one made no artifact ("no artifact to
+    # save", each attempt), and the failed size held `wait(sizes=...)` at False. Such a
+    # piece runs as captured and gets no compile. False where the graph carries no
+    # metadata to tell (`tensor_free`).
+    tensor_free: bool = False
 
     def admits(self, size: int) -> bool:
         """Whether a call of `size` can reach this piece (its size guards hold)."""
@@ -212,6 +219,27 @@ def _size_dims(
     return tuple(out)
 
 
+def tensor_free(gm: torch.fx.GraphModule) -> bool:
+    """Whether dynamo's metadata shows no tensor in the graph (inputs, intermediates or
+    outputs); False for a graph without that metadata on every node."""
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if "example_value" not in node.meta:
+            return False
+        if any(isinstance(v, torch.Tensor) for v in _leaves(node.meta["example_value"])):
+            return False
+    return True
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, list | tuple):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    return [value]
+
+
 def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
     """Find the size SymInt placeholders, other symbols, output structure and marks."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -276,4 +304,5 @@ def analyse_graph(gm: torch.fx.GraphModule) -> GraphFacts:
         device=devices[0] if devices else "cpu",
         size_dims=_size_dims(placeholders, marked | set(size_exprs)) if size_exprs else None,
         extra_dims=extra_dims(placeholders, extra),
+        tensor_free=tensor_free(gm),
     )

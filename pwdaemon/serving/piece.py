@@ -59,6 +59,7 @@ class GraphPiece:
     device: str = "cpu"  # see GraphFacts.device
     size_dims: tuple[tuple[int, ...], ...] | None = None  # see GraphFacts.size_dims
     extra_dims: tuple[ExtraDim, ...] = ()  # see GraphFacts.extra_dims
+    tensor_free: bool = False  # see GraphFacts.tensor_free: nothing to compile
     # With `extra_symbols`: why the piece is general-only and the `dynamic=` that would
     # size it on them (`serving.size_hint`), for the log and the status.
     size_hint: str = ""
@@ -74,7 +75,7 @@ class GraphPiece:
 
     @property
     def specializable(self) -> bool:
-        return self.size_index is not None and not self.extra_symbols
+        return self.size_index is not None and not self.extra_symbols and not self.tensor_free
 
     def admits(self, size: int) -> bool:
         """Whether a call of `size` can reach this piece: it served one, or its guards

@@ -46,7 +46,9 @@ def extra_dims(
     placeholders: Sequence[torch.fx.Node], symbols: Sequence[str]
 ) -> tuple[ExtraDim, ...]:
     """Each tensor input dim whose size is one of `symbols` (a piece's symbols besides
-    its size). Empty for a graph without dynamo's metadata (a shipped or loaded one)."""
+    its size). Empty for a graph without dynamo's sources: a shipped or loaded one, or
+    one read after the backend returned (dynamo then drops `grapharg` from the
+    placeholders), so the tracer reads them inside its backend and the facts keep them."""
     wanted = set(symbols)
     out: list[ExtraDim] = []
     if not wanted:

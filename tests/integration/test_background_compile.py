@@ -351,6 +351,39 @@ def test_a_piece_guarded_to_batch_1_is_compiled_for_batch_1_alone(
             torch.testing.assert_close(model(x), reference(x), **TOL)
 
 
+class FlagsItsBatch(nn.Module):
+    """A size test before a graph break, as transformers' `is_causal = q_length > 1`
+    before SDPA: the first piece is `gt = s0 > 1; return (gt,)`, with no tensor in it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        many = x.shape[0] > 1
+        torch._dynamo.graph_break()
+        return x * 2 if many else x + 1
+
+
+def test_a_piece_of_size_arithmetic_alone_gets_no_compile_and_holds_no_wait() -> None:
+    # Found on BERT sized on its sequence dim: such a piece's size compiles failed
+    # ("CompiledArtifact.save failed to save since there's no artifact to save", three
+    # attempts each), and `wait(sizes=[1])` returned False from then on.
+    model, reference = FlagsItsBatch(), FlagsItsBatch()
+    inputs = {n: torch.randn(n, 4) for n in (1, 3)}
+    with torch.inference_mode(), pwd.attach(model, sizes=[3], store=False, policy=FAST) as h:
+        for n in (3, 1, 3):
+            model(inputs[n])
+        assert h.wait(sizes=[3], timeout=300, tier=pwd.Tier.SIZE), str(h.status())
+        assert h.wait(timeout=300), str(h.status())
+        by_graph = {s.graph: s for s in h.status().pieces}
+        free = [p.index for p in h.pieces if p.tensor_free]
+        assert len(free) == 1 and len(h.pieces) >= 2, str(h.status())
+        assert [e.target for e in by_graph[free[0]].entries] == ["eager"], str(h.status())
+        assert by_graph[free[0]].on_eager_reason is None  # nothing to warn about
+        assert "only size arithmetic: nothing to compile" in str(h.status())
+        failed = [e for s in h.status().pieces for e in s.entries if e.state == "failed"]
+        assert not failed, str(h.status())
+        for x in inputs.values():
+            torch.testing.assert_close(model(x), reference(x), **TOL)
+
+
 class PoolsTokens(nn.Module):
     """The size is dim 1 (tokens) of a (batch, tokens, features) input, as a server that
     batches sequences of one length at a time calls an encoder."""

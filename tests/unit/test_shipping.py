@@ -356,6 +356,24 @@ def test_a_graph_with_a_second_dynamic_dim_ships_which_symbol_is_the_size() -> N
             )
 
 
+def _flags_its_batch(x: torch.Tensor) -> torch.Tensor:
+    many = x.shape[0] > 1  # transformers' `is_causal = q_length > 1` before SDPA
+    torch._dynamo.graph_break()
+    return x * 2 if many else x + 1
+
+
+def test_only_a_graph_whose_metadata_shows_no_tensor_is_tensor_free() -> None:
+    from pwdaemon.serving.graph_facts import analyse_graph
+
+    first, second = capture(_flags_its_batch, [{"x": torch.randn(3, 4)}]).gms
+    assert analyse_graph(first).tensor_free  # `gt = u0 > 1; return (gt,)`
+    assert not analyse_graph(second).tensor_free
+    # Without dynamo's metadata nothing tells: never called tensor-free (it would get
+    # no compile at all).
+    bare = torch.fx.symbolic_trace(lambda n: n > 1)
+    assert not analyse_graph(bare).tensor_free
+
+
 class _Trimmed(nn.Module):
     """Slices its input to a length it computes: `x[:, :n]` holds a size node."""
 
