@@ -55,6 +55,22 @@ def _max_diff(a: Any, b: Any) -> float:
     )
 
 
+def _serves(piece: Any, n: int) -> bool:
+    """Whether `piece` serves size `n`: it counted a call of it, or it has no size of its
+    own and was captured at `n` (pinned to it: counted under key 0). A piece of size
+    arithmetic alone (`tensor_free`) is left out: eager is all it has, by design."""
+    if piece.tensor_free:
+        return False
+    if piece.size_index is None:
+        return bool(piece.traced_size == n)
+    return n in piece.dispatcher.counts
+
+
+def _key(piece: Any, n: int) -> int:
+    # A piece without a size symbol dispatches every call under size 0.
+    return 0 if piece.size_index is None else n
+
+
 def child(
     name: str, device_name: str, dtype_name: str, preset: str, timeout: float, dim: str
 ) -> None:
@@ -117,9 +133,9 @@ def child(
                 tiers = {  # the pieces that serve n (guards may split sizes between pieces)
                     n: sorted(
                         {
-                            p.dispatcher.table.lookup(n).tier.value
+                            p.dispatcher.table.lookup(_key(p, n)).tier.value
                             for p in handle.pieces
-                            if n in p.dispatcher.counts
+                            if _serves(p, n)
                         }
                     )
                     for n in SPECIALIZE
@@ -139,12 +155,13 @@ def child(
                 f"piece {p.index}"
                 for p in handle.pieces
                 if any(
-                    p.dispatcher.table.lookup(n).tier.value == "eager"
+                    p.dispatcher.table.lookup(_key(p, n)).tier.value == "eager"
                     for n in SPECIALIZE
-                    if n in p.dispatcher.counts  # the sizes this piece serves
+                    if _serves(p, n)
                 )
             ]
             out["on_eager"] = on_eager
+            out["tensor_free"] = sum(p.tensor_free for p in handle.pieces)
         finally:
             handle.detach()
     print(json.dumps(out), flush=True)

@@ -169,8 +169,17 @@ class Waiters:
         # graph tier it counts as done once compiled, while another piece serves the size.
         seen = [st for st in self._pieces if size in st.piece.dispatcher.counts]
         for st in self._pieces:
-            if not st.piece.specializable or not st.piece.admits(size):
-                continue  # no size jobs here, or none for this size (guards)
+            if not st.piece.specializable:
+                # No size of its own: it serves the size it was captured at on its
+                # general, all it will get (pinned to that size: GPT-2's length-1 pieces,
+                # sized on its sequence dim, which no wait for length 1 counted, so the
+                # wait ran to its timeout). Nothing to wait for without a general job.
+                general = st.jobs.get(Target.general().label)
+                if st.piece.traced_size == size and general is not None:
+                    states.append(general.state)
+                continue
+            if not st.piece.admits(size):
+                continue  # no size jobs for this size here (guards)
             if tier is Tier.GRAPH and not self._wants_graph(st):
                 states.append(JobState.FAILED)  # no CUDA graphs here: it will never come
                 continue

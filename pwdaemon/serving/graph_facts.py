@@ -59,6 +59,11 @@ class GraphFacts:
     # piece runs as captured and gets no compile. False where the graph carries no
     # metadata to tell (`tensor_free`).
     tensor_free: bool = False
+    # The size of the call dynamo captured the graph in (None where not known: a graph
+    # analysed outside a tracing call). A piece without a size of its own serves that
+    # size on its general compile (pinned to it, or sized by other symbols), so a wait
+    # for that size waits for its general (`engine.waiters`).
+    traced_size: int | None = None
 
     def admits(self, size: int) -> bool:
         """Whether a call of `size` can reach this piece (its size guards hold)."""

@@ -60,6 +60,7 @@ class GraphPiece:
     size_dims: tuple[tuple[int, ...], ...] | None = None  # see GraphFacts.size_dims
     extra_dims: tuple[ExtraDim, ...] = ()  # see GraphFacts.extra_dims
     tensor_free: bool = False  # see GraphFacts.tensor_free: nothing to compile
+    traced_size: int | None = None  # see GraphFacts.traced_size
     # With `extra_symbols`: why the piece is general-only and the `dynamic=` that would
     # size it on them (`serving.size_hint`), for the log and the status.
     size_hint: str = ""

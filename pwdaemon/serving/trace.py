@@ -22,6 +22,7 @@ What dynamo hands the backend becomes a `GraphPiece` (piece.py) with a dispatche
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -43,7 +44,7 @@ from pwdaemon.serving.direct import DirectCalls, GuardMode, Key, call_key
 from pwdaemon.serving.dispatch import Dispatcher
 from pwdaemon.serving.entry import call_eager
 from pwdaemon.serving.gate import GATE
-from pwdaemon.serving.graph_facts import GraphFacts, analyse_graph
+from pwdaemon.serving.graph_facts import analyse_graph
 from pwdaemon.serving.heap import HEAP
 from pwdaemon.serving.marks import SizeMarks, forward_params
 from pwdaemon.serving.misses import DEFAULT_HOT_CALLS, Misses
@@ -133,6 +134,8 @@ class Tracer:
         # trace's next calls are its copy at size 2 (`_widens`).
         self.widen_to_two = False
         self._on_piece = on_piece
+        # The size of the tracing call under way (TRACE_LOCK): its pieces' `traced_size`.
+        self._tracing_size: int | None = None
         self._lock = threading.Lock()  # error records
         # Each dispatcher writes itself here when it runs: after a call, the calling
         # thread sees whether any piece served it (no: a miss) and which ran last.
@@ -296,6 +299,7 @@ class Tracer:
         """
         attempt = self._attempt
         self.marks.mark(args, kwargs, attempt.strategy)
+        self._tracing_size = self.marks.size(args, kwargs)  # read by `capture`
         breaks_before = counter_snapshot("graph_break")
         served = self._served
         served.last = None
@@ -594,7 +598,7 @@ class Tracer:
 
     def capture(self, attempt: Attempt, gm: torch.fx.GraphModule) -> Dispatcher:
         # Called by dynamo inside a tracing call (TRACE_LOCK held by this thread).
-        facts: GraphFacts = analyse_graph(gm)
+        facts = dataclasses.replace(analyse_graph(gm), traced_size=self._tracing_size)
         index = len(self.pieces) + len(attempt.captured)
         piece = self._maker.make(gm, facts, attempt.strategy, index)
         if piece.output_marks:
