@@ -185,6 +185,10 @@ class Handle:
         A CUDA graph is captured on a serving call of its size, so on a GPU the default
         waits for traffic of those sizes: with none coming (a warm-up script, a restart
         that awaits its store), wait for `Tier.SIZE`.
+
+        A piece without a size of its own (pinned to the size it was captured at, or
+        with other dynamic sizes) counts for that size with its general compile, all it
+        gets; a piece of size arithmetic alone, which gets no compile, does not count.
         """
         return self.engine.wait(sizes, timeout, tier)
 
