@@ -114,6 +114,19 @@ class Plain(nn.Module):
         return torch.relu(self.lin(x))
 
 
+class Tokens(nn.Module):
+    """(batch, length) token ids in, (batch, length, 8) out: a sequence model whose
+    lengths vary under the default sizing (the batch) get a symbol of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(self.embed(input_ids)))
+
+
 class Broken(nn.Module):
     """One graph break in the middle: two pieces (8 wide, as the trace tests use)."""
 

@@ -139,6 +139,8 @@ class Waiters:
                 # The plan, and those of pieces traced since it completed (a hot input's
                 # trace): their planned jobs too have reached an end.
                 return True if self.plan_done and not self._unfinished() else None
+            if self._planning():
+                return None  # a piece traced but not planned yet may serve these sizes
             states = [self.size_state(s, tier) for s in wanted]
             if all(s == JobState.LIVE for s in states):
                 return True

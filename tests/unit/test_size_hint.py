@@ -8,22 +8,11 @@ import logging
 
 import pytest
 import torch
+from conftest import Tokens
 from torch import nn
 
 import pwdaemon as pwd
 from pwdaemon.serving.size_hint import dynamic_spec, general_only_hint
-
-
-class Tokens(nn.Module):
-    """A sequence model: (batch, length) token ids in, (batch, length, 8) out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(50, 8)
-        self.proj = nn.Linear(8, 8)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.proj(self.embed(input_ids)))
 
 
 def _serve_lengths(model: nn.Module, reference: nn.Module) -> None:

@@ -12,24 +12,13 @@ from __future__ import annotations
 import copy
 
 import torch
+from conftest import Tokens
 from torch import nn
 
 import pwdaemon as pwd
 from pwdaemon.testing import FakeExecutor
 
 TIMEOUT = 60.0
-
-
-class Tokens(nn.Module):
-    """(batch, length) token ids in, (batch, length, 8) out; sized on the batch."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(50, 8)
-        self.proj = nn.Linear(8, 8)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.proj(self.embed(input_ids)))
 
 
 def _attach(executor: FakeExecutor) -> tuple[nn.Module, nn.Module, pwd.Handle]:
