@@ -220,7 +220,7 @@ class Handle:
 
         _metrics.register_source(self.engine)
         self._metrics_exported = True
-        _metrics.expose_in(REGISTRY if registry is None else registry)
+        _metrics.register_into(REGISTRY if registry is None else registry)
 
     # ---- attach / detach -----------------------------------------------------------
 

@@ -12,7 +12,7 @@ hub: each model registers its source with `register_source`, and
 registered source. The server uses its own `CollectorRegistry`, so the user's
 metrics in the global default registry are neither exposed nor disturbed by it;
 users who would rather expose our metrics on their own endpoint call
-`Handle.register_metrics(their_registry)` (`expose_in` here).
+`Handle.register_metrics(their_registry)` (`register_into` here).
 
 Exported families (all carry a `model` label except the collector's own error
 counter): see `METRIC_FAMILIES`.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -429,29 +428,25 @@ def unregister_source(source: MetricsSource) -> None:
     _HUB.remove(source)
 
 
+_REGISTERING = threading.Lock()  # one check-then-register at a time
+
+
 def register_into(registry: CollectorRegistry) -> PwdaemonCollector:
-    """Add the hub's collector to a registry of the user's (e.g. the global REGISTRY).
+    """Add the hub's collector to a registry of the user's (e.g. the global REGISTRY),
+    once: every attached model may ask for the same registry (`Handle.register_metrics`),
+    and a registry holding it already is left as it is.
 
-    Returns the collector, so `registry.unregister(collector)` undoes it. Registering
-    twice into one registry raises ValueError (prometheus-client's duplicate check).
+    Returns the collector, so `registry.unregister(collector)` undoes it. A registry
+    whose own metrics clash with pwdaemon's names raises ValueError (prometheus-client's
+    duplicate check).
     """
-    registry.register(_HUB)
-    return _HUB
-
-
-# Registries the hub was added to by `expose_in`: every attached model of a process may
-# ask for the same registry, and prometheus-client refuses a collector twice. Weak, so a
-# registry the user drops is not kept alive by pwdaemon.
-_EXPOSED_IN: weakref.WeakSet[CollectorRegistry] = weakref.WeakSet()
-_EXPOSED_LOCK = threading.Lock()
-
-
-def expose_in(registry: CollectorRegistry) -> PwdaemonCollector:
-    """`register_into`, once per registry: a second call (another model) is a no-op."""
-    with _EXPOSED_LOCK:
-        if registry not in _EXPOSED_IN:
+    with _REGISTERING:
+        # prometheus-client's registry keeps its collectors in `_collector_to_names`, a
+        # private attribute: asking the registry, not a list of our own, keeps an
+        # unregister by the user followed by another registration right. Without the
+        # attribute the registration is simply tried (a repeat then raises ValueError).
+        if _HUB not in getattr(registry, "_collector_to_names", {}):
             registry.register(_HUB)
-            _EXPOSED_IN.add(registry)
     return _HUB
 
 

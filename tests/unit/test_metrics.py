@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pwdaemon.metrics.exposition import (
@@ -372,12 +372,22 @@ def test_register_into_a_user_registry(sources: list[object]) -> None:
     add(sources, src)
     registry = CollectorRegistry()
     collector = register_into(registry)
-    with pytest.raises(ValueError):
-        register_into(registry)  # the registry's duplicate check sees our names
+    assert register_into(registry) is collector  # another model's call: a no-op
     got = samples(generate_latest(registry).decode(), src.model)
     assert got[key("pwdaemon_store_artifacts", model=src.model)] == 6
     registry.unregister(collector)
     assert "pwdaemon_" not in generate_latest(registry).decode()
+    register_into(registry)  # registered again after the user's unregister
+    got = samples(generate_latest(registry).decode(), src.model)
+    assert got[key("pwdaemon_store_artifacts", model=src.model)] == 6
+
+
+def test_register_into_refuses_a_registry_whose_names_clash(sources: list[object]) -> None:
+    add(sources, FakeSource(unique_model()))
+    registry = CollectorRegistry()
+    Gauge("pwdaemon_store_artifacts", "the user's own, same name", registry=registry)
+    with pytest.raises(ValueError):
+        register_into(registry)  # prometheus-client's duplicate check, not swallowed
 
 
 def test_labels_match_the_declared_families(server: MetricsServer, sources: list[object]) -> None:
