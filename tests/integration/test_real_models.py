@@ -398,6 +398,26 @@ def test_bert_under_the_backed_strategy_serves_every_size_right_after_its_genera
 TRANSFORMERS = ("bert", "gpt2", "llama")
 
 
+def _attach_by_length(
+    stack: contextlib.ExitStack,
+    models: dict[str, nn.Module],
+    sizes: list[int],
+    compiler: pwd.CompileConfig,
+    store: Path,
+) -> dict[str, pwd.Handle]:
+    """Each model attached sized on its sequence dim, in inference mode, all at once
+    (their compiles overlap on this 2-core machine), detached when `stack` closes."""
+    stack.enter_context(torch.inference_mode())
+    return {
+        name: stack.enter_context(
+            pwd.attach(
+                model, dynamic=SEQUENCE_DIMS, sizes=sizes, compiler=compiler, store=str(store)
+            )
+        )
+        for name, model in models.items()
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_transformers_sized_on_their_sequence_dim_are_one_piece_each_and_specialize(
@@ -416,22 +436,9 @@ def test_transformers_sized_on_their_sequence_dim_are_one_piece_each_and_special
     def tokens(name: str, length: int) -> dict[str, torch.Tensor]:
         return sequence_inputs(models[name], length, torch.device("cpu"))[1]
 
-    dims = SEQUENCE_DIMS
     compiler = pwd.CompileConfig(workers=1, general=False, start_timeout_s=300)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode())
-        handles = {
-            name: stack.enter_context(
-                pwd.attach(
-                    model,
-                    dynamic=dims,
-                    sizes=[16],
-                    compiler=compiler,
-                    store=str(tmp_path / "store"),
-                )
-            )
-            for name, model in models.items()
-        }
+        handles = _attach_by_length(stack, models, [16], compiler, tmp_path / "store")
         for name, model in models.items():
             model(**tokens(name, 16))
         for name, model in models.items():
@@ -470,19 +477,7 @@ def test_transformers_sized_on_their_sequence_dim_and_called_at_length_1_serve_i
 
     compiler = pwd.CompileConfig(workers=1, start_timeout_s=300)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode())
-        handles = {
-            name: stack.enter_context(
-                pwd.attach(
-                    model,
-                    dynamic=SEQUENCE_DIMS,
-                    sizes=[1, 2],
-                    compiler=compiler,
-                    store=str(tmp_path / "store"),
-                )
-            )
-            for name, model in models.items()
-        }
+        handles = _attach_by_length(stack, models, [1, 2], compiler, tmp_path / "store")
         for name, model in models.items():
             model(**tokens(name, 1))  # the first call at length 1, as bench/matrix.py
         for name, model in models.items():
