@@ -147,9 +147,11 @@ class PieceMaker:
         if facts.extra_symbols:
             # Once per piece: a piece is made once per trace (or load) in a process. A
             # warning only with advice the user can take (`size_hint`).
-            piece.size_hint = general_only_hint(facts.extra_dims, facts.extra_symbols, self.params)
-            actionable = dynamic_spec(facts.extra_dims, self.params) is not None
-            level = logging.WARNING if actionable else logging.INFO
+            spec = dynamic_spec(facts.extra_dims, self.params)
+            piece.size_hint = general_only_hint(
+                facts.extra_dims, facts.extra_symbols, self.params, spec
+            )
+            level = logging.WARNING if spec is not None else logging.INFO
             log.log(level, "pwdaemon: %s: graph %d has %s", self.name, index, piece.size_hint)
         return piece
 

@@ -92,10 +92,11 @@ def dynamic_spec(dims: Sequence[ExtraDim], params: Sequence[str]) -> str | None:
 
 
 def general_only_hint(
-    dims: Sequence[ExtraDim], symbols: Sequence[str], params: Sequence[str]
+    dims: Sequence[ExtraDim], symbols: Sequence[str], params: Sequence[str], spec: str | None
 ) -> str:
     """Why a piece with other dynamic sizes is general-only, where they come from, and
-    the `dynamic=` that would size the model on them where there is one."""
+    `spec` (`dynamic_spec`'s answer), the `dynamic=` that would size the model on them,
+    where there is one."""
     if dims:
         shown = ", ".join(
             f"{_argument(src, params) or src} dim {d} ({sym})" for sym, src, d in dims
@@ -106,7 +107,6 @@ def general_only_hint(
         f"dynamic sizes besides the one pwdaemon specializes on: {shown}; general compile "
         "only, none per size"
     )
-    spec = dynamic_spec(dims, params)
     if spec is None:
         return text
     return (

@@ -73,13 +73,14 @@ PARAMS = ("input_ids", "attention_mask")
     ],
 )
 def test_a_forward_argument_is_named_as_dynamic_takes_it(source: str, argument: str) -> None:
-    hint = general_only_hint((("s1", source, 1),), ("s1",), PARAMS)
+    dims = (("s1", source, 1),)
+    hint = general_only_hint(dims, ("s1",), PARAMS, dynamic_spec(dims, PARAMS))
     assert f"dynamic={{{argument!r}: 1}}" in hint
 
 
 def test_two_inputs_of_one_symbol_are_one_spec() -> None:
     dims = (("s1", "L['input_ids']", 1), ("s1", "L['attention_mask']", 1))
-    hint = general_only_hint(dims, ("s1",), PARAMS)
+    hint = general_only_hint(dims, ("s1",), PARAMS, dynamic_spec(dims, PARAMS))
     assert "dynamic={'input_ids': 1, 'attention_mask': 1}" in hint
 
 
@@ -96,5 +97,6 @@ def test_no_spec_is_offered_where_dynamic_cannot_express_it(
     dims: tuple[tuple[str, str, int], ...],
 ) -> None:
     assert dynamic_spec(dims, PARAMS) is None
-    hint = general_only_hint(dims, tuple(sorted({d[0] for d in dims})) or ("s1",), PARAMS)
+    symbols = tuple(sorted({d[0] for d in dims})) or ("s1",)
+    hint = general_only_hint(dims, symbols, PARAMS, dynamic_spec(dims, PARAMS))
     assert "general compile only" in hint and "dynamic=" not in hint
